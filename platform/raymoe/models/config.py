@@ -142,11 +142,12 @@ class ModelConfig:
 
 def _flavours() -> dict[str, ModelConfig]:
     return {
-        # A CPU step in well under a second; exercises shared experts, a dense first layer,
-        # group-limited sigmoid routing with the balance bias.
+        # DeepSeek-V3 in miniature: a CPU step in well under a second; exercises MLA with low-rank
+        # queries, shared experts, a dense first layer, group-limited sigmoid routing + balance bias.
         "debug": ModelConfig(
-            vocab_size=2048, dim=128, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=256,
-            dense_hidden_dim=256, first_k_dense=1,
+            vocab_size=2048, dim=128, num_layers=4, num_heads=4, attention="mla", q_lora_rank=64,
+            kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_seq_len=256,
+            dense_hidden_dim=256, first_k_dense=1, rope=RopeConfig(interleaved=True),
             moe=MoEConfig(
                 num_experts=8, num_experts_per_tok=2, expert_hidden_dim=128, num_shared_experts=1,
                 score_func="sigmoid", num_groups=2, topk_groups=1, balance_bias=True,
@@ -154,8 +155,9 @@ def _flavours() -> dict[str, ModelConfig]:
             ),
         ),
         "small": ModelConfig(
-            vocab_size=8192, dim=512, num_layers=8, num_heads=8, num_kv_heads=4, max_seq_len=1024,
-            dense_hidden_dim=1536, first_k_dense=1,
+            vocab_size=8192, dim=512, num_layers=8, num_heads=8, attention="mla", kv_lora_rank=128,
+            qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_seq_len=1024,
+            dense_hidden_dim=1536, first_k_dense=1, rope=RopeConfig(interleaved=True),
             moe=MoEConfig(
                 num_experts=16, num_experts_per_tok=2, expert_hidden_dim=512, num_shared_experts=1,
                 score_func="sigmoid", num_groups=4, topk_groups=2, balance_bias=True,

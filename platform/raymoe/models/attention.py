@@ -1,0 +1,119 @@
+"""Attention: grouped-query attention (Ainslie et al. 2023) and multi-head latent attention
+(DeepSeek-V2, arXiv:2405.04434, section 2.1), both over an optional slot KV cache.
+
+Follows the Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 modelling code so that
+imported checkpoints give the same logits: Qwen2-MoE's q/k/v biases, Qwen3's per-head q/k RMSNorm,
+DeepSeek-V3's low-rank queries, compressed kv latent, decoupled rotary key and YaRN softmax scale.
+
+Shapes: B batch, T new tokens, S keys (cached + new), D model dim, H heads, Hkv kv heads,
+Dh head dim, C kv_lora_rank, R rotary dims.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.models.config import ModelConfig
+from raymoe.models.kv_cache import CacheView
+from raymoe.models.norm import RMSNorm
+from raymoe.models.rope import apply_rotary, yarn_mscale
+
+
+def _attend(q_BHTD, k_BHSD, v_BHSD, cache: CacheView | None, scale: float, gqa: bool) -> torch.Tensor:
+    if cache is None:
+        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q_BHTD, k_BHSD, v_BHSD, attn_mask=cache.mask_B1TS, scale=scale, enable_gqa=gqa
+    )
+
+
+class GQAttention(nn.Module):
+    """Multi-head attention with fewer key/value heads than query heads."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.interleaved = cfg.rope.interleaved
+        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: CacheView | None):
+        B, T, _ = x_BTD.shape
+        q_BTHD = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
+        k_BTHD = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        v_BTHD = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
+        cos, sin = rope
+        q_BTHD = apply_rotary(q_BTHD, cos, sin, self.interleaved)
+        k_BTHD = apply_rotary(k_BTHD, cos, sin, self.interleaved)
+        if cache is None:
+            k_BHSD, v_BHSD = k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2)
+        else:
+            k_BHSD, v_BHSD = cache.update_heads(self.layer_id, k_BTHD, v_BTHD)
+        gqa = self.num_kv_heads != self.num_heads
+        out_BHTD = _attend(q_BTHD.transpose(1, 2), k_BHSD, v_BHSD, cache, self.scale, gqa)
+        return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention: keys/values are re-expanded from a cached low-rank latent."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.interleaved = cfg.rope.interleaved
+        qk_head_dim = self.nope_dim + self.rope_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.num_heads * qk_head_dim, bias=False)
+            self.q_proj = None
+        else:
+            self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * self.v_dim, cfg.dim, bias=False)
+        self.scale = qk_head_dim**-0.5
+        if cfg.rope.scaling == "yarn" and cfg.rope.mscale_all_dim:
+            # DeepSeek-V3 folds YaRN's magnitude correction into the softmax scale.
+            self.scale *= yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim) ** 2
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: CacheView | None):
+        B, T, _ = x_BTD.shape
+        if self.q_proj is None:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        else:
+            q = self.q_proj(x_BTD)
+        q_BTHQ = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rot = q_BTHQ.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent_BTC, k_rot_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent_BTC = self.kv_a_layernorm(latent_BTC)
+        cos, sin = rope
+        q_rot = apply_rotary(q_rot, cos, sin, self.interleaved)
+        k_rot_BTR = apply_rotary(k_rot_BTR[:, :, None, :], cos, sin, self.interleaved)[:, :, 0]
+        if cache is not None:
+            latent_BTC, k_rot_BTR = cache.update_latent(self.layer_id, latent_BTC, k_rot_BTR)
+        S = latent_BTC.shape[1]
+        kv_BSHX = self.kv_b_proj(latent_BTC).view(B, S, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v_BSHD = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
+        k_BSHQ = torch.cat((k_nope, k_rot_BTR[:, :, None, :].expand(B, S, self.num_heads, self.rope_dim)), dim=-1)
+        q_BHTQ = torch.cat((q_nope, q_rot), dim=-1).transpose(1, 2)
+        out_BHTD = _attend(q_BHTQ, k_BSHQ.transpose(1, 2), v_BSHD.transpose(1, 2), cache, self.scale, False)
+        return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
+
+
+def build_attention(cfg: ModelConfig, layer_id: int) -> nn.Module:
+    return MLAttention(cfg, layer_id) if cfg.attention == "mla" else GQAttention(cfg, layer_id)

@@ -1,0 +1,122 @@
+"""Read and write checkpoints in Hugging Face layout: config.json + safetensors (+ tokenizer files).
+
+`load_hf` reads single-file and sharded (`model.safetensors.index.json`) checkpoints lazily;
+`save_hf` writes atomically (temp file, fsync, rename), so a crash never leaves a torn file where
+a good one was, and `transformers.AutoModelForCausalLM.from_pretrained` loads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from raymoe.models.config import ModelConfig
+from raymoe.models.hf_config import CheckpointError, config_from_hf, config_to_hf, hf_architecture_for
+from raymoe.models.state_dict_adapter import load_hf_state, native_to_hf
+from raymoe.models.transformer import MoETransformer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def read_hf_config(path: str | Path) -> tuple[ModelConfig, str]:
+    """(ModelConfig, architecture) from `path/config.json`."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"no config.json in {str(path)!r}")
+    with config_path.open() as fh:
+        return config_from_hf(json.load(fh))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with index.open() as fh:
+            return sorted({path / f for f in json.load(fh)["weight_map"].values()})
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {str(path)!r}")
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> MoETransformer:
+    """Builds a MoETransformer from a Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 checkpoint.
+
+    Args:
+        path: directory with config.json and safetensors weights.
+        dtype: parameter dtype of the returned model.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointError: unsupported architecture, or a missing, unexpected or mis-shaped tensor
+            (the message names the key and the shapes).
+    """
+    path = Path(path)
+    cfg, arch = read_hf_config(path)
+    model = MoETransformer(cfg).to(dtype)
+    with ExitStack() as stack:
+        owner: dict[str, object] = {}
+        for file in _weight_files(path):
+            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            for key in handle.keys():
+                owner[key] = handle
+        load_hf_state(model, arch, lambda key: owner[key].get_tensor(key), set(owner))
+    model.hf_architecture = arch
+    return model.eval()
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(target: Path, data: dict) -> None:
+    """Writes JSON atomically (temp file in the same directory, fsync, rename)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    _atomic_write(Path(target), write)
+
+
+def save_hf(model: MoETransformer, path: str | Path, tokenizer_dir: str | Path | None = None) -> str:
+    """Writes `model` in Hugging Face layout; returns the architecture name used.
+
+    The architecture is the one the model was loaded as, else the one its config matches
+    (MLA -> DeepSeek-V3, gated shared expert -> Qwen2-MoE, qk-norm -> Qwen3-MoE, else Mixtral).
+    Tokenizer files found in `tokenizer_dir` are copied beside the weights.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for moe in model.moe_layers():
+        if len(moe.experts.expert_ids) != moe.cfg.num_experts:
+            raise CheckpointError("save_hf needs every expert in one model; gather expert shards first")
+    arch = getattr(model, "hf_architecture", None) or hf_architecture_for(model.cfg)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in native_to_hf(model, arch).items()}
+    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(path / "config.json", config_to_hf(model.cfg, arch))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                _atomic_write(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+    return arch

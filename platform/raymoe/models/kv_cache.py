@@ -1,0 +1,93 @@
+"""Slot-based KV cache for incremental decoding and continuous batching.
+
+Each sequence owns a slot (a row) of a fixed-size buffer, so memory is reserved up front and a
+serving scheduler admits a request only when a slot is free. New keys/values are written at their
+absolute positions; a query attends to every key of its slot at a position <= its own, so stale
+entries beyond a sequence's length are never read (they are overwritten before they could be).
+MLA layers cache the compressed latent and the shared rotary key (DeepSeek-V2 section 2.1),
+not per-head keys and values.
+
+Shapes: N slots, S max sequence length, Hkv kv heads, Dh head dim, C kv_lora_rank, R rope dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raymoe.models.config import ModelConfig
+
+
+class KVCache:
+    """Per-layer cache tensors: GQA (k, v) as (N, Hkv, S, Dh); MLA (latent (N, S, C), k_rot (N, S, R))."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_slots: int,
+        max_seq_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        if num_slots < 1 or max_seq_len < 1:
+            raise ValueError(f"KVCache needs num_slots >= 1 and max_seq_len >= 1, got {num_slots}, {max_seq_len}")
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for _ in range(cfg.num_layers):
+            if cfg.attention == "mla":
+                first = torch.zeros(num_slots, max_seq_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+                second = torch.zeros(num_slots, max_seq_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+            else:
+                shape = (num_slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
+                first = torch.zeros(shape, dtype=dtype, device=device)
+                second = torch.zeros(shape, dtype=dtype, device=device)
+            self.layers.append((first, second))
+
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers)
+
+    def view(self, slot_ids_B: torch.Tensor, positions_BT: torch.Tensor) -> "CacheView":
+        """Binds this cache to one forward pass; computes the shared mask once for all layers."""
+        if slot_ids_B.shape[0] != positions_BT.shape[0]:
+            raise ValueError(f"slot_ids has {slot_ids_B.shape[0]} rows but positions has {positions_BT.shape[0]}")
+        kv_len = int(positions_BT.max()) + 1
+        if kv_len > self.max_seq_len:
+            raise ValueError(f"position {kv_len - 1} is beyond the cache's max_seq_len={self.max_seq_len}")
+        key_pos = torch.arange(kv_len, device=positions_BT.device)
+        mask_B1TS = (key_pos[None, None, :] <= positions_BT[:, :, None])[:, None]
+        return CacheView(self, slot_ids_B, positions_BT, kv_len, mask_B1TS)
+
+
+@dataclass
+class CacheView:
+    """A KVCache seen by one forward pass: which slots, which positions, the attention mask."""
+
+    cache: KVCache
+    slot_ids_B: torch.Tensor
+    positions_BT: torch.Tensor
+    kv_len: int
+    mask_B1TS: torch.Tensor
+
+    def update_heads(self, layer_id: int, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor):
+        """GQA: writes new keys/values, returns this batch's (k, v) as (B, Hkv, kv_len, Dh)."""
+        k_cache, v_cache = self.cache.layers[layer_id]
+        rows = self.slot_ids_B[:, None].expand_as(self.positions_BT)
+        k_cache[rows, :, self.positions_BT] = k_BTHD.to(k_cache.dtype)
+        v_cache[rows, :, self.positions_BT] = v_BTHD.to(v_cache.dtype)
+        return (
+            k_cache[:, :, : self.kv_len].index_select(0, self.slot_ids_B),
+            v_cache[:, :, : self.kv_len].index_select(0, self.slot_ids_B),
+        )
+
+    def update_latent(self, layer_id: int, latent_BTC: torch.Tensor, k_rot_BTR: torch.Tensor):
+        """MLA: writes the latent and rotary key, returns them as (B, kv_len, C) and (B, kv_len, R)."""
+        latent_cache, rot_cache = self.cache.layers[layer_id]
+        rows = self.slot_ids_B[:, None].expand_as(self.positions_BT)
+        latent_cache[rows, self.positions_BT] = latent_BTC.to(latent_cache.dtype)
+        rot_cache[rows, self.positions_BT] = k_rot_BTR.to(rot_cache.dtype)
+        return (
+            latent_cache[:, : self.kv_len].index_select(0, self.slot_ids_B),
+            rot_cache[:, : self.kv_len].index_select(0, self.slot_ids_B),
+        )

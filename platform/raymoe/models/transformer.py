@@ -1,0 +1,125 @@
+"""The MoE transformer: pre-norm decoder blocks of attention + (MoE | dense SwiGLU) FFN.
+
+Layout follows DeepSeek-V3 / Mixtral / Qwen-MoE (Hugging Face modelling code): embeddings,
+`num_layers` blocks (the first `first_k_dense` with a dense FFN), final RMSNorm, LM head.
+Parallelism is applied from outside (`raymoe.parallel`); this file holds the architecture only.
+
+Shapes: B batch, T tokens, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from raymoe.models.attention import build_attention
+from raymoe.models.config import ModelConfig
+from raymoe.models.kv_cache import CacheView, KVCache
+from raymoe.models.moe import MoE, FeedForward, GroupedExperts, Router
+from raymoe.models.norm import RMSNorm
+from raymoe.models.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = build_attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.dense_hidden_dim)
+
+    def forward(self, x_BTD, rope, cache: CacheView | None):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, cache)
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE language model; `forward` returns float32 logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.rope, cfg.rope_head_dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, init_std) for every matrix, ones for norms, zeros for biases and balance bias."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * self.cfg.init_std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, GroupedExperts):
+                for p in (module.w_gate_EFD, module.w_up_EFD, module.w_down_EDF):
+                    p.copy_(torch.randn(p.shape, generator=generator) * self.cfg.init_std)
+            elif isinstance(module, Router):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * self.cfg.init_std)
+                module.bias_E.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        positions_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slot_ids_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for every input position.
+
+        Args:
+            input_ids_BT: token ids (B, T).
+            positions_BT: absolute positions; default arange(T) for every row.
+            cache: a KVCache; when given, keys/values are written at `positions_BT` in the rows
+                `slot_ids_B` and each query attends to its slot's keys at positions <= its own.
+            slot_ids_B: cache rows, one per sequence; default arange(B).
+
+        Returns:
+            float32 logits (B, T, V).
+        """
+        B, T = input_ids_BT.shape
+        if positions_BT is None:
+            positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+        view = None
+        if cache is not None:
+            if slot_ids_B is None:
+                slot_ids_B = torch.arange(B, device=input_ids_BT.device)
+            view = cache.view(slot_ids_B, positions_BT)
+        rope = self.rope(positions_BT)
+        h_BTD = self.embed(input_ids_BT)
+        for layer in self.layers:
+            h_BTD = layer(h_BTD, rope, view)
+        return self.lm_head(self.norm(h_BTD)).float()
+
+    def moe_layers(self) -> Iterator[MoE]:
+        for layer in self.layers:
+            if isinstance(layer.ffn, MoE):
+                yield layer.ffn
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' balance and z-loss terms from the last forward pass."""
+        return sum((moe.last_aux_loss for moe in self.moe_layers()), torch.zeros(()))
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """(num_moe_layers, E) routed-token counts from the last forward pass."""
+        return torch.stack([moe.last_tokens_per_expert_E for moe in self.moe_layers()])
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count; `active=True` counts only the top-k routed experts per token."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        for moe in self.moe_layers():
+            per_expert = sum(p[0].numel() for p in (moe.experts.w_gate_EFD, moe.experts.w_up_EFD, moe.experts.w_down_EDF))
+            total -= per_expert * (len(moe.experts.expert_ids) - moe.cfg.num_experts_per_tok)
+        return total
