@@ -5,6 +5,8 @@ re-drawn with a larger spread than the default init so routing decisions and att
 are far from uniform, and DeepSeek's correction bias is random, so a wrong mapping shows up.
 """
 
+import zlib
+
 import pytest
 import torch
 from transformers import (
@@ -24,7 +26,7 @@ from raymoe.models.generate import decode_step, generate, prefill
 
 VOCAB = 96
 BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+            pad_token_id=0, bos_token_id=1, eos_token_id=None)  # no EOS: generate never stops early
 
 
 def _deepseek(q_lora_rank, yarn):
@@ -75,7 +77,7 @@ def checkpoint(request, tmp_path_factory):
     torch.manual_seed(0)
     cls, config = CASES[request.param]()
     reference = cls(config).eval()
-    _randomize(reference, seed=hash(request.param) % 1000)
+    _randomize(reference, seed=zlib.crc32(request.param.encode()))
     path = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(path)
     return request.param, reference, path
@@ -122,8 +124,8 @@ def test_greedy_generation_matches_transformers_generate(checkpoint):
     _, reference, path = checkpoint
     model = load_hf(path)
     prompt = _ids(batch=1, length=12, seed=3)
-    expected = reference.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32,
-                                  pad_token_id=0)[:, 12:]
+    expected = reference.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)[:, 12:]
+    assert expected.shape == (1, 32)
     got = generate(model, prompt, max_new_tokens=32)
     assert got.tolist() == expected.tolist()
 

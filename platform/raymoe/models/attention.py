@@ -22,10 +22,10 @@ from raymoe.models.rope import apply_rotary, yarn_mscale
 
 
 def _attend(q_BHTD, k_BHSD, v_BHSD, cache: CacheView | None, scale: float, gqa: bool) -> torch.Tensor:
-    if cache is None:
-        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, scale=scale, enable_gqa=gqa)
+    causal = cache is None or cache.causal
+    mask = None if cache is None else cache.mask_B1TS
     return F.scaled_dot_product_attention(
-        q_BHTD, k_BHSD, v_BHSD, attn_mask=cache.mask_B1TS, scale=scale, enable_gqa=gqa
+        q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
 
 

@@ -55,9 +55,21 @@ class KVCache:
         kv_len = int(positions_BT.max()) + 1
         if kv_len > self.max_seq_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache's max_seq_len={self.max_seq_len}")
-        key_pos = torch.arange(kv_len, device=positions_BT.device)
-        mask_B1TS = (key_pos[None, None, :] <= positions_BT[:, :, None])[:, None]
-        return CacheView(self, slot_ids_B, positions_BT, kv_len, mask_B1TS)
+        B, T = positions_BT.shape
+        first_slot = int(slot_ids_B[0])
+        contiguous = torch.equal(slot_ids_B, torch.arange(first_slot, first_slot + B, device=slot_ids_B.device))
+        aligned = torch.equal(positions_BT, positions_BT[:1].expand(B, T))
+        # Fast paths (no mask tensor): one new token per row at the same position sees every key;
+        # a prompt starting at position 0 in every row is plain causal attention.
+        if aligned and T == 1:
+            mask_B1TS, causal = None, False
+        elif aligned and kv_len == T:
+            mask_B1TS, causal = None, True
+        else:
+            key_pos = torch.arange(kv_len, device=positions_BT.device)
+            mask_B1TS, causal = (key_pos[None, None, :] <= positions_BT[:, :, None])[:, None], False
+        rows = slice(first_slot, first_slot + B) if contiguous else None
+        return CacheView(self, slot_ids_B, positions_BT, kv_len, mask_B1TS, causal, rows)
 
 
 @dataclass
@@ -68,7 +80,15 @@ class CacheView:
     slot_ids_B: torch.Tensor
     positions_BT: torch.Tensor
     kv_len: int
-    mask_B1TS: torch.Tensor
+    mask_B1TS: torch.Tensor | None  # None: no masking needed (see `causal`)
+    causal: bool
+    rows: slice | None  # the slots as a contiguous range, read without a gather copy
+
+    def _read(self, cache_tensor: torch.Tensor) -> torch.Tensor:
+        # Both layouts keep the sequence on dim -2: GQA (N, Hkv, S, Dh), MLA (N, S, C|R).
+        if self.rows is not None:
+            return cache_tensor[self.rows, ..., : self.kv_len, :]
+        return cache_tensor[..., : self.kv_len, :].index_select(0, self.slot_ids_B)
 
     def update_heads(self, layer_id: int, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor):
         """GQA: writes new keys/values, returns this batch's (k, v) as (B, Hkv, kv_len, Dh)."""
@@ -76,10 +96,7 @@ class CacheView:
         rows = self.slot_ids_B[:, None].expand_as(self.positions_BT)
         k_cache[rows, :, self.positions_BT] = k_BTHD.to(k_cache.dtype)
         v_cache[rows, :, self.positions_BT] = v_BTHD.to(v_cache.dtype)
-        return (
-            k_cache[:, :, : self.kv_len].index_select(0, self.slot_ids_B),
-            v_cache[:, :, : self.kv_len].index_select(0, self.slot_ids_B),
-        )
+        return self._read(k_cache), self._read(v_cache)
 
     def update_latent(self, layer_id: int, latent_BTC: torch.Tensor, k_rot_BTR: torch.Tensor):
         """MLA: writes the latent and rotary key, returns them as (B, kv_len, C) and (B, kv_len, R)."""
@@ -87,7 +104,4 @@ class CacheView:
         rows = self.slot_ids_B[:, None].expand_as(self.positions_BT)
         latent_cache[rows, self.positions_BT] = latent_BTC.to(latent_cache.dtype)
         rot_cache[rows, self.positions_BT] = k_rot_BTR.to(rot_cache.dtype)
-        return (
-            latent_cache[:, : self.kv_len].index_select(0, self.slot_ids_B),
-            rot_cache[:, : self.kv_len].index_select(0, self.slot_ids_B),
-        )
+        return self._read(latent_cache), self._read(rot_cache)

@@ -119,11 +119,14 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outputs = []
+        # unbind once: indexing w[e] per expert would make autograd zero-fill a full (L, F, D)
+        # gradient for every expert and add them up.
+        gates, ups, downs = self.w_gate_EFD.unbind(0), self.w_up_EFD.unbind(0), self.w_down_EDF.unbind(0)
         for e, x_rows in enumerate(torch.split(x_SD, counts)):
             if x_rows.shape[0] == 0:
                 continue
-            h = F.silu(x_rows @ self.w_gate_EFD[e].T) * (x_rows @ self.w_up_EFD[e].T)
-            outputs.append(h @ self.w_down_EDF[e].T)
+            h = F.silu(x_rows @ gates[e].T) * (x_rows @ ups[e].T)
+            outputs.append(h @ downs[e].T)
         if not outputs:
             return x_SD.new_zeros(0, self.w_down_EDF.shape[1])
         return torch.cat(outputs)
@@ -163,7 +166,7 @@ class MoE(nn.Module):
         x_SD, counts, state = self.dispatcher.dispatch(x_TD, expert_ids_TK)
         y_SD = self.experts(x_SD, counts)
         y_TKD = self.dispatcher.combine(y_SD, state)
-        y_TD = torch.einsum("tkd,tk->td", y_TKD, weights_TK.to(y_TKD.dtype))
+        y_TD = torch.bmm(weights_TK.to(y_TKD.dtype)[:, None, :], y_TKD)[:, 0]
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:

@@ -1,0 +1,134 @@
+"""Model-core benchmarks against transformers on the same weights, same threads, same run.
+
+1. MoE layer forward+backward tokens/s vs transformers' MixtralSparseMoeBlock
+   (d512, 8 experts top-2, F1024, 4096 tokens).
+2. Full train step (batch 8 x seq 512, AdamW) tokens/s and MFU vs MixtralForCausalLM at the same
+   config (d512, 8 layers, 8 experts top-2, F1024, vocab 32000). MFU = model FLOP/s over the fp32
+   GEMM peak measured in this run.
+3. Greedy decode tokens/s at batch 1 and 8 (prompt 128, 128 new tokens) vs `generate`.
+
+Run: `python -m bench.bench_model [--quick]` (or `make bench`); writes bench/results/model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from bench.harness import best_seconds, gemm_peak_flops, print_table, write_results
+from raymoe.models import load_hf
+from raymoe.models.generate import generate
+
+
+def mixtral_pair(num_layers: int, vocab: int, seq: int):
+    """A transformers Mixtral and the raymoe model loaded from its saved weights."""
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1024, num_hidden_layers=num_layers,
+                        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=max(seq, 512) * 2, attn_implementation="sdpa")
+    reference = MixtralForCausalLM(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference.save_pretrained(tmp)
+        ours = load_hf(tmp)
+    return reference, ours
+
+
+def train_flops_per_token(model, seq: int) -> float:
+    """6 x active matmul parameters + causal attention score/value FLOPs, per token (fwd+bwd)."""
+    cfg = model.cfg
+    matmul = model.num_params(active=True) - model.embed.weight.numel()
+    matmul -= sum(p.numel() for n, p in model.named_parameters() if p.ndim == 1 or "router" in n)
+    attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq  # QK^T and AV, causal half
+    return 6 * matmul + 3 * attention
+
+
+def bench_moe_layer(tokens: int) -> list:
+    reference, ours = mixtral_pair(num_layers=1, vocab=1000, seq=64)
+    ref_block = next(m for m in reference.modules() if type(m).__name__ == "MixtralSparseMoeBlock")
+    our_block = next(ours.moe_layers()).train()
+    x = torch.randn(1, tokens, 512)
+    with torch.no_grad():
+        assert (ref_block(x) - our_block(x)).abs().max() < 1e-4, "MoE blocks disagree"
+
+    def step(block):
+        xg = x.clone().requires_grad_(True)
+        block(xg).square().mean().backward()
+
+    ref_s = best_seconds(lambda: step(ref_block))
+    our_s = best_seconds(lambda: step(our_block))
+    return ["MoE layer fwd+bwd (tokens/s)", tokens / our_s, tokens / ref_s, ref_s / our_s]
+
+
+def bench_train_step(batch: int, seq: int, num_layers: int, peak: float) -> tuple[list, float]:
+    reference, ours = mixtral_pair(num_layers=num_layers, vocab=32000, seq=seq)
+    ids = torch.randint(0, 32000, (batch, seq + 1))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-4)
+    our_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    reference.train()
+    ours.train()
+
+    def ref_step():
+        loss = reference(ids[:, :-1], labels=ids[:, :-1]).loss
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+
+    def our_step():
+        logits = ours(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        our_opt.step()
+        our_opt.zero_grad(set_to_none=True)
+
+    tokens = batch * seq
+    ref_s = best_seconds(ref_step, repeats=2)
+    our_s = best_seconds(our_step, repeats=2)
+    mfu = train_flops_per_token(ours, seq) * tokens / our_s / peak
+    ref_mfu = train_flops_per_token(ours, seq) * tokens / ref_s / peak
+    return ["train step (tokens/s)", tokens / our_s, tokens / ref_s, ref_s / our_s], (mfu, ref_mfu)
+
+
+def bench_decode(batch: int, prompt: int, new: int, num_layers: int) -> list:
+    reference, ours = mixtral_pair(num_layers=num_layers, vocab=32000, seq=prompt + new)
+    ids = torch.randint(3, 32000, (batch, prompt))
+    ref_out = reference.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    our_out = generate(ours, ids, max_new_tokens=new)
+    agree = (ref_out[:, prompt:] == our_out).float().mean().item()
+    ref_s = best_seconds(lambda: reference.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                                    pad_token_id=0), repeats=2)
+    our_s = best_seconds(lambda: generate(ours, ids, max_new_tokens=new), repeats=2)
+    tokens = batch * new
+    return [f"decode batch {batch} (tokens/s)", tokens / our_s, tokens / ref_s, ref_s / our_s], agree
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke run")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    peak = gemm_peak_flops()
+    rows = [bench_moe_layer(tokens=1024 if q else 4096)]
+    train_row, (mfu, ref_mfu) = bench_train_step(batch=2 if q else 8, seq=128 if q else 512, num_layers=2 if q else 8,
+                                                 peak=peak)
+    rows.append(train_row)
+    agreement = {}
+    for batch in (1, 8):
+        row, agreement[batch] = bench_decode(batch, prompt=128, new=32 if q else 128, num_layers=2 if q else 8)
+        rows.append(row)
+    header = ["measure", "raymoe", "transformers", "ratio (raymoe / transformers)"]
+    table = print_table(f"Model core vs transformers ({args.threads} threads, fp32)", header, rows)
+    print(f"\nGEMM peak {peak / 1e9:.0f} GFLOP/s; train MFU raymoe {mfu:.1%}, transformers {ref_mfu:.1%}; "
+          f"greedy decode token agreement b1 {agreement[1]:.0%}, b8 {agreement[8]:.0%}")
+    write_results("model", {"quick": q, "rows": [dict(zip(header, r)) for r in rows], "table": table,
+                            "gemm_peak_gflops": peak / 1e9, "train_mfu": mfu, "transformers_train_mfu": ref_mfu,
+                            "decode_agreement": agreement})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Shared benchmark plumbing: timing, a GEMM peak measured in the same run, tables, results files.
+
+Every figure a benchmark reports is a ratio against a peer measured in the same process, on the
+same weights and threads, so the table means the same on a laptop and a CI box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Fastest of `repeats` timed calls after `warmup` untimed ones (least disturbed by the OS)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def gemm_peak_flops(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square matmul on this machine with the current torch thread count."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    seconds = best_seconds(lambda: a @ b, repeats=5, warmup=2)
+    return 2 * n**3 / seconds
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> str:
+    """Prints a markdown table (also returned, for the README)."""
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_results(name: str, data: dict) -> Path:
+    """Writes bench/results/<name>.json atomically, with the machine it was measured on."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    data = {**data, "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                                "processor": platform.processor(), "torch": torch.__version__},
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    target = RESULTS_DIR / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    return target
