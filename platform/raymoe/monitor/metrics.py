@@ -1,0 +1,152 @@
+"""Every metric the platform exports, defined once: name, kind, description, tag keys.
+
+Components emit through `ray_metric(SPEC)`; dashboards and alert rules are generated from or checked
+against `REGISTRY`. Ray exports these on each node's metrics port with a `ray_` prefix, counters
+also with a `_total` suffix (seen with Ray 2.60: `raymoe_ingest_records` ->
+`ray_raymoe_ingest_records_total`), one series per worker process; `prometheus_name` gives the
+exported name. Add new metrics here, as a constant plus an entry in `REGISTRY`; names are unique.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric. `boundaries` only for histograms (upper bucket bounds, in the metric's unit)."""
+
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    description: str
+    tag_keys: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+
+
+# --- ingest (raymoe.data.ingest) -------------------------------------------------------------
+INGEST_RECORDS = MetricSpec(
+    "raymoe_ingest_records", "counter", "Records read by the ingest pipeline.", ("source",))
+INGEST_BYTES = MetricSpec(
+    "raymoe_ingest_bytes", "counter", "Raw input bytes read by the ingest pipeline.", ("source",))
+INGEST_TOKENS = MetricSpec(
+    "raymoe_ingest_tokens", "counter", "Tokens produced by the ingest tokenize stage.", ("split",))
+INGEST_QUARANTINED = MetricSpec(
+    "raymoe_ingest_quarantined", "counter", "Records or files sent to quarantine.", ("reason",))
+INGEST_FILTERED = MetricSpec(
+    "raymoe_ingest_filtered", "counter", "Documents dropped by a quality filter.", ("reason",))
+INGEST_DUPLICATES = MetricSpec(
+    "raymoe_ingest_duplicates", "counter", "Documents dropped as duplicates.", ("kind",))
+
+# --- train (raymoe.train; emitted by Ray Train workers, rank 0 unless tagged by rank) ---------
+TRAIN_STEP = MetricSpec(
+    "raymoe_train_step", "gauge", "Optimizer steps completed.", ("run",))
+TRAIN_LOSS = MetricSpec(
+    "raymoe_train_loss", "gauge", "Cross-entropy of the last step, mean over all workers.", ("run",))
+TRAIN_TOKENS_PER_SECOND = MetricSpec(
+    "raymoe_train_tokens_per_second", "gauge", "Training tokens per second, all workers.", ("run",))
+TRAIN_MFU = MetricSpec(
+    "raymoe_train_mfu", "gauge",
+    "Model FLOPs utilisation: 6 * active params * tokens/s over the configured peak.", ("run",))
+TRAIN_GRAD_NORM = MetricSpec(
+    "raymoe_train_grad_norm", "gauge", "Global gradient norm before clipping.", ("run",))
+TRAIN_LR = MetricSpec("raymoe_train_lr", "gauge", "Learning rate of the last step.", ("run",))
+TRAIN_TOKENS_PER_EXPERT = MetricSpec(
+    "raymoe_train_tokens_per_expert", "gauge",
+    "Routed tokens per expert in the last step, summed over workers.", ("run", "layer", "expert"))
+TRAIN_LOAD_IMBALANCE = MetricSpec(
+    "raymoe_train_load_imbalance", "gauge",
+    "Max over mean of tokens per expert in one MoE layer (1 = balanced).", ("run", "layer"))
+TRAIN_ALL_TO_ALL_BYTES = MetricSpec(
+    "raymoe_train_all_to_all_bytes", "counter",
+    "Bytes a worker sent to its expert-parallel peers (forward dispatch + combine).", ("run", "rank"))
+TRAIN_ALL_TO_ALL_SECONDS = MetricSpec(
+    "raymoe_train_all_to_all_seconds", "counter",
+    "Seconds a worker spent in forward all-to-alls.", ("run", "rank"))
+TRAIN_CHECKPOINT_SECONDS = MetricSpec(
+    "raymoe_train_checkpoint_seconds", "histogram", "Seconds to write one sharded checkpoint.",
+    ("run",), (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0))
+
+TRAIN_METRICS: list[MetricSpec] = [
+    TRAIN_STEP, TRAIN_LOSS, TRAIN_TOKENS_PER_SECOND, TRAIN_MFU, TRAIN_GRAD_NORM, TRAIN_LR,
+    TRAIN_TOKENS_PER_EXPERT, TRAIN_LOAD_IMBALANCE, TRAIN_ALL_TO_ALL_BYTES,
+    TRAIN_ALL_TO_ALL_SECONDS, TRAIN_CHECKPOINT_SECONDS,
+]
+# --- end train -------------------------------------------------------------------------------
+
+# --- serve (raymoe.serve; emitted by Serve replicas) -----------------------------------------
+_LATENCY_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SERVE_REQUESTS = MetricSpec(
+    "raymoe_serve_requests", "counter", "HTTP requests answered, by route and status code.",
+    ("model", "route", "status"))
+SERVE_TTFT_SECONDS = MetricSpec(
+    "raymoe_serve_ttft_seconds", "histogram", "Time to first token, from request arrival.",
+    ("model", "route"), _LATENCY_S)
+SERVE_TPOT_SECONDS = MetricSpec(
+    "raymoe_serve_tpot_seconds", "histogram", "Time per output token after the first.",
+    ("model", "route"), (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+SERVE_E2E_SECONDS = MetricSpec(
+    "raymoe_serve_e2e_seconds", "histogram", "End-to-end request latency.", ("model", "route"),
+    _LATENCY_S)
+SERVE_RUNNING_SEQS = MetricSpec(
+    "raymoe_serve_running_seqs", "gauge", "Sequences in the engine's running batch.", ("model",))
+SERVE_WAITING_SEQS = MetricSpec(
+    "raymoe_serve_waiting_seqs", "gauge", "Sequences waiting for a KV slot.", ("model",))
+SERVE_KV_CACHE_USAGE = MetricSpec(
+    "raymoe_serve_kv_cache_usage", "gauge", "Fraction of the KV block budget in use (0..1).",
+    ("model",))
+SERVE_BATCH_SIZE = MetricSpec(
+    "raymoe_serve_batch_size", "gauge", "Sequences in the last engine step.", ("model",))
+SERVE_GENERATED_TOKENS = MetricSpec(
+    "raymoe_serve_generated_tokens", "counter", "Output tokens generated.", ("model",))
+SERVE_PREEMPTIONS = MetricSpec(
+    "raymoe_serve_preemptions", "counter", "Sequences preempted (KV budget full, recomputed).",
+    ("model",))
+SERVE_TOKENS_PER_EXPERT = MetricSpec(
+    "raymoe_serve_tokens_per_expert", "counter", "Routed tokens per expert per MoE layer.",
+    ("model", "layer", "expert"))
+
+SERVE_METRICS: list[MetricSpec] = [
+    SERVE_REQUESTS, SERVE_TTFT_SECONDS, SERVE_TPOT_SECONDS, SERVE_E2E_SECONDS, SERVE_RUNNING_SEQS,
+    SERVE_WAITING_SEQS, SERVE_KV_CACHE_USAGE, SERVE_BATCH_SIZE, SERVE_GENERATED_TOKENS,
+    SERVE_PREEMPTIONS, SERVE_TOKENS_PER_EXPERT,
+]
+# --- end serve -------------------------------------------------------------------------------
+
+REGISTRY: list[MetricSpec] = [
+    INGEST_RECORDS,
+    INGEST_BYTES,
+    INGEST_TOKENS,
+    INGEST_QUARANTINED,
+    INGEST_FILTERED,
+    INGEST_DUPLICATES,
+    *TRAIN_METRICS,
+    *SERVE_METRICS,
+]
+
+_instances: dict[str, Any] = {}
+
+
+def prometheus_name(spec: MetricSpec) -> str:
+    """The series name Prometheus scrapes for `spec` from a Ray metrics port (histograms add
+    `_bucket`, `_sum` and `_count` to it)."""
+    return f"ray_{spec.name}_total" if spec.kind == "counter" else f"ray_{spec.name}"
+
+
+def ray_metric(spec: MetricSpec) -> Any:
+    """The `ray.util.metrics` object for `spec`, created once per process.
+
+    Only call where Ray is initialised (a driver after `ray.init`, a task, an actor).
+    """
+    if spec.name not in _instances:
+        from ray.util import metrics  # imported here: this module is read without Ray too
+
+        if spec.kind == "counter":
+            metric = metrics.Counter(spec.name, spec.description, tag_keys=spec.tag_keys)
+        elif spec.kind == "gauge":
+            metric = metrics.Gauge(spec.name, spec.description, tag_keys=spec.tag_keys)
+        else:
+            metric = metrics.Histogram(spec.name, spec.description, list(spec.boundaries),
+                                       tag_keys=spec.tag_keys)
+        _instances[spec.name] = metric
+    return _instances[spec.name]

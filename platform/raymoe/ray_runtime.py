@@ -1,0 +1,42 @@
+"""Starting or joining Ray the same way from every pipeline.
+
+Under `ray job submit` (or with RAY_ADDRESS set) the job joins that cluster. Otherwise an embedded
+single-node cluster starts, bound to 127.0.0.1 with token authentication off: Ray 2.60 turns
+authentication on by default for a plain `ray.init()`, after which `ray job submit` answers 401.
+Set RAY_AUTH_MODE=token yourself to keep it on.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOCAL_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connects to RAY_ADDRESS if set, else starts a local cluster; no-op if Ray is up.
+
+    Args:
+        num_cpus: logical CPUs of the local cluster (default: all cores). Ignored when joining
+            an existing cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {k: os.environ[k] for k in LOCAL_ENV}},
+    )
