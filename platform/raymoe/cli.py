@@ -1,0 +1,54 @@
+"""The `raymoe` command: small verbs over the library (the pipelines have their own entrypoints).
+
+    raymoe export CHECKPOINT OUT      sharded training checkpoint -> Hugging Face artifact
+
+Adding a verb (e.g. `plan`, `dashboards`, `manifests`): write `_add_<verb>(sub)` that registers a
+subparser and sets `func` to a `run(args) -> int`, and append it to `COMMANDS`. Heavy imports go
+inside `run` so `raymoe --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write the HF-format artifact of a training checkpoint",
+                       description="Gathers every expert shard of a training checkpoint into one "
+                       "model and writes safetensors + config.json + tokenizer + a manifest linking "
+                       "to the checkpoint and its data manifest.")
+    p.add_argument("checkpoint", help="checkpoint root (newest valid step) or a step-* directory")
+    p.add_argument("out", help="output directory")
+
+    def run(args: argparse.Namespace) -> int:
+        from raymoe.train.export import export_checkpoint
+
+        manifest = export_checkpoint(args.checkpoint, args.out)
+        ckpt = manifest["checkpoint"]
+        print(f"exported step {ckpt['step']} ({manifest['architecture']}) to {args.out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raymoe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"raymoe {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Training job configuration: model flavour + overrides, layout, optimiser, data, checkpoints.
+
+Everything that can be checked without starting a worker is checked here (`TrainConfig` itself in
+`__post_init__`, the filesystem in `check_before_launch`), so a bad run fails in the driver with a
+message naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from raymoe.config import ConfigError, from_dict, require, to_dict
+from raymoe.models.config import FLAVOURS, ModelConfig, flavour
+from raymoe.parallel.layout import ParallelLayout
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `lr * min_lr_ratio`."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Clip by the true global norm across expert shards; 0 disables clipping.
+    clip_norm: float = 1.0
+    # Micro-batches per optimizer step (each worker runs this many forward/backward passes).
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self.clip_norm >= 0, f"optim.clip_norm must be >= 0, got {self.clip_norm}")
+        require(self.grad_accum_steps >= 1,
+                f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclass(kw_only=True)
+class TrainDataConfig:
+    """Where tokens come from and how they are cut into batches."""
+
+    # Ingest output (manifest.json + Parquet token shards, `python -m pipelines.ingest`) or a
+    # directory of raw text files (e.g. data/corpus), tokenized and packed once in the driver.
+    path: str
+    seq_len: int = 128
+    # Sequences per micro-batch summed over all workers; each worker takes 1/world of it.
+    global_batch_size: int = 8
+    seed: int = 0
+    # Tokenizer directory for raw text; empty = train a byte-level BPE on the corpus (cached).
+    tokenizer: str = ""
+    # Where packed raw-text corpora and their tokenizer are cached.
+    cache_dir: str = "runs/data-cache"
+
+    def __post_init__(self) -> None:
+        require(bool(self.path), "data.path must be set (a token-shard or text directory)")
+        require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+        require(self.global_batch_size >= 1,
+                f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Sharded checkpoints: every worker writes its own experts; see raymoe.train.checkpoint."""
+
+    # Any pyarrow filesystem URI or local path (s3://bucket/run, gs://..., /mnt/ckpt, runs/x).
+    uri: str
+    every_steps: int = 50
+    # Complete checkpoints to keep (oldest removed first); 0 keeps all.
+    keep: int = 3
+    # Start from the newest complete checkpoint under `uri` when one exists.
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        require(bool(self.uri), "checkpoint.uri must be set")
+        require(self.every_steps >= 1, f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
+        require(self.keep >= 0, f"checkpoint.keep must be >= 0, got {self.keep}")
+
+
+@dataclass(kw_only=True)
+class TrainFailureConfig:
+    """Ray Train restarts the whole worker group from the last checkpoint up to this many times."""
+
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.max_failures >= -1, f"failure.max_failures must be >= -1, got {self.max_failures}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A training run; YAML at pipelines/configs/train.*.yaml."""
+
+    name: str = "train"
+    # Named model shape (raymoe.models.FLAVOURS) and field overrides on it, e.g. {dim: 64}.
+    flavour: str = "debug"
+    model: dict[str, Any] = field(default_factory=dict)
+    layout: ParallelLayout = field(default_factory=ParallelLayout)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: TrainDataConfig
+    checkpoint: CheckpointConfig
+    failure: TrainFailureConfig = field(default_factory=TrainFailureConfig)
+    # Optimizer steps in the whole run (resumed runs stop at the same step).
+    steps: int
+    seed: int = 0
+    # Workers to start; 0 = layout.ep * layout.dp. Set it to have the layout checked against it.
+    num_workers: int = 0
+    # Ray resources per worker; fractional on small machines (world size = layout.ep * layout.dp).
+    num_cpus_per_worker: float = 1.0
+    # torch intra-op threads per worker.
+    num_threads_per_worker: int = 1
+    use_gpu: bool = False
+    # bf16 autocast; applied on GPU only (this CPU has no bf16 units, see ENVIRONMENT.md).
+    bf16: bool = True
+    # Recompute each block in backward instead of storing its activations.
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    # Peak dense TFLOP/s of one worker, for MFU (0 = do not report MFU). ~0.17 for one thread
+    # of this project's CPUs in fp32, ~989 for an H100 in bf16.
+    peak_tflops_per_worker: float = 0.0
+    # Ray Train's own run storage (results, error files); checkpoints go to checkpoint.uri.
+    storage_path: str = "runs/ray-train"
+
+    def __post_init__(self) -> None:
+        require(self.flavour in FLAVOURS, f"flavour {self.flavour!r} unknown; known: {list(FLAVOURS)}")
+        require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        require(self.num_cpus_per_worker > 0,
+                f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}")
+        require(self.num_threads_per_worker >= 1,
+                f"num_threads_per_worker must be >= 1, got {self.num_threads_per_worker}")
+        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        model = self.model_config()
+        self.layout.validate(num_experts=model.moe.num_experts)
+        world = self.layout.world_size
+        if self.num_workers:
+            self.layout.validate(num_experts=model.moe.num_experts, world_size=self.num_workers)
+        require(
+            self.data.global_batch_size % world == 0,
+            f"data.global_batch_size={self.data.global_batch_size} must be divisible by the world "
+            f"size layout.ep * layout.dp = {world}",
+        )
+        require(
+            self.data.seq_len <= model.max_seq_len,
+            f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}",
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def local_batch_size(self) -> int:
+        """Sequences per micro-batch on one worker."""
+        return self.data.global_batch_size // self.layout.world_size
+
+    def model_config(self) -> ModelConfig:
+        """The flavour with `model` overrides applied (nested keys such as moe.num_experts work)."""
+        base = to_dict(flavour(self.flavour))
+        merged = _deep_merge(base, self.model, "model")
+        return from_dict(ModelConfig, merged, prefix="model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in out:
+            raise ConfigError(f"unknown key {where}.{key} for ModelConfig; known keys: {sorted(out)}")
+        if isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _deep_merge(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def check_before_launch(cfg: TrainConfig) -> None:
+    """Checks what needs the filesystem: the data path exists (local or any pyarrow URI).
+
+    Raises:
+        ConfigError: naming `data.path` and its value.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(_as_uri(cfg.data.path))
+        info = fs.get_file_info(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.path={cfg.data.path!r} cannot be opened: {exc}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"data.path={cfg.data.path!r} does not exist")
+    if cfg.data.tokenizer:
+        if not os.path.isdir(cfg.data.tokenizer):
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} is not a directory")
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)

@@ -1,0 +1,134 @@
+"""One optimizer step on one worker: forward/backward over micro-batches, sync, clip, update.
+
+Loss = cross-entropy (mean over this worker's tokens) + the MoE layers' aux terms (balance loss,
+z-loss; zero unless enabled in MoEConfig). Gradients are made those of the mean over all workers
+(raymoe.parallel.grad_sync), clipped by the global norm, then AdamW steps. The aux-loss-free
+balance bias moves by the tokens-per-expert counts summed over every worker, so every worker
+applies the same update and the routers stay identical.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.parallel.grad_sync import clip_gradients, sync_gradients
+from raymoe.parallel.groups import ParallelGroups
+from raymoe.train.config import OptimConfig
+
+
+@dataclass
+class StepResult:
+    """What one step did, already reduced over all workers (same values on every worker)."""
+
+    loss: float  # mean cross-entropy over all workers' tokens
+    aux_loss: float
+    grad_norm: float  # global, before clipping
+    lr: float
+    tokens: int  # tokens processed by all workers
+    tokens_per_expert_LE: torch.Tensor  # (MoE layers, E), summed over workers and micro-batches
+    all_to_all_bytes: int  # bytes this worker sent to ep peers (forward)
+    all_to_all_seconds: float  # this worker's forward all-to-all time
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; matrices (including stacked experts) decay, vectors (norms, biases) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=False: the per-parameter loop gives bit-identical updates whether experts are
+    # stacked in one tensor or split over ranks (the equivalence tests rely on it).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             foreach=False)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    groups: ParallelGroups,
+    lr: float,
+    clip_norm: float,
+    bf16: bool = False,
+) -> StepResult:
+    """Runs one optimizer step over this worker's micro-batches.
+
+    Args:
+        model: the (expert-sharded) model, in train mode.
+        optimizer: from `build_optimizer`.
+        micro_batches: [(input_ids_BT, targets_BT)], the worker's share of each global micro-batch.
+        groups: this worker's process groups.
+        lr: learning rate for this step.
+        clip_norm: max global gradient norm (0 = no clipping).
+        bf16: autocast to bf16 (GPU only).
+
+    Returns:
+        The step's globally reduced statistics.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    moe_layers = list(model.moe_layers())
+    counts_LE = torch.zeros(len(moe_layers), moe_layers[0].cfg.num_experts, dtype=torch.long,
+                            device=device) if moe_layers else torch.zeros(0, 0, dtype=torch.long)
+    ce_sum = torch.zeros((), dtype=torch.float64, device=device)
+    aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    n = len(micro_batches)
+    for input_ids_BT, targets_BT in micro_batches:
+        input_ids_BT, targets_BT = input_ids_BT.to(device), targets_BT.to(device)
+        with _autocast(device, bf16):
+            logits_BTV = model(input_ids_BT)
+        ce = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1))
+        aux = model.aux_loss().to(device)
+        ((ce + aux) / n).backward()
+        ce_sum += ce.detach().double()
+        aux_sum += aux.detach().double()
+        tokens += targets_BT.numel()
+        if moe_layers:
+            counts_LE += torch.stack([m.last_tokens_per_expert_E.to(device) for m in moe_layers])
+
+    sync_gradients(model, groups)
+    grad_norm = clip_gradients(model, groups, clip_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+
+    totals = torch.stack([ce_sum / n, aux_sum / n, torch.tensor(float(tokens), dtype=torch.float64,
+                                                                   device=device)])
+    if groups.distributed:
+        # One collective for both: counts are integers far below 2**53, exact in float64.
+        packed = torch.cat([totals, counts_LE.reshape(-1).to(torch.float64)])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        totals = packed[:3].clone()
+        totals[:2] /= groups.world_size
+        counts_LE = packed[3:].round().to(torch.long).reshape(counts_LE.shape)
+    for moe, counts_E in zip(moe_layers, counts_LE):
+        if moe.cfg.balance_bias:
+            moe.router.update_bias(counts_E)
+
+    a2a_bytes, a2a_seconds = 0, 0.0
+    for moe in moe_layers:
+        stats = getattr(moe.dispatcher, "stats", None)
+        if stats is not None:
+            snap = stats.reset()
+            a2a_bytes += snap.bytes_sent
+            a2a_seconds += snap.seconds
+    return StepResult(
+        loss=float(totals[0]), aux_loss=float(totals[1]), grad_norm=grad_norm, lr=lr,
+        tokens=int(totals[2]), tokens_per_expert_LE=counts_LE.cpu(), all_to_all_bytes=a2a_bytes,
+        all_to_all_seconds=a2a_seconds,
+    )

@@ -1,0 +1,63 @@
+"""Bad training configs fail in the driver, before Ray or any worker starts, naming field and value."""
+
+import pytest
+import yaml
+
+from raymoe.config import ConfigError, from_dict
+from raymoe.train.config import TrainConfig, check_before_launch
+
+
+def _base(tmp_path):
+    return {"steps": 3, "layout": {"ep": 2, "dp": 1},
+            "data": {"path": str(tmp_path), "seq_len": 32, "global_batch_size": 4},
+            "checkpoint": {"uri": str(tmp_path / "ckpt")}}
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"layout": {"ep": 3, "dp": 1}}, ["layout.ep=3", "model.moe.num_experts=8"]),
+    ({"model": {"moe": {"num_experts": 6}}, "layout": {"ep": 4, "dp": 1}},
+     ["layout.ep=4", "model.moe.num_experts=6"]),
+    ({"num_workers": 3}, ["num_workers=3", "2 * 1 = 2"]),
+    ({"data": {"path": "", "seq_len": 32}}, ["data.path"]),
+    ({"bogus": 1}, ["unknown key bogus"]),
+    ({"optim": {"lr": 1e-3, "betas": [0.9]}}, ["unknown key optim.betas"]),
+    ({"model": {"hidden": 64}}, ["unknown key model.hidden"]),
+    ({"flavour": "huge"}, ["flavour 'huge'"]),
+    ({"data": {"path": "x", "seq_len": 512}}, ["data.seq_len=512", "max_seq_len=256"]),
+    ({"data": {"path": "x", "global_batch_size": 3}, "layout": {"ep": 2, "dp": 1}},
+     ["data.global_batch_size=3", "2"]),
+])
+def test_bad_config_names_fields_and_values(tmp_path, change, needles):
+    data = {**_base(tmp_path), **change}
+    with pytest.raises(ConfigError) as exc:
+        from_dict(TrainConfig, data)
+    for needle in needles:
+        assert needle in str(exc.value)
+
+
+def test_missing_data_path_fails_before_launch(tmp_path):
+    cfg = from_dict(TrainConfig, {**_base(tmp_path), "data": {"path": str(tmp_path / "nope")}})
+    with pytest.raises(ConfigError, match=r"data.path=.*nope.* does not exist"):
+        check_before_launch(cfg)
+
+
+def test_model_overrides_apply_to_the_flavour(tmp_path):
+    cfg = from_dict(TrainConfig, {**_base(tmp_path), "model": {"dim": 64, "moe": {"num_experts": 4}}})
+    model = cfg.model_config()
+    assert (model.dim, model.moe.num_experts, model.num_layers) == (64, 4, 4)
+
+
+def test_pipeline_exits_with_config_error_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    from pipelines.train import main
+
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(_base(tmp_path)))
+    code = main(["--config", str(path), "layout.ep=3"])
+    assert code == 2
+    assert "layout.ep=3 must divide model.moe.num_experts=8" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    code = main(["--config", str(path), f"data.path={tmp_path / 'missing'}"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert not ray.is_initialized()
