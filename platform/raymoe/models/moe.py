@@ -128,7 +128,9 @@ class GroupedExperts(nn.Module):
             h = F.silu(x_rows @ gates[e].T) * (x_rows @ ups[e].T)
             outputs.append(h @ downs[e].T)
         if not outputs:
-            return x_SD.new_zeros(0, self.w_down_EDF.shape[1])
+            # No rows here (an expert-parallel rank nobody routed to): an empty result that still
+            # hangs off x_SD's graph, so backward runs the reverse all-to-all like every rank.
+            return x_SD * 0
         return torch.cat(outputs)
 
 
