@@ -1,6 +1,7 @@
 """Exact and near dedup."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from raymoe.config import ConfigError
 from raymoe.data.dedup import (
     DedupConfig, content_hash, estimated_jaccard, find_duplicates, minhash_signature,
-    shingle_hashes,
+    shingle_hashes, word_hashes,
 )
 
 CFG = DedupConfig()
@@ -31,6 +32,39 @@ def test_shingles_are_word_5grams_case_insensitive():
     assert np.array_equal(shingle_hashes("A, b. C d E!", 5), shingle_hashes("a b c d e", 5))
     # Fewer words than n: one shingle of all words.
     assert len(shingle_hashes("just two", 5)) == 1
+
+
+def test_words_are_exactly_the_regex_words_unicode_included():
+    # Prepare: the reference segmentation is Python's own `re` (\w+ on the lower-cased text),
+    # over ASCII, accented Latin, Greek, CJK, digits from other scripts, underscores and symbols.
+    text = ("Straße_1 café ΣΟΦΙΑ σοφια 東京タワー ٣٤ x__y -- ¤§ "
+            "naïve\tNAÏVE emoji🙂end "
+            "a-b a.b a'b")
+    words = re.findall(r"\w+", text.lower())
+    # Execute
+    hashes = word_hashes(text).tolist()
+    # Assert: one hash per word, and equal hashes exactly for equal words.
+    # 17 words: straße_1 café σοφια σοφια 東京タワー ٣٤ x__y naïve naïve emoji end
+    # a b a b a b
+    assert len(hashes) == len(words) == 17
+    for i in range(len(words)):
+        for j in range(len(words)):
+            assert (hashes[i] == hashes[j]) == (words[i] == words[j]), (words[i], words[j])
+
+
+def test_signature_is_min_of_high_bits_over_shingles():
+    # Reference: sig[p] = min over distinct shingles h of ((a_p * h + b_p) mod 2**64) >> 32, the
+    # multiply-shift family with the config's seeded (a, b), computed here in Python integers.
+    cfg = DedupConfig(num_perm=8, num_bands=2)
+    text = " ".join(_words(3, 40) * 2)  # repeated shingles must not matter
+    rng = np.random.default_rng(cfg.seed)
+    a = rng.integers(1, 2**63, size=cfg.num_perm, dtype=np.uint64) | np.uint64(1)
+    b = rng.integers(0, 2**63, size=cfg.num_perm, dtype=np.uint64)
+    shingles = [int(h) for h in shingle_hashes(text, cfg.ngram)]
+    expected = [min(((int(a_p) * h + int(b_p)) % 2**64) >> 32 for h in shingles)
+                for a_p, b_p in zip(a, b)]
+    # Execute / Assert
+    assert minhash_signature(text, cfg).tolist() == expected
 
 
 def test_minhash_estimates_jaccard():

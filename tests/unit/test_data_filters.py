@@ -57,3 +57,12 @@ def test_batch_sets_reasons_only_for_live_rows():
     batch = {"text": ["tiny", None, "long enough text here"], "reason": ["", "bad_json", ""]}
     out = filter_batch(batch, FilterConfig(min_chars=10))
     assert out["reason"] == ["too_short", "bad_json", ""]
+
+
+def test_non_text_ratio_on_ascii_control_characters():
+    # Prepare: "ab" + SOH + STX: control characters are neither word, whitespace nor
+    # punctuation -> 2/4. FS and GS (U+001C, U+001D) are whitespace to Python (str.isspace) -> 0.
+    assert non_text_ratio("ab\x01\x02") == pytest.approx(2 / 4)
+    assert non_text_ratio("ab\x1c\x1d") == 0.0
+    # DEL (U+007F) and a non-ASCII symbol in the same text: 2 of 5.
+    assert non_text_ratio("ab\x7f \u00a4") == pytest.approx(2 / 5)

@@ -38,3 +38,15 @@ def test_bad_config_is_named():
 def test_batch_leaves_dropped_rows():
     batch = {"text": [" a ", None], "reason": ["", "undecodable"]}
     assert normalize_batch(batch, NormalizeConfig())["text"] == ["a", None]
+
+
+def test_each_rule_applies_alone():
+    cfg = NormalizeConfig(max_blank_lines=1)
+    # Only a lone CR (no CRLF): it becomes a newline.
+    assert normalize_text("a\rb", cfg) == "a\nb"
+    # Trailing spaces and tabs on a middle line only (no CR, nothing else to do).
+    assert normalize_text("a \t\nb", cfg) == "a\nb"
+    # Exactly max_blank_lines + 1 = 2 blank lines shrink to 1; 1 blank line stays.
+    assert normalize_text("a\n\n\nb\n\nc", cfg) == "a\n\nb\n\nc"
+    # Trailing whitespace is only stripped at line ends, with the option off it stays.
+    assert normalize_text("a  \nb", NormalizeConfig(strip_trailing_whitespace=False)) == "a  \nb"

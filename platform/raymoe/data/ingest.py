@@ -258,6 +258,10 @@ def _tokenize(cfg: IngestConfig, units: list[dict], rows: list[dict], tok_dir: P
     print(f"ingest: tokenize {len(items)} of {len(units)} work units (rest done earlier)",
           flush=True)
     if items:
+        # Largest units first: with one task per unit, a big unit started last would run alone
+        # while the other CPUs idle.
+        sizes = {u["key"]: sum(f["size"] for f in u["files"]) for u in units}
+        items.sort(key=lambda item: -sizes[item["clean_key"]])
         bar = _progress(sum(len(json.loads(i["keep"])) for i in items), "tokenize", "doc",
                         cfg.execution.progress)
         start, tokens = time.monotonic(), 0

@@ -34,6 +34,17 @@ def count_metric(spec: M.MetricSpec, n: int, tags: dict[str, str]) -> None:
         M.ray_metric(spec).inc(n, tags=tags)
 
 
+def _no_reservation(ds) -> None:
+    """Turns off Ray Data's per-operator resource reservation for this dataset only.
+
+    The reservation holds back part of the cluster for each operator of a pipeline; on a small
+    cluster (2 CPUs) it left one CPU idle through most of a stage (measured: 8 tasks of 0.3 s on
+    2 CPUs took 2.2 s instead of 1.3 s). Our pipelines are a single fused chain of stateless
+    tasks, which the reservation exists to protect from starving other operators.
+    """
+    ds.context.op_resource_reservation_enabled = False
+
+
 def read_task(batch: pa.Table) -> pa.Table:
     """Work units (`key`, `files` as JSON) -> their records."""
     tables = [read_records(key, json.loads(files))
@@ -76,6 +87,7 @@ def run_clean(items: list[dict], stage_cfgs: dict[str, dict], clean_dir: str,
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws its own
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    _no_reservation(ds)
     # batch_size=None: a whole block per call, so a unit's records stay together.
     common = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": cpus}
     ds = ds.map_batches(read_task, **common)
@@ -131,5 +143,6 @@ def run_units(items: list[dict], fn: Callable, fn_kwargs: dict, cpus: float) -> 
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    _no_reservation(ds)
     ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=1, num_cpus=cpus)
     yield from ds.iter_rows()

@@ -17,6 +17,7 @@ from raymoe.config import require
 # makes byte-different copies of the same text.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200c\u200d\u2060\ufeff]")
 _TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_RUNS: dict[int, re.Pattern] = {}
 
 
 @dataclass(kw_only=True)
@@ -42,15 +43,24 @@ class NormalizeConfig:
 
 def normalize_text(text: str, cfg: NormalizeConfig) -> str:
     """Returns the normalised text (the document is also stripped at both ends)."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if cfg.unicode_form != "none":
+    # Each step is skipped when a cheap C-level test shows it cannot change the text: the regex
+    # scans cost more than everything else here.
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if cfg.unicode_form != "none" and not text.isascii():  # ASCII is already NFC and NFKC
         text = unicodedata.normalize(cfg.unicode_form, text)
     if cfg.strip_control:
         text = _CONTROL.sub("", text)
-    if cfg.strip_trailing_whitespace:
+    # `[ \t]+$` can only match before a newline or at the end.
+    if cfg.strip_trailing_whitespace and (" \n" in text or "\t\n" in text
+                                          or text.endswith((" ", "\t"))):
         text = _TRAILING_WS.sub("", text)
     limit = cfg.max_blank_lines
-    text = re.sub(r"\n{%d,}" % (limit + 2), "\n" * (limit + 1), text)
+    if "\n" * (limit + 2) in text:
+        pattern = _BLANK_RUNS.get(limit)
+        if pattern is None:
+            pattern = _BLANK_RUNS[limit] = re.compile(r"\n{%d,}" % (limit + 2))
+        text = pattern.sub("\n" * (limit + 1), text)
     return text.strip()
 
 

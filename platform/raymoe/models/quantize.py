@@ -1,0 +1,108 @@
+"""INT8 weight quantization for CPU serving: per-output-channel symmetric scales.
+
+Each weight row o is stored as int8 `round(w[o] / s[o])` with `s[o] = max|w[o]| / 127`
+(the per-channel scheme of gpt-fast's `WeightOnlyInt8QuantHandler` and LLM.int8's weight side).
+The matmul runs in fbgemm/oneDNN's int8 kernels (`torch.ops.quantized.linear_dynamic`), which
+quantize each activation batch on the fly (one scale per call) and accumulate in int32: weights
+take a quarter of the memory traffic of fp32, which is what bounds CPU decoding at small batch.
+The router and embeddings stay fp32 (routing decisions are sensitive; a lookup costs no GEMM).
+
+Shapes: S routed rows, D model dim, F expert hidden, E local experts, O/I out/in features.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raymoe.models.moe import GroupedExperts
+
+
+def quantize_rows(w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row INT8: returns (int8 weights (O, I), fp32 scales (O,))."""
+    w = w_OI.detach().float()
+    scale_O = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale_O[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale_O
+
+
+def _pack(w_OI: torch.Tensor, bias_O: torch.Tensor | None):
+    q, scale_O = quantize_rows(w_OI)
+    zero_O = torch.zeros_like(scale_O, dtype=torch.long)
+    qweight = torch._make_per_channel_quantized_tensor(q, scale_O.double(), zero_O, 0)
+    return torch.ops.quantized.linear_prepack(qweight, None if bias_O is None else bias_O.detach().float())
+
+
+@functools.cache
+def _reduce_range() -> bool:
+    """fbgemm needs 7-bit activations to avoid int16 saturation unless the CPU has VNNI."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return not ("avx512_vnni" in flags or "avx_vnni" in flags)
+
+
+def _int8_matmul(x: torch.Tensor, packed) -> torch.Tensor:
+    lead = x.shape[:-1]
+    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float().contiguous(), packed, _reduce_range())
+    return y.reshape(*lead, y.shape[-1])
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for an inference-only `nn.Linear` with INT8 per-output-channel weights."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._packed = _pack(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _int8_matmul(x, self._packed)
+
+
+class Int8GroupedExperts(nn.Module):
+    """`GroupedExperts` with INT8 weights: the same one-GEMM-per-expert loop."""
+
+    def __init__(self, experts: GroupedExperts):
+        super().__init__()
+        self.expert_ids = list(experts.expert_ids)
+        self.dim = experts.w_down_EDF.shape[1]
+        self._gate = [_pack(w, None) for w in experts.w_gate_EFD.unbind(0)]
+        self._up = [_pack(w, None) for w in experts.w_up_EFD.unbind(0)]
+        self._down = [_pack(w, None) for w in experts.w_down_EDF.unbind(0)]
+
+    def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outputs = []
+        for e, x_rows in enumerate(torch.split(x_SD, counts)):
+            if x_rows.shape[0] == 0:
+                continue
+            h = nn.functional.silu(_int8_matmul(x_rows, self._gate[e])) * _int8_matmul(x_rows, self._up[e])
+            outputs.append(_int8_matmul(h, self._down[e]))
+        if not outputs:
+            return x_SD.new_zeros(0, self.dim)
+        return torch.cat(outputs)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replaces every `nn.Linear` and `GroupedExperts` in `model` (in place) by its INT8 form.
+
+    Inference only (the packed weights carry no gradients); CPU only (fbgemm / oneDNN kernels).
+
+    Returns:
+        `model`, for chaining.
+    """
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("int8: weight quantization runs on CPU kernels; move the model to CPU first")
+    if model.training:
+        model.eval()
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, GroupedExperts))]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replacement = Int8Linear(module) if isinstance(module, nn.Linear) else Int8GroupedExperts(module)
+        setattr(parent, child, replacement)
+    return model

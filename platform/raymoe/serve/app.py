@@ -1,0 +1,257 @@
+"""The Ray Serve application: `build_app(args)` -> one FastAPI ingress deployment over an engine.
+
+Usable as `serve run raymoe.serve.app:build_app model_path=/path/to/artifact`, from a Serve config
+file / RayService `serveConfigV2` (`import_path: raymoe.serve.app:build_app`, `args: {...}`), and
+from `python -m pipelines.serve`. `args` is a `ServeConfig` as plain data; unknown keys fail with
+the key named, before any replica starts.
+
+Backpressure: each replica takes `max_ongoing_requests` at once (the engine batches them);
+callers queue up to `max_queued_requests` more, beyond which Serve answers `backpressure_status`
+(429 or 503) with Retry-After; the engine's own waiting queue (`engine.max_waiting`) answers 429.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from raymoe.config import ConfigError, from_dict, require, to_dict
+from raymoe.serve.engine import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class AutoscalingConfig:
+    """Ray Serve autoscaling of the replica count (one engine per replica)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    # Requests in flight per replica the autoscaler aims for; above it adds replicas.
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        require(self.min_replicas >= 0, f"autoscaling.min_replicas must be >= 0, got {self.min_replicas}")
+        require(
+            self.max_replicas >= max(1, self.min_replicas),
+            f"autoscaling.max_replicas={self.max_replicas} must be >= max(1, min_replicas={self.min_replicas})",
+        )
+        require(self.target_ongoing_requests > 0, "autoscaling.target_ongoing_requests must be > 0")
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """Everything `build_app` needs; `args` of the Serve application."""
+
+    # An HF-format artifact directory (config.json, model.safetensors, tokenizer files).
+    model_path: str
+    # Name clients send as `model`; default: the artifact directory's name.
+    model_id: str = ""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    # Requests a replica works on at once; should cover engine.num_slots + engine.max_waiting.
+    max_ongoing_requests: int = 32
+    # Requests queued in front of the replicas; -1 = unbounded.
+    max_queued_requests: int = 64
+    backpressure_status: Literal[429, 503] = 503
+    retry_after_s: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Expert-parallel shard workers per replica; 1 = the engine runs in the replica process.
+    ep: int = 1
+    # Weight-only INT8 (per-output-channel scales) for the linear layers and experts.
+    int8: bool = False
+    # Directory of peft-format LoRA adapters, one sub-directory per adapter name ("" = none).
+    lora_dir: str = ""
+    # The API key is read from this environment variable, else from `api_key_file`; none = open.
+    api_key_env: str = "RAYMOE_API_KEY"
+    api_key_file: str = ""
+    name: str = "OpenAIServer"
+
+    def __post_init__(self) -> None:
+        require(bool(self.model_path), "model_path must be set (an HF-format artifact directory)")
+        # Expert-parallel shard workers are not wired into serving yet; the key is reserved.
+        require(self.ep == 1, f"ep={self.ep}: expert-parallel serving is not available in this build; use ep=1")
+        require(not (self.int8 and self.num_gpus > 0), "int8 uses CPU int8 kernels; set num_gpus=0 or int8=false")
+        require(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
+        require(self.max_queued_requests >= -1, f"max_queued_requests must be >= -1, got {self.max_queued_requests}")
+        require(self.retry_after_s >= 0, f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        require(self.num_cpus > 0, f"num_cpus must be > 0, got {self.num_cpus}")
+        if not self.model_id:
+            self.model_id = Path(self.model_path.rstrip("/")).name or "model"
+        require(":" not in self.model_id, f"model_id must not contain ':' (it separates adapters), got {self.model_id!r}")
+
+
+@dataclass(kw_only=True)
+class HttpConfig:
+    """Where Serve's HTTP proxy listens (used by `pipelines.serve`; `serve run` has its own flags)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        require(0 < self.port < 65536, f"http.port must be in 1..65535, got {self.port}")
+
+
+@dataclass(kw_only=True)
+class ServeJobConfig:
+    """`python -m pipelines.serve`: the application's args plus how to run it."""
+
+    app: ServeConfig
+    http: HttpConfig = field(default_factory=HttpConfig)
+    app_name: str = "raymoe"
+    route_prefix: str = "/"
+    # Write a random-weight debug artifact at app.model_path first when none is there.
+    make_debug_artifact: bool = False
+    # Keep serving until interrupted; false = deploy, answer one smoke request, shut down.
+    block: bool = True
+
+
+def read_api_key(cfg: ServeConfig) -> str | None:
+    """The API key from the environment variable, else the secret file; None = no auth."""
+    key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+    if not key and cfg.api_key_file:
+        path = Path(cfg.api_key_file)
+        if not path.is_file():
+            raise ConfigError(f"api_key_file {cfg.api_key_file!r} does not exist")
+        key = path.read_text().strip()
+    return key or None
+
+
+def list_adapters(lora_dir: str) -> list[str]:
+    """Adapter names: sub-directories of `lora_dir` holding an adapter_config.json."""
+    if not lora_dir:
+        return []
+    root = Path(lora_dir)
+    if not root.is_dir():
+        raise ConfigError(f"lora_dir {lora_dir!r} is not a directory")
+    return sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
+
+
+def build_engine(cfg: ServeConfig):
+    """Loads the artifact and builds the engine the replica serves (in this process)."""
+    import torch
+
+    from raymoe.models import load_hf
+    from raymoe.serve.engine import EngineCore, LocalEngine
+
+    if cfg.engine.num_threads:
+        torch.set_num_threads(cfg.engine.num_threads)
+    model = load_hf(cfg.model_path)
+    if cfg.num_gpus > 0 and torch.cuda.is_available():
+        model = model.to("cuda")
+    if cfg.int8:
+        from raymoe.models.quantize import quantize_int8
+
+        quantize_int8(model)
+    adapters = list_adapters(cfg.lora_dir)
+    if adapters:
+        from raymoe.models.lora import attach_adapters
+
+        attach_adapters(model, {name: Path(cfg.lora_dir) / name for name in adapters})
+    return LocalEngine(EngineCore(model, cfg.engine)), adapters
+
+
+def build_server(cfg: ServeConfig):
+    """Engine + tokenizer + names + key: what the HTTP routes need."""
+    from raymoe.serve.chat_tokenizer import ChatTokenizer
+    from raymoe.serve.http_app import OpenAIServer
+
+    engine, adapters = build_engine(cfg)
+    return OpenAIServer(
+        engine=engine, tokenizer=ChatTokenizer.from_dir(cfg.model_path), model_id=cfg.model_id,
+        adapters=adapters, api_key=read_api_key(cfg), retry_after_s=cfg.retry_after_s,
+    )
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Ray Serve deployment options from the config (autoscaling, backpressure, resources)."""
+    from ray.serve.config import AutoscalingConfig as RayAutoscaling
+    from ray.serve.config import BackpressureConfig
+
+    a = cfg.autoscaling
+    return dict(
+        name=cfg.name,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=cfg.backpressure_status, retry_after_s=cfg.retry_after_s),
+        autoscaling_config=RayAutoscaling(
+            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
+            target_ongoing_requests=a.target_ongoing_requests,
+            upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
+        ),
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    )
+
+
+def _deployment_class():
+    from ray import serve
+
+    @serve.ingress()
+    class OpenAIDeployment:
+        """One replica: loads the artifact, owns an engine, serves the FastAPI app."""
+
+        def __init__(self, config: dict):
+            from raymoe.serve.serve_metrics import ServeMetrics
+
+            self.config = from_dict(ServeConfig, config)
+            self.server = build_server(self.config)
+            self.metrics = ServeMetrics.create(self.config.model_id)
+            self.server.observe = self.metrics.observe_request
+            self.server.count = self.metrics.count_request
+            if self.metrics.enabled:
+                self.metrics.start_engine_gauges(self.server.engine)
+
+        def check_health(self) -> None:
+            """Serve's periodic probe: a replica whose engine loop died is restarted."""
+            task = getattr(self.server.engine, "_task", None)
+            if task is not None and task.done():
+                reason = "cancelled" if task.cancelled() else repr(task.exception())
+                raise RuntimeError(f"engine loop stopped: {reason}")
+
+        def __serve_build_asgi_app__(self):
+            from raymoe.serve.http_app import create_app
+
+            return create_app(self.server)
+
+    return OpenAIDeployment
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder (`serve run raymoe.serve.app:build_app key=value ...`).
+
+    Args:
+        args: a ServeConfig as plain data (CLI `key=value` pairs arrive as strings; nested keys
+            are accepted as dotted names, e.g. `engine.num_slots=4`).
+
+    Returns:
+        A bound `ray.serve.Application`.
+    """
+    from ray import serve
+
+    cfg = from_dict(ServeConfig, _nest(dict(args)))
+    deployment = serve.deployment(_deployment_class(), **deployment_options(cfg))
+    return deployment.bind(to_dict(cfg))
+
+
+def _nest(args: dict[str, Any]) -> dict[str, Any]:
+    """`serve run` passes args as flat strings: nests dotted keys and parses values as YAML."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        # Paths and names stay strings ("007" is a directory, not the number 7).
+        literal = key in ("model_path", "model_id", "name") or key.endswith(("_file", "_dir", "_env"))
+        if isinstance(value, str) and not literal and value != "":
+            value = yaml.safe_load(value)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out

@@ -1,0 +1,358 @@
+"""The serving engine: continuous batching over `MoETransformer` + `KVCache`.
+
+Inference is three small functions over tensors, as in gpt-fast: `prefill` (one chunk of one
+prompt) and `decode_step` (one token for each of B running sequences) from
+`raymoe.models.generate`, and `sample` with per-request settings (`raymoe.serve.sampling`).
+`EngineCore.step()` asks the scheduler for a plan, runs those functions and reports one
+`TokenEvent` per sampled token. `LocalEngine` drives `EngineCore` from a worker
+thread and gives each request an async stream: this is the `Engine` the Serve deployment holds.
+
+Shapes: B batch rows, T tokens of a chunk, V vocabulary, E experts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from raymoe.config import require
+from raymoe.models.generate import decode_step, prefill
+from raymoe.models.lora import set_row_adapters
+from raymoe.serve.request import (
+    EngineOverloadedError,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+    TokenEvent,
+)
+from raymoe.serve.sampling import make_generator, sample
+from raymoe.serve.scheduler import QueueFullError, Scheduler, SchedulerConfig, StepPlan
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs from an engine (the real one or a fake in tests)."""
+
+    max_seq_len: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Streams the tokens of one request; raises InvalidRequestError / EngineOverloadedError
+        from the first iteration when the request cannot be taken."""
+        ...
+
+    def stats(self) -> dict[str, float]: ...
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Engine knobs; the scheduler's limits plus where and how the model runs."""
+
+    num_slots: int = 8
+    # 0 = the model's max_seq_len; the KV cache holds num_slots x max_seq_len positions.
+    max_seq_len: int = 0
+    max_tokens_per_step: int = 128
+    block_size: int = 16
+    num_kv_blocks: int = 0
+    max_waiting: int = 64
+    # torch intra-op threads of the engine thread; 0 = leave torch's setting.
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.num_threads >= 0, f"engine.num_threads must be >= 0, got {self.num_threads}")
+        require(self.max_seq_len >= 0, f"engine.max_seq_len must be >= 0, got {self.max_seq_len}")
+
+    def scheduler_config(self, model_max_seq_len: int) -> SchedulerConfig:
+        return SchedulerConfig(
+            num_slots=self.num_slots,
+            max_seq_len=min(self.max_seq_len or model_max_seq_len, model_max_seq_len),
+            max_tokens_per_step=self.max_tokens_per_step,
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            max_waiting=self.max_waiting,
+        )
+
+
+@torch.no_grad()
+def prefill_padded(model, prompts: list[list[int]], cache, slot_ids_B: torch.Tensor) -> torch.Tensor:
+    """Prefills several prompts from position 0 in one forward, right-padded to the longest.
+
+    Pad tokens write keys/values past each prompt's end; the sequence's next tokens overwrite
+    them before any query could read them. Returns each prompt's last-token logits (B, V).
+    """
+    T = max(len(p) for p in prompts)
+    ids_BT = torch.zeros(len(prompts), T, dtype=torch.long, device=slot_ids_B.device)
+    for b, p in enumerate(prompts):
+        ids_BT[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    positions_BT = torch.arange(T, device=slot_ids_B.device).expand(len(prompts), T)
+    logits_BTV = model(ids_BT, positions_BT, cache, slot_ids_B)
+    last_B = torch.tensor([len(p) - 1 for p in prompts], device=slot_ids_B.device)
+    return logits_BTV[torch.arange(len(prompts), device=slot_ids_B.device), last_B]
+
+
+def padding_groups(chunks: list, max_waste: float = 0.5) -> list[list]:
+    """Groups chunks (longest first) so that padding adds at most `max_waste` of the real tokens."""
+    groups: list[list] = []
+    for chunk in sorted(chunks, key=lambda c: -len(c.token_ids)):
+        if groups:
+            group = groups[-1]
+            padded = len(group[0].token_ids) * (len(group) + 1)
+            real = sum(len(c.token_ids) for c in group) + len(chunk.token_ids)
+            if padded <= (1 + max_waste) * real:
+                group.append(chunk)
+                continue
+        groups.append([chunk])
+    return groups
+
+
+@dataclass
+class _RequestState:
+    request: GenerationRequest
+    generator: torch.Generator
+
+
+class EngineCore:
+    """Synchronous engine: one `step()` = schedule, forward, sample, commit.
+
+    Thread-safe for `add_request` / `abort` from another thread while `step()` runs: the
+    scheduler is touched only under a lock, and never during the forward pass.
+    """
+
+    def __init__(self, model, config: EngineConfig, kv_cache_factory=None):
+        from raymoe.models import KVCache
+
+        self.model = model.eval()
+        self.config = config
+        self.sched_config = config.scheduler_config(model.cfg.max_seq_len)
+        self.max_seq_len = self.sched_config.max_seq_len
+        self.scheduler = Scheduler(self.sched_config)
+        # The engine follows the model: tensors, cache and generators live where its weights do.
+        first = next(model.parameters(), torch.empty(0))
+        self.device = first.device
+        # INT8 models keep fp32 activations (their packed weights are not parameters).
+        dtype = first.dtype if first.is_floating_point() else torch.float32
+        make_cache = kv_cache_factory or KVCache
+        self.cache = make_cache(model.cfg, self.sched_config.num_slots, self.max_seq_len, dtype=dtype,
+                                device=self.device)
+        self._lock = threading.Lock()
+        self._requests: dict[str, _RequestState] = {}
+        self.num_steps = 0
+        self.last_batch_size = 0
+        self.num_generated = 0
+        self.num_preemptions = 0
+        num_moe = sum(1 for _ in model.moe_layers())
+        # Tokens routed to each expert of each MoE layer since start (metrics).
+        self.tokens_per_expert_LE = torch.zeros(num_moe, model.cfg.moe.num_experts, dtype=torch.long)
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Queues a request; it runs from the next step on."""
+        if request.adapter is not None and request.adapter not in self._adapter_names():
+            raise InvalidRequestError(f"adapter {request.adapter!r} is not loaded", "model")
+        vocab = self.model.cfg.vocab_size
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} outside vocabulary 0..{vocab - 1}", "prompt")
+        p = request.params
+        with self._lock:
+            try:
+                self.scheduler.add(request.request_id, request.prompt_ids, p.max_tokens)
+            except QueueFullError as exc:
+                raise EngineOverloadedError(str(exc)) from None
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), "max_tokens") from None
+            self._requests[request.request_id] = _RequestState(request, make_generator(p.seed, self.device))
+
+    def _adapter_names(self) -> set[str]:
+        context = getattr(self.model, "lora_context", None)
+        return context.names if context is not None else set()
+
+    def _select_adapters(self, chunks) -> None:
+        if hasattr(self.model, "lora_context"):
+            set_row_adapters(self.model, [self._adapter_of[c.seq.seq_id] for c in chunks])
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.scheduler.finish(request_id, "abort")
+            self._requests.pop(request_id, None)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_work()
+
+    def step(self) -> list[tuple[str, TokenEvent]]:
+        """Runs one engine step; returns (request_id, event) for every token sampled in it."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+            states = {c.seq.seq_id: self._requests.get(c.seq.seq_id) for c in plan.decodes + plan.prefills}
+            self._adapter_of = {rid: s.request.adapter for rid, s in states.items()}
+        if plan.empty:
+            return []
+        self.num_preemptions += len(plan.preempted)
+        rows, logits = self._forward(plan)
+        params = [states[c.seq.seq_id].request.params for c in rows]
+        gens = [states[c.seq.seq_id].generator for c in rows]
+        out = sample(torch.stack(logits), params, gens) if rows else None
+        tokens = out.tokens_B.tolist() if out else []
+        with self._lock:
+            sampled = {c.seq.seq_id: t for c, t in zip(rows, tokens)}
+            finished = {s.seq_id for s in self.scheduler.commit(plan, sampled)}
+            events = []
+            for i, (chunk, token) in enumerate(zip(rows, tokens)):
+                rid = chunk.seq.seq_id
+                if rid not in self._requests:
+                    continue  # aborted while the step ran
+                p = params[i]
+                reason = None
+                if token in p.stop_token_ids:
+                    reason = "stop"
+                    self.scheduler.finish(rid, "stop")
+                elif rid in finished:
+                    reason = "length"
+                event = TokenEvent(
+                    token_id=token,
+                    logprob=None if out.logprobs_B is None or p.logprobs is None else out.logprobs_B[i].item(),
+                    top_logprobs=out.top_logprobs[i],
+                    finish_reason=reason,
+                    num_prompt_tokens=len(chunk.seq.prompt_ids),
+                )
+                events.append((rid, event))
+                if reason:
+                    self._requests.pop(rid, None)
+        self.num_steps += 1
+        self.last_batch_size = len(plan.decodes) + len(plan.prefills)
+        self.num_generated += len(events)
+        return events
+
+    @torch.inference_mode()
+    def _forward(self, plan: StepPlan):
+        """Runs decodes as one batch, fresh prompts in padded batches, other prefill chunks alone;
+        returns the rows that sample and their logits."""
+        rows, logits = [], []
+        if plan.decodes:
+            self._select_adapters(plan.decodes)
+            logits_BV = decode_step(
+                self.model,
+                self._tensor([c.token_ids[0] for c in plan.decodes]),
+                self._tensor([c.start for c in plan.decodes]),
+                self.cache,
+                self._tensor([c.slot for c in plan.decodes]),
+            )
+            self._count_experts()
+            rows.extend(plan.decodes)
+            logits.extend(logits_BV.unbind(0))
+        # Chunks starting at position 0 can share a forward (plain causal attention, right
+        # padding); with capacity-limited routing pad tokens would compete for expert capacity.
+        batchable = self.model.cfg.moe.capacity_factor is None
+        fresh = [c for c in plan.prefills if c.start == 0] if batchable else []
+        groups = padding_groups(fresh) + [[c] for c in plan.prefills if c not in fresh]
+        for group in groups:
+            self._select_adapters(group)
+            if len(group) == 1:
+                c = group[0]
+                last_BV = prefill(self.model, self._tensor([c.token_ids]), self.cache, self._tensor([c.slot]), c.start)
+            else:
+                last_BV = prefill_padded(self.model, [c.token_ids for c in group], self.cache,
+                                         self._tensor([c.slot for c in group]))
+            self._count_experts()
+            for chunk, logits_V in zip(group, last_BV.unbind(0)):
+                if chunk.samples:
+                    rows.append(chunk)
+                    logits.append(logits_V)
+        return rows, logits
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _count_experts(self) -> None:
+        for i, moe in enumerate(self.model.moe_layers()):
+            self.tokens_per_expert_LE[i] += moe.last_tokens_per_expert_E.cpu()
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            s = self.scheduler.stats()
+        s.update(batch_size=self.last_batch_size, steps=self.num_steps, generated_tokens=self.num_generated,
+                 preemptions=self.num_preemptions)
+        return s
+
+
+class LocalEngine:
+    """Async front of an `EngineCore`: a background loop runs steps in one worker thread and
+    routes each event to its request's queue. Implements `Engine`."""
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self.max_seq_len = core.max_seq_len
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raymoe-engine")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        if core.config.num_threads:
+            self._executor.submit(torch.set_num_threads, core.config.num_threads).result()
+
+    @classmethod
+    def from_model(cls, model, config: EngineConfig) -> "LocalEngine":
+        return cls(EngineCore(model, config))
+
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.core.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                events = await loop.run_in_executor(self._executor, self.core.step)
+            except Exception as exc:  # a failed step fails the requests in it, not the server
+                for queue in self._queues.values():
+                    queue.put_nowait(exc)
+                for rid in list(self._queues):
+                    self.core.abort(rid)
+                continue
+            for rid, event in events:
+                queue = self._queues.get(rid)
+                if queue is not None:
+                    queue.put_nowait(event)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Streams `request`'s tokens; leaving early (client gone, stop string) aborts it."""
+        self._ensure_loop()
+        rid = request.request_id
+        queue: asyncio.Queue = asyncio.Queue()
+        self.core.add_request(request)
+        self._queues[rid] = queue
+        self._wake.set()
+        done = False
+        try:
+            while not done:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                done = event.finish_reason is not None
+                yield event
+        finally:
+            self._queues.pop(rid, None)
+            if not done:
+                self.core.abort(rid)
+
+    def stats(self) -> dict[str, float]:
+        return self.core.stats()
+
+
+def generate_alone(model, prompt_ids: list[int], params: SamplingParams, max_seq_len: int = 0) -> list[int]:
+    """Reference path: one request through an engine of its own, step by step (tests, bench)."""
+    config = EngineConfig(num_slots=1, max_seq_len=max_seq_len, max_tokens_per_step=max(1, len(prompt_ids)))
+    core = EngineCore(model, config)
+    core.add_request(GenerationRequest(request_id="alone", prompt_ids=prompt_ids, params=params))
+    out = []
+    while core.has_work():
+        out.extend(e.token_id for _, e in core.step())
+    return out

@@ -1,0 +1,319 @@
+"""FastAPI ingress: the OpenAI HTTP API over an `Engine`.
+
+Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(`stream: true` gives server-sent events in OpenAI's chunk format ending with `data: [DONE]`).
+Every error leaves as OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}`:
+bad input 400 naming the field (FastAPI's 422 is replaced), missing or wrong API key 401,
+unknown model 404, engine queue full 429 with Retry-After. The app is built around an injected
+engine, so HTTP tests run it with a fake engine and no Ray.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raymoe.serve import openai_schemas as oai
+from raymoe.serve.chat_tokenizer import ChatTokenizer
+from raymoe.serve.engine import Engine
+from raymoe.serve.request import SamplingParams
+from raymoe.serve.text_stream import Observer, RequestRefused, TextStream
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error answered as OpenAI error JSON."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        error = oai.ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        return JSONResponse(oai.ErrorResponse(error=error).model_dump(), status_code=self.status,
+                            headers=self.headers)
+
+
+@dataclass
+class OpenAIServer:
+    """What the routes need: the engine, the tokenizer, names and the optional API key."""
+
+    engine: Engine
+    tokenizer: ChatTokenizer
+    model_id: str
+    adapters: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    retry_after_s: int = 1
+    observe: Observer | None = None
+    # Called with (path, status) for every answered request (metrics).
+    count: Callable[[str, int], None] | None = None
+
+
+# Pydantic adds the union member to an error's location (prompt.str, prompt.list[int]).
+_TYPE_NAMES = {"str", "int", "float", "bool"}
+_TYPE_PREFIXES = ("list[", "dict[", "function-", "constrained-", "literal[")
+
+
+def _field_name(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    kept = [p for p in parts if p not in _TYPE_NAMES and not p.startswith(_TYPE_PREFIXES)]
+    return ".".join(kept) or "body"
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    # A union field fails once per member; the deepest failure is the member the input meant.
+    same_field = [e for e in errors if tuple(e.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
+    first = max(same_field or [first], key=lambda e: len(e.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    name = _field_name(tuple(first.get("loc", ())))
+    if name == "body":
+        return APIError(400, "request body must be a JSON object", code="invalid_value")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {json.dumps(value, default=str)[:80]})"
+    return APIError(400, f"{name}: {first.get('msg')}{shown}", param=name, code="invalid_value")
+
+
+def _dump(obj) -> dict:
+    """Response JSON without null fields, except `finish_reason`, which OpenAI always sends."""
+    data = obj.model_dump(exclude_none=True)
+    for choice, model in zip(data.get("choices", []), obj.choices):
+        choice["finish_reason"] = model.finish_reason
+    return data
+
+
+def _sse(obj) -> str:
+    data = obj if isinstance(obj, str) else json.dumps(_dump(obj), separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def _sse_stream(stream: TextStream, chunk: Callable, tail: Callable, head=()) -> AsyncIterator[str]:
+    """SSE body: the head events, one per non-empty chunk, the tail events, `[DONE]`; a failure
+    midway (the 200 is already sent) ends the stream with an error event."""
+    try:
+        for obj in head:
+            yield _sse(obj)
+        async for delta, event in stream:
+            if (obj := chunk(delta, event)) is not None:
+                yield _sse(obj)
+        for obj in tail():
+            yield _sse(obj)
+    except Exception:
+        log.exception("stream failed")
+        error = oai.ErrorBody(message="internal server error", type="server_error")
+        yield _sse(oai.ErrorResponse(error=error).model_dump_json())
+    finally:
+        await stream.aclose()
+    yield _sse("[DONE]")
+
+
+def create_app(server: OpenAIServer) -> FastAPI:
+    """Builds the FastAPI app serving `server`."""
+    app = FastAPI(title="raymoe OpenAI-compatible server")
+    tokenizer = server.tokenizer
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        if server.count is not None:
+            server.count(request.url.path, response.status_code)
+        return response
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError):
+        try:
+            json.loads(await request.body())
+        except ValueError as err:
+            return APIError(400, f"request body is not valid JSON: {err}", code="invalid_json").response()
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_, exc: Exception):
+        log.exception("internal error")
+        return APIError(500, "internal server error", type_="server_error").response()
+
+    def check_auth(request: Request) -> None:
+        if not server.api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not reveal how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def model_cards() -> list[oai.ModelCard]:
+        cards = [oai.ModelCard(id=server.model_id)]
+        cards += [oai.ModelCard(id=f"{server.model_id}:{a}", parent=server.model_id) for a in server.adapters]
+        return cards
+
+    def resolve_model(name: str) -> str | None:
+        """The adapter named by `name` (None = base model); 404 when it is not served."""
+        if name == server.model_id:
+            return None
+        base, _, adapter = name.partition(":")
+        if base == server.model_id and adapter in server.adapters:
+            return adapter
+        raise APIError(404, f"model {name!r} does not exist; served: {[c.id for c in model_cards()]}",
+                       param="model", code="model_not_found")
+
+    def sampling(body, prompt_ids: list[int], prompt_field: str, max_tokens: int | None,
+                 default_max: int | None, logprobs: int | None) -> SamplingParams:
+        limit = server.engine.max_seq_len
+        if not prompt_ids:
+            raise APIError(400, f"{prompt_field}: must not be empty", param=prompt_field)
+        if len(prompt_ids) >= limit:
+            raise APIError(400, f"{prompt_field}: {len(prompt_ids)} tokens, the context is {limit} tokens and "
+                           "at least one must be left for the output", param=prompt_field,
+                           code="context_length_exceeded")
+        room = limit - len(prompt_ids)
+        max_tokens = max_tokens if max_tokens is not None else min(default_max or room, room)
+        if max_tokens > room:
+            raise APIError(400, f"max_tokens: {max_tokens} + {len(prompt_ids)} prompt tokens exceeds the "
+                           f"context of {limit} tokens", param="max_tokens", code="context_length_exceeded")
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+            seed=body.seed, logprobs=logprobs,
+            stop_token_ids=[] if body.ignore_eos else tokenizer.stop_token_ids,
+        )
+
+    async def open_stream(route, body, prompt_ids, params, adapter) -> TextStream:
+        stream = TextStream(server.engine, tokenizer, prompt_ids, params, adapter, body.stop_list(), route,
+                            server.observe)
+        try:
+            await stream.start()
+        except RequestRefused as exc:
+            headers = {"Retry-After": str(server.retry_after_s)} if exc.status == 429 else None
+            code = "rate_limit_exceeded" if exc.status == 429 else None
+            type_ = "rate_limit_error" if exc.status == 429 else "invalid_request_error"
+            raise APIError(exc.status, str(exc), type_, exc.param, code, headers) from None
+        return stream
+
+    def usage(stream: TextStream) -> oai.Usage:
+        p, n = len(stream.prompt_ids), stream.num_tokens
+        return oai.Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
+
+    def completion_logprobs(pairs) -> oai.CompletionLogprobs:
+        lp, offset = oai.CompletionLogprobs(), 0
+        for text, event in pairs:
+            lp.tokens.append(tokenizer.token_text(event.token_id))
+            lp.token_logprobs.append(event.logprob)
+            lp.top_logprobs.append({tokenizer.token_text(t): v for t, v in (event.top_logprobs or {}).items()})
+            lp.text_offset.append(offset)
+            offset += len(text)
+        return lp
+
+    def chat_logprobs(events) -> oai.ChoiceLogprobs:
+        def entry(token_id, logprob):
+            text = tokenizer.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return oai.ChoiceLogprobs(content=[
+            oai.TokenLogprob(**entry(e.token_id, e.logprob),
+                             top_logprobs=[oai.TopLogprob(**entry(t, v)) for t, v in (e.top_logprobs or {}).items()])
+            for e in events
+        ])
+
+    def include_usage(body) -> bool:
+        return bool(body.stream_options and body.stream_options.include_usage)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **server.engine.stats()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return oai.ModelList(data=model_cards())
+
+    @app.post("/v1/completions")
+    async def completions(body: oai.CompletionRequest, request: Request):
+        check_auth(request)
+        adapter = resolve_model(body.model)
+        if isinstance(body.prompt, str):
+            prompt_ids = tokenizer.encode(body.prompt)
+        else:
+            prompt_ids, vocab = list(body.prompt), tokenizer.tokenizer.get_vocab_size()
+            if max(prompt_ids) >= vocab:
+                raise APIError(400, f"prompt: token ids must be below the vocabulary size {vocab}", param="prompt")
+        params = sampling(body, prompt_ids, "prompt", body.max_tokens, 16, body.logprobs)
+        stream = await open_stream("/v1/completions", body, prompt_ids, params, adapter)
+        rid, want_lp = f"cmpl-{uuid.uuid4().hex}", body.logprobs is not None
+
+        def response(choices, usage_=None):
+            return oai.CompletionResponse(id=rid, model=body.model, choices=choices, usage=usage_)
+
+        if body.stream:
+            def chunk(delta, event):
+                lp = completion_logprobs([(delta, event)]) if want_lp else None
+                return response([oai.CompletionChoice(text=delta, logprobs=lp)]) if delta or lp else None
+
+            def tail():
+                last = [response([oai.CompletionChoice(text="", finish_reason=stream.finish_reason)])]
+                return last + ([response([], usage(stream))] if include_usage(body) else [])
+
+            return StreamingResponse(_sse_stream(stream, chunk, tail), media_type="text/event-stream")
+        pairs = [pair async for pair in stream]
+        choice = oai.CompletionChoice(text="".join(d for d, _ in pairs), finish_reason=stream.finish_reason,
+                                      logprobs=completion_logprobs(pairs) if want_lp else None)
+        return _dump(response([choice], usage(stream)))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: oai.ChatCompletionRequest, request: Request):
+        check_auth(request)
+        adapter = resolve_model(body.model)
+        try:
+            prompt_ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        except Exception as exc:  # the template's raise_exception: the messages do not fit it
+            raise APIError(400, f"messages: {exc}", param="messages") from None
+        top = body.top_logprobs or 0
+        params = sampling(body, prompt_ids, "messages", body.max_completion_tokens or body.max_tokens, None,
+                          top if body.logprobs else None)
+        stream = await open_stream("/v1/chat/completions", body, prompt_ids, params, adapter)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+
+        if body.stream:
+            def chunk_of(choices, usage_=None):
+                return oai.ChatCompletionChunk(id=rid, model=body.model, choices=choices, usage=usage_)
+
+            def chunk(delta, event):
+                lp = chat_logprobs([event]) if body.logprobs else None
+                if not (delta or lp):
+                    return None
+                return chunk_of([oai.ChatChunkChoice(delta=oai.DeltaMessage(content=delta), logprobs=lp)])
+
+            def tail():
+                last = [chunk_of([oai.ChatChunkChoice(delta=oai.DeltaMessage(), finish_reason=stream.finish_reason)])]
+                return last + ([chunk_of([], usage(stream))] if include_usage(body) else [])
+
+            head = [chunk_of([oai.ChatChunkChoice(delta=oai.DeltaMessage(role="assistant", content=""))])]
+            return StreamingResponse(_sse_stream(stream, chunk, tail, head), media_type="text/event-stream")
+        pairs = [pair async for pair in stream]
+        message = oai.AssistantMessage(content="".join(d for d, _ in pairs))
+        choice = oai.ChatChoice(message=message, finish_reason=stream.finish_reason,
+                                logprobs=chat_logprobs([e for _, e in pairs]) if body.logprobs else None)
+        return _dump(oai.ChatCompletionResponse(id=rid, model=body.model, choices=[choice], usage=usage(stream)))
+
+    return app

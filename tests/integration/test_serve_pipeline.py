@@ -1,0 +1,31 @@
+"""`python -m pipelines.serve` end to end: debug artifact written, app deployed, one chat answered."""
+
+import json
+import socket
+
+from pipelines.serve import main
+
+
+def test_serve_pipeline_deploys_and_answers(ray_cluster, tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = main(["--config", "pipelines/configs/serve.debug.yaml", "block=false", f"http.port={port}",
+               f"app.model_path={tmp_path / 'tiny-moe'}", "app.num_cpus=0.25", "app.api_key_env=",
+               "app.engine.num_slots=2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"serving 'tiny-moe' at http://127.0.0.1:{port}/v1" in out
+    # The smoke reply is one JSON line; the request asked for at most 8 tokens.
+    reply = json.loads(next(line for line in out.splitlines() if line.startswith('{"smoke_reply"')))
+    usage = reply["usage"]
+    assert reply["smoke_reply"]["role"] == "assistant"
+    assert 1 <= usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert (tmp_path / "tiny-moe" / "model.safetensors").is_file()
+
+
+def test_serve_pipeline_rejects_bad_config_before_starting(tmp_path, capsys):
+    rc = main(["--config", "pipelines/configs/serve.debug.yaml", "app.engine.num_slotz=2"])
+    assert rc == 2
+    assert "app.engine.num_slotz" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""Engine over the debug MoE model: cache-based decoding, continuous batching, preemption."""
+
+import asyncio
+
+import pytest
+import torch
+
+from raymoe.models import KVCache, MoETransformer, flavour
+from raymoe.serve.engine import (
+    EngineConfig,
+    EngineCore,
+    LocalEngine,
+    generate_alone,
+    padding_groups,
+    prefill_padded,
+)
+from raymoe.serve.request import (
+    EngineOverloadedError,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = MoETransformer(flavour("debug"))
+    m.init_weights(seed=0)
+    return m.eval()
+
+
+def greedy(n):
+    return SamplingParams(temperature=0.0, max_tokens=n)
+
+
+def full_recompute_greedy(model, prompt, n):
+    """Reference without a KV cache: the whole sequence re-run for every new token."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(out[-1])
+    return out
+
+
+def run_to_end(core):
+    outputs, first_step, finish_step, step = {}, {}, {}, 0
+    while core.has_work():
+        step += 1
+        for rid, ev in core.step():
+            outputs.setdefault(rid, []).append(ev.token_id)
+            first_step.setdefault(rid, step)
+            if ev.finish_reason:
+                finish_step[rid] = step
+    return outputs, first_step, finish_step
+
+
+def test_cached_decoding_equals_full_recompute(model):
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    assert generate_alone(model, prompt, greedy(10)) == full_recompute_greedy(model, prompt, 10)
+
+
+def test_late_request_starts_before_earlier_ones_finish_and_outputs_match_solo(model):
+    # Prepare: budget 8 tokens/step so the late 20-token prompt is prefilled in chunks
+    core = EngineCore(model, EngineConfig(num_slots=4, max_tokens_per_step=8))
+    prompts = {"a": [3, 4, 5], "b": [9, 8, 7, 6], "late": list(range(100, 120))}
+    max_new = {"a": 16, "b": 16, "late": 4}
+    for rid in ("a", "b"):
+        core.add_request(GenerationRequest(request_id=rid, prompt_ids=prompts[rid], params=greedy(max_new[rid])))
+    events = [core.step() for _ in range(3)]
+    assert all(len(e) == 2 for e in events[1:])  # a and b decode together
+    core.add_request(GenerationRequest(request_id="late", prompt_ids=prompts["late"], params=greedy(4)))
+    # Execute
+    outputs, first_step, finish_step = run_to_end(core)
+    # Assert: late's first token comes while a and b still run (steps counted after its arrival)
+    assert first_step["late"] < finish_step["a"] and first_step["late"] < finish_step["b"]
+    for rid in ("a", "b"):
+        outputs[rid] = [e.token_id for step in events for r, e in step if r == rid] + outputs[rid]
+    for rid, prompt in prompts.items():
+        assert outputs[rid] == generate_alone(model, prompt, greedy(max_new[rid])), rid
+
+
+def test_preemption_under_a_tight_kv_budget_keeps_outputs_identical(model):
+    # 6 blocks of 4 tokens: three 5-token prompts that each grow to 15 tokens cannot all fit
+    core = EngineCore(model, EngineConfig(num_slots=3, max_tokens_per_step=16, block_size=4, num_kv_blocks=6))
+    prompts = {f"r{i}": [10 + i, 20 + i, 30 + i, 40 + i, 50 + i] for i in range(3)}
+    for rid, prompt in prompts.items():
+        core.add_request(GenerationRequest(request_id=rid, prompt_ids=prompt, params=greedy(10)))
+    outputs, _, _ = run_to_end(core)
+    assert core.num_preemptions > 0
+    for rid, prompt in prompts.items():
+        assert outputs[rid] == generate_alone(model, prompt, greedy(10)), rid
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=8)
+    alone = generate_alone(model, [1, 2, 3], params)
+    core = EngineCore(model, EngineConfig(num_slots=3))
+    core.add_request(GenerationRequest(request_id="other", prompt_ids=[7, 7], params=SamplingParams(max_tokens=8)))
+    core.add_request(GenerationRequest(request_id="seeded", prompt_ids=[1, 2, 3], params=params))
+    outputs, _, _ = run_to_end(core)
+    assert outputs["seeded"] == alone
+
+
+def test_stop_token_ends_with_reason_stop(model):
+    first = generate_alone(model, [4, 5, 6], greedy(3))
+    core = EngineCore(model, EngineConfig(num_slots=1))
+    params = SamplingParams(temperature=0.0, max_tokens=3, stop_token_ids=[first[1]])
+    core.add_request(GenerationRequest(request_id="x", prompt_ids=[4, 5, 6], params=params))
+    events = [e for _ in range(5) for _, e in core.step()]
+    assert [e.token_id for e in events] == first[:2]
+    assert [e.finish_reason for e in events] == [None, "stop"]
+
+
+def test_queue_limit_and_impossible_requests_are_refused(model):
+    core = EngineCore(model, EngineConfig(num_slots=1, max_waiting=1))
+    core.add_request(GenerationRequest(request_id="a", prompt_ids=[1], params=greedy(2)))
+    with pytest.raises(EngineOverloadedError):
+        core.add_request(GenerationRequest(request_id="b", prompt_ids=[1], params=greedy(2)))
+    with pytest.raises(InvalidRequestError, match="exceeds max_seq_len=256"):
+        EngineCore(model, EngineConfig()).add_request(
+            GenerationRequest(request_id="c", prompt_ids=[1] * 250, params=greedy(10))
+        )
+
+
+def test_async_engine_streams_concurrently_and_abort_frees_the_slot(model):
+    engine = LocalEngine.from_model(model, EngineConfig(num_slots=2))
+
+    async def collect(rid, prompt, n, stop_after=None):
+        out = []
+        async for ev in engine.generate(GenerationRequest(request_id=rid, prompt_ids=prompt, params=greedy(n))):
+            out.append(ev.token_id)
+            if stop_after and len(out) == stop_after:
+                break
+        return out
+
+    async def main():
+        quitter = await collect("q", [9, 9], 50, stop_after=2)
+        return quitter, await asyncio.gather(collect("x", [1, 2], 5), collect("y", [3, 4], 6))
+
+    quitter, (x, y) = asyncio.run(main())
+    assert len(quitter) == 2
+    assert x == generate_alone(model, [1, 2], greedy(5))
+    assert y == generate_alone(model, [3, 4], greedy(6))
+    assert not engine.core.has_work() and sorted(engine.core.scheduler.free_slots) == [0, 1]
+
+
+class Chunk:
+    def __init__(self, n):
+        self.token_ids = list(range(n))
+
+
+@pytest.mark.parametrize("lengths, expected", [
+    ([10, 9, 2], [[10, 9, 2]]),  # 30 padded <= 1.5 * 21 real
+    ([10, 1], [[10], [1]]),  # 20 padded > 1.5 * 11 real
+    ([3, 8, 8, 1], [[8, 8, 3], [1]]),  # longest first; 32 > 1.5 * 20 with the 1
+])
+def test_padding_groups_bound_the_wasted_tokens(lengths, expected):
+    groups = padding_groups([Chunk(n) for n in lengths])
+    assert [[len(c.token_ids) for c in g] for g in groups] == expected
+
+
+def test_padded_prefill_gives_each_prompt_its_own_logits(model):
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
+    cache = KVCache(model.cfg, 3, 32)
+    batched = prefill_padded(model, prompts, cache, torch.tensor([0, 1, 2]))
+    for b, p in enumerate(prompts):
+        with torch.no_grad():
+            alone = model(torch.tensor([p]))[0, -1]
+        torch.testing.assert_close(batched[b], alone, rtol=1e-4, atol=1e-4)
