@@ -6,15 +6,15 @@ same weights and threads, so the table means the same on a laptop and a CI box.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from raymoe.atomic_io import atomic_write_json
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -56,11 +56,4 @@ def write_results(name: str, data: dict) -> Path:
     data = {**data, "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                                 "processor": platform.processor(), "torch": torch.__version__},
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    target = RESULTS_DIR / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    return target
+    return atomic_write_json(RESULTS_DIR / f"{name}.json", data)

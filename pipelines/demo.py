@@ -10,7 +10,6 @@ training continues from its newest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raymoe.config import ConfigError, load_config, to_dict
+from raymoe.config import ConfigError, load_config, parse_job_args, to_dict
 
 
 @dataclass(kw_only=True)
@@ -107,13 +106,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with a DemoConfig")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. work_dir=runs/demo2")
-    args = parser.parse_args(argv)
+    cfg = parse_job_args(DemoConfig, argv, prog="python -m pipelines.demo", description=__doc__)
     try:
-        cfg = load_config(DemoConfig, args.config, args.overrides)
         summary = run_demo(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -9,14 +9,13 @@ it joins the cluster. The config is checked (and the artifact's presence) before
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from raymoe.config import ConfigError, load_config, to_dict
+from raymoe.config import ConfigError, parse_job_args, to_dict
 from raymoe.ray_runtime import init_ray
 from raymoe.serve.app import ServeJobConfig, build_app, read_api_key
 
@@ -33,13 +32,8 @@ def smoke_request(base_url: str, model: str, api_key: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with a ServeJobConfig")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. app.engine.num_slots=16")
-    args = parser.parse_args(argv)
+    cfg = parse_job_args(ServeJobConfig, argv, prog="python -m pipelines.serve", description=__doc__)
     try:
-        cfg = load_config(ServeJobConfig, args.config, args.overrides)
         artifact = Path(cfg.app.model_path)
         if cfg.make_debug_artifact and not (artifact / "config.json").is_file():
             from raymoe.serve.debug_artifact import make_debug_artifact

@@ -11,26 +11,16 @@ same or another layout.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from raymoe.config import ConfigError, load_config
+from raymoe.config import parse_job_args
 from raymoe.ray_runtime import init_ray
 from raymoe.train.config import TrainConfig, check_before_launch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with a TrainConfig")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. layout.ep=2 steps=50")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        check_before_launch(cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse_job_args(TrainConfig, argv, prog="python -m pipelines.train", description=__doc__,
+                         check=check_before_launch)
     init_ray()
     # Imported after the checks: a bad config fails without paying for Ray Train's import.
     from raymoe.train.loop import run_training

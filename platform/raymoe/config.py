@@ -166,3 +166,28 @@ def require(condition: bool, message: str) -> None:
     """Raises ConfigError(message) unless `condition`; for `__post_init__` checks."""
     if not condition:
         raise ConfigError(message)
+
+
+def parse_job_args(cls: type[T], argv: list[str] | None, *, prog: str, description: str,
+                   check=None) -> T:
+    """The command line every pipeline shares: `--config FILE [key.sub=value ...]`.
+
+    Loads and validates the config (and runs `check(cfg)` if given); on a ConfigError prints
+    `config error: ...` to stderr and exits with status 2, before anything is started.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=f"YAML file with a {cls.__name__}")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+        if check is not None:
+            check(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg

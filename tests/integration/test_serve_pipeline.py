@@ -3,6 +3,8 @@
 import json
 import socket
 
+import pytest
+
 from pipelines.serve import main
 
 
@@ -26,6 +28,7 @@ def test_serve_pipeline_deploys_and_answers(ray_cluster, tmp_path, capsys):
 
 
 def test_serve_pipeline_rejects_bad_config_before_starting(tmp_path, capsys):
-    rc = main(["--config", "pipelines/configs/serve.debug.yaml", "app.engine.num_slotz=2"])
-    assert rc == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "pipelines/configs/serve.debug.yaml", "app.engine.num_slotz=2"])
+    assert exit_info.value.code == 2
     assert "app.engine.num_slotz" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from raymoe.data.atomic import atomic_write_bytes, remove_stale_temps
+from raymoe.atomic_io import atomic_write_bytes, remove_stale_temps
 from raymoe.data.manifest import read_manifest, stable_view, verify_shards, write_manifest
 from raymoe.data.profile import DOC_LENGTH_EDGES, length_histogram, token_unigram
 from raymoe.data.quarantine import quarantine_entry, read_quarantine, write_quarantine
@@ -40,7 +40,7 @@ def test_same_rows_same_bytes_and_no_rewrite(tmp_path):
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    from raymoe.data.atomic import atomic_write
+    from raymoe.atomic_io import atomic_write
 
     (tmp_path / "x").write_bytes(b"old")
 

@@ -54,10 +54,12 @@ def test_pipeline_exits_with_config_error_before_ray_starts(tmp_path, capsys):
 
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(_base(tmp_path)))
-    code = main(["--config", str(path), "layout.ep=3"])
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path), "layout.ep=3"])
+    assert exit_info.value.code == 2
     assert "layout.ep=3 must divide model.moe.num_experts=8" in capsys.readouterr().err
     assert not ray.is_initialized()
-    code = main(["--config", str(path), f"data.path={tmp_path / 'missing'}"])
-    assert code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path), f"data.path={tmp_path / 'missing'}"])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
     assert not ray.is_initialized()

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from raymoe.config import require, to_dict
 from raymoe.data import tokenizer as toklib
-from raymoe.data.atomic import atomic_write_bytes, remove_stale_temps
+from raymoe.atomic_io import atomic_write_bytes, remove_stale_temps
 from raymoe.data.decode import DecodeConfig
 from raymoe.data.dedup import DedupConfig, find_duplicates
 from raymoe.data.filters import FILTER_REASONS, FilterConfig

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raymoe.data.atomic import atomic_write_bytes
+from raymoe.atomic_io import atomic_write_bytes
 from raymoe.data.shards import file_sha256
 
 MANIFEST_NAME = "manifest.json"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raymoe.data.atomic import atomic_write_bytes
+from raymoe.atomic_io import atomic_write_bytes
 from raymoe.data.decode import BAD_JSON, UNDECODABLE
 from raymoe.data.sources import (
     CORRUPT_GZIP, CORRUPT_PARQUET, EMPTY_FILE, MISSING_FIELD, TRUNCATED_GZIP, UNREADABLE_FILE,

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymoe.data.atomic import atomic_write_bytes
+from raymoe.atomic_io import atomic_write_bytes
 
 TOKENS_COLUMN = "tokens"
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raymoe.data.atomic import atomic_write
+from raymoe.atomic_io import atomic_write
 from raymoe.data.decode import DecodeConfig, decode_batch
 from raymoe.data.dedup import DedupConfig, content_hash, minhash_signature
 from raymoe.data.filters import FILTER_REASONS, FilterConfig, filter_batch

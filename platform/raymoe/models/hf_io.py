@@ -8,9 +8,7 @@ a good one was, and `transformers.AutoModelForCausalLM.from_pretrained` loads th
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from raymoe.atomic_io import atomic_write, atomic_write_json
 from raymoe.models.config import ModelConfig
 from raymoe.models.hf_config import CheckpointError, config_from_hf, config_to_hf, hf_architecture_for
 from raymoe.models.state_dict_adapter import load_hf_state, native_to_hf
@@ -74,29 +73,6 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> MoETransfor
     return model.eval()
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(target: Path, data: dict) -> None:
-    """Writes JSON atomically (temp file in the same directory, fsync, rename)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-
-    _atomic_write(Path(target), write)
-
 
 def save_hf(model: MoETransformer, path: str | Path, tokenizer_dir: str | Path | None = None) -> str:
     """Writes `model` in Hugging Face layout; returns the architecture name used.
@@ -112,11 +88,11 @@ def save_hf(model: MoETransformer, path: str | Path, tokenizer_dir: str | Path |
             raise CheckpointError("save_hf needs every expert in one model; gather expert shards first")
     arch = getattr(model, "hf_architecture", None) or hf_architecture_for(model.cfg)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in native_to_hf(model, arch).items()}
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(path / "config.json", config_to_hf(model.cfg, arch))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_json(path / "config.json", config_to_hf(model.cfg, arch))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file():
-                _atomic_write(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+                atomic_write(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
     return arch

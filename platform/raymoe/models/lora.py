@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raymoe.atomic_io import atomic_write
 from raymoe.models.state_dict_adapter import native_key_to_hf
 
 PEFT_PREFIX = "base_model.model."
@@ -179,20 +178,7 @@ def save_peft_adapter(model: nn.Module, name: str, path: str | Path, rank: int, 
         raise ValueError(f"no layer holds an adapter named {name!r}")
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
               "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False}
-    _atomic(path / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(path / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return path
 
-
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

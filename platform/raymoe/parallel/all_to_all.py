@@ -59,27 +59,45 @@ class _DispatchState:
 class AllToAllDispatcher:
     """Sends (token, k) pairs to the ep rank that owns their expert and brings results back.
 
+    When the placement gives a logical expert several slots (EPLB replicas, serving only), its
+    pairs are spread over the copies by pair index: pair p (= t * K + k on this rank) goes to copy
+    p mod (number of copies). Deterministic, needs no communication, and splits a hot expert's
+    load about evenly; with one slot per expert it is exactly the plain lookup.
+
     Args:
         group: torch.distributed process group of the ep peers (ranks in ep-rank order).
-        placement: which ep rank holds which expert (one slot per expert).
+        placement: which ep rank holds which expert (slots; replicas allowed).
         ep_rank: this rank's position in `group`.
     """
 
     def __init__(self, group: dist.ProcessGroup, *, placement: ExpertPlacement, ep_rank: int):
-        if not placement.is_one_to_one():
-            raise ValueError("AllToAllDispatcher needs one slot per expert")
         self.group = group
         self.placement = placement
         self.ep_rank = ep_rank
         self.num_ranks = placement.ep
         self.num_local = placement.slots_per_rank
-        # slot_of_expert[e] = physical slot of logical expert e; slot // L is its rank and
-        # slot % L its local index there, so sorting by slot sorts by (rank, local expert).
-        slot_of_expert = torch.empty(placement.num_experts, dtype=torch.long)
-        for slot, expert in enumerate(placement.slot_expert):
-            slot_of_expert[expert] = slot
-        self.slot_of_expert = slot_of_expert
+        # slot_table_EC[e, c] = physical slot of copy c of logical expert e (padded with the
+        # first copy); slot // L is its rank and slot % L its local index there, so sorting by
+        # slot sorts by (rank, local expert).
+        expert_slots = placement.expert_slots
+        self.num_copies_E = torch.tensor([len(expert_slots[e]) for e in range(placement.num_experts)],
+                                         dtype=torch.long)
+        C = int(self.num_copies_E.max())
+        self.slot_table_EC = torch.tensor(
+            [slots + [slots[0]] * (C - len(slots)) for _, slots in sorted(expert_slots.items())],
+            dtype=torch.long)
+        self.slot_of_expert = self.slot_table_EC[:, 0].clone()
+        # Rows each local slot has computed since construction (which copies take load).
+        self.rows_per_local_slot = torch.zeros(self.num_local, dtype=torch.long)
         self.stats = AllToAllStats()
+
+    def _slots_of_pairs(self, pair_index_V: torch.Tensor, expert_V: torch.Tensor) -> torch.Tensor:
+        """Physical slot of each valid (token, k) pair; a replicated expert's pairs rotate copies."""
+        if self.slot_table_EC.shape[1] == 1:
+            return self.slot_of_expert.to(expert_V.device)[expert_V]
+        copies_V = self.num_copies_E.to(expert_V.device)[expert_V]
+        copy_V = pair_index_V % copies_V
+        return self.slot_table_EC.to(expert_V.device)[expert_V, copy_V]
 
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor):
         """Routes rows to the owners of their experts.
@@ -96,7 +114,7 @@ class AllToAllDispatcher:
         R, L = self.num_ranks, self.num_local
         ids_P = expert_ids_TK.reshape(-1)
         valid = torch.nonzero(ids_P >= 0).squeeze(1)
-        slot_V = self.slot_of_expert.to(ids_P.device)[ids_P[valid]]
+        slot_V = self._slots_of_pairs(valid, ids_P[valid])
         order = torch.argsort(slot_V, stable=True)
         pair_index_sorted = valid[order]
         send_x = x_TD.index_select(0, pair_index_sorted // K)
@@ -116,6 +134,7 @@ class AllToAllDispatcher:
         recv_perm = torch.argsort(local_id_S, stable=True)
         x_SD = recv_x.index_select(0, recv_perm)
         counts = recv_counts_RL.sum(0).tolist()
+        self.rows_per_local_slot += torch.tensor(counts, dtype=torch.long)
         state = _DispatchState(T * K, K, pair_index_sorted, recv_perm, x_SD, send_splits, recv_splits)
         return x_SD, counts, state
 

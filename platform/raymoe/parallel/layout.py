@@ -113,6 +113,41 @@ class ExpertPlacement:
                 f"layout.ep={ep} must divide model.moe.num_experts={num_experts}")
         return cls(num_experts=num_experts, ep=ep, slot_expert=list(range(num_experts)))
 
+    @classmethod
+    def with_redundant(cls, num_experts: int, ep: int, redundant: list[int]) -> "ExpertPlacement":
+        """Primaries split as evenly as possible over ranks, plus a second slot for each expert in
+        `redundant` (EPLB), put on the rank with most free slots that does not already hold it.
+
+        With `redundant=[]` and `ep` dividing `num_experts` this equals `contiguous`.
+
+        Raises:
+            ConfigError: when the slots do not split evenly, naming both numbers, or on bad ids.
+        """
+        num_slots = num_experts + len(redundant)
+        require(ep >= 1, f"ep must be >= 1, got {ep}")
+        require(
+            num_slots % ep == 0,
+            f"num_experts + len(redundant_experts) = {num_experts} + {len(redundant)} = {num_slots} "
+            f"expert slots do not split evenly over ep={ep} ranks",
+        )
+        bad = [e for e in redundant if not 0 <= e < num_experts]
+        require(not bad, f"redundant_experts {bad} outside 0..{num_experts - 1}")
+        require(len(set(redundant)) == len(redundant), f"redundant_experts has repeats: {redundant}")
+        per_rank = num_slots // ep
+        ranks: list[list[int]] = []
+        start = 0
+        for r in range(ep):
+            n = num_experts // ep + (1 if r < num_experts % ep else 0)
+            ranks.append(list(range(start, start + n)))
+            start += n
+        for expert in redundant:
+            # Most free slots first, lowest rank on ties: deterministic on every process.
+            free = [r for r in range(ep) if len(ranks[r]) < per_rank]
+            apart = [r for r in free if expert not in ranks[r]] or free
+            target = max(apart, key=lambda r: (per_rank - len(ranks[r]), -r))
+            ranks[target].append(expert)
+        return cls(num_experts=num_experts, ep=ep, slot_expert=[e for held in ranks for e in held])
+
     @property
     def slots_per_rank(self) -> int:
         return len(self.slot_expert) // self.ep
@@ -171,6 +206,7 @@ def shard_model_experts(
     *,
     ep_group: Any = None,
     placement: ExpertPlacement | None = None,
+    allow_replicas: bool = False,
 ) -> ExpertPlacement:
     """Shards a built `MoETransformer` for `rank`: keeps its experts, installs the all-to-all.
 
@@ -184,6 +220,8 @@ def shard_model_experts(
         rank: this worker's global rank.
         ep_group: torch.distributed process group of this rank's ep peers (required if ep > 1).
         placement: expert placement; contiguous when omitted.
+        allow_replicas: accept a placement giving some experts several slots (serving; training
+            keeps one slot per expert because replicas would need their gradients summed).
 
     Returns:
         The placement used.
@@ -191,7 +229,7 @@ def shard_model_experts(
     num_experts = model.cfg.moe.num_experts
     layout.validate(num_experts=num_experts)
     placement = placement or ExpertPlacement.contiguous(num_experts, layout.ep)
-    require(placement.is_one_to_one(),
+    require(allow_replicas or placement.is_one_to_one(),
             "training supports one slot per expert; redundant expert slots are a serving feature")
     ep_rank = layout.ep_rank(rank)
     keep = placement.experts_of(ep_rank)

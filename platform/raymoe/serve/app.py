@@ -62,8 +62,16 @@ class ServeConfig:
     retry_after_s: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    # Expert-parallel shard workers per replica; 1 = the engine runs in the replica process.
+    # Expert-parallel shard workers per replica (Ray actors in a SPREAD placement group, joined by
+    # a gloo/NCCL group); 1 = the model runs in the replica process.
     ep: int = 1
+    # Logical experts given a second slot (EPLB) when ep > 1; num_experts + len(redundant_experts)
+    # must split evenly over ep.
+    redundant_experts: list[int] = field(default_factory=list)
+    # Resources and torch threads of each shard worker (ep > 1); the replica keeps num_cpus/num_gpus.
+    shard_num_cpus: float = 1.0
+    shard_num_gpus: float = 0.0
+    shard_num_threads: int = 0
     # Weight-only INT8 (per-output-channel scales) for the linear layers and experts.
     int8: bool = False
     # Directory of peft-format LoRA adapters, one sub-directory per adapter name ("" = none).
@@ -75,8 +83,15 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.model_path), "model_path must be set (an HF-format artifact directory)")
-        # Expert-parallel shard workers are not wired into serving yet; the key is reserved.
-        require(self.ep == 1, f"ep={self.ep}: expert-parallel serving is not available in this build; use ep=1")
+        require(isinstance(self.ep, int) and self.ep >= 1, f"ep must be an integer >= 1, got {self.ep!r}")
+        require(not self.redundant_experts or self.ep > 1,
+                f"redundant_experts={self.redundant_experts} needs ep > 1 (got ep={self.ep})")
+        require(all(isinstance(e, int) and e >= 0 for e in self.redundant_experts),
+                f"redundant_experts must be expert ids >= 0, got {self.redundant_experts}")
+        require(self.ep == 1 or not (self.int8 or self.lora_dir),
+                f"ep={self.ep}: int8 and lora_dir are supported with ep=1 only")
+        require(self.shard_num_cpus > 0, f"shard_num_cpus must be > 0, got {self.shard_num_cpus}")
+        require(self.shard_num_threads >= 0, f"shard_num_threads must be >= 0, got {self.shard_num_threads}")
         require(not (self.int8 and self.num_gpus > 0), "int8 uses CPU int8 kernels; set num_gpus=0 or int8=false")
         require(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
         require(self.max_queued_requests >= -1, f"max_queued_requests must be >= -1, got {self.max_queued_requests}")
@@ -142,6 +157,13 @@ def build_engine(cfg: ServeConfig):
 
     if cfg.engine.num_threads:
         torch.set_num_threads(cfg.engine.num_threads)
+    if cfg.ep > 1:
+        from raymoe.serve.shard_workers import ShardedModel
+
+        sharded = ShardedModel.launch(
+            cfg.model_path, cfg.ep, redundant_experts=cfg.redundant_experts, num_cpus=cfg.shard_num_cpus,
+            num_gpus=cfg.shard_num_gpus, num_threads=cfg.shard_num_threads)
+        return LocalEngine(EngineCore(sharded, cfg.engine, kv_cache_factory=sharded.make_cache)), []
     model = load_hf(cfg.model_path)
     if cfg.num_gpus > 0 and torch.cuda.is_available():
         model = model.to("cuda")

@@ -24,12 +24,13 @@ CORPUS = [
 ] * 30
 
 
-def debug_config(vocab_size: int, dim: int = 128, num_layers: int = 4, max_seq_len: int = 512) -> ModelConfig:
+def debug_config(vocab_size: int, dim: int = 128, num_layers: int = 4, max_seq_len: int = 512,
+                 num_experts: int = 8) -> ModelConfig:
     """Mixtral-shaped ModelConfig of the given size (transformers can load what save_hf writes)."""
     return ModelConfig(
         vocab_size=vocab_size, dim=dim, num_layers=num_layers, num_heads=4, num_kv_heads=2,
         max_seq_len=max_seq_len, norm_eps=1e-5, init_std=dim**-0.5,
-        moe=MoEConfig(num_experts=8, num_experts_per_tok=2, expert_hidden_dim=2 * dim),
+        moe=MoEConfig(num_experts=num_experts, num_experts_per_tok=2, expert_hidden_dim=2 * dim),
     )
 
 
@@ -40,7 +41,7 @@ def make_debug_artifact(path: str | Path, seed: int = 0, vocab_size: int = 512, 
         path: output directory (created).
         seed: weight seed; the same seed gives the same artifact.
         vocab_size: tokenizer and model vocabulary.
-        **shape: overrides for `debug_config` (dim, num_layers, max_seq_len).
+        **shape: overrides for `debug_config` (dim, num_layers, max_seq_len, num_experts).
 
     Returns:
         `path`.

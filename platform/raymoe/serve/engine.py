@@ -231,6 +231,8 @@ class EngineCore:
     def _forward(self, plan: StepPlan):
         """Runs decodes as one batch, fresh prompts in padded batches, other prefill chunks alone;
         returns the rows that sample and their logits."""
+        if hasattr(self.model, "forward_jobs"):
+            return self._forward_remote(plan)
         rows, logits = [], []
         if plan.decodes:
             self._select_adapters(plan.decodes)
@@ -262,6 +264,42 @@ class EngineCore:
                 if chunk.samples:
                     rows.append(chunk)
                     logits.append(logits_V)
+        return rows, logits
+
+    def _forward_remote(self, plan: StepPlan):
+        """Expert-parallel path (`ShardedModel`): the same forwards as `_forward`, handed over
+        together so each shard worker gets one call per step."""
+        from raymoe.serve.shard_workers import ForwardJob
+
+        groups: list[list] = []
+        jobs: list[ForwardJob] = []
+        if plan.decodes:
+            groups.append(plan.decodes)
+            jobs.append(ForwardJob(
+                ids_BT=self._tensor([c.token_ids[0] for c in plan.decodes])[:, None],
+                positions_BT=self._tensor([c.start for c in plan.decodes])[:, None],
+                slot_ids_B=self._tensor([c.slot for c in plan.decodes]),
+                last_B=torch.zeros(len(plan.decodes), dtype=torch.long)))
+        batchable = self.model.cfg.moe.capacity_factor is None
+        fresh = [c for c in plan.prefills if c.start == 0] if batchable else []
+        for group in padding_groups(fresh) + [[c] for c in plan.prefills if c not in fresh]:
+            # Right padding with continuing positions, as in `prefill_padded` / `prefill`.
+            T = max(len(c.token_ids) for c in group)
+            ids_BT = torch.zeros(len(group), T, dtype=torch.long)
+            for b, c in enumerate(group):
+                ids_BT[b, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+            positions_BT = torch.stack([torch.arange(c.start, c.start + T) for c in group])
+            groups.append(group)
+            jobs.append(ForwardJob(ids_BT=ids_BT, positions_BT=positions_BT,
+                                   slot_ids_B=self._tensor([c.slot for c in group]),
+                                   last_B=self._tensor([len(c.token_ids) - 1 for c in group])))
+        rows, logits = [], []
+        for group, logits_BV in zip(groups, self.model.forward_jobs(jobs)):
+            for chunk, logits_V in zip(group, logits_BV.unbind(0)):
+                if chunk.samples or chunk in plan.decodes:
+                    rows.append(chunk)
+                    logits.append(logits_V)
+        self._count_experts()
         return rows, logits
 
     def _tensor(self, values) -> torch.Tensor:

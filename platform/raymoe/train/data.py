@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raymoe.data.atomic import atomic_write_bytes
+from raymoe.atomic_io import atomic_write_bytes, sha256_file
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".json", ".c", ".h")
 
@@ -41,14 +41,6 @@ class PreparedData:
     manifest_path: str
     num_tokens: int
     max_token_id: int
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 def _input_files(root: Path) -> tuple[str, list[Path]]:
@@ -104,7 +96,7 @@ def prepare_tokens(path: str, *, seq_len: int, vocab_size: int, cache_dir: str,
         "source": str(root.resolve()), "kind": kind, "files": [str(f.relative_to(root)) for f in files],
         "num_tokens": int(tokens.size), "num_rows": int(tokens.shape[0]), "seq_len": seq_len,
         "max_token_id": int(tokens.max()) if tokens.size else -1,
-        "tokens_sha256": _sha256_file(out / "tokens.npy"), "tokenizer_dir": tokenizer_dir,
+        "tokens_sha256": sha256_file(out / "tokens.npy"), "tokenizer_dir": tokenizer_dir,
         "source_manifest": source_manifest,
     }
     # The manifest is written last: its presence marks a complete cache entry.

@@ -10,14 +10,11 @@ load), and `save_hf` writes safetensors + config.json; the tokenizer files are c
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from raymoe.atomic_io import atomic_write_json, sha256_file
 from raymoe.config import from_dict
 from raymoe.models import MoETransformer, ModelConfig, save_hf
 from raymoe.train.checkpoint import (
@@ -40,14 +37,6 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
     if step is None:
         raise FileNotFoundError(f"no complete, valid checkpoint under {path!r}")
     return stripped, step
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
@@ -78,13 +67,8 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
         "data_manifest": data.get("manifest", ""),
         "tokenizer_dir": tokenizer_dir or "",
         "train_config": manifest.get("train_config", {}),
-        "files": {p.name: _sha256_file(p) for p in sorted(out.iterdir())
+        "files": {p.name: sha256_file(p) for p in sorted(out.iterdir())
                   if p.is_file() and p.name != EXPORT_MANIFEST},
     }
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{EXPORT_MANIFEST}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(export, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / EXPORT_MANIFEST)
+    atomic_write_json(out / EXPORT_MANIFEST, export)
     return export

@@ -59,3 +59,21 @@ def remove_stale_temps(directory: str | Path) -> int:
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
+
+
+def sha256_file(path: str | Path) -> str:
+    """`sha256:<hex>` of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def atomic_write_json(path: str | Path, data: object) -> Path:
+    """Writes `data` as indented, key-sorted JSON atomically."""
+    import json
+
+    return atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

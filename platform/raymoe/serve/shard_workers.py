@@ -1,0 +1,284 @@
+"""Expert-parallel serving: N shard workers (Ray actors) behind a model-like proxy.
+
+The Serve replica keeps its engine (scheduler, sampling) and swaps the model for a
+`ShardedModel`. Each `ShardWorker` holds the dense weights, its expert slots (placement as data,
+EPLB replicas allowed) and its own KV cache rows; the workers form one gloo (CPU) / NCCL (GPU)
+group and every MoE layer's dispatcher is an `AllToAllDispatcher` over it (DESIGN.md "Expert
+shards in Ray actors").
+
+Attention is data-parallel over the batch: engine slot s lives on worker s mod N as local cache
+row s // N, so a sequence always meets its own keys. Each engine step sends every worker one Ray
+call with all of that step's forwards (decode batch and prefill groups) restricted to its rows; a
+worker with no rows in a forward still joins every layer's all-to-all with zero tokens, so the
+collectives line up. Logits of each forward's sampled position come back and are put back in row
+order.
+
+Shapes: B batch rows, T tokens, V vocabulary, D model dim, L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from raymoe.parallel.layout import ExpertPlacement
+
+
+@dataclass
+class ForwardJob:
+    """One model forward of an engine step: rows, their positions and cache slots, and which
+    position of each row to return logits for."""
+
+    ids_BT: torch.Tensor
+    positions_BT: torch.Tensor
+    slot_ids_B: torch.Tensor
+    last_B: torch.Tensor
+
+    def rows(self, index_b: torch.Tensor) -> "ForwardJob":
+        return ForwardJob(self.ids_BT[index_b], self.positions_BT[index_b], self.slot_ids_B[index_b],
+                          self.last_B[index_b])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+class ShardWorker:
+    """One expert shard (a Ray actor): dense weights + its expert slots + its KV cache rows."""
+
+    def __init__(self, model_path: str, rank: int, world_size: int, placement: dict, num_threads: int = 0,
+                 use_gpu: bool = False):
+        from raymoe.models import load_hf
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.rank = rank
+        self.world_size = world_size
+        self.placement = ExpertPlacement(**placement)
+        self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.model = load_hf(model_path).to(self.device).eval()
+        self.cache = None
+
+    def rendezvous_address(self) -> str:
+        """`tcp://ip:port` on this worker's node (asked of worker 0 only)."""
+        import ray
+
+        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+
+    def join_group(self, init_method: str) -> list[int]:
+        """Joins the group (all workers call this at once) and keeps this rank's expert slots."""
+        import torch.distributed as dist
+
+        from raymoe.parallel.layout import ParallelLayout, shard_model_experts
+
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+        shard_model_experts(self.model, ParallelLayout(ep=self.world_size), self.rank,
+                            ep_group=dist.group.WORLD, placement=self.placement, allow_replicas=True)
+        return self.placement.experts_of(self.rank)
+
+    def make_cache(self, num_slots: int, max_seq_len: int) -> int:
+        """Allocates this worker's KV cache rows; returns its size in bytes."""
+        from raymoe.models import KVCache
+
+        dtype = next(self.model.parameters()).dtype
+        self.cache = KVCache(self.model.cfg, num_slots, max_seq_len, dtype=dtype, device=self.device)
+        return self.cache.nbytes()
+
+    @torch.inference_mode()
+    def run(self, jobs: list[ForwardJob | None]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """Runs one engine step's forwards in order (None = no rows here, join the collectives).
+
+        Returns:
+            Per job the logits (B_local, V) at each row's `last_B` position (None for empty jobs),
+            and the (L, E) tokens routed per expert summed over the jobs (this worker's tokens).
+        """
+        moe_layers = list(self.model.moe_layers())
+        tokens_LE = torch.zeros(len(moe_layers), self.model.cfg.moe.num_experts, dtype=torch.long)
+        out = []
+        for job in jobs:
+            if job is None:
+                self._join_empty(moe_layers)
+                out.append(None)
+                continue
+            job = ForwardJob(*(t.to(self.device) for t in (job.ids_BT, job.positions_BT, job.slot_ids_B,
+                                                             job.last_B)))
+            logits_BTV = self.model(job.ids_BT, job.positions_BT, self.cache, job.slot_ids_B)
+            B = job.ids_BT.shape[0]
+            out.append(logits_BTV[torch.arange(B, device=self.device), job.last_B].cpu())
+            for i, moe in enumerate(moe_layers):
+                tokens_LE[i] += moe.last_tokens_per_expert_E.cpu()
+        return out, tokens_LE
+
+    def _join_empty(self, moe_layers) -> None:
+        # Attention and dense layers have no collectives; each MoE layer run on zero tokens
+        # issues the same all-to-alls as on the peers, in the same layer order.
+        D = self.model.cfg.dim
+        dtype = next(self.model.parameters()).dtype
+        for moe in moe_layers:
+            moe(torch.zeros(0, D, dtype=dtype, device=self.device))
+
+    def slot_rows(self) -> list[list[int]]:
+        """Per MoE layer, the rows each local expert slot has computed so far."""
+        return [moe.dispatcher.rows_per_local_slot.tolist() for moe in self.model.moe_layers()]
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _LayerStats:
+    """What the engine reads from a MoE layer after a forward (its routed-token counts)."""
+
+    def __init__(self, num_experts: int):
+        self.last_tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.long)
+
+
+class _RemoteCache:
+    """Stands in for the engine's KVCache: the real rows live in the workers."""
+
+    def __init__(self, num_slots: int, max_seq_len: int, nbytes: int):
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self._nbytes = nbytes
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+class ShardedModel:
+    """Model-like proxy over N `ShardWorker` actors, driven by the unchanged `EngineCore`.
+
+    Offers `cfg`, `eval()`, `parameters()` (none here), `moe_layers()` (routed-token counts of
+    the last step, summed over workers), `make_cache` (the engine's `kv_cache_factory`) and
+    `forward_jobs(jobs)`: all forwards of one engine step in one Ray call per worker.
+    """
+
+    def __init__(self, workers: list, cfg, placement: ExpertPlacement, placement_group=None):
+        self.workers = workers
+        self.cfg = cfg
+        self.placement = placement
+        self.placement_group = placement_group
+        self.num_workers = len(workers)
+        num_moe = sum(1 for i in range(cfg.num_layers) if cfg.is_moe_layer(i))
+        self._layers = [_LayerStats(cfg.moe.num_experts) for _ in range(num_moe)]
+        self.num_ray_calls = 0
+
+    @classmethod
+    def launch(cls, model_path: str, ep: int, *, redundant_experts: list[int] | None = None,
+               num_cpus: float = 1.0, num_gpus: float = 0.0, num_threads: int = 0,
+               timeout_s: float = 300.0) -> "ShardedModel":
+        """Starts `ep` shard workers in a SPREAD placement group and joins them into one group.
+
+        Args:
+            model_path: HF-format artifact every worker loads (must be readable on every node).
+            ep: number of shard workers.
+            redundant_experts: logical experts given a second slot (EPLB).
+            num_cpus: CPUs per worker (fractions are fine on one machine).
+            num_gpus: GPUs per worker; > 0 selects NCCL.
+            num_threads: torch threads per worker; 0 = torch's default.
+            timeout_s: how long to wait for the placement group and the workers.
+
+        Raises:
+            ConfigError: when the expert slots do not split evenly over `ep`.
+        """
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from raymoe.models.hf_io import read_hf_config
+
+        cfg, _ = read_hf_config(model_path)
+        placement = ExpertPlacement.with_redundant(cfg.moe.num_experts, ep, list(redundant_experts or []))
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus > 0 else {})}
+        # SPREAD: on a cluster the shards land on different nodes when they can (memory of each
+        # node holds 1/ep of the experts); on one machine they share it.
+        pg = placement_group([dict(bundle) for _ in range(ep)], strategy="SPREAD")
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+            actor = ray.remote(ShardWorker)
+            workers = [
+                actor.options(
+                    num_cpus=num_cpus, num_gpus=num_gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+                ).remote(model_path, r, ep, placement.to_dict(), num_threads, num_gpus > 0)
+                for r in range(ep)
+            ]
+            init_method = ray.get(workers[0].rendezvous_address.remote(), timeout=timeout_s)
+            ray.get([w.join_group.remote(init_method) for w in workers], timeout=timeout_s)
+        except BaseException:
+            remove_placement_group(pg)
+            raise
+        return cls(workers, cfg, placement, pg)
+
+    def eval(self) -> "ShardedModel":
+        return self
+
+    def parameters(self):
+        return iter(())
+
+    def moe_layers(self):
+        return iter(self._layers)
+
+    def make_cache(self, cfg, num_slots: int, max_seq_len: int, dtype=None, device=None) -> _RemoteCache:
+        """`kv_cache_factory` for `EngineCore`: slot s lives on worker s mod N, as row s // N."""
+        import ray
+
+        local = -(-num_slots // self.num_workers)
+        nbytes = sum(ray.get([w.make_cache.remote(local, max_seq_len) for w in self.workers]))
+        return _RemoteCache(num_slots, max_seq_len, nbytes)
+
+    def forward_jobs(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
+        """Runs one engine step's forwards on the workers; returns each job's logits (B, V)."""
+        import ray
+
+        N = self.num_workers
+        per_worker: list[list[ForwardJob | None]] = [[] for _ in range(N)]
+        row_index: list[list[torch.Tensor]] = [[] for _ in range(N)]
+        for job in jobs:
+            owner_B = job.slot_ids_B % N
+            for w in range(N):
+                index_b = torch.nonzero(owner_B == w).squeeze(1)
+                row_index[w].append(index_b)
+                if index_b.numel() == 0:
+                    per_worker[w].append(None)
+                else:
+                    local = job.rows(index_b)
+                    local.slot_ids_B = local.slot_ids_B // N
+                    per_worker[w].append(local)
+        results = ray.get([w.run.remote(per_worker[i]) for i, w in enumerate(self.workers)])
+        self.num_ray_calls += N
+        tokens_LE = sum(tokens for _, tokens in results)
+        for layer, tokens_E in zip(self._layers, tokens_LE):
+            layer.last_tokens_per_expert_E = tokens_E
+        out = []
+        for j, job in enumerate(jobs):
+            logits_BV = torch.empty(job.ids_BT.shape[0], self.cfg.vocab_size, dtype=torch.float32)
+            for w, (logits, _) in enumerate(results):
+                if logits[j] is not None:
+                    logits_BV[row_index[w][j]] = logits[j]
+            out.append(logits_BV)
+        return out
+
+    def slot_rows(self) -> list[list[list[int]]]:
+        """Per worker, per MoE layer, rows computed by each local slot (see which copies work)."""
+        import ray
+
+        return ray.get([w.slot_rows.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        """Stops the workers and frees their placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w)
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
