@@ -1,5 +1,9 @@
 """Bad training configs fail in the driver, before Ray or any worker starts, naming field and value."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -47,19 +51,19 @@ def test_model_overrides_apply_to_the_flavour(tmp_path):
     assert (model.dim, model.moe.num_experts, model.num_layers) == (64, 4, 4)
 
 
-def test_pipeline_exits_with_config_error_before_ray_starts(tmp_path, capsys):
-    import ray
-
-    from pipelines.train import main
-
+def test_pipeline_exits_with_config_error_before_ray_starts(tmp_path):
+    # A fresh interpreter: this test process may already run Ray for other tests.
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(_base(tmp_path)))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(path), "layout.ep=3"])
-    assert exit_info.value.code == 2
-    assert "layout.ep=3 must divide model.moe.num_experts=8" in capsys.readouterr().err
-    assert not ray.is_initialized()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(path), f"data.path={tmp_path / 'missing'}"])
-    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    probe = (
+        "import sys, ray\n"
+        "from pipelines.train import main\n"
+        "try:\n    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n    print('exit', e.code, 'ray', ray.is_initialized())\n"
+    )
+    for override, message in [("layout.ep=3", "layout.ep=3 must divide model.moe.num_experts=8"),
+                              (f"data.path={tmp_path / 'missing'}", "does not exist")]:
+        proc = subprocess.run([sys.executable, "-c", probe, "--config", str(path), override],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        assert proc.stdout.strip() == "exit 2 ray False"
+        assert message in proc.stderr
