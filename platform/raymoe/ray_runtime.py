@@ -36,7 +36,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        # The dashboard serves the State API Ray Train's controller watchdog polls (without it,
+        # a warning every 2 s) and the job/metrics views; loopback only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": {k: os.environ[k] for k in LOCAL_ENV}},
     )

@@ -101,8 +101,14 @@ class RayReporter:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker body: rebuild the config from plain data and run the worker program."""
+    from ray.train.v2._internal.execution import context as train_context
+
     from raymoe.train.worker import run_worker
 
+    # Ray Train logs every report ("Reporting training result ...") and checkpoint at INFO on
+    # every worker; the console line above already says what a user needs.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = from_dict(TrainConfig, loop_config["cfg"])
     # 6 FLOPs per parameter per token (forward 2, backward 4); attention's T^2 term left out.
     flops_per_token = 6.0 * loop_config["active_params"]
@@ -168,7 +174,9 @@ def run_training(cfg: TrainConfig):
             name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
+            # Ray Train's print patch would echo rank 0's console line a second time via logging.
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                                             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     return trainer.fit()
