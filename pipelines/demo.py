@@ -86,8 +86,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     _banner("4/4 serve: Ray Serve, OpenAI API")
     from ray import serve
 
-    serve.start(http_options={"host": serve_cfg.http.host, "port": serve_cfg.http.port})
-    serve.run(build_app(to_dict(serve_cfg.app)), name=serve_cfg.app_name, route_prefix=serve_cfg.route_prefix)
+    # Serve's per-request and lifecycle INFO lines would drown the demo's own output.
+    quiet = {"log_level": "WARNING"}
+    serve.start(http_options={"host": serve_cfg.http.host, "port": serve_cfg.http.port}, logging_config=quiet)
+    serve.run(build_app(to_dict(serve_cfg.app)), name=serve_cfg.app_name, route_prefix=serve_cfg.route_prefix,
+              logging_config=quiet)
     base = f"http://{serve_cfg.http.host}:{serve_cfg.http.port}/v1"
     model_id = model_dir.name if not serve_cfg.app.model_id else serve_cfg.app.model_id
     try:
