@@ -114,9 +114,10 @@ class ExpertPlacement:
         return cls(num_experts=num_experts, ep=ep, slot_expert=list(range(num_experts)))
 
     @classmethod
-    def with_redundant(cls, num_experts: int, ep: int, redundant: list[int]) -> "ExpertPlacement":
+    def with_redundant(cls, num_experts: int, ep: int, redundant: list[int]) -> ExpertPlacement:
         """Primaries split as evenly as possible over ranks, plus a second slot for each expert in
-        `redundant` (EPLB), put on the rank with most free slots that does not already hold it.
+        `redundant` (EPLB), put on the rank with most free slots that does not already hold it;
+        a copy that only fits beside its original trades places with an expert of another rank.
 
         With `redundant=[]` and `ep` dividing `num_experts` this equals `contiguous`.
 
@@ -146,6 +147,7 @@ class ExpertPlacement:
             apart = [r for r in free if expert not in ranks[r]] or free
             target = max(apart, key=lambda r: (per_rank - len(ranks[r]), -r))
             ranks[target].append(expert)
+        _separate_copies(ranks)
         return cls(num_experts=num_experts, ep=ep, slot_expert=[e for held in ranks for e in held])
 
     @property
@@ -175,6 +177,20 @@ class ExpertPlacement:
 
     def to_dict(self) -> dict[str, Any]:
         return {"num_experts": self.num_experts, "ep": self.ep, "slot_expert": list(self.slot_expert)}
+
+
+def _separate_copies(ranks: list[list[int]]) -> None:
+    """Swaps a second copy sitting on its primary's rank with an expert of another rank, so the
+    copies of an expert live on different ranks (a copy beside its original takes no load off it)."""
+    for r, held in enumerate(ranks):
+        for i, expert in enumerate(held):
+            if held.index(expert) == i:
+                continue  # first copy on this rank
+            for r2, other in enumerate(ranks):
+                j = next((j for j, e in enumerate(other) if r2 != r and e not in held and expert not in other), None)
+                if j is not None:
+                    held[i], other[j] = other[j], expert
+                    break
 
 
 def slice_grouped_experts(experts: nn.Module, keep: list[int]) -> None:
@@ -227,8 +243,12 @@ def shard_model_experts(
         The placement used.
     """
     num_experts = model.cfg.moe.num_experts
-    layout.validate(num_experts=num_experts)
+    if placement is None or placement.is_one_to_one():
+        layout.validate(num_experts=num_experts)
     placement = placement or ExpertPlacement.contiguous(num_experts, layout.ep)
+    require(placement.ep == layout.ep and placement.num_experts == num_experts,
+            f"placement (ep={placement.ep}, num_experts={placement.num_experts}) does not fit "
+            f"layout.ep={layout.ep} and model.moe.num_experts={num_experts}")
     require(allow_replicas or placement.is_one_to_one(),
             "training supports one slot per expert; redundant expert slots are a serving feature")
     ep_rank = layout.ep_rank(rank)

@@ -148,6 +148,18 @@ def list_adapters(lora_dir: str) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
 
 
+def check_expert_slots(cfg: ServeConfig) -> None:
+    """With ep > 1 and the artifact readable here, fails before any replica starts when the
+    expert slots (num_experts + len(redundant_experts)) do not split evenly over ep."""
+    if cfg.ep == 1 or not (Path(cfg.model_path) / "config.json").is_file():
+        return  # a path only the cluster can read is checked when the shard workers start
+    from raymoe.models.hf_io import read_hf_config
+    from raymoe.parallel.layout import ExpertPlacement
+
+    model_cfg, _ = read_hf_config(cfg.model_path)
+    ExpertPlacement.with_redundant(model_cfg.moe.num_experts, cfg.ep, list(cfg.redundant_experts))
+
+
 def build_engine(cfg: ServeConfig):
     """Loads the artifact and builds the engine the replica serves (in this process)."""
     import torch
@@ -235,6 +247,9 @@ def _deployment_class():
             if task is not None and task.done():
                 reason = "cancelled" if task.cancelled() else repr(task.exception())
                 raise RuntimeError(f"engine loop stopped: {reason}")
+            model = getattr(getattr(self.server.engine, "core", None), "model", None)
+            if hasattr(model, "check_health"):
+                model.check_health()  # a dead shard worker restarts the replica (and its shards)
 
         def __serve_build_asgi_app__(self):
             from raymoe.serve.http_app import create_app
@@ -257,6 +272,7 @@ def build_app(args: dict[str, Any]):
     from ray import serve
 
     cfg = from_dict(ServeConfig, _nest(dict(args)))
+    check_expert_slots(cfg)
     deployment = serve.deployment(_deployment_class(), **deployment_options(cfg))
     return deployment.bind(to_dict(cfg))
 

@@ -296,7 +296,7 @@ class EngineCore:
         rows, logits = [], []
         for group, logits_BV in zip(groups, self.model.forward_jobs(jobs)):
             for chunk, logits_V in zip(group, logits_BV.unbind(0)):
-                if chunk.samples or chunk in plan.decodes:
+                if chunk.samples:  # always true for decodes
                     rows.append(chunk)
                     logits.append(logits_V)
         self._count_experts()

@@ -36,7 +36,7 @@ class ForwardJob:
     slot_ids_B: torch.Tensor
     last_B: torch.Tensor
 
-    def rows(self, index_b: torch.Tensor) -> "ForwardJob":
+    def rows(self, index_b: torch.Tensor) -> ForwardJob:
         return ForwardJob(self.ids_BT[index_b], self.positions_BT[index_b], self.slot_ids_B[index_b],
                           self.last_B[index_b])
 
@@ -69,14 +69,21 @@ class ShardWorker:
 
         return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
 
-    def join_group(self, init_method: str) -> list[int]:
-        """Joins the group (all workers call this at once) and keeps this rank's expert slots."""
+    def join_group(self, init_method: str, timeout_s: float = 120.0) -> list[int]:
+        """Joins the group (all workers call this at once) and keeps this rank's expert slots.
+
+        `timeout_s` bounds every collective: when a peer dies mid-step the survivors fail the step
+        instead of waiting forever (torch's default is 30 minutes).
+        """
+        from datetime import timedelta
+
         import torch.distributed as dist
 
         from raymoe.parallel.layout import ParallelLayout, shard_model_experts
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
+                                timeout=timedelta(seconds=timeout_s))
         shard_model_experts(self.model, ParallelLayout(ep=self.world_size), self.rank,
                             ep_group=dist.group.WORLD, placement=self.placement, allow_replicas=True)
         return self.placement.experts_of(self.rank)
@@ -126,6 +133,9 @@ class ShardWorker:
         """Per MoE layer, the rows each local expert slot has computed so far."""
         return [moe.dispatcher.rows_per_local_slot.tolist() for moe in self.model.moe_layers()]
 
+    def ping(self) -> bool:
+        return True
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 
@@ -169,11 +179,12 @@ class ShardedModel:
         num_moe = sum(1 for i in range(cfg.num_layers) if cfg.is_moe_layer(i))
         self._layers = [_LayerStats(cfg.moe.num_experts) for _ in range(num_moe)]
         self.num_ray_calls = 0
+        self._pings: list = []
 
     @classmethod
     def launch(cls, model_path: str, ep: int, *, redundant_experts: list[int] | None = None,
                num_cpus: float = 1.0, num_gpus: float = 0.0, num_threads: int = 0,
-               timeout_s: float = 300.0) -> "ShardedModel":
+               timeout_s: float = 300.0) -> ShardedModel:
         """Starts `ep` shard workers in a SPREAD placement group and joins them into one group.
 
         Args:
@@ -200,6 +211,7 @@ class ShardedModel:
         # SPREAD: on a cluster the shards land on different nodes when they can (memory of each
         # node holds 1/ep of the experts); on one machine they share it.
         pg = placement_group([dict(bundle) for _ in range(ep)], strategy="SPREAD")
+        workers: list = []
         try:
             ray.get(pg.ready(), timeout=timeout_s)
             actor = ray.remote(ShardWorker)
@@ -213,11 +225,13 @@ class ShardedModel:
             init_method = ray.get(workers[0].rendezvous_address.remote(), timeout=timeout_s)
             ray.get([w.join_group.remote(init_method) for w in workers], timeout=timeout_s)
         except BaseException:
+            for w in workers:
+                ray.kill(w)
             remove_placement_group(pg)
             raise
         return cls(workers, cfg, placement, pg)
 
-    def eval(self) -> "ShardedModel":
+    def eval(self) -> ShardedModel:
         return self
 
     def parameters(self):
@@ -265,6 +279,23 @@ class ShardedModel:
                     logits_BV[row_index[w][j]] = logits[j]
             out.append(logits_BV)
         return out
+
+    def check_health(self) -> None:
+        """Raises if a worker died; never waits (a worker busy in a step answers next time).
+
+        Pings sent at the previous check are read only once all have answered; a dead actor's
+        ping resolves at once with `RayActorError`, which propagates.
+        """
+        import ray
+
+        if self._pings:
+            ready, _ = ray.wait(self._pings, num_returns=len(self._pings), timeout=0)
+            if len(ready) < len(self._pings):
+                for ref in ready:
+                    ray.get(ref)
+                return
+            ray.get(self._pings)
+        self._pings = [w.ping.remote() for w in self.workers]
 
     def slot_rows(self) -> list[list[list[int]]]:
         """Per worker, per MoE layer, rows computed by each local slot (see which copies work)."""
