@@ -34,7 +34,7 @@ def best_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) ->
 def gemm_peak_flops(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of a square matmul on this machine with the current torch thread count."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = best_seconds(lambda: a @ b, repeats=5, warmup=2)
+    seconds = best_seconds(lambda: a @ b, repeats=10, warmup=2)
     return 2 * n**3 / seconds
 
 

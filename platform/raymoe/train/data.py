@@ -3,7 +3,8 @@
 `prepare_tokens` turns `data.path` into one array of rows of seq_len + 1 tokens (`tokens.npy`,
 inputs are row[:-1], targets row[1:]) plus a small manifest:
 - an ingest output directory (manifest.json + Parquet token shards, raymoe.data): its `train`
-  shards are verified against their checksums and their rows used as they are (the ingest
+  shards are verified against their checksums and read with Ray Data (in a Ray session), their
+  rows used as they are (the ingest
   `pack.seq_len` must equal `data.seq_len`); the ingest tokenizer and manifest are recorded;
 - a directory of raw text files (the shipped data/corpus): a byte-level BPE is trained on it (or
   `data.tokenizer` is used), each document is encoded followed by `<|endoftext|>`, and the stream
@@ -127,8 +128,32 @@ def _ingest_rows(root: Path, seq_len: int) -> tuple[np.ndarray, str]:
     shards = [s for s in manifest["shards"] if s["split"] == "train"]
     if not shards:
         raise ValueError(f"data.path={str(root)!r}: the ingest manifest lists no train shards")
-    rows = np.concatenate([read_shard(root / s["path"]) for s in shards])
+    paths = [str(root / s["path"]) for s in shards]
+    rows = read_rows_with_ray_data(paths) if _ray_running() else np.concatenate([read_shard(p) for p in paths])
     return rows.astype(np.int32), str((root / manifest["tokenizer"]["dir"]).resolve())
+
+
+def _ray_running() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def read_rows_with_ray_data(paths: list[str]) -> np.ndarray:
+    """Token rows of Parquet shards read by Ray Data tasks, in shard then row order.
+
+    The training driver reads the ingest shards this way (parallel reads on any pyarrow
+    filesystem); the order is pinned so the packed array, and with it every worker's split, is the
+    same on every run. Outside a Ray session (tools, unit tests) pyarrow reads them directly.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.read_parquet(paths, columns=["tokens"], shuffle=None)
+    batches = [np.stack(batch["tokens"]) if batch["tokens"].dtype == object else batch["tokens"]
+               for batch in ds.iter_batches(batch_format="numpy", batch_size=None)]
+    return np.concatenate(batches)
 
 
 def _pack_text(files: list[Path], out: Path, seq_len: int, vocab_size: int,
