@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raymoe.atomic_io import atomic_write_bytes
-from raymoe.data.shards import file_sha256
+from raymoe.atomic_io import atomic_write_bytes, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -72,6 +71,6 @@ def verify_shards(out_dir: str | Path, manifest: dict, split: str | None = None)
         size = path.stat().st_size
         if size != shard["bytes"]:
             raise ValueError(f"shard {shard['path']}: {size} bytes, manifest says {shard['bytes']}")
-        digest = file_sha256(path)
+        digest = sha256_file(path)
         if digest != shard["sha256"]:
             raise ValueError(f"shard {shard['path']}: sha256 {digest}, manifest says {shard['sha256']}")

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymoe.atomic_io import atomic_write_bytes
+from raymoe.atomic_io import atomic_write_bytes, sha256_file
 
 TOKENS_COLUMN = "tokens"
 
@@ -41,15 +41,6 @@ def sha256_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    """'sha256:<hex>' of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
 def write_shard(path: str | Path, rows_NL: np.ndarray, row_group_rows: int) -> dict:
     """Writes a shard atomically; an identical existing shard is left untouched.
 
@@ -61,7 +52,7 @@ def write_shard(path: str | Path, rows_NL: np.ndarray, row_group_rows: int) -> d
     digest = sha256_bytes(data)
     path = Path(path)
     written = not (path.is_file() and path.stat().st_size == len(data)
-                   and file_sha256(path) == digest)
+                   and sha256_file(path) == digest)
     if written:
         atomic_write_bytes(path, data)
     n = rows_NL.shape[0]
