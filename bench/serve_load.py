@@ -133,6 +133,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for every side (1 on a busy machine)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="server's stream_interval: SSE events per HTTP write after the first")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds; best kept")
     parser.add_argument("--artifact", default="", help="serve this HF-format artifact instead of a random one "
                         "(e.g. an exported training run: its perplexity makes the INT8 check meaningful)")
@@ -161,7 +163,7 @@ def main(argv: list[str]) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {"model_path": artifact, "num_cpus": 1.0, "max_ongoing_requests": 64, "max_queued_requests": -1,
-                "api_key_env": "", "engine": {"num_slots": 32, "max_tokens_per_step": 256,
+                "api_key_env": "", "stream_interval": args.stream_interval, "engine": {"num_slots": 32, "max_tokens_per_step": 256,
                                               "num_threads": args.threads}}
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -206,7 +208,7 @@ def main(argv: list[str]) -> int:
     }
     print_table("Ratios against targets", ["ratio", "measured", "target"],
                 [[k, v, ("<= " if k == "int8_ppl_change" else ">= ") + str(TARGETS[k])] for k, v in ratios.items()])
-    path = write_results("serve", {"model": {"artifact": args.artifact or "random debug artifact", **shape,
+    path = write_results("serve", {"stream_interval": args.stream_interval, "model": {"artifact": args.artifact or "random debug artifact", **shape,
                                              "vocab_size": tokenizer.tokenizer.get_vocab_size()},
                                    "output_tokens": max_tokens,
                                    "served": served, "transformers": peers, "int8": quant, "ratios": ratios,

@@ -251,3 +251,21 @@ def test_fuzzed_bodies_against_the_real_engine_never_cause_a_server_error(real_c
     assert r.status_code in (200, 400, 404), (r.status_code, r.text)
     if r.status_code == 200 and changes.get("stream") is True:
         assert "server_error" not in r.text
+
+
+def test_stream_interval_groups_writes_but_keeps_every_event(tokenizer):
+    # Prepare: the same fake reply streamed with 1 and with 4 events per write.
+    def stream_body(interval):
+        engine = FakeEngine(tokenizer.encode(REPLY))
+        server = OpenAIServer(engine=engine, tokenizer=tokenizer, model_id="moe", stream_interval=interval)
+        with TestClient(create_app(server)) as c, c.stream(
+                "POST", "/v1/completions", json={"model": "moe", "prompt": "hi", "max_tokens": 32, "stream": True}) as r:
+            return list(r.iter_raw())
+
+    # Execute
+    one, four = stream_body(1), stream_body(4)
+    # Assert: identical events (ids aside), fewer writes; the first write carries only the first token.
+    strip = lambda events: [{k: v for k, v in e.items() if k not in ("id", "created")} for e in events]
+    assert strip(sse_events(b"".join(four).decode())) == strip(sse_events(b"".join(one).decode()))
+    assert len(four) < len(one)
+    assert four[0].count(b"data: ") == 1

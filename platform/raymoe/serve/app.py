@@ -72,6 +72,9 @@ class ServeConfig:
     shard_num_cpus: float = 1.0
     shard_num_gpus: float = 0.0
     shard_num_threads: int = 0
+    # Streamed SSE events sent per HTTP write after the first (which goes at once, for TTFT).
+    # Every token stays its own OpenAI chunk; larger values cut per-write cost through the proxy.
+    stream_interval: int = 1
     # Weight-only INT8 (per-output-channel scales) for the linear layers and experts.
     int8: bool = False
     # Directory of peft-format LoRA adapters, one sub-directory per adapter name ("" = none).
@@ -88,6 +91,7 @@ class ServeConfig:
                 f"redundant_experts={self.redundant_experts} needs ep > 1 (got ep={self.ep})")
         require(all(isinstance(e, int) and e >= 0 for e in self.redundant_experts),
                 f"redundant_experts must be expert ids >= 0, got {self.redundant_experts}")
+        require(self.stream_interval >= 1, f"stream_interval must be >= 1, got {self.stream_interval}")
         require(self.ep == 1 or not (self.int8 or self.lora_dir),
                 f"ep={self.ep}: int8 and lora_dir are supported with ep=1 only")
         require(self.shard_num_cpus > 0, f"shard_num_cpus must be > 0, got {self.shard_num_cpus}")
@@ -200,6 +204,7 @@ def build_server(cfg: ServeConfig):
     return OpenAIServer(
         engine=engine, tokenizer=ChatTokenizer.from_dir(cfg.model_path), model_id=cfg.model_id,
         adapters=adapters, api_key=read_api_key(cfg), retry_after_s=cfg.retry_after_s,
+        stream_interval=cfg.stream_interval,
     )
 
 

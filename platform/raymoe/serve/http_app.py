@@ -56,6 +56,8 @@ class OpenAIServer:
     adapters: list[str] = field(default_factory=list)
     api_key: str | None = None
     retry_after_s: int = 1
+    # SSE events per HTTP write after the first (see ServeConfig.stream_interval).
+    stream_interval: int = 1
     observe: Observer | None = None
     # Called with (path, status) for every answered request (metrics).
     count: Callable[[str, int], None] | None = None
@@ -101,24 +103,31 @@ def _sse(obj) -> str:
     return f"data: {data}\n\n"
 
 
-async def _sse_stream(stream: TextStream, chunk: Callable, tail: Callable, head=()) -> AsyncIterator[str]:
+async def _sse_stream(stream: TextStream, chunk: Callable, tail: Callable, head=(),
+                      interval: int = 1) -> AsyncIterator[str]:
     """SSE body: the head events, one per non-empty chunk, the tail events, `[DONE]`; a failure
-    midway (the 200 is already sent) ends the stream with an error event."""
+    midway (the 200 is already sent) ends the stream with an error event. The first chunk is
+    written at once; later ones go `interval` events per write (the events are unchanged)."""
+    pending: list[str] = []
+    sent_first = False
     try:
         for obj in head:
             yield _sse(obj)
         async for delta, event in stream:
             if (obj := chunk(delta, event)) is not None:
-                yield _sse(obj)
-        for obj in tail():
-            yield _sse(obj)
+                pending.append(_sse(obj))
+                if not sent_first or len(pending) >= interval:
+                    yield "".join(pending)
+                    pending.clear()
+                    sent_first = True
+        pending.extend(_sse(obj) for obj in tail())
     except Exception:
         log.exception("stream failed")
         error = oai.ErrorBody(message="internal server error", type="server_error")
-        yield _sse(oai.ErrorResponse(error=error).model_dump_json())
+        pending.append(_sse(oai.ErrorResponse(error=error).model_dump_json()))
     finally:
         await stream.aclose()
-    yield _sse("[DONE]")
+    yield "".join(pending) + _sse("[DONE]")
 
 
 def create_app(server: OpenAIServer) -> FastAPI:
@@ -274,7 +283,8 @@ def create_app(server: OpenAIServer) -> FastAPI:
                 last = [response([oai.CompletionChoice(text="", finish_reason=stream.finish_reason)])]
                 return last + ([response([], usage(stream))] if include_usage(body) else [])
 
-            return StreamingResponse(_sse_stream(stream, chunk, tail), media_type="text/event-stream")
+            return StreamingResponse(_sse_stream(stream, chunk, tail, interval=server.stream_interval),
+                                     media_type="text/event-stream")
         pairs = [pair async for pair in stream]
         choice = oai.CompletionChoice(text="".join(d for d, _ in pairs), finish_reason=stream.finish_reason,
                                       logprobs=completion_logprobs(pairs) if want_lp else None)
@@ -309,7 +319,8 @@ def create_app(server: OpenAIServer) -> FastAPI:
                 return last + ([chunk_of([], usage(stream))] if include_usage(body) else [])
 
             head = [chunk_of([oai.ChatChunkChoice(delta=oai.DeltaMessage(role="assistant", content=""))])]
-            return StreamingResponse(_sse_stream(stream, chunk, tail, head), media_type="text/event-stream")
+            return StreamingResponse(_sse_stream(stream, chunk, tail, head, server.stream_interval),
+                                     media_type="text/event-stream")
         pairs = [pair async for pair in stream]
         message = oai.AssistantMessage(content="".join(d for d, _ in pairs))
         choice = oai.ChatChoice(message=message, finish_reason=stream.finish_reason,
