@@ -61,6 +61,13 @@ def remove_stale_temps(directory: str | Path) -> int:
     return len(stale)
 
 
+def sha256_bytes(data: bytes) -> str:
+    """`sha256:<hex>` of `data`."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     """`sha256:<hex>` of a file's bytes, read in 1 MiB blocks."""
     import hashlib

@@ -8,7 +8,6 @@ a shard's content.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymoe.atomic_io import atomic_write_bytes, sha256_file
+from raymoe.atomic_io import atomic_write_bytes, sha256_bytes, sha256_file
 
 TOKENS_COLUMN = "tokens"
 
@@ -34,11 +33,6 @@ def encode_shard(rows_NL: np.ndarray, row_group_rows: int) -> bytes:
     pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd",
                    write_statistics=False)
     return sink.getvalue().to_pybytes()
-
-
-def sha256_bytes(data: bytes) -> str:
-    """'sha256:<hex>' of `data`."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def write_shard(path: str | Path, rows_NL: np.ndarray, row_group_rows: int) -> dict:

@@ -24,7 +24,6 @@ Legend: E experts, F expert hidden, D model dim.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from raymoe.atomic_io import sha256_bytes
 from raymoe.parallel.groups import ParallelGroups
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,6 @@ def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -196,7 +192,7 @@ def save_checkpoint(
     def put(name: str, tensors: dict[str, torch.Tensor]) -> None:
         data = st_save(tensors)
         _write(fs, f"{tmp}/{name}", data)
-        written[name] = {"sha256": _sha256(data), "bytes": len(data)}
+        written[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
 
     if groups.rank == 0:
         put("dense.safetensors", dense_tensors(model, optimizer))
@@ -288,7 +284,7 @@ def verify_checkpoint(uri: str, step: int) -> dict[str, Any]:
             data = _read(fs, path)
         except FileNotFoundError:
             raise CheckpointCorrupt(f"{path}: missing") from None
-        if len(data) != meta["bytes"] or _sha256(data) != meta["sha256"]:
+        if len(data) != meta["bytes"] or sha256_bytes(data) != meta["sha256"]:
             raise CheckpointCorrupt(f"{path}: checksum mismatch (expected {meta['sha256']})")
     return manifest
 
@@ -306,7 +302,7 @@ def latest_valid_checkpoint(uri: str) -> int | None:
 
 def _load_file(fs: pafs.FileSystem, path: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     data = _read(fs, path)
-    if _sha256(data) != meta["sha256"]:
+    if sha256_bytes(data) != meta["sha256"]:
         raise CheckpointCorrupt(f"{path}: checksum mismatch (expected {meta['sha256']})")
     return st_load(data)
 
