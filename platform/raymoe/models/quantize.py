@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from raymoe.models.moe import GroupedExperts
+from raymoe.models.packed import replace_matmul_modules
 
 
 def quantize_rows(w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,14 +96,4 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     Returns:
         `model`, for chaining.
     """
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("int8: weight quantization runs on CPU kernels; move the model to CPU first")
-    if model.training:
-        model.eval()
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, GroupedExperts))]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        replacement = Int8Linear(module) if isinstance(module, nn.Linear) else Int8GroupedExperts(module)
-        setattr(parent, child, replacement)
-    return model
+    return replace_matmul_modules(model, Int8Linear, Int8GroupedExperts)

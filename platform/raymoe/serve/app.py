@@ -178,7 +178,7 @@ def build_engine(cfg: ServeConfig):
 
         sharded = ShardedModel.launch(
             cfg.model_path, cfg.ep, redundant_experts=cfg.redundant_experts, num_cpus=cfg.shard_num_cpus,
-            num_gpus=cfg.shard_num_gpus, num_threads=cfg.shard_num_threads)
+            num_gpus=cfg.shard_num_gpus, num_threads=cfg.shard_num_threads, cpu_kernels=cfg.engine.cpu_kernels)
         return LocalEngine(EngineCore(sharded, cfg.engine, kv_cache_factory=sharded.make_cache)), []
     model = load_hf(cfg.model_path)
     if cfg.num_gpus > 0 and torch.cuda.is_available():
@@ -192,6 +192,10 @@ def build_engine(cfg: ServeConfig):
         from raymoe.models.lora import attach_adapters
 
         attach_adapters(model, {name: Path(cfg.lora_dir) / name for name in adapters})
+    from raymoe.models.packed import pack_fp32, wants_packed_weights
+
+    if wants_packed_weights(cfg.engine.cpu_kernels, model, int8=cfg.int8):
+        pack_fp32(model)  # after LoRA: the adapters' base layers are packed, their A/B stay fp32
     return LocalEngine(EngineCore(model, cfg.engine)), adapters
 
 

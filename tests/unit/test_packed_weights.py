@@ -1,0 +1,106 @@
+"""oneDNN-packed fp32 weights (`engine.cpu_kernels: onednn`) against the plain fp32 model."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from raymoe.config import ConfigError
+from raymoe.models import MoETransformer
+from raymoe.models.config import flavour
+from raymoe.models.lora import LoRALinear, lora_context, set_row_adapters
+from raymoe.models.moe import GroupedExperts
+from raymoe.models.packed import PackedGroupedExperts, PackedLinear, onednn_available, pack_fp32
+from raymoe.serve.debug_artifact import debug_config
+from raymoe.serve.engine import EngineConfig, generate_alone
+from raymoe.serve.request import SamplingParams
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+
+
+def close(actual, expected, rel=1e-5):
+    """Equal up to summation order: max error relative to the output's scale."""
+    assert (actual - expected).abs().max() <= rel * expected.abs().max(), (actual - expected).abs().max()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear_for_any_row_count(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=bias)
+    packed = PackedLinear(linear)
+    for shape in [(1, 96), (7, 96), (3, 5, 96), (300, 96)]:
+        x = torch.randn(shape)
+        close(packed(x), linear(x))
+        assert packed(x).shape == linear(x).shape
+
+
+def test_packed_experts_equal_grouped_experts_with_empty_experts():
+    torch.manual_seed(1)
+    experts = GroupedExperts(64, 48, [0, 1, 2, 3])
+    for w in experts.parameters():
+        nn.init.normal_(w, std=0.2)
+    packed = PackedGroupedExperts(experts)
+    counts = [3, 0, 5, 1]  # expert 1 receives nothing
+    x = torch.randn(sum(counts), 64)
+    with torch.no_grad():
+        close(packed(x, counts), experts(x, counts))
+        assert packed(torch.randn(0, 64), [0, 0, 0, 0]).shape == (0, 64)
+
+
+@pytest.mark.parametrize("cfg", [debug_config(160, dim=64, num_layers=2, max_seq_len=64), flavour("debug")],
+                         ids=["gqa-mixtral", "mla-deepseek"])
+def test_packed_model_gives_the_same_logits_and_greedy_tokens(cfg):
+    model = MoETransformer(cfg)
+    model.init_weights(seed=4)
+    model.eval()
+    packed = pack_fp32(copy.deepcopy(model))
+    assert not any(isinstance(m, (nn.Linear, GroupedExperts)) for m in packed.modules())
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        close(packed(ids), model(ids))
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    assert generate_alone(packed, [3, 1, 4, 1, 5], params) == generate_alone(model, [3, 1, 4, 1, 5], params)
+
+
+def test_lora_rows_survive_packing():
+    model = MoETransformer(debug_config(96, dim=64, num_layers=2, max_seq_len=64))
+    model.init_weights(seed=3)
+    model.eval()
+    gen = torch.Generator().manual_seed(5)
+    wrapped = LoRALinear(model.layers[0].attn.q_proj, lora_context(model))
+    wrapped.add_adapter("sql", torch.randn(4, 64, generator=gen) * 0.3, torch.randn(64, 4, generator=gen) * 0.3, 2.0)
+    model.layers[0].attn.q_proj = wrapped
+    model.lora_context.names.add("sql")
+    packed = pack_fp32(copy.deepcopy(model))
+    assert isinstance(packed.layers[0].attn.q_proj.base, PackedLinear)
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
+    with torch.no_grad():
+        for m in (model, packed):
+            set_row_adapters(m, ["sql", None])
+        close(packed(ids), model(ids))
+
+
+def test_non_fp32_model_is_refused_naming_its_dtype():
+    model = MoETransformer(debug_config(96, dim=64, num_layers=1, max_seq_len=32)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        pack_fp32(model)
+
+
+def test_engine_config_names_a_bad_cpu_kernels_value():
+    with pytest.raises(ConfigError, match=r"engine\.cpu_kernels.*'fast'"):
+        EngineConfig(cpu_kernels="fast")
+
+
+def test_serve_engine_packs_fp32_cpu_weights_unless_told_not_to(tmp_path):
+    from raymoe.serve.app import ServeConfig, build_engine
+    from raymoe.serve.debug_artifact import make_debug_artifact
+
+    artifact = str(make_debug_artifact(tmp_path / "tiny", vocab_size=300, dim=64, num_layers=1, max_seq_len=64))
+    packed_engine, _ = build_engine(ServeConfig(model_path=artifact))
+    plain_engine, _ = build_engine(ServeConfig(model_path=artifact, engine=EngineConfig(cpu_kernels="default")))
+    int8_engine, _ = build_engine(ServeConfig(model_path=artifact, int8=True))
+    kinds = [{type(m).__name__ for m in e.core.model.modules()} for e in (packed_engine, plain_engine, int8_engine)]
+    assert "PackedGroupedExperts" in kinds[0] and "Linear" not in kinds[0]
+    assert "GroupedExperts" in kinds[1] and "PackedLinear" not in kinds[1]
+    assert "Int8GroupedExperts" in kinds[2] and "PackedLinear" not in kinds[2]
