@@ -12,7 +12,6 @@ from raymoe.serve.engine import (
     LocalEngine,
     generate_alone,
     padding_groups,
-    prefill_padded,
 )
 from raymoe.serve.request import (
     EngineOverloadedError,
@@ -158,13 +157,3 @@ class Chunk:
 def test_padding_groups_bound_the_wasted_tokens(lengths, expected):
     groups = padding_groups([Chunk(n) for n in lengths])
     assert [[len(c.token_ids) for c in g] for g in groups] == expected
-
-
-def test_padded_prefill_gives_each_prompt_its_own_logits(model):
-    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
-    cache = KVCache(model.cfg, 3, 32)
-    batched = prefill_padded(model, prompts, cache, torch.tensor([0, 1, 2]))
-    for b, p in enumerate(prompts):
-        with torch.no_grad():
-            alone = model(torch.tensor([p]))[0, -1]
-        torch.testing.assert_close(batched[b], alone, rtol=1e-4, atol=1e-4)

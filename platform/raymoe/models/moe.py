@@ -60,7 +60,7 @@ class Router(nn.Module):
             group_scores_TG = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
             keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
             keep_TG.scatter_(1, group_scores_TG.topk(cfg.topk_groups, dim=-1).indices, True)
-            choice_TE = grouped.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, -1)
+            choice_TE = grouped.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, cfg.num_experts)
         expert_ids_TK = choice_TE.topk(cfg.num_experts_per_tok, dim=-1).indices
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if cfg.norm_topk_prob:
@@ -103,7 +103,7 @@ class LocalDispatcher:
         order, T, K = state
         out = y_SD.new_zeros(T * K, y_SD.shape[-1])
         out = out.index_copy(0, order, y_SD)
-        return out.view(T, K, -1)
+        return out.view(T, K, y_SD.shape[-1])
 
 
 class GroupedExperts(nn.Module):

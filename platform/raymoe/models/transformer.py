@@ -31,8 +31,15 @@ class Block(nn.Module):
         self.ffn = MoE(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.dense_hidden_dim)
 
     def forward(self, x_BTD, rope, cache: CacheView | None):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, cache)
-        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+        return self.feed_forward(self.attend(x_BTD, rope, cache))
+
+    def attend(self, x_BTD, rope, cache: CacheView | None):
+        """The attention half (with its residual): mixes positions, so it runs per sequence batch."""
+        return x_BTD + self.attn(self.attn_norm(x_BTD), rope, cache)
+
+    def feed_forward(self, x):
+        """The FFN half (with its residual): per token, so any leading shape (`forward_jobs`)."""
+        return x + self.ffn(self.ffn_norm(x))
 
 
 class MoETransformer(nn.Module):

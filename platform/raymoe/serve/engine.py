@@ -1,10 +1,9 @@
 """The serving engine: continuous batching over `MoETransformer` + `KVCache`.
 
-Inference is three small functions over tensors, as in gpt-fast: `prefill` (one chunk of one
-prompt) and `decode_step` (one token for each of B running sequences) from
-`raymoe.models.generate`, and `sample` with per-request settings (`raymoe.serve.sampling`).
-`EngineCore.step()` asks the scheduler for a plan, runs those functions and reports one
-`TokenEvent` per sampled token. `LocalEngine` drives `EngineCore` from a worker
+`EngineCore.step()` asks the scheduler for a plan, turns it into forward jobs (the decode batch,
+prompt chunks), runs them in one pass over the weights (`raymoe.models.forward_jobs`), samples
+with per-request settings (`raymoe.serve.sampling`) and reports one `TokenEvent` per sampled
+token. `LocalEngine` drives `EngineCore` from a worker
 thread and gives each request an async stream: this is the `Engine` the Serve deployment holds.
 
 Shapes: B batch rows, T tokens of a chunk, V vocabulary, E experts.
@@ -23,8 +22,7 @@ import torch
 
 from raymoe.config import require
 from raymoe.cpu_allocator import keep_freed_memory
-from raymoe.models.generate import decode_step, prefill
-from raymoe.models.lora import set_row_adapters
+from raymoe.models.forward_jobs import ForwardJob, run_forward_jobs
 from raymoe.serve.request import (
     EngineOverloadedError,
     GenerationRequest,
@@ -82,23 +80,6 @@ class EngineConfig:
             num_kv_blocks=self.num_kv_blocks,
             max_waiting=self.max_waiting,
         )
-
-
-@torch.no_grad()
-def prefill_padded(model, prompts: list[list[int]], cache, slot_ids_B: torch.Tensor) -> torch.Tensor:
-    """Prefills several prompts from position 0 in one forward, right-padded to the longest.
-
-    Pad tokens write keys/values past each prompt's end; the sequence's next tokens overwrite
-    them before any query could read them. Returns each prompt's last-token logits (B, V).
-    """
-    T = max(len(p) for p in prompts)
-    ids_BT = torch.zeros(len(prompts), T, dtype=torch.long, device=slot_ids_B.device)
-    for b, p in enumerate(prompts):
-        ids_BT[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-    positions_BT = torch.arange(T, device=slot_ids_B.device).expand(len(prompts), T)
-    logits_BTV = model(ids_BT, positions_BT, cache, slot_ids_B)
-    last_B = torch.tensor([len(p) - 1 for p in prompts], device=slot_ids_B.device)
-    return logits_BTV[torch.arange(len(prompts), device=slot_ids_B.device), last_B]
 
 
 def padding_groups(chunks: list, max_waste: float = 0.5) -> list[list]:
@@ -179,10 +160,6 @@ class EngineCore:
         context = getattr(self.model, "lora_context", None)
         return context.names if context is not None else set()
 
-    def _select_adapters(self, chunks) -> None:
-        if hasattr(self.model, "lora_context"):
-            set_row_adapters(self.model, [self._adapter_of[c.seq.seq_id] for c in chunks])
-
     def abort(self, request_id: str) -> None:
         with self._lock:
             self.scheduler.finish(request_id, "abort")
@@ -238,78 +215,55 @@ class EngineCore:
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan):
-        """Runs decodes as one batch, fresh prompts in padded batches, other prefill chunks alone;
-        returns the rows that sample and their logits."""
+        """Runs the step's forwards (`_jobs`) in one pass; returns the rows that sample and their
+        logits. The expert-parallel `ShardedModel` takes the same jobs, one Ray call per worker."""
+        groups, jobs = self._jobs(plan)
         if hasattr(self.model, "forward_jobs"):
-            return self._forward_remote(plan)
+            outputs = self.model.forward_jobs(jobs)
+        else:
+            adapters = None
+            if hasattr(self.model, "lora_context"):
+                adapters = [[self._adapter_of[c.seq.seq_id] for c in group] for group in groups]
+            outputs = run_forward_jobs(self.model, jobs, self.cache, adapters)
+        self._count_experts()
         rows, logits = [], []
-        if plan.decodes:
-            self._select_adapters(plan.decodes)
-            logits_BV = decode_step(
-                self.model,
-                self._tensor([c.token_ids[0] for c in plan.decodes]),
-                self._tensor([c.start for c in plan.decodes]),
-                self.cache,
-                self._tensor([c.slot for c in plan.decodes]),
-            )
-            self._count_experts()
-            rows.extend(plan.decodes)
-            logits.extend(logits_BV.unbind(0))
-        # Chunks starting at position 0 can share a forward (plain causal attention, right
-        # padding); with capacity-limited routing pad tokens would compete for expert capacity.
-        batchable = self.model.cfg.moe.capacity_factor is None
-        fresh = [c for c in plan.prefills if c.start == 0] if batchable else []
-        groups = padding_groups(fresh) + [[c] for c in plan.prefills if c not in fresh]
-        for group in groups:
-            self._select_adapters(group)
-            if len(group) == 1:
-                c = group[0]
-                last_BV = prefill(self.model, self._tensor([c.token_ids]), self.cache, self._tensor([c.slot]), c.start)
-            else:
-                last_BV = prefill_padded(self.model, [c.token_ids for c in group], self.cache,
-                                         self._tensor([c.slot for c in group]))
-            self._count_experts()
-            for chunk, logits_V in zip(group, last_BV.unbind(0)):
-                if chunk.samples:
+        for group, logits_BV in zip(groups, outputs):
+            for chunk, logits_V in zip(group, logits_BV.unbind(0)):
+                if chunk.samples:  # always true for decodes
                     rows.append(chunk)
                     logits.append(logits_V)
         return rows, logits
 
-    def _forward_remote(self, plan: StepPlan):
-        """Expert-parallel path (`ShardedModel`): the same forwards as `_forward`, handed over
-        together so each shard worker gets one call per step."""
-        from raymoe.serve.shard_workers import ForwardJob
-
+    def _jobs(self, plan: StepPlan) -> tuple[list[list], list[ForwardJob]]:
+        """The step's forwards: all decodes as one batch; prompt chunks starting at position 0
+        right-padded into groups (plain causal attention; pad keys are overwritten before any
+        query reads them); other chunks alone. Returns the chunks of each job and the jobs."""
         groups: list[list] = []
         jobs: list[ForwardJob] = []
         if plan.decodes:
-            groups.append(plan.decodes)
+            # In slot order: when the slots are a contiguous range the cache is read as a slice
+            # instead of gathered row by row (`CacheView`).
+            decodes = sorted(plan.decodes, key=lambda c: c.slot)
+            groups.append(decodes)
             jobs.append(ForwardJob(
-                ids_BT=self._tensor([c.token_ids[0] for c in plan.decodes])[:, None],
-                positions_BT=self._tensor([c.start for c in plan.decodes])[:, None],
-                slot_ids_B=self._tensor([c.slot for c in plan.decodes]),
-                last_B=torch.zeros(len(plan.decodes), dtype=torch.long)))
+                ids_BT=self._tensor([c.token_ids[0] for c in decodes])[:, None],
+                positions_BT=self._tensor([c.start for c in decodes])[:, None],
+                slot_ids_B=self._tensor([c.slot for c in decodes]),
+                last_B=torch.zeros(len(decodes), dtype=torch.long, device=self.device)))
+        # With capacity-limited routing pad tokens would compete for expert capacity.
         batchable = self.model.cfg.moe.capacity_factor is None
         fresh = [c for c in plan.prefills if c.start == 0] if batchable else []
         for group in padding_groups(fresh) + [[c] for c in plan.prefills if c not in fresh]:
-            # Right padding with continuing positions, as in `prefill_padded` / `prefill`.
             T = max(len(c.token_ids) for c in group)
             ids_BT = torch.zeros(len(group), T, dtype=torch.long)
             for b, c in enumerate(group):
                 ids_BT[b, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
             positions_BT = torch.stack([torch.arange(c.start, c.start + T) for c in group])
             groups.append(group)
-            jobs.append(ForwardJob(ids_BT=ids_BT, positions_BT=positions_BT,
+            jobs.append(ForwardJob(ids_BT=ids_BT.to(self.device), positions_BT=positions_BT.to(self.device),
                                    slot_ids_B=self._tensor([c.slot for c in group]),
                                    last_B=self._tensor([len(c.token_ids) - 1 for c in group])))
-        rows, logits = [], []
-        for group, logits_BV in zip(groups, self.model.forward_jobs(jobs)):
-            for chunk, logits_V in zip(group, logits_BV.unbind(0)):
-                if chunk.samples:  # always true for decodes
-                    rows.append(chunk)
-                    logits.append(logits_V)
-        self._count_experts()
-        return rows, logits
+        return groups, jobs
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

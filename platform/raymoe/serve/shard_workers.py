@@ -8,9 +8,9 @@ shards in Ray actors").
 
 Attention is data-parallel over the batch: engine slot s lives on worker s mod N as local cache
 row s // N, so a sequence always meets its own keys. Each engine step sends every worker one Ray
-call with all of that step's forwards (decode batch and prefill groups) restricted to its rows; a
-worker with no rows in a forward still joins every layer's all-to-all with zero tokens, so the
-collectives line up. Logits of each forward's sampled position come back and are put back in row
+call with all of that step's forwards (decode batch and prefill groups) restricted to its rows,
+run in one pass (`raymoe.models.forward_jobs`); a worker with no rows still runs every MoE layer
+with zero tokens, so the collectives line up. Logits of each forward's sampled position come back and are put back in row
 order.
 
 Shapes: B batch rows, T tokens, V vocabulary, D model dim, L MoE layers, E experts.
@@ -19,26 +19,11 @@ Shapes: B batch rows, T tokens, V vocabulary, D model dim, L MoE layers, E exper
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
 import torch
 
+from raymoe.models.forward_jobs import ForwardJob, run_forward_jobs
 from raymoe.parallel.layout import ExpertPlacement
-
-
-@dataclass
-class ForwardJob:
-    """One model forward of an engine step: rows, their positions and cache slots, and which
-    position of each row to return logits for."""
-
-    ids_BT: torch.Tensor
-    positions_BT: torch.Tensor
-    slot_ids_B: torch.Tensor
-    last_B: torch.Tensor
-
-    def rows(self, index_b: torch.Tensor) -> ForwardJob:
-        return ForwardJob(self.ids_BT[index_b], self.positions_BT[index_b], self.slot_ids_B[index_b],
-                          self.last_B[index_b])
 
 
 def _free_port() -> int:
@@ -114,28 +99,19 @@ class ShardWorker:
         """
         moe_layers = list(self.model.moe_layers())
         tokens_LE = torch.zeros(len(moe_layers), self.model.cfg.moe.num_experts, dtype=torch.long)
-        out = []
-        for job in jobs:
-            if job is None:
-                self._join_empty(moe_layers)
-                out.append(None)
-                continue
-            job = ForwardJob(*(t.to(self.device) for t in (job.ids_BT, job.positions_BT, job.slot_ids_B,
-                                                             job.last_B)))
-            logits_BTV = self.model(job.ids_BT, job.positions_BT, self.cache, job.slot_ids_B)
-            B = job.ids_BT.shape[0]
-            out.append(logits_BTV[torch.arange(B, device=self.device), job.last_B].cpu())
+        # Every worker makes the same passes, so each MoE layer's all-to-all lines up: one pass
+        # over this worker's jobs (possibly none), or with capacity-limited routing one per job.
+        if self.model.cfg.moe.capacity_factor is None:
+            passes = [[job for job in jobs if job is not None]]
+        else:
+            passes = [[] if job is None else [job] for job in jobs]
+        logits = []
+        for batch in passes:
+            logits += run_forward_jobs(self.model, [job.to(self.device) for job in batch], self.cache)
             for i, moe in enumerate(moe_layers):
                 tokens_LE[i] += moe.last_tokens_per_expert_E.cpu()
-        return out, tokens_LE
-
-    def _join_empty(self, moe_layers) -> None:
-        # Attention and dense layers have no collectives; each MoE layer run on zero tokens
-        # issues the same all-to-alls as on the peers, in the same layer order.
-        D = self.model.cfg.dim
-        dtype = next(self.model.parameters()).dtype
-        for moe in moe_layers:
-            moe(torch.zeros(0, D, dtype=dtype, device=self.device))
+        found = iter(logits)
+        return [None if job is None else next(found).cpu() for job in jobs], tokens_LE
 
     def slot_rows(self) -> list[list[int]]:
         """Per MoE layer, the rows each local expert slot has computed so far."""
