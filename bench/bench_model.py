@@ -5,7 +5,8 @@
 2. Full train step (batch 8 x seq 512, fused AdamW for both) tokens/s and MFU vs MixtralForCausalLM at the same
    config (d512, 8 layers, 8 experts top-2, F1024, vocab 32000). MFU = model FLOP/s over the fp32
    GEMM peak measured in this run.
-3. Greedy decode tokens/s at batch 1 and 8 (prompt 128, 128 new tokens) vs `generate`.
+3. Greedy decode tokens/s at batch 1 and 8 (prompt 128, 128 new tokens) vs `generate`, with
+   PyTorch's default kernels and with oneDNN-packed weights (the serving engine's default).
 
 Run: `python -m bench.bench_model [--quick]` (or `make bench`); writes bench/results/model.json.
 """
@@ -13,6 +14,7 @@ Run: `python -m bench.bench_model [--quick]` (or `make bench`); writes bench/res
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 
 import torch
@@ -22,6 +24,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from bench.harness import best_seconds, gemm_peak_flops, print_table, write_results
 from raymoe.models import load_hf
 from raymoe.models.generate import generate
+from raymoe.models.packed import pack_fp32
 
 
 def mixtral_pair(num_layers: int, vocab: int, seq: int):
@@ -97,17 +100,24 @@ def bench_train_step(batch: int, seq: int, num_layers: int, peak: float) -> tupl
     return ["train step (tokens/s)", tokens / our_s, tokens / ref_s, ref_s / our_s], (mfu, ref_mfu, peak)
 
 
-def bench_decode(batch: int, prompt: int, new: int, num_layers: int) -> list:
+def bench_decode(batch: int, prompt: int, new: int, num_layers: int) -> tuple[list[list], float]:
+    """Rows for raymoe's `generate` with PyTorch's default kernels (as transformers runs) and with
+    oneDNN-packed weights (what the serving engine runs, `engine.cpu_kernels: onednn`)."""
     reference, ours = mixtral_pair(num_layers=num_layers, vocab=32000, seq=prompt + new)
+    packed = pack_fp32(copy.deepcopy(ours))
     ids = torch.randint(3, 32000, (batch, prompt))
     ref_out = reference.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    our_out = generate(ours, ids, max_new_tokens=new)
-    agree = (ref_out[:, prompt:] == our_out).float().mean().item()
+    agree = min((ref_out[:, prompt:] == generate(m, ids, max_new_tokens=new)).float().mean().item()
+                for m in (ours, packed))
     ref_s = best_seconds(lambda: reference.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                                     pad_token_id=0), repeats=2)
-    our_s = best_seconds(lambda: generate(ours, ids, max_new_tokens=new), repeats=2)
     tokens = batch * new
-    return [f"decode batch {batch} (tokens/s)", tokens / our_s, tokens / ref_s, ref_s / our_s], agree
+    rows = []
+    for label, model in ((f"decode batch {batch} (tokens/s)", ours),
+                         (f"decode batch {batch}, packed weights (tokens/s)", packed)):
+        our_s = best_seconds(lambda m=model: generate(m, ids, max_new_tokens=new), repeats=2)
+        rows.append([label, tokens / our_s, tokens / ref_s, ref_s / our_s])
+    return rows, agree
 
 
 def main() -> None:
@@ -124,8 +134,9 @@ def main() -> None:
     rows.append(train_row)
     agreement = {}
     for batch in (1, 8):
-        row, agreement[batch] = bench_decode(batch, prompt=128, new=32 if q else 128, num_layers=2 if q else 8)
-        rows.append(row)
+        decode_rows, agreement[batch] = bench_decode(batch, prompt=128, new=32 if q else 128,
+                                                     num_layers=2 if q else 8)
+        rows += decode_rows
     header = ["measure", "raymoe", "transformers", "ratio (raymoe / transformers)"]
     table = print_table(f"Model core vs transformers ({args.threads} threads, fp32)", header, rows)
     print(f"\nGEMM peak {peak / 1e9:.0f} GFLOP/s; train MFU raymoe {mfu:.1%}, transformers {ref_mfu:.1%}; "

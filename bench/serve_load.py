@@ -1,16 +1,23 @@
 """Serving load: the Ray Serve OpenAI server under 1, 8 and 32 concurrent streaming clients,
 against transformers `generate` at batch 1 and 8 on the same weights, in the same run.
 
-Server side: `raymoe.serve.app:build_app` on a local Ray cluster (127.0.0.1), one replica.
+Server side: `raymoe.serve.app:build_app` on a local Ray cluster (127.0.0.1), one replica, its
+defaults (oneDNN-packed fp32 weights) and `--engine-threads` torch threads (1 by default: on a
+2-core machine the HTTP proxy, the replica's event loop and the clients need the other core).
 Client side: asyncio + httpx, streaming completions with `ignore_eos` so every request produces
 exactly OUTPUT_TOKENS tokens. Per request: TTFT (request sent -> first token chunk) and TPOT
 ((last chunk - first chunk) / (tokens - 1)); per level: aggregate output tokens/s over the wall
 time of the level. The peer: `AutoModelForCausalLM.generate` (greedy, min_new_tokens =
-max_new_tokens) at batch 1 and 8 on the same artifact and thread count.
-Also INT8 vs fp32 engine decode at batch 1 (no HTTP) and held-out perplexity of both.
+max_new_tokens) at batch 1 and 8 on the same artifact, measured at 1..`--threads` torch threads
+with its best kept.
+Also, without HTTP: engine decode at batch 1 with PyTorch's default fp32 kernels, with packed
+fp32 weights (the serving default) and with INT8 weights, and held-out perplexity fp32 vs INT8
+(`--ppl-artifact` + `--heldout-shards`: a trained artifact and its ingest's val shards; without
+them, the random bench model, where the perplexity change means little).
 
     python -m bench.serve_load          # ~8 min on 2 cores; writes bench/results/serve.json
     python -m bench.serve_load --quick  # fewer requests, smaller model (smoke run)
+    python -m bench.serve_load --ppl-artifact runs/demo/model --heldout-shards runs/demo/ingest/val
 """
 
 from __future__ import annotations
@@ -99,28 +106,59 @@ def transformers_peer(artifact: str, prompt_ids: list[int], batch: int, max_toke
         ttft = best_seconds(lambda: model.generate(ids, max_new_tokens=1, **kw), repeats=2)
         total = best_seconds(lambda: model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw),
                              repeats=2)
-    return {"batch": batch, "tokens_per_s": batch * max_tokens / total, "ttft": ttft,
-            "tpot": (total - ttft) / (max_tokens - 1)}
+    return {"batch": batch, "threads": torch.get_num_threads(), "tokens_per_s": batch * max_tokens / total,
+            "ttft": ttft, "tpot": (total - ttft) / (max_tokens - 1)}
 
 
-def int8_vs_fp32(artifact: str, prompt_ids: list[int], max_tokens: int, heldout_ids: list[int]) -> dict:
+def engine_decode(artifact: str, prompt_ids: list[int], max_tokens: int) -> dict:
+    """Engine decode tokens/s at batch 1 (no HTTP): default fp32 kernels, packed fp32, INT8."""
     from raymoe.models import load_hf
+    from raymoe.models.packed import pack_fp32
     from raymoe.models.quantize import quantize_int8
     from raymoe.serve.engine import generate_alone
     from raymoe.serve.request import SamplingParams
 
     fp32 = load_hf(artifact).eval()
-    int8 = quantize_int8(copy.deepcopy(fp32))
+    models = {"fp32 default kernels": fp32, "fp32 packed": pack_fp32(copy.deepcopy(fp32)),
+              "int8": quantize_int8(copy.deepcopy(fp32))}
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    return {name: max_tokens / best_seconds(lambda m=m: generate_alone(m, prompt_ids, params), repeats=2)
+            for name, m in models.items()}
+
+
+def perplexities(artifact: str, rows: list[list[int]]) -> dict:
+    """Held-out perplexity of the fp32 and the INT8 model over `rows` (each scored on its own)."""
+    from raymoe.models import load_hf
+    from raymoe.models.quantize import quantize_int8
+
+    fp32 = load_hf(artifact).eval()
     out = {}
-    for name, model in (("fp32", fp32), ("int8", int8)):
-        seconds = best_seconds(lambda m=model: generate_alone(m, prompt_ids, params), repeats=2)
+    for name, model in (("fp32", fp32), ("int8", quantize_int8(copy.deepcopy(fp32)))):
+        nll, count = 0.0, 0
         with torch.inference_mode():
-            ids = torch.tensor([heldout_ids])
-            logits = model(ids)[0, :-1]
-            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
-        out[name] = {"decode_tokens_per_s": max_tokens / seconds, "perplexity": math.exp(nll)}
+            for row in rows:
+                ids = torch.tensor([row])
+                logits = model(ids)[0, :-1]
+                nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+                count += len(row) - 1
+        out[name] = math.exp(nll / count)
+    out["tokens"] = count
     return out
+
+
+def heldout_rows(shards_dir: str, max_rows: int = 32) -> list[list[int]]:
+    """The first `max_rows` packed rows of the Parquet token shards in `shards_dir` (ingest's val split)."""
+    from raymoe.data.shards import read_shard
+
+    files = sorted(Path(shards_dir).glob("*.parquet"))
+    if not files:
+        raise SystemExit(f"--heldout-shards {shards_dir!r}: no .parquet token shards there")
+    rows: list[list[int]] = []
+    for path in files:
+        rows += [r.tolist() for r in read_shard(path)[: max_rows - len(rows)]]
+        if len(rows) >= max_rows:
+            break
+    return rows
 
 
 def free_port() -> int:
@@ -132,12 +170,16 @@ def free_port() -> int:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for every side (1 on a busy machine)")
-    parser.add_argument("--stream-interval", type=int, default=1,
+    parser.add_argument("--threads", type=int, default=2, help="the peer runs at 1..THREADS torch threads (best kept)")
+    parser.add_argument("--engine-threads", type=int, default=1,
+                        help="torch threads of the serving engine (also the no-HTTP engine rows)")
+    parser.add_argument("--stream-interval", type=int, default=8,
                         help="server's stream_interval: SSE events per HTTP write after the first")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds; best kept")
-    parser.add_argument("--artifact", default="", help="serve this HF-format artifact instead of a random one "
-                        "(e.g. an exported training run: its perplexity makes the INT8 check meaningful)")
+    parser.add_argument("--artifact", default="", help="serve this HF-format artifact instead of a random one")
+    parser.add_argument("--ppl-artifact", default="", help="trained artifact for the INT8 perplexity check")
+    parser.add_argument("--heldout-shards", default="", help="Parquet token shards (ingest val split) held out "
+                        "from the training of --ppl-artifact")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = dict(dim=256, num_layers=4) if args.quick else dict(dim=512, num_layers=8)
@@ -155,7 +197,11 @@ def main(argv: list[str]) -> int:
     model_id = Path(artifact.rstrip("/")).name
     tokenizer = ChatTokenizer.from_dir(artifact)
     prompt_ids = tokenizer.encode(f"0 {PROMPT_WORDS}")
-    heldout_ids = tokenizer.encode(" ".join(reversed(CORPUS[:6])))  # word order unseen in training
+    if bool(args.ppl_artifact) != bool(args.heldout_shards):
+        parser.error("--ppl-artifact and --heldout-shards go together")
+    ppl_artifact = args.ppl_artifact or artifact
+    rows = (heldout_rows(args.heldout_shards) if args.heldout_shards
+            else [tokenizer.encode(" ".join(reversed(CORPUS[:6])))])  # word order unseen in training
 
     init_ray(num_cpus=4)
     from ray import serve
@@ -163,8 +209,8 @@ def main(argv: list[str]) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {"model_path": artifact, "num_cpus": 1.0, "max_ongoing_requests": 64, "max_queued_requests": -1,
-                "api_key_env": "", "stream_interval": args.stream_interval, "engine": {"num_slots": 32, "max_tokens_per_step": 256,
-                                              "num_threads": args.threads}}
+                "api_key_env": "", "stream_interval": args.stream_interval,
+                "engine": {"num_slots": 32, "max_tokens_per_step": 256, "num_threads": args.engine_threads}}
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     # Rounds alternate the peers (while the server idles) and the load levels; each figure keeps
@@ -178,41 +224,51 @@ def main(argv: list[str]) -> int:
     try:
         for _ in range(args.rounds):
             for b in (1, 8):
-                keep(("hf", b), transformers_peer(artifact, prompt_ids, b, max_tokens), lambda r: r["tokens_per_s"])
-            q = int8_vs_fp32(artifact, prompt_ids, max_tokens, heldout_ids)
-            for name in q:
-                keep(("quant", name), q[name], lambda r: r["decode_tokens_per_s"])
+                for threads in range(1, args.threads + 1):
+                    torch.set_num_threads(threads)
+                    keep(("hf", b), transformers_peer(artifact, prompt_ids, b, max_tokens), lambda r: r["tokens_per_s"])
+            torch.set_num_threads(args.engine_threads)  # as the serving engine runs
+            for name, tokens_per_s in engine_decode(artifact, prompt_ids, max_tokens).items():
+                keep(("engine", name), tokens_per_s, lambda r: r)
             for c, n in levels:
                 keep(("serve", c), asyncio.run(load_level(url, model_id, c, n, max_tokens)),
                      lambda r: r["tokens_per_s"])
     finally:
         serve.shutdown()
+    ppl = perplexities(ppl_artifact, rows)
     served = [best[("serve", c)] for c, _ in levels]
     peers = [best[("hf", b)] for b in (1, 8)]
-    quant = {name: best[("quant", name)] for name in ("fp32", "int8")}
+    engine = {name: best[("engine", name)] for name in ("fp32 default kernels", "fp32 packed", "int8")}
 
-    rows = [[f"raymoe Serve HTTP, {s['concurrency']} concurrent", s["tokens_per_s"], s["ttft_p50"] * 1e3,
-             s["ttft_p99"] * 1e3, s["tpot_p50"] * 1e3, s["tpot_p99"] * 1e3] for s in served]
-    rows += [[f"transformers generate, batch {p['batch']}", p["tokens_per_s"], p["ttft"] * 1e3, p["ttft"] * 1e3,
-              p["tpot"] * 1e3, p["tpot"] * 1e3] for p in peers]
-    rows += [[f"raymoe engine {k} (no HTTP), batch 1", v["decode_tokens_per_s"], "", "", "", ""] for k, v in quant.items()]
+    table = [[f"raymoe Serve HTTP, {s['concurrency']} concurrent", s["tokens_per_s"], s["ttft_p50"] * 1e3,
+              s["ttft_p99"] * 1e3, s["tpot_p50"] * 1e3, s["tpot_p99"] * 1e3] for s in served]
+    table += [[f"transformers generate, batch {p['batch']} ({p['threads']} threads)", p["tokens_per_s"],
+               p["ttft"] * 1e3, p["ttft"] * 1e3, p["tpot"] * 1e3, p["tpot"] * 1e3] for p in peers]
+    table += [[f"raymoe engine {k} (no HTTP), batch 1", v, "", "", "", ""] for k, v in engine.items()]
     what = args.artifact or f"random model d{shape['dim']} x {shape['num_layers']} layers, 8 experts top-2"
-    print_table(f"Serving {what}, {max_tokens} output tokens, {args.threads} threads",
-                ["system", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"], rows)
+    print_table(f"Serving {what}, {max_tokens} output tokens, engine {args.engine_threads} thread(s)",
+                ["system", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"], table)
+    print_table(f"Held-out perplexity of {ppl_artifact} ({ppl['tokens']} tokens"
+                f"{' of ' + args.heldout_shards if args.heldout_shards else ', reordered built-in sentences'})",
+                ["weights", "perplexity"], [["fp32", ppl["fp32"]], ["int8", ppl["int8"]]])
     by_c = {s["concurrency"]: s for s in served}
     ratios = {
         "c32_over_hf_b8": by_c[32]["tokens_per_s"] / peers[1]["tokens_per_s"],
         "c1_over_hf_b1": by_c[1]["tokens_per_s"] / peers[0]["tokens_per_s"],
-        "int8_over_fp32_decode_b1": quant["int8"]["decode_tokens_per_s"] / quant["fp32"]["decode_tokens_per_s"],
-        "int8_ppl_change": abs(quant["int8"]["perplexity"] / quant["fp32"]["perplexity"] - 1),
+        "int8_over_fp32_decode_b1": engine["int8"] / engine["fp32 packed"],
+        "int8_over_fp32_default_kernels_b1": engine["int8"] / engine["fp32 default kernels"],
+        "int8_ppl_change": abs(ppl["int8"] / ppl["fp32"] - 1),
     }
     print_table("Ratios against targets", ["ratio", "measured", "target"],
-                [[k, v, ("<= " if k == "int8_ppl_change" else ">= ") + str(TARGETS[k])] for k, v in ratios.items()])
-    path = write_results("serve", {"stream_interval": args.stream_interval, "model": {"artifact": args.artifact or "random debug artifact", **shape,
+                [[k, v, ("<= " if k == "int8_ppl_change" else ">= ") + str(TARGETS[k]) if k in TARGETS else ""]
+                 for k, v in ratios.items()])
+    path = write_results("serve", {"stream_interval": args.stream_interval, "engine_threads": args.engine_threads,
+                                   "model": {"artifact": args.artifact or "random debug artifact", **shape,
                                              "vocab_size": tokenizer.tokenizer.get_vocab_size()},
-                                   "output_tokens": max_tokens,
-                                   "served": served, "transformers": peers, "int8": quant, "ratios": ratios,
-                                   "targets": TARGETS, "quick": args.quick})
+                                   "output_tokens": max_tokens, "served": served, "transformers": peers,
+                                   "engine_decode_b1": engine, "perplexity": {**ppl, "artifact": ppl_artifact,
+                                                                              "heldout": args.heldout_shards},
+                                   "ratios": ratios, "targets": TARGETS, "quick": args.quick})
     print(f"wrote {path}")
     return 0
 

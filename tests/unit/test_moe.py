@@ -100,6 +100,11 @@ def test_moe_matches_naive_reference_and_counts_tokens(score_func, groups):
     assert y.shape == x.shape
     assert torch.allclose(y.view(10, 16), _naive_moe(moe, x.view(10, 16)), atol=1e-5)
     assert moe.last_tokens_per_expert_E.sum().item() == 10 * 2
+    moe.eval()  # one token in eval mode takes the decode path without sort and scatter
+    with torch.no_grad():
+        one = moe(x[:1, :1])
+    assert torch.allclose(one.view(1, 16), _naive_moe(moe, x[0, :1]), atol=1e-5)
+    assert moe.last_tokens_per_expert_E.sum().item() == 2
 
 
 def test_aux_loss_matches_switch_formula_by_hand():

@@ -104,3 +104,4 @@ def test_serve_engine_packs_fp32_cpu_weights_unless_told_not_to(tmp_path):
     assert "PackedGroupedExperts" in kinds[0] and "Linear" not in kinds[0]
     assert "GroupedExperts" in kinds[1] and "PackedLinear" not in kinds[1]
     assert "Int8GroupedExperts" in kinds[2] and "PackedLinear" not in kinds[2]
+

@@ -144,6 +144,33 @@ def test_async_engine_streams_concurrently_and_abort_frees_the_slot(model):
     assert not engine.core.has_work() and sorted(engine.core.scheduler.free_slots) == [0, 1]
 
 
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(model, monkeypatch):
+    engine = LocalEngine.from_model(model, EngineConfig(num_slots=2))
+    real_forward, calls = engine.core._forward, []
+
+    def forward_failing_once(plan):
+        calls.append(plan)
+        if len(calls) == 2:  # the second step: both requests are decoding
+            raise RuntimeError("simulated kernel failure")
+        return real_forward(plan)
+
+    monkeypatch.setattr(engine.core, "_forward", forward_failing_once)
+
+    async def collect(rid, prompt, n):
+        return [ev.token_id async for ev in engine.generate(GenerationRequest(request_id=rid, prompt_ids=prompt,
+                                                                              params=greedy(n)))]
+
+    async def main():
+        first = await asyncio.gather(collect("a", [1, 2], 5), collect("b", [3, 4], 5), return_exceptions=True)
+        return first, await collect("c", [5, 6], 4)
+
+    (a, b), c = asyncio.run(main())
+    assert isinstance(a, RuntimeError) and isinstance(b, RuntimeError) and "simulated" in str(a)
+    assert c == generate_alone(model, [5, 6], greedy(4))
+    engine.check_alive()
+    assert not engine.core.has_work() and sorted(engine.core.scheduler.free_slots) == [0, 1]
+
+
 class Chunk:
     def __init__(self, n):
         self.token_ids = list(range(n))

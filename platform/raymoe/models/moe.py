@@ -165,16 +165,30 @@ class MoE(nn.Module):
         if self.cfg.capacity_factor is not None:
             expert_ids_TK = capacity_drop(expert_ids_TK, self.cfg.num_experts, self.cfg.capacity_factor)
         self._record_stats(expert_ids_TK, scores_TE, logits_TE)
-        x_SD, counts, state = self.dispatcher.dispatch(x_TD, expert_ids_TK)
-        y_SD = self.experts(x_SD, counts)
-        y_TKD = self.dispatcher.combine(y_SD, state)
-        y_TD = torch.bmm(weights_TK.to(y_TKD.dtype)[:, None, :], y_TKD)[:, 0]
+        if x_TD.shape[0] == 1 and isinstance(self.dispatcher, LocalDispatcher) and not self.training:
+            y_TD = self._one_token(x_TD, weights_TK, expert_ids_TK)
+        else:
+            x_SD, counts, state = self.dispatcher.dispatch(x_TD, expert_ids_TK)
+            y_SD = self.experts(x_SD, counts)
+            y_TKD = self.dispatcher.combine(y_SD, state)
+            y_TD = torch.bmm(weights_TK.to(y_TKD.dtype)[:, None, :], y_TKD)[:, 0]
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
         return y_TD.view(shape)
+
+    def _one_token(self, x_TD, weights_TK, expert_ids_TK) -> torch.Tensor:
+        """Decoding one sequence: the same expert GEMMs without the sort / scatter of a batch,
+        whose fixed cost per layer is a good part of a one-token step."""
+        ids = expert_ids_TK[0].tolist()
+        order = sorted((k for k in range(len(ids)) if ids[k] >= 0), key=ids.__getitem__)
+        counts = [0] * self.dispatcher.num_local_experts
+        for k in order:
+            counts[ids[k]] += 1
+        y_SD = self.experts(x_TD.expand(len(order), -1), counts)
+        return weights_TK[:, order].to(y_SD.dtype) @ y_SD
 
     def _record_stats(self, expert_ids_TK, scores_TE, logits_TE) -> None:
         cfg = self.cfg

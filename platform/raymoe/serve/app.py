@@ -252,10 +252,7 @@ def _deployment_class():
 
         def check_health(self) -> None:
             """Serve's periodic probe: a replica whose engine loop died is restarted."""
-            task = getattr(self.server.engine, "_task", None)
-            if task is not None and task.done():
-                reason = "cancelled" if task.cancelled() else repr(task.exception())
-                raise RuntimeError(f"engine loop stopped: {reason}")
+            self.server.engine.check_alive()
             model = getattr(getattr(self.server.engine, "core", None), "model", None)
             if hasattr(model, "check_health"):
                 model.check_health()  # a dead shard worker restarts the replica (and its shards)

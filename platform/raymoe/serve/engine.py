@@ -12,7 +12,7 @@ Shapes: B batch rows, T tokens of a chunk, V vocabulary, E experts.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +32,8 @@ from raymoe.serve.request import (
 )
 from raymoe.serve.sampling import make_generator, sample
 from raymoe.serve.scheduler import QueueFullError, Scheduler, SchedulerConfig, StepPlan
+
+log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
@@ -165,6 +167,15 @@ class EngineCore:
             self.scheduler.finish(request_id, "abort")
             self._requests.pop(request_id, None)
 
+    def abort_all(self) -> list[str]:
+        """Aborts every request (after a failed step); returns their ids."""
+        with self._lock:
+            request_ids = list(self._requests)
+            for rid in request_ids:
+                self.scheduler.finish(rid, "abort")
+            self._requests.clear()
+        return request_ids
+
     def has_work(self) -> bool:
         with self._lock:
             return self.scheduler.has_work()
@@ -281,61 +292,94 @@ class EngineCore:
 
 
 class LocalEngine:
-    """Async front of an `EngineCore`: a background loop runs steps in one worker thread and
-    routes each event to its request's queue. Implements `Engine`."""
+    """Async front of an `EngineCore`: a dedicated thread runs steps back to back while there is
+    work and hands each step's events to the event loop, which routes them to the requests'
+    queues. The next step starts while the loop is still streaming the last one's tokens.
+    Implements `Engine`."""
 
     def __init__(self, core: EngineCore):
         self.core = core
         self.max_seq_len = core.max_seq_len
         self._queues: dict[str, asyncio.Queue] = {}
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raymoe-engine")
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        if core.config.num_threads:
-            self._executor.submit(torch.set_num_threads, core.config.num_threads).result()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._died: BaseException | None = None
 
     @classmethod
     def from_model(cls, model, config: EngineConfig) -> "LocalEngine":
         return cls(EngineCore(model, config))
 
-    def _ensure_loop(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+    def _ensure_thread(self) -> None:
+        self._loop = asyncio.get_running_loop()  # the loop streaming the requests (tests make several)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
+            self._thread.start()
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.core.has_work():
+    def _run(self) -> None:
+        if self.core.config.num_threads:
+            torch.set_num_threads(self.core.config.num_threads)  # per thread under OpenMP
+        try:
+            while True:
                 self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                events = await loop.run_in_executor(self._executor, self.core.step)
-            except Exception as exc:  # a failed step fails the requests in it, not the server
-                for queue in self._queues.values():
-                    queue.put_nowait(exc)
-                for rid in list(self._queues):
-                    self.core.abort(rid)
-                continue
-            for rid, event in events:
-                queue = self._queues.get(rid)
-                if queue is not None:
-                    queue.put_nowait(event)
+                if not self.core.has_work():
+                    self._wake.wait()
+                    continue
+                try:
+                    events = self.core.step()
+                except Exception as exc:  # a failed step fails the requests in it, not the server
+                    log.exception("engine step failed; failing its requests")
+                    self._post(self._fail, self.core.abort_all(), exc)
+                    continue
+                if events:
+                    self._post(self._deliver, events)
+        except BaseException as exc:  # noqa: BLE001 - reported by check_alive and to every waiting request
+            self._died = exc
+            self._post(self._fail, list(self._queues), RuntimeError(f"engine thread stopped: {exc!r}"))
+            raise
+
+    def _post(self, callback, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _deliver(self, events) -> None:
+        for rid, event in events:
+            queue = self._queues.get(rid)
+            if queue is not None:
+                queue.put_nowait(event)
+
+    def _fail(self, request_ids: list[str], exc: BaseException) -> None:
+        for rid in request_ids:
+            queue = self._queues.get(rid)
+            if queue is not None:
+                queue.put_nowait(exc)
+
+    def check_alive(self) -> None:
+        """Raises when the engine thread has died (Serve's health check restarts the replica)."""
+        if self._died is not None or (self._thread is not None and not self._thread.is_alive()):
+            raise RuntimeError(f"engine thread stopped: {self._died!r}")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Streams `request`'s tokens; leaving early (client gone, stop string) aborts it."""
-        self._ensure_loop()
+        self.check_alive()
+        self._ensure_thread()
         rid = request.request_id
         queue: asyncio.Queue = asyncio.Queue()
-        self.core.add_request(request)
-        self._queues[rid] = queue
+        self._queues[rid] = queue  # before the engine can produce its first event
+        try:
+            self.core.add_request(request)
+        except BaseException:
+            self._queues.pop(rid, None)
+            raise
         self._wake.set()
         done = False
         try:
             while not done:
                 event = await queue.get()
                 if isinstance(event, BaseException):
+                    done = True  # the engine already dropped it
                     raise event
                 done = event.finish_reason is not None
                 yield event
