@@ -2,8 +2,9 @@
 against transformers `generate` at batch 1 and 8 on the same weights, in the same run.
 
 Server side: `raymoe.serve.app:build_app` on a local Ray cluster (127.0.0.1), one replica, its
-defaults (oneDNN-packed fp32 weights) and `--engine-threads` torch threads (1 by default: on a
-2-core machine the HTTP proxy, the replica's event loop and the clients need the other core).
+defaults (oneDNN-packed fp32 weights), `--engine-threads` torch threads (1: an OpenMP team of two
+synchronises inside every small GEMM and loses to one thread here) and `--expert-threads` (2:
+a MoE layer's experts split over two threads, each with one torch thread).
 Client side: asyncio + httpx, streaming completions with `ignore_eos` so every request produces
 exactly OUTPUT_TOKENS tokens. Per request: TTFT (request sent -> first token chunk) and TPOT
 ((last chunk - first chunk) / (tokens - 1)); per level: aggregate output tokens/s over the wall
@@ -110,7 +111,7 @@ def transformers_peer(artifact: str, prompt_ids: list[int], batch: int, max_toke
             "ttft": ttft, "tpot": (total - ttft) / (max_tokens - 1)}
 
 
-def engine_decode(artifact: str, prompt_ids: list[int], max_tokens: int) -> dict:
+def engine_decode(artifact: str, prompt_ids: list[int], max_tokens: int, expert_threads: int) -> dict:
     """Engine decode tokens/s at batch 1 (no HTTP): default fp32 kernels, packed fp32, INT8."""
     from raymoe.models import load_hf
     from raymoe.models.packed import pack_fp32
@@ -119,7 +120,7 @@ def engine_decode(artifact: str, prompt_ids: list[int], max_tokens: int) -> dict
     from raymoe.serve.request import SamplingParams
 
     fp32 = load_hf(artifact).eval()
-    models = {"fp32 default kernels": fp32, "fp32 packed": pack_fp32(copy.deepcopy(fp32)),
+    models = {"fp32 default kernels": fp32, "fp32 packed": pack_fp32(copy.deepcopy(fp32), expert_threads),
               "int8": quantize_int8(copy.deepcopy(fp32))}
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     return {name: max_tokens / best_seconds(lambda m=m: generate_alone(m, prompt_ids, params), repeats=2)
@@ -173,6 +174,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=2, help="the peer runs at 1..THREADS torch threads (best kept)")
     parser.add_argument("--engine-threads", type=int, default=1,
                         help="torch threads of the serving engine (also the no-HTTP engine rows)")
+    parser.add_argument("--expert-threads", type=int, default=2,
+                        help="the engine's engine.expert_threads: a MoE layer's experts run on this many threads")
     parser.add_argument("--stream-interval", type=int, default=8,
                         help="server's stream_interval: SSE events per HTTP write after the first")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds; best kept")
@@ -208,9 +211,12 @@ def main(argv: list[str]) -> int:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app_args = {"model_path": artifact, "num_cpus": 1.0, "max_ongoing_requests": 64, "max_queued_requests": -1,
+    # The replica asks Ray for the cores its threads use.
+    replica_cpus = float(args.engine_threads + args.expert_threads - 1)
+    app_args = {"model_path": artifact, "num_cpus": replica_cpus, "max_ongoing_requests": 64, "max_queued_requests": -1,
                 "api_key_env": "", "stream_interval": args.stream_interval,
-                "engine": {"num_slots": 32, "max_tokens_per_step": 256, "num_threads": args.engine_threads}}
+                "engine": {"num_slots": 32, "max_tokens_per_step": 256, "num_threads": args.engine_threads,
+                           "expert_threads": args.expert_threads}}
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     # Rounds alternate the peers (while the server idles) and the load levels; each figure keeps
@@ -228,7 +234,7 @@ def main(argv: list[str]) -> int:
                     torch.set_num_threads(threads)
                     keep(("hf", b), transformers_peer(artifact, prompt_ids, b, max_tokens), lambda r: r["tokens_per_s"])
             torch.set_num_threads(args.engine_threads)  # as the serving engine runs
-            for name, tokens_per_s in engine_decode(artifact, prompt_ids, max_tokens).items():
+            for name, tokens_per_s in engine_decode(artifact, prompt_ids, max_tokens, args.expert_threads).items():
                 keep(("engine", name), tokens_per_s, lambda r: r)
             for c, n in levels:
                 keep(("serve", c), asyncio.run(load_level(url, model_id, c, n, max_tokens)),
@@ -246,7 +252,8 @@ def main(argv: list[str]) -> int:
                p["ttft"] * 1e3, p["ttft"] * 1e3, p["tpot"] * 1e3, p["tpot"] * 1e3] for p in peers]
     table += [[f"raymoe engine {k} (no HTTP), batch 1", v, "", "", "", ""] for k, v in engine.items()]
     what = args.artifact or f"random model d{shape['dim']} x {shape['num_layers']} layers, 8 experts top-2"
-    print_table(f"Serving {what}, {max_tokens} output tokens, engine {args.engine_threads} thread(s)",
+    print_table(f"Serving {what}, {max_tokens} output tokens, engine {args.engine_threads} thread(s), "
+                f"experts on {args.expert_threads}",
                 ["system", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"], table)
     print_table(f"Held-out perplexity of {ppl_artifact} ({ppl['tokens']} tokens"
                 f"{' of ' + args.heldout_shards if args.heldout_shards else ', reordered built-in sentences'})",
@@ -263,6 +270,7 @@ def main(argv: list[str]) -> int:
                 [[k, v, ("<= " if k == "int8_ppl_change" else ">= ") + str(TARGETS[k]) if k in TARGETS else ""]
                  for k, v in ratios.items()])
     path = write_results("serve", {"stream_interval": args.stream_interval, "engine_threads": args.engine_threads,
+                                   "expert_threads": args.expert_threads,
                                    "model": {"artifact": args.artifact or "random debug artifact", **shape,
                                              "vocab_size": tokenizer.tokenizer.get_vocab_size()},
                                    "output_tokens": max_tokens, "served": served, "transformers": peers,

@@ -105,3 +105,23 @@ def test_serve_engine_packs_fp32_cpu_weights_unless_told_not_to(tmp_path):
     assert "GroupedExperts" in kinds[1] and "PackedLinear" not in kinds[1]
     assert "Int8GroupedExperts" in kinds[2] and "PackedLinear" not in kinds[2]
 
+
+
+def test_experts_on_several_threads_give_exactly_the_serial_result():
+    torch.manual_seed(2)
+    experts = GroupedExperts(64, 48, list(range(6)))
+    for w in experts.parameters():
+        nn.init.normal_(w, std=0.2)
+    serial = pack_fp32(nn.ModuleList([copy.deepcopy(experts)]))[0]
+    threaded = pack_fp32(nn.ModuleList([copy.deepcopy(experts)]), expert_threads=3)[0]
+    for counts in ([3, 0, 5, 1, 2, 4], [1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]):
+        x = torch.randn(sum(counts), 64)
+        with torch.no_grad():
+            assert torch.equal(threaded(x, counts), serial(x, counts))
+
+
+def test_expert_threads_below_one_are_refused():
+    with pytest.raises(ValueError, match="expert_threads must be >= 1, got 0"):
+        pack_fp32(nn.Linear(4, 4), expert_threads=0)
+    with pytest.raises(ConfigError, match=r"engine\.expert_threads.*0"):
+        EngineConfig(expert_threads=0)

@@ -184,3 +184,28 @@ class Chunk:
 def test_padding_groups_bound_the_wasted_tokens(lengths, expected):
     groups = padding_groups([Chunk(n) for n in lengths])
     assert [[len(c.token_ids) for c in g] for g in groups] == expected
+
+
+def test_engine_built_in_its_own_thread_serves_and_reports_build_errors(model):
+    import threading
+
+    where = []
+
+    def build():
+        where.append(threading.current_thread().name)
+        return EngineCore(model, EngineConfig(num_slots=1))
+
+    engine = LocalEngine(build=build)
+    assert where == ["raymoe-engine"]
+
+    async def collect():
+        return [ev.token_id async for ev in engine.generate(GenerationRequest(request_id="a", prompt_ids=[1, 2],
+                                                                              params=greedy(3)))]
+
+    assert asyncio.run(collect()) == generate_alone(model, [1, 2], greedy(3))
+
+    def broken():
+        raise FileNotFoundError("no config.json in /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        LocalEngine(build=broken)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -63,27 +64,47 @@ class PackedLinear(nn.Module):
 
 
 class PackedGroupedExperts(nn.Module):
-    """`GroupedExperts` with packed weights: per expert one (2F, D) gate+up call and one down call."""
+    """`GroupedExperts` with packed weights: per expert one (2F, D) gate+up call and one down call.
 
-    def __init__(self, experts: GroupedExperts):
+    With a `pool` (see `pack_fp32(expert_threads=...)`), the experts that received rows are dealt
+    round-robin to the calling thread and the pool's threads, each running its experts' GEMMs
+    with one torch thread. The GEMMs release the GIL, so the weight reads of different experts
+    stream from memory in parallel: coarse-grained parallelism with one hand-off per layer,
+    where an OpenMP team would synchronise inside every small GEMM.
+    """
+
+    def __init__(self, experts: GroupedExperts, pool: ThreadPoolExecutor | None = None, num_threads: int = 1):
         super().__init__()
         self.expert_ids = list(experts.expert_ids)
         self.hidden_dim = experts.w_gate_EFD.shape[1]
         self.dim = experts.w_down_EDF.shape[1]
         self._gate_up = [_pack(torch.cat([g, u])) for g, u in zip(experts.w_gate_EFD, experts.w_up_EFD)]
         self._down = [_pack(w) for w in experts.w_down_EDF]
+        self._pool, self._num_threads = pool, num_threads
 
-    def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outputs = []
+    def _run(self, work: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
         F_ = self.hidden_dim
-        for e, x_rows in enumerate(torch.split(x_SD, counts)):
-            if x_rows.shape[0] == 0:
-                continue
+        outputs = []
+        for e, x_rows in work:
             gate_up = _packed_matmul(x_rows, self._gate_up[e], None)
             h = nn.functional.silu(gate_up[:, :F_]) * gate_up[:, F_:]
             outputs.append(_packed_matmul(h, self._down[e], None))
-        if not outputs:
+        return outputs
+
+    def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        work = [(e, x_rows) for e, x_rows in enumerate(torch.split(x_SD, counts)) if x_rows.shape[0]]
+        if not work:
             return x_SD.new_zeros(0, self.dim)
+        # Below two experts per thread the hand-off costs about what it saves (one-token decode).
+        n = min(self._num_threads, len(work) // 2)
+        if self._pool is None or n < 2:
+            return torch.cat(self._run(work))
+        shares = [work[i::n] for i in range(n)]
+        futures = [self._pool.submit(self._run, share) for share in shares[1:]]
+        by_share = [self._run(shares[0])] + [f.result() for f in futures]
+        outputs = [None] * len(work)
+        for i, share_outputs in enumerate(by_share):
+            outputs[i::n] = share_outputs  # back in expert order (the rows' order)
         return torch.cat(outputs)
 
 
@@ -104,18 +125,30 @@ def replace_matmul_modules(model: nn.Module, linear: Callable[[nn.Linear], nn.Mo
     return model
 
 
-def pack_fp32(model: nn.Module) -> nn.Module:
+def pack_fp32(model: nn.Module, expert_threads: int = 1) -> nn.Module:
     """Packs every fp32 `nn.Linear` and `GroupedExperts` of `model` for oneDNN, in place.
+
+    Args:
+        model: an fp32 model on CPU.
+        expert_threads: threads that run a layer's experts side by side (1 = the caller only);
+            the extra threads are shared by all layers.
 
     Raises:
         ValueError: the model is not fp32 on CPU, or this torch has no oneDNN.
     """
     if not onednn_available():
         raise ValueError("cpu_kernels='onednn': this torch build has no oneDNN (mkldnn); use cpu_kernels='default'")
+    if expert_threads < 1:
+        raise ValueError(f"expert_threads must be >= 1, got {expert_threads}")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
         raise ValueError(f"cpu_kernels='onednn' packs fp32 weights; the model has {sorted(map(str, dtypes))}")
-    return replace_matmul_modules(model, PackedLinear, PackedGroupedExperts)
+    pool = None
+    if expert_threads > 1:
+        pool = ThreadPoolExecutor(expert_threads - 1, thread_name_prefix="raymoe-experts",
+                                  initializer=torch.set_num_threads, initargs=(1,))
+    return replace_matmul_modules(model, PackedLinear,
+                                  lambda experts: PackedGroupedExperts(experts, pool, expert_threads))
 
 
 def wants_packed_weights(cpu_kernels: str, model: nn.Module, int8: bool = False) -> bool:

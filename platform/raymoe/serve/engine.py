@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,8 +66,12 @@ class EngineConfig:
     # 1.5-2.5x faster decode than PyTorch's default MKL path on the benchmark model);
     # "default" leaves PyTorch's kernels. Ignored on GPU and for INT8 weights.
     cpu_kernels: str = "onednn"
+    # With cpu_kernels onednn: threads that run a MoE layer's experts side by side, each with one
+    # torch thread (`raymoe.models.packed.PackedGroupedExperts`); 1 = the engine thread alone.
+    expert_threads: int = 1
 
     def __post_init__(self) -> None:
+        require(self.expert_threads >= 1, f"engine.expert_threads must be >= 1, got {self.expert_threads}")
         require(self.cpu_kernels in ("onednn", "default"),
                 f"engine.cpu_kernels must be 'onednn' or 'default', got {self.cpu_kernels!r}")
         require(self.num_threads >= 0, f"engine.num_threads must be >= 0, got {self.num_threads}")
@@ -297,14 +301,35 @@ class LocalEngine:
     queues. The next step starts while the loop is still streaming the last one's tokens.
     Implements `Engine`."""
 
-    def __init__(self, core: EngineCore):
-        self.core = core
-        self.max_seq_len = core.max_seq_len
+    def __init__(self, core: EngineCore | None = None, *, build: Callable[[], EngineCore] | None = None,
+                 num_threads: int = 0):
+        """Either wraps `core`, or starts the engine thread at once and runs `build` in it (loading
+        the model where it will run, see `raymoe.serve.app.build_engine`); waits for the build and
+        re-raises its error.
+
+        Args:
+            core: a built engine core.
+            build: makes the core, in the engine thread.
+            num_threads: torch threads of the engine thread (0 = core.config.num_threads, else
+                torch's default).
+        """
+        if (core is None) == (build is None):
+            raise ValueError("LocalEngine takes a core or a build function, not both")
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._died: BaseException | None = None
+        self._num_threads = num_threads or (core.config.num_threads if core is not None else 0)
+        self.core = core
+        if build is not None:
+            built = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(build, built), name="raymoe-engine", daemon=True)
+            self._thread.start()
+            built.wait()
+            if self._died is not None:
+                raise self._died
+        self.max_seq_len = self.core.max_seq_len
 
     @classmethod
     def from_model(cls, model, config: EngineConfig) -> "LocalEngine":
@@ -316,9 +341,17 @@ class LocalEngine:
             self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
             self._thread.start()
 
-    def _run(self) -> None:
-        if self.core.config.num_threads:
-            torch.set_num_threads(self.core.config.num_threads)  # per thread under OpenMP
+    def _run(self, build: Callable[[], EngineCore] | None = None, built: threading.Event | None = None) -> None:
+        if self._num_threads:
+            torch.set_num_threads(self._num_threads)  # per thread under OpenMP
+        if build is not None:
+            try:
+                self.core = build()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the constructor
+                self._died = exc
+                return
+            finally:
+                built.set()
         try:
             while True:
                 self._wake.clear()
@@ -339,6 +372,8 @@ class LocalEngine:
             raise
 
     def _post(self, callback, *args) -> None:
+        if self._loop is None:
+            return  # no request has come yet: nobody to tell
         try:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
