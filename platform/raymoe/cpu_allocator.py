@@ -38,4 +38,5 @@ def keep_freed_memory() -> bool:
     if mallopt is None:
         log.debug("no glibc mallopt here; allocator settings left as they are")
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    mmap_ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return mmap_ok and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

@@ -1,6 +1,5 @@
 """One pass over a step's forward jobs (decodes + prompt chunks) against one pass per job."""
 
-import copy
 
 import pytest
 import torch

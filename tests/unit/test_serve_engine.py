@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import torch
 
-from raymoe.models import KVCache, MoETransformer, flavour
+from raymoe.models import MoETransformer, flavour
 from raymoe.serve.engine import (
     EngineConfig,
     EngineCore,

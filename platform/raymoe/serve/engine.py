@@ -3,8 +3,8 @@
 `EngineCore.step()` asks the scheduler for a plan, turns it into forward jobs (the decode batch,
 prompt chunks), runs them in one pass over the weights (`raymoe.models.forward_jobs`), samples
 with per-request settings (`raymoe.serve.sampling`) and reports one `TokenEvent` per sampled
-token. `LocalEngine` drives `EngineCore` from a worker
-thread and gives each request an async stream: this is the `Engine` the Serve deployment holds.
+token. `LocalEngine` runs `EngineCore` in a thread of its own (which can also load the model)
+and gives each request an async stream: this is the `Engine` the Serve deployment holds.
 
 Shapes: B batch rows, T tokens of a chunk, V vocabulary, E experts.
 """

@@ -10,8 +10,8 @@ Attention is data-parallel over the batch: engine slot s lives on worker s mod N
 row s // N, so a sequence always meets its own keys. Each engine step sends every worker one Ray
 call with all of that step's forwards (decode batch and prefill groups) restricted to its rows,
 run in one pass (`raymoe.models.forward_jobs`); a worker with no rows still runs every MoE layer
-with zero tokens, so the collectives line up. Logits of each forward's sampled position come back and are put back in row
-order.
+with zero tokens, so the collectives line up. Logits of each forward's sampled position come
+back and are put back in row order.
 
 Shapes: B batch rows, T tokens, V vocabulary, D model dim, L MoE layers, E experts.
 """
