@@ -129,9 +129,11 @@ def test_http_app_with_two_shard_workers(ray_cluster, artifact8):
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
+        # The shard workers also run their experts on two threads (expert_threads): same tokens.
         serve.run(build_app({"model_path": artifact8, "num_cpus": 0.25, "api_key_env": "", "ep": 2,
                              "shard_num_cpus": 0.25, "shard_num_threads": 1,
-                             "engine": {"num_slots": 4, "num_threads": 1}}), name="ep", route_prefix="/")
+                             "engine": {"num_slots": 4, "num_threads": 1, "expert_threads": 2}}),
+                  name="ep", route_prefix="/")
         # Execute: token ids as the prompt, so the comparison needs no tokenizer round trip.
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                            json={"model": "moe8", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS[0],

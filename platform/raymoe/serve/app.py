@@ -184,7 +184,7 @@ def build_engine(cfg: ServeConfig):
             sharded = ShardedModel.launch(
                 cfg.model_path, cfg.ep, redundant_experts=cfg.redundant_experts, num_cpus=cfg.shard_num_cpus,
                 num_gpus=cfg.shard_num_gpus, num_threads=cfg.shard_num_threads,
-                cpu_kernels=cfg.engine.cpu_kernels)
+                cpu_kernels=cfg.engine.cpu_kernels, expert_threads=cfg.engine.expert_threads)
             return EngineCore(sharded, cfg.engine, kv_cache_factory=sharded.make_cache)
         return EngineCore(load_model(cfg, adapters), cfg.engine)
 

@@ -36,7 +36,7 @@ class ShardWorker:
     """One expert shard (a Ray actor): dense weights + its expert slots + its KV cache rows."""
 
     def __init__(self, model_path: str, rank: int, world_size: int, placement: dict, num_threads: int = 0,
-                 use_gpu: bool = False, cpu_kernels: str = "default"):
+                 use_gpu: bool = False, cpu_kernels: str = "default", expert_threads: int = 1):
         from raymoe.cpu_allocator import keep_freed_memory
         from raymoe.models import load_hf
 
@@ -47,7 +47,7 @@ class ShardWorker:
         self.placement = ExpertPlacement(**placement)
         self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.model = load_hf(model_path).to(self.device).eval()
-        self.cpu_kernels = cpu_kernels
+        self.cpu_kernels, self.expert_threads = cpu_kernels, expert_threads
         self.cache = None
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -78,7 +78,7 @@ class ShardWorker:
         from raymoe.models.packed import pack_fp32, wants_packed_weights
 
         if wants_packed_weights(self.cpu_kernels, self.model):
-            pack_fp32(self.model)  # after sharding: only this worker's experts are packed
+            pack_fp32(self.model, self.expert_threads)  # after sharding: only this worker's experts
         return self.placement.experts_of(self.rank)
 
     def make_cache(self, num_slots: int, max_seq_len: int) -> int:
@@ -168,7 +168,7 @@ class ShardedModel:
     @classmethod
     def launch(cls, model_path: str, ep: int, *, redundant_experts: list[int] | None = None,
                num_cpus: float = 1.0, num_gpus: float = 0.0, num_threads: int = 0,
-               cpu_kernels: str = "default", timeout_s: float = 300.0) -> ShardedModel:
+               cpu_kernels: str = "default", expert_threads: int = 1, timeout_s: float = 300.0) -> ShardedModel:
         """Starts `ep` shard workers in a SPREAD placement group and joins them into one group.
 
         Args:
@@ -179,6 +179,7 @@ class ShardedModel:
             num_gpus: GPUs per worker; > 0 selects NCCL.
             num_threads: torch threads per worker; 0 = torch's default.
             cpu_kernels: "onednn" packs each worker's fp32 CPU weights (see `raymoe.models.packed`).
+            expert_threads: with "onednn", threads running each worker's experts side by side.
             timeout_s: how long to wait for the placement group and the workers.
 
         Raises:
@@ -204,7 +205,8 @@ class ShardedModel:
                 actor.options(
                     num_cpus=num_cpus, num_gpus=num_gpus,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-                ).remote(model_path, r, ep, placement.to_dict(), num_threads, num_gpus > 0, cpu_kernels)
+                ).remote(model_path, r, ep, placement.to_dict(), num_threads, num_gpus > 0, cpu_kernels,
+                         expert_threads)
                 for r in range(ep)
             ]
             init_method = ray.get(workers[0].rendezvous_address.remote(), timeout=timeout_s)
