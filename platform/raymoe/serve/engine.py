@@ -303,9 +303,9 @@ class LocalEngine:
 
     def __init__(self, core: EngineCore | None = None, *, build: Callable[[], EngineCore] | None = None,
                  num_threads: int = 0):
-        """Either wraps `core`, or starts the engine thread at once and runs `build` in it (loading
-        the model where it will run, see `raymoe.serve.app.build_engine`); waits for the build and
-        re-raises its error.
+        """Starts the engine thread, which runs `build` first when given (loading the model where
+        it will run, see `raymoe.serve.app.build_engine`); waits for the build and re-raises its
+        error.
 
         Args:
             core: a built engine core.
@@ -318,40 +318,32 @@ class LocalEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self._died: BaseException | None = None
         self._num_threads = num_threads or (core.config.num_threads if core is not None else 0)
         self.core = core
-        if build is not None:
-            built = threading.Event()
-            self._thread = threading.Thread(target=self._run, args=(build, built), name="raymoe-engine", daemon=True)
-            self._thread.start()
-            built.wait()
-            if self._died is not None:
-                raise self._died
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(build or (lambda: core), started),
+                                        name="raymoe-engine", daemon=True)
+        self._thread.start()
+        started.wait()
+        if self._died is not None:
+            raise self._died
         self.max_seq_len = self.core.max_seq_len
 
     @classmethod
     def from_model(cls, model, config: EngineConfig) -> "LocalEngine":
         return cls(EngineCore(model, config))
 
-    def _ensure_thread(self) -> None:
-        self._loop = asyncio.get_running_loop()  # the loop streaming the requests (tests make several)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
-            self._thread.start()
-
-    def _run(self, build: Callable[[], EngineCore] | None = None, built: threading.Event | None = None) -> None:
+    def _run(self, build: Callable[[], EngineCore], started: threading.Event) -> None:
         if self._num_threads:
             torch.set_num_threads(self._num_threads)  # per thread under OpenMP
-        if build is not None:
-            try:
-                self.core = build()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the constructor
-                self._died = exc
-                return
-            finally:
-                built.set()
+        try:
+            self.core = build()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the constructor
+            self._died = exc
+            return
+        finally:
+            started.set()
         try:
             while True:
                 self._wake.clear()
@@ -362,44 +354,40 @@ class LocalEngine:
                     events = self.core.step()
                 except Exception as exc:  # a failed step fails the requests in it, not the server
                     log.exception("engine step failed; failing its requests")
-                    self._post(self._fail, self.core.abort_all(), exc)
+                    self._post([(rid, exc) for rid in self.core.abort_all()])
                     continue
                 if events:
-                    self._post(self._deliver, events)
+                    self._post(events)
         except BaseException as exc:  # noqa: BLE001 - reported by check_alive and to every waiting request
             self._died = exc
-            self._post(self._fail, list(self._queues), RuntimeError(f"engine thread stopped: {exc!r}"))
+            error = RuntimeError(f"engine thread stopped: {exc!r}")
+            self._post([(rid, error) for rid in list(self._queues)])
             raise
 
-    def _post(self, callback, *args) -> None:
+    def _post(self, items: list[tuple[str, TokenEvent | BaseException]]) -> None:
+        """Hands (request id, event or error) pairs to the event loop, which queues them."""
         if self._loop is None:
             return  # no request has come yet: nobody to tell
         try:
-            self._loop.call_soon_threadsafe(callback, *args)
+            self._loop.call_soon_threadsafe(self._deliver, items)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
-    def _deliver(self, events) -> None:
-        for rid, event in events:
+    def _deliver(self, items) -> None:
+        for rid, item in items:
             queue = self._queues.get(rid)
             if queue is not None:
-                queue.put_nowait(event)
-
-    def _fail(self, request_ids: list[str], exc: BaseException) -> None:
-        for rid in request_ids:
-            queue = self._queues.get(rid)
-            if queue is not None:
-                queue.put_nowait(exc)
+                queue.put_nowait(item)
 
     def check_alive(self) -> None:
         """Raises when the engine thread has died (Serve's health check restarts the replica)."""
-        if self._died is not None or (self._thread is not None and not self._thread.is_alive()):
+        if self._died is not None or not self._thread.is_alive():
             raise RuntimeError(f"engine thread stopped: {self._died!r}")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Streams `request`'s tokens; leaving early (client gone, stop string) aborts it."""
         self.check_alive()
-        self._ensure_thread()
+        self._loop = asyncio.get_running_loop()  # the loop streaming the requests (tests make several)
         rid = request.request_id
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue  # before the engine can produce its first event
