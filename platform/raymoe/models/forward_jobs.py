@@ -58,7 +58,7 @@ def run_forward_jobs(model, jobs: list[ForwardJob], cache: KVCache,
         outputs, counts_LE = [], 0
         for i, job in enumerate(jobs):
             outputs += run_forward_jobs(model, [job], cache, adapters and [adapters[i]])
-            counts_LE = counts_LE + torch.stack([moe.last_tokens_per_expert_E for moe in model.moe_layers()])
+            counts_LE = counts_LE + model.tokens_per_expert()
         for moe, counts_E in zip(model.moe_layers(), counts_LE):
             moe.last_tokens_per_expert_E = counts_E  # the step's counts, as after one pass
         return outputs
