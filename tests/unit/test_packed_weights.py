@@ -12,6 +12,7 @@ from raymoe.models.config import flavour
 from raymoe.models.lora import LoRALinear, lora_context, set_row_adapters
 from raymoe.models.moe import GroupedExperts
 from raymoe.models.packed import PackedGroupedExperts, PackedLinear, onednn_available, pack_fp32
+from raymoe.models.quantize import quantize_int8
 from raymoe.serve.debug_artifact import debug_config
 from raymoe.serve.engine import EngineConfig, generate_alone
 from raymoe.serve.request import SamplingParams
@@ -106,14 +107,14 @@ def test_serve_engine_packs_fp32_cpu_weights_unless_told_not_to(tmp_path):
     assert "Int8GroupedExperts" in kinds[2] and "PackedLinear" not in kinds[2]
 
 
-
-def test_experts_on_several_threads_give_exactly_the_serial_result():
+@pytest.mark.parametrize("convert", [pack_fp32, quantize_int8], ids=["packed-fp32", "int8"])
+def test_experts_on_several_threads_give_exactly_the_serial_result(convert):
     torch.manual_seed(2)
     experts = GroupedExperts(64, 48, list(range(6)))
     for w in experts.parameters():
         nn.init.normal_(w, std=0.2)
-    serial = pack_fp32(nn.ModuleList([copy.deepcopy(experts)]))[0]
-    threaded = pack_fp32(nn.ModuleList([copy.deepcopy(experts)]), expert_threads=3)[0]
+    serial = convert(nn.ModuleList([copy.deepcopy(experts)]))[0]
+    threaded = convert(nn.ModuleList([copy.deepcopy(experts)]), expert_threads=3)[0]
     for counts in ([3, 0, 5, 1, 2, 4], [1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]):
         x = torch.randn(sum(counts), 64)
         with torch.no_grad():

@@ -148,3 +148,33 @@ def test_int8_model_stays_close_to_fp32_and_serves(base):
     assert per_token.median() < 0.08
     out = generate_alone(model, [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=5))
     assert len(out) == 5
+
+
+def test_served_int8_model_with_adapters(base, adapter_dir, tmp_path):
+    """The replica's loader (adapters first, then INT8 of every base layer, q/k/v fused where no
+    adapter wraps them): base rows equal the INT8 base model, adapter rows follow the merged
+    fp32 model as closely as INT8 follows fp32."""
+    from raymoe.models import save_hf
+    from raymoe.models.lora import LoRALinear
+    from raymoe.serve.app import ServeConfig, load_model
+
+    path, tensors = adapter_dir
+    save_hf(base, tmp_path / "artifact")
+    served = load_model(ServeConfig(model_path=str(tmp_path / "artifact"), int8=True, lora_dir=str(path.parent)),
+                        ["sql"])
+    q_proj = served.layers[0].attn.q_proj
+    assert isinstance(q_proj, LoRALinear) and isinstance(q_proj.base, Int8Linear)
+    assert served.layers[0].attn.qkv_proj is None
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        set_row_adapters(served, [None, None])
+        base_rows = served(ids)
+        set_row_adapters(served, ["sql", None])
+        sql_row = served(ids)[0]
+        int8_base = quantize_int8(copy.deepcopy(base))(ids)  # q/k/v fused in every layer
+        fp32_merged = merged(base, tensors)(ids[:1])[0]
+    # INT8 quantizes each call's activations with one scale, so rows are compared in the same batch.
+    torch.testing.assert_close(base_rows, int8_base, rtol=1e-5, atol=1e-5)
+    per_token = (sql_row - fp32_merged).norm(dim=-1) / fp32_merged.norm(dim=-1)
+    assert per_token.median() < 0.08
+    assert not torch.allclose(sql_row, base_rows[0], atol=1e-3)

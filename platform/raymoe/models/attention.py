@@ -24,9 +24,27 @@ from raymoe.models.rope import apply_rotary, yarn_mscale
 def _attend(q_BHTD, k_BHSD, v_BHSD, cache: CacheView | None, scale: float, gqa: bool) -> torch.Tensor:
     causal = cache is None or cache.causal
     mask = None if cache is None else cache.mask_B1TS
+    if q_BHTD.shape[2] == 1 and q_BHTD.device.type == "cpu" and not torch.is_grad_enabled():
+        return _decode_attend(q_BHTD, k_BHSD, v_BHSD, mask, scale)
     return F.scaled_dot_product_attention(
         q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
+
+
+def _decode_attend(q_BH1D, k_BHSD, v_BHSD, mask_B11S: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One query per row on CPU: two batched GEMMs with each kv head's query heads as rows.
+
+    PyTorch's CPU SDPA tiles for long queries and, with GQA, repeats every key/value head for
+    its query heads; a decode step has one query per row, and its time goes to reading the
+    cache, so this reads each cached key/value once. Equal to SDPA up to summation order.
+    """
+    B, H, _, Dh = q_BH1D.shape
+    Hkv = k_BHSD.shape[1]
+    scores_BKGS = torch.matmul(q_BH1D.view(B, Hkv, H // Hkv, Dh), k_BHSD.transpose(-1, -2)) * scale
+    if mask_B11S is not None:
+        scores_BKGS = scores_BKGS.masked_fill(~mask_B11S, float("-inf"))
+    out_BKGD = torch.matmul(scores_BKGS.softmax(dim=-1), v_BHSD)
+    return out_BKGD.view(B, H, 1, v_BHSD.shape[-1])
 
 
 class GQAttention(nn.Module):
@@ -41,15 +59,37 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # inference: q, k, v in one matmul (`fuse_qkv`)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """For inference: replaces q/k/v_proj by one `qkv_proj` (one weight read, one GEMM call
+        per step instead of three; each output row is the same dot product as before)."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(p) is nn.Linear for p in parts):
+            raise ValueError(f"fuse_qkv needs plain nn.Linear projections, got {[type(p).__name__ for p in parts]}")
+        q = self.q_proj
+        fused = nn.Linear(q.in_features, sum(p.out_features for p in parts), bias=q.bias is not None,
+                          device=q.weight.device, dtype=q.weight.dtype)
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if q.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        self.qkv_proj = fused
+        self.q_proj = self.k_proj = self.v_proj = None
+
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: CacheView | None):
         B, T, _ = x_BTD.shape
-        q_BTHD = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
-        k_BTHD = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
-        v_BTHD = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            kv_width = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x_BTD).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q_BTHD = q.reshape(B, T, self.num_heads, self.head_dim)
+        k_BTHD = k.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v_BTHD = v.reshape(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
         cos, sin = rope

@@ -19,6 +19,7 @@ Shapes: S routed rows, D model dim, F expert hidden, O/I out/in features.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from raymoe.models.attention import GQAttention
 from raymoe.models.moe import GroupedExperts
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,15 @@ class PackedLinear(nn.Module):
         return _packed_matmul(x, self._packed, self._bias)
 
 
-class PackedGroupedExperts(nn.Module):
-    """`GroupedExperts` with packed weights: per expert one (2F, D) gate+up call and one down call.
+class ExpertsOnThreads(nn.Module):
+    """Inference experts as per-expert (gate+up (2F, D), down (D, F)) prepared weights.
 
-    With a `pool` (see `pack_fp32(expert_threads=...)`), the experts that received rows are dealt
-    round-robin to the calling thread and the pool's threads, each running its experts' GEMMs
-    with one torch thread. The GEMMs release the GIL, so the weight reads of different experts
-    stream from memory in parallel: coarse-grained parallelism with one hand-off per layer,
-    where an OpenMP team would synchronise inside every small GEMM.
+    Subclasses prepare the weights (`_prepare`) and apply them (`_matmul`). With a `pool` (see
+    `expert_pool`), the calling thread and the pool's threads take the experts that received rows
+    one at a time as each frees up, running their GEMMs with one torch thread. The GEMMs release
+    the GIL, so the weight reads of different experts stream from memory in parallel:
+    coarse-grained parallelism with one hand-off per layer, where an OpenMP team would
+    synchronise inside every small GEMM.
     """
 
     def __init__(self, experts: GroupedExperts, pool: ThreadPoolExecutor | None = None, num_threads: int = 1):
@@ -78,18 +81,25 @@ class PackedGroupedExperts(nn.Module):
         self.expert_ids = list(experts.expert_ids)
         self.hidden_dim = experts.w_gate_EFD.shape[1]
         self.dim = experts.w_down_EDF.shape[1]
-        self._gate_up = [_pack(torch.cat([g, u])) for g, u in zip(experts.w_gate_EFD, experts.w_up_EFD)]
-        self._down = [_pack(w) for w in experts.w_down_EDF]
+        self._gate_up = [self._prepare(torch.cat([g, u])) for g, u in zip(experts.w_gate_EFD, experts.w_up_EFD)]
+        self._down = [self._prepare(w) for w in experts.w_down_EDF]
         self._pool, self._num_threads = pool, num_threads
 
-    def _run(self, work: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+    def _prepare(self, w_OI: torch.Tensor):
+        raise NotImplementedError
+
+    def _matmul(self, x: torch.Tensor, prepared) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _expert(self, e: int, x_rows: torch.Tensor) -> torch.Tensor:
+        gate_up = self._matmul(x_rows, self._gate_up[e])
         F_ = self.hidden_dim
-        outputs = []
-        for e, x_rows in work:
-            gate_up = _packed_matmul(x_rows, self._gate_up[e], None)
-            h = nn.functional.silu(gate_up[:, :F_]) * gate_up[:, F_:]
-            outputs.append(_packed_matmul(h, self._down[e], None))
-        return outputs
+        return self._matmul(nn.functional.silu(gate_up[:, :F_]) * gate_up[:, F_:], self._down[e])
+
+    def _claim_and_run(self, work: list[tuple[int, torch.Tensor]], outputs: list, claims) -> None:
+        # `next` on an itertools.count is atomic under the GIL: each expert runs exactly once.
+        while (i := next(claims)) < len(work):
+            outputs[i] = self._expert(*work[i])
 
     def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         work = [(e, x_rows) for e, x_rows in enumerate(torch.split(x_SD, counts)) if x_rows.shape[0]]
@@ -97,26 +107,54 @@ class PackedGroupedExperts(nn.Module):
             return x_SD.new_zeros(0, self.dim)
         # Below two experts per thread the hand-off costs about what it saves (one-token decode).
         n = min(self._num_threads, len(work) // 2)
-        if self._pool is None or n < 2:
-            return torch.cat(self._run(work))
-        shares = [work[i::n] for i in range(n)]
-        futures = [self._pool.submit(self._run, share) for share in shares[1:]]
-        by_share = [self._run(shares[0])] + [f.result() for f in futures]
-        outputs = [None] * len(work)
-        for i, share_outputs in enumerate(by_share):
-            outputs[i::n] = share_outputs  # back in expert order (the rows' order)
+        outputs: list = [None] * len(work)
+        claims = itertools.count()
+        # Threads claim the next expert as they free up, so a thread the OS runs late (a busy
+        # serving machine) takes fewer experts instead of holding up the layer.
+        helpers = [self._pool.submit(self._claim_and_run, work, outputs, claims) for _ in range(n - 1)] \
+            if self._pool is not None and n >= 2 else []
+        self._claim_and_run(work, outputs, claims)
+        for helper in helpers:
+            if not helper.cancel():  # one that has not started has nothing to finish
+                helper.result()
         return torch.cat(outputs)
+
+
+class PackedGroupedExperts(ExpertsOnThreads):
+    """`GroupedExperts` with oneDNN-packed fp32 weights: per expert one gate+up call, one down call."""
+
+    def _prepare(self, w_OI: torch.Tensor) -> torch.Tensor:
+        return _pack(w_OI)
+
+    def _matmul(self, x: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+        return _packed_matmul(x, prepared, None)
+
+
+def expert_pool(expert_threads: int) -> ThreadPoolExecutor | None:
+    """The extra threads (one torch thread each) that `ExpertsOnThreads` layers share; None for 1."""
+    if expert_threads < 1:
+        raise ValueError(f"expert_threads must be >= 1, got {expert_threads}")
+    if expert_threads == 1:
+        return None
+    return ThreadPoolExecutor(expert_threads - 1, thread_name_prefix="raymoe-experts",
+                              initializer=torch.set_num_threads, initargs=(1,))
 
 
 def replace_matmul_modules(model: nn.Module, linear: Callable[[nn.Linear], nn.Module],
                            experts: Callable[[GroupedExperts], nn.Module]) -> nn.Module:
     """Swaps every `nn.Linear` and `GroupedExperts` of `model` (in place) for an inference form.
 
-    Refuses models with weights off the CPU; switches the model to eval mode. Returns `model`.
+    First fuses each GQA layer's q/k/v projections into one (`GQAttention.fuse_qkv`) where all
+    three are plain `nn.Linear` (not LoRA-wrapped). Refuses models with weights off the CPU;
+    switches the model to eval mode. Returns `model`.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("packed CPU kernels need the model on CPU; move it there first (or leave them off on GPU)")
     model.eval()
+    for module in model.modules():
+        if isinstance(module, GQAttention) and module.qkv_proj is None and all(
+                type(p) is nn.Linear for p in (module.q_proj, module.k_proj, module.v_proj)):
+            module.fuse_qkv()
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, GroupedExperts))]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
@@ -143,21 +181,18 @@ def pack_fp32(model: nn.Module, expert_threads: int = 1) -> nn.Module:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
         raise ValueError(f"cpu_kernels='onednn' packs fp32 weights; the model has {sorted(map(str, dtypes))}")
-    pool = None
-    if expert_threads > 1:
-        pool = ThreadPoolExecutor(expert_threads - 1, thread_name_prefix="raymoe-experts",
-                                  initializer=torch.set_num_threads, initargs=(1,))
+    pool = expert_pool(expert_threads)
     return replace_matmul_modules(model, PackedLinear,
                                   lambda experts: PackedGroupedExperts(experts, pool, expert_threads))
 
 
-def wants_packed_weights(cpu_kernels: str, model: nn.Module, int8: bool = False) -> bool:
-    """Whether `model` should be packed: `cpu_kernels == "onednn"`, fp32 on CPU, not INT8.
+def wants_packed_weights(cpu_kernels: str, model: nn.Module) -> bool:
+    """Whether `model` should be packed: `cpu_kernels == "onednn"` and fp32 weights on CPU.
 
     Warns and answers False when oneDNN is asked for but this torch build lacks it.
     """
     first = next(model.parameters())
-    wanted = cpu_kernels == "onednn" and not int8 and first.device.type == "cpu" and first.dtype == torch.float32
+    wanted = cpu_kernels == "onednn" and first.device.type == "cpu" and first.dtype == torch.float32
     if wanted and not onednn_available():
         log.warning("cpu_kernels='onednn' but this torch has no oneDNN; using PyTorch's default kernels")
         return False

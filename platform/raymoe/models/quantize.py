@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raymoe.models.moe import GroupedExperts
-from raymoe.models.packed import replace_matmul_modules
+from raymoe.models.packed import ExpertsOnThreads, expert_pool, replace_matmul_modules
 
 
 def quantize_rows(w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,35 +64,25 @@ class Int8Linear(nn.Module):
         return _int8_matmul(x, self._packed)
 
 
-class Int8GroupedExperts(nn.Module):
-    """`GroupedExperts` with INT8 weights: the same one-GEMM-per-expert loop."""
+class Int8GroupedExperts(ExpertsOnThreads):
+    """`GroupedExperts` with INT8 weights: per expert one gate+up GEMM (per-row scales, so the
+    fused weight quantizes exactly as the two apart) and one down GEMM, optionally on a pool."""
 
-    def __init__(self, experts: GroupedExperts):
-        super().__init__()
-        self.expert_ids = list(experts.expert_ids)
-        self.dim = experts.w_down_EDF.shape[1]
-        self._gate = [_pack(w, None) for w in experts.w_gate_EFD.unbind(0)]
-        self._up = [_pack(w, None) for w in experts.w_up_EFD.unbind(0)]
-        self._down = [_pack(w, None) for w in experts.w_down_EDF.unbind(0)]
+    def _prepare(self, w_OI: torch.Tensor):
+        return _pack(w_OI, None)
 
-    def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outputs = []
-        for e, x_rows in enumerate(torch.split(x_SD, counts)):
-            if x_rows.shape[0] == 0:
-                continue
-            h = nn.functional.silu(_int8_matmul(x_rows, self._gate[e])) * _int8_matmul(x_rows, self._up[e])
-            outputs.append(_int8_matmul(h, self._down[e]))
-        if not outputs:
-            return x_SD.new_zeros(0, self.dim)
-        return torch.cat(outputs)
+    def _matmul(self, x: torch.Tensor, prepared) -> torch.Tensor:
+        return _int8_matmul(x, prepared)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: nn.Module, expert_threads: int = 1) -> nn.Module:
     """Replaces every `nn.Linear` and `GroupedExperts` in `model` (in place) by its INT8 form.
 
     Inference only (the packed weights carry no gradients); CPU only (fbgemm / oneDNN kernels).
+    `expert_threads` as in `raymoe.models.packed.pack_fp32`.
 
     Returns:
         `model`, for chaining.
     """
-    return replace_matmul_modules(model, Int8Linear, Int8GroupedExperts)
+    pool = expert_pool(expert_threads)
+    return replace_matmul_modules(model, Int8Linear, lambda experts: Int8GroupedExperts(experts, pool, expert_threads))

@@ -201,16 +201,16 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
     model = load_hf(cfg.model_path)
     if cfg.num_gpus > 0 and torch.cuda.is_available():
         model = model.to("cuda")
-    if cfg.int8:
-        from raymoe.models.quantize import quantize_int8
-
-        quantize_int8(model)
     if adapters:
         from raymoe.models.lora import attach_adapters
 
         attach_adapters(model, {name: Path(cfg.lora_dir) / name for name in adapters})
-    if wants_packed_weights(cfg.engine.cpu_kernels, model, int8=cfg.int8):
-        # After LoRA: the adapters' base layers are packed, their A/B stay fp32.
+    # After LoRA: the adapters' base layers are quantized or packed, their A/B stay fp32.
+    if cfg.int8:
+        from raymoe.models.quantize import quantize_int8
+
+        quantize_int8(model, expert_threads=cfg.engine.expert_threads)
+    elif wants_packed_weights(cfg.engine.cpu_kernels, model):
         pack_fp32(model, expert_threads=cfg.engine.expert_threads)
     return model
 

@@ -66,8 +66,9 @@ class EngineConfig:
     # 1.5-2.5x faster decode than PyTorch's default MKL path on the benchmark model);
     # "default" leaves PyTorch's kernels. Ignored on GPU and for INT8 weights.
     cpu_kernels: str = "onednn"
-    # With cpu_kernels onednn: threads that run a MoE layer's experts side by side, each with one
-    # torch thread (`raymoe.models.packed.PackedGroupedExperts`); 1 = the engine thread alone.
+    # Packed fp32 (cpu_kernels onednn) or INT8 weights: threads that run a MoE layer's experts side
+    # by side, each with one torch thread (`raymoe.models.packed.ExpertsOnThreads`); 1 = the engine
+    # thread alone.
     expert_threads: int = 1
 
     def __post_init__(self) -> None:
