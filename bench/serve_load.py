@@ -1,10 +1,11 @@
 """Serving load: the Ray Serve OpenAI server under 1, 8 and 32 concurrent streaming clients,
 against transformers `generate` at batch 1 and 8 on the same weights, in the same run.
 
-Server side: `raymoe.serve.app:build_app` on a local Ray cluster (127.0.0.1), one replica, its
-defaults (oneDNN-packed fp32 weights), `--engine-threads` torch threads (1: an OpenMP team of two
-synchronises inside every small GEMM and loses to one thread here) and `--expert-threads` (2:
-a MoE layer's experts split over two threads, each with one torch thread).
+Server side: `raymoe.serve.app:build_app` on a local Ray cluster (127.0.0.1), two applications of
+one replica each, measured in turn: its defaults (oneDNN-packed fp32 weights) and `int8: true`;
+`--engine-threads` torch threads (1: an OpenMP team of two synchronises inside every small GEMM
+and loses to one thread here) and `--expert-threads` (2: a MoE layer's experts split over two
+threads, each with one torch thread).
 Client side: asyncio + httpx, streaming completions with `ignore_eos` so every request produces
 exactly OUTPUT_TOKENS tokens. Per request: TTFT (request sent -> first token chunk) and TPOT
 ((last chunk - first chunk) / (tokens - 1)); per level: aggregate output tokens/s over the wall
@@ -16,7 +17,7 @@ fp32 weights (the serving default) and with INT8 weights, and held-out perplexit
 (`--ppl-artifact` + `--heldout-shards`: a trained artifact and its ingest's val shards; without
 them, the random bench model, where the perplexity change means little).
 
-    python -m bench.serve_load          # ~8 min on 2 cores; writes bench/results/serve.json
+    python -m bench.serve_load          # ~10 min on 2 cores; writes bench/results/serve.json
     python -m bench.serve_load --quick  # fewer requests, smaller model (smoke run)
     python -m bench.serve_load --ppl-artifact runs/demo/model --heldout-shards runs/demo/ingest/val
 """
@@ -40,7 +41,9 @@ import torch
 from bench.harness import best_seconds, print_table, write_results
 
 PROMPT_WORDS = "experts route tokens to workers and back again while the batch keeps decoding"
-TARGETS = {"c32_over_hf_b8": 3.0, "c1_over_hf_b1": 1.2, "int8_over_fp32_decode_b1": 1.6, "int8_ppl_change": 0.01}
+TARGETS = {"c32_over_hf_b8": 3.0, "c32_int8_over_hf_b8": 3.0, "c1_over_hf_b1": 1.2, "int8_over_fp32_decode_b1": 1.6,
+           "int8_ppl_change": 0.01}
+SERVED = {"fp32": "/", "int8": "/int8"}  # weights -> route prefix of that application
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -121,10 +124,46 @@ def engine_decode(artifact: str, prompt_ids: list[int], max_tokens: int, expert_
 
     fp32 = load_hf(artifact).eval()
     models = {"fp32 default kernels": fp32, "fp32 packed": pack_fp32(copy.deepcopy(fp32), expert_threads),
-              "int8": quantize_int8(copy.deepcopy(fp32))}
+              "int8": quantize_int8(copy.deepcopy(fp32), expert_threads)}
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     return {name: max_tokens / best_seconds(lambda m=m: generate_alone(m, prompt_ids, params), repeats=2)
             for name, m in models.items()}
+
+
+def engine_concurrent(artifact: str, tokenizer, concurrency: int, num_requests: int, max_tokens: int,
+                      expert_threads: int) -> dict:
+    """Engine tokens/s (no HTTP) with `concurrency` requests in flight, a new one joining as one
+    finishes (the load levels' workload, in process): what the server would do without HTTP."""
+    from raymoe.models import load_hf
+    from raymoe.models.packed import pack_fp32
+    from raymoe.models.quantize import quantize_int8
+    from raymoe.serve.engine import EngineConfig, EngineCore
+    from raymoe.serve.request import GenerationRequest, SamplingParams
+
+    fp32 = load_hf(artifact).eval()
+    models = {"fp32": pack_fp32(copy.deepcopy(fp32), expert_threads),
+              "int8": quantize_int8(fp32, expert_threads)}
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    result = {}
+    for name, model in models.items():
+        core = EngineCore(model, EngineConfig(num_slots=32, max_tokens_per_step=256))
+        pending = list(range(num_requests))
+
+        def admit(core=core, pending=pending):
+            i = pending.pop()
+            core.add_request(GenerationRequest(request_id=str(i), prompt_ids=tokenizer.encode(f"{i} {PROMPT_WORDS}"),
+                                               params=params))
+
+        for _ in range(min(concurrency, num_requests)):
+            admit()
+        start, tokens = time.perf_counter(), 0
+        while core.has_work():
+            for _, event in core.step():
+                tokens += 1
+                if event.finish_reason and pending:
+                    admit()
+        result[name] = tokens / (time.perf_counter() - start)
+    return result
 
 
 def perplexities(artifact: str, rows: list[list[int]]) -> dict:
@@ -187,7 +226,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     shape = dict(dim=256, num_layers=4) if args.quick else dict(dim=512, num_layers=8)
     max_tokens = 16 if args.quick else 64
-    levels = [(1, 2), (8, 8), (32, 32)] if args.quick else [(1, 4), (8, 16), (32, 64)]
+    # (concurrency, requests): four waves at 8 and 32, so ramp-up and drain are a small part.
+    levels = [(1, 2), (8, 8), (32, 32)] if args.quick else [(1, 4), (8, 32), (32, 128)]
 
     from raymoe.ray_runtime import init_ray
     from raymoe.serve.app import build_app
@@ -206,18 +246,20 @@ def main(argv: list[str]) -> int:
     rows = (heldout_rows(args.heldout_shards) if args.heldout_shards
             else [tokenizer.encode(" ".join(reversed(CORPUS[:6])))])  # word order unseen in training
 
-    init_ray(num_cpus=4)
+    # The replicas ask Ray for the cores their threads use; one application is measured at a time.
+    replica_cpus = float(args.engine_threads + args.expert_threads - 1)
+    init_ray(num_cpus=int(2 * replica_cpus) + 2)
     from ray import serve
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # The replica asks Ray for the cores its threads use.
-    replica_cpus = float(args.engine_threads + args.expert_threads - 1)
-    app_args = {"model_path": artifact, "num_cpus": replica_cpus, "max_ongoing_requests": 64, "max_queued_requests": -1,
-                "api_key_env": "", "stream_interval": args.stream_interval,
-                "engine": {"num_slots": 32, "max_tokens_per_step": 256, "num_threads": args.engine_threads,
-                           "expert_threads": args.expert_threads}}
-    serve.run(build_app(app_args), name="bench", route_prefix="/")
+    for weights, prefix in SERVED.items():
+        app_args = {"model_path": artifact, "num_cpus": replica_cpus, "max_ongoing_requests": 64,
+                    "max_queued_requests": -1, "api_key_env": "", "stream_interval": args.stream_interval,
+                    "int8": weights == "int8",
+                    "engine": {"num_slots": 32, "max_tokens_per_step": 256, "num_threads": args.engine_threads,
+                               "expert_threads": args.expert_threads}}
+        serve.run(build_app(app_args), name=f"bench-{weights}", route_prefix=prefix)
     url = f"http://127.0.0.1:{port}"
     # Rounds alternate the peers (while the server idles) and the load levels; each figure keeps
     # its best round, so a burst of unrelated load on a shared machine favours neither side.
@@ -236,21 +278,29 @@ def main(argv: list[str]) -> int:
             torch.set_num_threads(args.engine_threads)  # as the serving engine runs
             for name, tokens_per_s in engine_decode(artifact, prompt_ids, max_tokens, args.expert_threads).items():
                 keep(("engine", name), tokens_per_s, lambda r: r)
-            for c, n in levels:
-                keep(("serve", c), asyncio.run(load_level(url, model_id, c, n, max_tokens)),
-                     lambda r: r["tokens_per_s"])
+            c, n = levels[-1]
+            for name, tokens_per_s in engine_concurrent(artifact, tokenizer, c, n, max_tokens,
+                                                        args.expert_threads).items():
+                keep(("engine concurrent", name), tokens_per_s, lambda r: r)
+            for weights, prefix in SERVED.items():
+                for c, n in levels:
+                    result = asyncio.run(load_level(url + prefix.rstrip("/"), model_id, c, n, max_tokens))
+                    keep(("serve", weights, c), {**result, "weights": weights}, lambda r: r["tokens_per_s"])
     finally:
         serve.shutdown()
     ppl = perplexities(ppl_artifact, rows)
-    served = [best[("serve", c)] for c, _ in levels]
+    served = [best[("serve", weights, c)] for weights in SERVED for c, _ in levels]
     peers = [best[("hf", b)] for b in (1, 8)]
     engine = {name: best[("engine", name)] for name in ("fp32 default kernels", "fp32 packed", "int8")}
 
-    table = [[f"raymoe Serve HTTP, {s['concurrency']} concurrent", s["tokens_per_s"], s["ttft_p50"] * 1e3,
+    table = [[f"raymoe Serve HTTP {s['weights']}, {s['concurrency']} concurrent", s["tokens_per_s"], s["ttft_p50"] * 1e3,
               s["ttft_p99"] * 1e3, s["tpot_p50"] * 1e3, s["tpot_p99"] * 1e3] for s in served]
     table += [[f"transformers generate, batch {p['batch']} ({p['threads']} threads)", p["tokens_per_s"],
                p["ttft"] * 1e3, p["ttft"] * 1e3, p["tpot"] * 1e3, p["tpot"] * 1e3] for p in peers]
     table += [[f"raymoe engine {k} (no HTTP), batch 1", v, "", "", "", ""] for k, v in engine.items()]
+    concurrent = {name: best[("engine concurrent", name)] for name in SERVED}
+    table += [[f"raymoe engine {k} (no HTTP), {levels[-1][0]} concurrent", v, "", "", "", ""]
+              for k, v in concurrent.items()]
     what = args.artifact or f"random model d{shape['dim']} x {shape['num_layers']} layers, 8 experts top-2"
     print_table(f"Serving {what}, {max_tokens} output tokens, engine {args.engine_threads} thread(s), "
                 f"experts on {args.expert_threads}",
@@ -258,10 +308,11 @@ def main(argv: list[str]) -> int:
     print_table(f"Held-out perplexity of {ppl_artifact} ({ppl['tokens']} tokens"
                 f"{' of ' + args.heldout_shards if args.heldout_shards else ', reordered built-in sentences'})",
                 ["weights", "perplexity"], [["fp32", ppl["fp32"]], ["int8", ppl["int8"]]])
-    by_c = {s["concurrency"]: s for s in served}
+    by_c = {(s["weights"], s["concurrency"]): s["tokens_per_s"] for s in served}
     ratios = {
-        "c32_over_hf_b8": by_c[32]["tokens_per_s"] / peers[1]["tokens_per_s"],
-        "c1_over_hf_b1": by_c[1]["tokens_per_s"] / peers[0]["tokens_per_s"],
+        "c32_over_hf_b8": by_c["fp32", 32] / peers[1]["tokens_per_s"],
+        "c32_int8_over_hf_b8": by_c["int8", 32] / peers[1]["tokens_per_s"],
+        "c1_over_hf_b1": by_c["fp32", 1] / peers[0]["tokens_per_s"],
         "int8_over_fp32_decode_b1": engine["int8"] / engine["fp32 packed"],
         "int8_over_fp32_default_kernels_b1": engine["int8"] / engine["fp32 default kernels"],
         "int8_ppl_change": abs(ppl["int8"] / ppl["fp32"] - 1),
@@ -274,7 +325,7 @@ def main(argv: list[str]) -> int:
                                    "model": {"artifact": args.artifact or "random debug artifact", **shape,
                                              "vocab_size": tokenizer.tokenizer.get_vocab_size()},
                                    "output_tokens": max_tokens, "served": served, "transformers": peers,
-                                   "engine_decode_b1": engine, "perplexity": {**ppl, "artifact": ppl_artifact,
+                                   "engine_decode_b1": engine, "engine_concurrent": concurrent, "perplexity": {**ppl, "artifact": ppl_artifact,
                                                                               "heldout": args.heldout_shards},
                                    "ratios": ratios, "targets": TARGETS, "quick": args.quick})
     print(f"wrote {path}")

@@ -48,8 +48,14 @@ def _pack(w_OI: torch.Tensor) -> torch.Tensor:
 
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     lead = x.shape[:-1]
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias, "none", [], "")
+    y = _packed_matmul_2d(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias)
     return y.reshape(*lead, y.shape[-1])
+
+
+def _packed_matmul_2d(x_MI: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # The op's overload is called directly: an expert's GEMM is tens of microseconds, and the
+    # Python around it holds the GIL that the other expert threads wait for.
+    return torch.ops.mkldnn._linear_pointwise.default(x_MI, packed, bias, "none", [], "")
 
 
 class PackedLinear(nn.Module):
@@ -88,13 +94,14 @@ class ExpertsOnThreads(nn.Module):
     def _prepare(self, w_OI: torch.Tensor):
         raise NotImplementedError
 
-    def _matmul(self, x: torch.Tensor, prepared) -> torch.Tensor:
+    def _matmul(self, x_SI: torch.Tensor, prepared) -> torch.Tensor:
+        """(S, I) contiguous rows times a prepared (O, I) weight -> (S, O)."""
         raise NotImplementedError
 
     def _expert(self, e: int, x_rows: torch.Tensor) -> torch.Tensor:
         gate_up = self._matmul(x_rows, self._gate_up[e])
-        F_ = self.hidden_dim
-        return self._matmul(nn.functional.silu(gate_up[:, :F_]) * gate_up[:, F_:], self._down[e])
+        h = nn.functional.silu(gate_up[:, : self.hidden_dim])
+        return self._matmul(h.mul_(gate_up[:, self.hidden_dim :]), self._down[e])
 
     def _claim_and_run(self, work: list[tuple[int, torch.Tensor]], outputs: list, claims) -> None:
         # `next` on an itertools.count is atomic under the GIL: each expert runs exactly once.
@@ -126,8 +133,8 @@ class PackedGroupedExperts(ExpertsOnThreads):
     def _prepare(self, w_OI: torch.Tensor) -> torch.Tensor:
         return _pack(w_OI)
 
-    def _matmul(self, x: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
-        return _packed_matmul(x, prepared, None)
+    def _matmul(self, x_SI: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+        return _packed_matmul_2d(x_SI, prepared, None)
 
 
 def expert_pool(expert_threads: int) -> ThreadPoolExecutor | None:
