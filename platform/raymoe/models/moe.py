@@ -94,15 +94,14 @@ class LocalDispatcher:
         T, K = expert_ids_TK.shape
         flat_ids = expert_ids_TK.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
-        num_dropped = int((flat_ids < 0).sum())
-        order = order[num_dropped:]  # dropped pairs (-1) sort first
-        counts = torch.bincount(flat_ids[order], minlength=self.num_local_experts).tolist()
+        # One count for dropped pairs (id -1, which sort first) and one per expert.
+        num_dropped, *counts = torch.bincount(flat_ids + 1, minlength=self.num_local_experts + 1).tolist()
+        order = order[num_dropped:]
         return x_TD[order // K], counts, (order, T, K)
 
     def combine(self, y_SD: torch.Tensor, state) -> torch.Tensor:
         order, T, K = state
-        out = y_SD.new_zeros(T * K, y_SD.shape[-1])
-        out = out.index_copy(0, order, y_SD)
+        out = y_SD.new_zeros(T * K, y_SD.shape[-1]).index_copy_(0, order, y_SD)
         return out.view(T, K, y_SD.shape[-1])
 
 
@@ -192,15 +191,18 @@ class MoE(nn.Module):
 
     def _record_stats(self, expert_ids_TK, scores_TE, logits_TE) -> None:
         cfg = self.cfg
-        kept = expert_ids_TK[expert_ids_TK >= 0]
-        self.last_tokens_per_expert_E = torch.bincount(kept, minlength=cfg.num_experts).detach()
+        kept = expert_ids_TK if cfg.capacity_factor is None else expert_ids_TK[expert_ids_TK >= 0]
+        self.last_tokens_per_expert_E = torch.bincount(kept.reshape(-1), minlength=cfg.num_experts).detach()
         aux = scores_TE.new_zeros(())
-        if self.training and cfg.aux_loss_coef > 0:
+        if not self.training:
+            self.last_aux_loss = aux  # the aux losses only matter to training
+            return
+        if cfg.aux_loss_coef > 0:
             T, K = expert_ids_TK.shape
             # Switch-style: E * sum_e (fraction of routed pairs to e) * (mean score of e).
             fraction_E = self.last_tokens_per_expert_E.to(scores_TE.dtype) / (T * K)
             probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
             aux = aux + cfg.aux_loss_coef * cfg.num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
-        if self.training and cfg.z_loss_coef > 0:
+        if cfg.z_loss_coef > 0:
             aux = aux + cfg.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
         self.last_aux_loss = aux
