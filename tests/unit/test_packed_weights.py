@@ -94,14 +94,13 @@ def test_engine_config_names_a_bad_cpu_kernels_value():
 
 
 def test_serve_engine_packs_fp32_cpu_weights_unless_told_not_to(tmp_path):
-    from raymoe.serve.app import ServeConfig, build_engine
+    from raymoe.serve.app import ServeConfig, load_model
     from raymoe.serve.debug_artifact import make_debug_artifact
 
     artifact = str(make_debug_artifact(tmp_path / "tiny", vocab_size=300, dim=64, num_layers=1, max_seq_len=64))
-    packed_engine, _ = build_engine(ServeConfig(model_path=artifact))
-    plain_engine, _ = build_engine(ServeConfig(model_path=artifact, engine=EngineConfig(cpu_kernels="default")))
-    int8_engine, _ = build_engine(ServeConfig(model_path=artifact, int8=True))
-    kinds = [{type(m).__name__ for m in e.core.model.modules()} for e in (packed_engine, plain_engine, int8_engine)]
+    configs = [ServeConfig(model_path=artifact), ServeConfig(model_path=artifact, engine=EngineConfig(cpu_kernels="default")),
+               ServeConfig(model_path=artifact, int8=True)]
+    kinds = [{type(m).__name__ for m in load_model(cfg, []).modules()} for cfg in configs]
     assert "PackedGroupedExperts" in kinds[0] and "Linear" not in kinds[0]
     assert "GroupedExperts" in kinds[1] and "PackedLinear" not in kinds[1]
     assert "Int8GroupedExperts" in kinds[2] and "PackedLinear" not in kinds[2]

@@ -21,15 +21,13 @@ class Recorder:
         self.calls.append(("observe", value, tags))
 
 
-class FakeCore:
-    def __init__(self):
-        self.tokens_per_expert_LE = torch.tensor([[3, 0], [1, 2]])
-
-
 class FakeEngine:
     def __init__(self):
-        self.core = FakeCore()
+        self.counts = torch.tensor([[3, 0], [1, 2]])
         self.generated = 10
+
+    def expert_counts(self):
+        return self.counts.clone()
 
     def stats(self):
         return {"running": 2, "waiting": 1, "kv_usage": 0.25, "batch_size": 3, "generated_tokens": self.generated,
@@ -47,7 +45,7 @@ def test_metrics_record_requests_gauges_and_counter_deltas(monkeypatch):
     engine = FakeEngine()
     metrics.sample_engine(engine)
     engine.generated = 25
-    engine.core.tokens_per_expert_LE = torch.tensor([[4, 0], [1, 5]])
+    engine.counts = torch.tensor([[4, 0], [1, 5]])
     metrics.sample_engine(engine)
 
     requests = recorders[m.SERVE_REQUESTS.name].calls

@@ -12,6 +12,7 @@ callers queue up to `max_queued_requests` more, beyond which Serve answers `back
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raymoe.config import ConfigError, from_dict, require, to_dict
-from raymoe.serve.engine import EngineConfig
+from raymoe.serve.engine import EngineConfig, EngineCore
 
 log = logging.getLogger(__name__)
 
@@ -164,31 +165,41 @@ def check_expert_slots(cfg: ServeConfig) -> None:
     ExpertPlacement.with_redundant(model_cfg.moe.num_experts, cfg.ep, list(cfg.redundant_experts))
 
 
-def build_engine(cfg: ServeConfig):
-    """The engine the replica serves (in this process) and the LoRA adapters it has loaded.
+def build_core(cfg: ServeConfig, adapters: list[str]) -> EngineCore:
+    """Loads the artifact and makes the engine core (in the thread or process that runs it)."""
+    if cfg.ep > 1:
+        from raymoe.serve.shard_workers import ShardedModel
 
-    The artifact is loaded inside the engine's thread (`LocalEngine(build=...)`): the thread that
-    runs the model is the only one that starts torch's OpenMP team. A second team beside it (from
-    loading in the replica's thread) makes libgomp count more threads than cores and stop its
-    workers spinning between kernels; measured, a 2-thread packed GEMM went from 159 to 190 us and
-    a served one-request decode from 10 to 18 ms per token.
+        sharded = ShardedModel.launch(
+            cfg.model_path, cfg.ep, redundant_experts=cfg.redundant_experts, num_cpus=cfg.shard_num_cpus,
+            num_gpus=cfg.shard_num_gpus, num_threads=cfg.shard_num_threads,
+            cpu_kernels=cfg.engine.cpu_kernels, expert_threads=cfg.engine.expert_threads)
+        return EngineCore(sharded, cfg.engine, kv_cache_factory=sharded.make_cache)
+    return EngineCore(load_model(cfg, adapters), cfg.engine)
+
+
+def build_engine(cfg: ServeConfig):
+    """The engine the replica serves and the LoRA adapters it has loaded.
+
+    With ep=1 and `engine.own_process` (the default) the core runs in a child process
+    (`raymoe.serve.engine_process`), away from the GIL of the replica's event loop and Ray's
+    threads. Otherwise it runs in a thread of the replica (`LocalEngine`); with ep>1 that thread
+    drives the shard-worker actors, which need this process's Ray connection. Either way the
+    artifact is loaded where the model will run: that thread or process is the only one that
+    starts torch's OpenMP team. A second team beside it (from loading in the replica's thread)
+    makes libgomp count more threads than cores and stop its workers spinning between kernels;
+    measured, a 2-thread packed GEMM went from 159 to 190 us and a served one-request decode from
+    10 to 18 ms per token.
     """
-    from raymoe.serve.engine import EngineCore, LocalEngine
+    from raymoe.serve.engine import LocalEngine
 
     adapters = list_adapters(cfg.lora_dir)
+    build = functools.partial(build_core, cfg, adapters)
+    if cfg.ep == 1 and cfg.engine.own_process:
+        from raymoe.serve.engine_process import ProcessEngine
 
-    def build_core() -> EngineCore:
-        if cfg.ep > 1:
-            from raymoe.serve.shard_workers import ShardedModel
-
-            sharded = ShardedModel.launch(
-                cfg.model_path, cfg.ep, redundant_experts=cfg.redundant_experts, num_cpus=cfg.shard_num_cpus,
-                num_gpus=cfg.shard_num_gpus, num_threads=cfg.shard_num_threads,
-                cpu_kernels=cfg.engine.cpu_kernels, expert_threads=cfg.engine.expert_threads)
-            return EngineCore(sharded, cfg.engine, kv_cache_factory=sharded.make_cache)
-        return EngineCore(load_model(cfg, adapters), cfg.engine)
-
-    return LocalEngine(build=build_core, num_threads=cfg.engine.num_threads), adapters
+        return ProcessEngine(build, num_threads=cfg.engine.num_threads), adapters
+    return LocalEngine(build=build, num_threads=cfg.engine.num_threads), adapters
 
 
 def load_model(cfg: ServeConfig, adapters: list[str]):

@@ -4,7 +4,8 @@
 prompt chunks), runs them in one pass over the weights (`raymoe.models.forward_jobs`), samples
 with per-request settings (`raymoe.serve.sampling`) and reports one `TokenEvent` per sampled
 token. `LocalEngine` runs `EngineCore` in a thread of its own (which can also load the model)
-and gives each request an async stream: this is the `Engine` the Serve deployment holds.
+and gives each request an async stream; `raymoe.serve.engine_process.ProcessEngine` does the same
+with the core in a child process. Either is the `Engine` the Serve deployment holds.
 
 Shapes: B batch rows, T tokens of a chunk, V vocabulary, E experts.
 """
@@ -48,6 +49,10 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, float]: ...
 
+    def expert_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert of each MoE layer since start, (layers, experts)."""
+        ...
+
 
 @dataclass(kw_only=True)
 class EngineConfig:
@@ -70,6 +75,9 @@ class EngineConfig:
     # by side, each with one torch thread (`raymoe.models.packed.ExpertsOnThreads`); 1 = the engine
     # thread alone.
     expert_threads: int = 1
+    # ep=1: run the engine in a child process of the replica (`raymoe.serve.engine_process`),
+    # off the GIL that the replica's event loop and Ray Serve's threads hold; false = a thread.
+    own_process: bool = True
 
     def __post_init__(self) -> None:
         require(self.expert_threads >= 1, f"engine.expert_threads must be >= 1, got {self.expert_threads}")
@@ -296,11 +304,81 @@ class EngineCore:
         return s
 
 
-class LocalEngine:
-    """Async front of an `EngineCore`: a dedicated thread runs steps back to back while there is
-    work and hands each step's events to the event loop, which routes them to the requests'
-    queues. The next step starts while the loop is still streaming the last one's tokens.
-    Implements `Engine`."""
+class StreamingEngine:
+    """The async side shared by `LocalEngine` and `raymoe.serve.engine_process.ProcessEngine`:
+    each request gets a queue; whatever runs the `EngineCore` hands (request id, event or error)
+    pairs to `_post` from its own thread, and the event loop routes them to the queues.
+    Subclasses submit and abort requests and report health, stats and expert counts."""
+
+    max_seq_len: int
+
+    def __init__(self) -> None:
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _submit(self, request: GenerationRequest) -> None:
+        raise NotImplementedError
+
+    def _abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def check_alive(self) -> None:
+        """Raises when the engine can no longer step (Serve's health check restarts the replica)."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def expert_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert of each MoE layer since start, (layers, experts)."""
+        raise NotImplementedError
+
+    def _post(self, items: list[tuple[str, TokenEvent | BaseException]]) -> None:
+        """Hands (request id, event or error) pairs to the event loop, which queues them."""
+        if self._loop is None:
+            return  # no request has come yet: nobody to tell
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, items)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _deliver(self, items) -> None:
+        for rid, item in items:
+            queue = self._queues.get(rid)
+            if queue is not None:
+                queue.put_nowait(item)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Streams `request`'s tokens; leaving early (client gone, stop string) aborts it."""
+        self.check_alive()
+        self._loop = asyncio.get_running_loop()  # the loop streaming the requests (tests make several)
+        rid = request.request_id
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = queue  # before the engine can produce its first event
+        try:
+            self._submit(request)
+        except BaseException:
+            self._queues.pop(rid, None)
+            raise
+        done = False
+        try:
+            while not done:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    done = True  # the engine already dropped it
+                    raise event
+                done = event.finish_reason is not None
+                yield event
+        finally:
+            self._queues.pop(rid, None)
+            if not done:
+                self._abort(rid)
+
+
+class LocalEngine(StreamingEngine):
+    """An `EngineCore` in a dedicated thread of this process, which runs steps back to back while
+    there is work and hands each step's events to the event loop. The next step starts while the
+    loop is still streaming the last one's tokens. Implements `Engine`."""
 
     def __init__(self, core: EngineCore | None = None, *, build: Callable[[], EngineCore] | None = None,
                  num_threads: int = 0):
@@ -316,8 +394,7 @@ class LocalEngine:
         """
         if (core is None) == (build is None):
             raise ValueError("LocalEngine takes a core or a build function, not both")
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__()
         self._wake = threading.Event()
         self._died: BaseException | None = None
         self._num_threads = num_threads or (core.config.num_threads if core is not None else 0)
@@ -351,69 +428,40 @@ class LocalEngine:
                 if not self.core.has_work():
                     self._wake.wait()
                     continue
-                try:
-                    events = self.core.step()
-                except Exception as exc:  # a failed step fails the requests in it, not the server
-                    log.exception("engine step failed; failing its requests")
-                    self._post([(rid, exc) for rid in self.core.abort_all()])
-                    continue
-                if events:
-                    self._post(events)
+                if items := step_or_fail(self.core):
+                    self._post(items)
         except BaseException as exc:  # noqa: BLE001 - reported by check_alive and to every waiting request
             self._died = exc
             error = RuntimeError(f"engine thread stopped: {exc!r}")
             self._post([(rid, error) for rid in list(self._queues)])
             raise
 
-    def _post(self, items: list[tuple[str, TokenEvent | BaseException]]) -> None:
-        """Hands (request id, event or error) pairs to the event loop, which queues them."""
-        if self._loop is None:
-            return  # no request has come yet: nobody to tell
-        try:
-            self._loop.call_soon_threadsafe(self._deliver, items)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+    def _submit(self, request: GenerationRequest) -> None:
+        self.core.add_request(request)
+        self._wake.set()
 
-    def _deliver(self, items) -> None:
-        for rid, item in items:
-            queue = self._queues.get(rid)
-            if queue is not None:
-                queue.put_nowait(item)
+    def _abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
 
     def check_alive(self) -> None:
-        """Raises when the engine thread has died (Serve's health check restarts the replica)."""
         if self._died is not None or not self._thread.is_alive():
             raise RuntimeError(f"engine thread stopped: {self._died!r}")
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Streams `request`'s tokens; leaving early (client gone, stop string) aborts it."""
-        self.check_alive()
-        self._loop = asyncio.get_running_loop()  # the loop streaming the requests (tests make several)
-        rid = request.request_id
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = queue  # before the engine can produce its first event
-        try:
-            self.core.add_request(request)
-        except BaseException:
-            self._queues.pop(rid, None)
-            raise
-        self._wake.set()
-        done = False
-        try:
-            while not done:
-                event = await queue.get()
-                if isinstance(event, BaseException):
-                    done = True  # the engine already dropped it
-                    raise event
-                done = event.finish_reason is not None
-                yield event
-        finally:
-            self._queues.pop(rid, None)
-            if not done:
-                self.core.abort(rid)
-
     def stats(self) -> dict[str, float]:
         return self.core.stats()
+
+    def expert_counts(self) -> torch.Tensor:
+        return self.core.tokens_per_expert_LE.clone()
+
+
+def step_or_fail(core: EngineCore) -> list[tuple[str, TokenEvent | BaseException]]:
+    """One step's (request id, event) pairs; a failed step fails the requests in it (each gets
+    the error), not the server."""
+    try:
+        return core.step()
+    except Exception as exc:
+        log.exception("engine step failed; failing its requests")
+        return [(rid, exc) for rid in core.abort_all()]
 
 
 def generate_alone(model, prompt_ids: list[int], params: SamplingParams, max_seq_len: int = 0) -> list[int]:

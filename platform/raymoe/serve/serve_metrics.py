@@ -72,9 +72,8 @@ class ServeMetrics:
             if delta > 0:
                 m.ray_metric(spec).inc(delta, tags)
             self._last[key] = stats.get(key, 0)
-        core = getattr(engine, "core", None)
-        if core is not None:
-            counts = core.tokens_per_expert_LE.clone()
+        counts = engine.expert_counts() if hasattr(engine, "expert_counts") else None
+        if counts is not None:
             prev = self._last.get("experts")
             delta = counts - prev if prev is not None else counts
             self._last["experts"] = counts
