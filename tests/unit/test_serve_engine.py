@@ -19,6 +19,7 @@ from raymoe.serve.request import (
     InvalidRequestError,
     SamplingParams,
 )
+from tests.unit.engine_streams import collect, greedy
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,6 @@ def model():
     m = MoETransformer(flavour("debug"))
     m.init_weights(seed=0)
     return m.eval()
-
-
-def greedy(n):
-    return SamplingParams(temperature=0.0, max_tokens=n)
 
 
 def full_recompute_greedy(model, prompt, n):
@@ -125,17 +122,9 @@ def test_queue_limit_and_impossible_requests_are_refused(model):
 def test_async_engine_streams_concurrently_and_abort_frees_the_slot(model):
     engine = LocalEngine.from_model(model, EngineConfig(num_slots=2))
 
-    async def collect(rid, prompt, n, stop_after=None):
-        out = []
-        async for ev in engine.generate(GenerationRequest(request_id=rid, prompt_ids=prompt, params=greedy(n))):
-            out.append(ev.token_id)
-            if stop_after and len(out) == stop_after:
-                break
-        return out
-
     async def main():
-        quitter = await collect("q", [9, 9], 50, stop_after=2)
-        return quitter, await asyncio.gather(collect("x", [1, 2], 5), collect("y", [3, 4], 6))
+        quitter = await collect(engine, "q", [9, 9], 50, stop_after=2)
+        return quitter, await asyncio.gather(collect(engine, "x", [1, 2], 5), collect(engine, "y", [3, 4], 6))
 
     quitter, (x, y) = asyncio.run(main())
     assert len(quitter) == 2

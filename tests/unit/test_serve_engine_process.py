@@ -12,11 +12,8 @@ from raymoe.serve.app import ServeConfig, build_core, load_model
 from raymoe.serve.debug_artifact import make_debug_artifact
 from raymoe.serve.engine import EngineConfig, generate_alone
 from raymoe.serve.engine_process import ProcessEngine
-from raymoe.serve.request import EngineOverloadedError, GenerationRequest, InvalidRequestError, SamplingParams
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n)
+from raymoe.serve.request import EngineOverloadedError, InvalidRequestError
+from tests.unit.engine_streams import collect, greedy
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +28,6 @@ def engine(config):
     engine = ProcessEngine(functools.partial(build_core, config, []), num_threads=1)
     yield engine
     engine.close()
-
-
-async def collect(engine, rid, prompt, n, stop_after=None):
-    out = []
-    async for event in engine.generate(GenerationRequest(request_id=rid, prompt_ids=prompt, params=greedy(n))):
-        out.append(event.token_id)
-        if stop_after and len(out) == stop_after:
-            break
-    return out
 
 
 def test_concurrent_requests_equal_running_each_alone_in_this_process(engine, config):

@@ -172,7 +172,7 @@ def main(argv: list[str]) -> None:
     except BaseException as exc:  # noqa: BLE001 - re-raised in the replica
         try:
             events.send(("failed", exc))
-        except Exception:  # an error that does not pickle still reaches the replica as text
+        except Exception:  # noqa: BLE001 - an error that does not pickle reaches the replica as text
             events.send(("failed", RuntimeError(f"engine build failed: {exc!r}")))
         return
     events.send(("ready", core.max_seq_len, *_report(core)))
