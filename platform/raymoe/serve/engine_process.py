@@ -78,7 +78,8 @@ class ProcessEngine(StreamingEngine):
         try:
             return self._events.recv()
         except (EOFError, OSError) as exc:
-            raise RuntimeError(f"engine process exited with code {self._child.wait()}") from exc
+            code = self._child.wait()
+            raise RuntimeError(f"engine process exited with code {code} (its stderr is in this process's log)") from exc
 
     def _read(self) -> None:
         try:
