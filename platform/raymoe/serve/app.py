@@ -284,6 +284,13 @@ def _deployment_class():
             if hasattr(model, "check_health"):
                 model.check_health()  # a dead shard worker restarts the replica (and its shards)
 
+        def __del__(self):
+            """Serve calls this when it stops the replica: the engine process stops with it (it
+            would also exit on its own once this process's end of its pipe closes)."""
+            close = getattr(getattr(getattr(self, "server", None), "engine", None), "close", None)
+            if close is not None:
+                close()
+
         def __serve_build_asgi_app__(self):
             from raymoe.serve.http_app import create_app
 
