@@ -5,7 +5,13 @@ from __future__ import annotations
 import asyncio
 
 from raymoe.data.tokenizer import save_tokenizer, train_tokenizer
-from raymoe.serve.request import EngineOverloadedError, GenerationRequest, InvalidRequestError, TokenEvent
+from raymoe.serve.request import (
+    EngineOverloadedError,
+    EngineStoppedError,
+    GenerationRequest,
+    InvalidRequestError,
+    TokenEvent,
+)
 
 CORPUS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -27,7 +33,9 @@ class FakeEngine:
     records every request it accepted.
     """
 
-    def __init__(self, reply_ids: list[int], max_seq_len: int = 128, capacity: int = 1000, eos_after: int | None = None):
+    def __init__(self, reply_ids: list[int], max_seq_len: int = 128, capacity: int = 1000, eos_after: int | None = None,
+                 stopped: bool = False):
+        self.stopped = stopped  # as an engine whose thread or process has died
         self.reply_ids = reply_ids
         self.max_seq_len = max_seq_len
         self.capacity = capacity
@@ -38,6 +46,8 @@ class FakeEngine:
         self.gate: asyncio.Event | None = None  # when set by a test, tokens wait for it
 
     async def generate(self, request: GenerationRequest):
+        if self.stopped:
+            raise EngineStoppedError("engine process stopped: exit code -9")
         if self.in_flight >= self.capacity:
             raise EngineOverloadedError(f"{self.in_flight} requests in flight")
         if len(request.prompt_ids) + request.params.max_tokens > self.max_seq_len:

@@ -12,7 +12,7 @@ from raymoe.serve.app import ServeConfig, build_core, load_model
 from raymoe.serve.debug_artifact import make_debug_artifact
 from raymoe.serve.engine import EngineConfig, generate_alone
 from raymoe.serve.engine_process import ProcessEngine
-from raymoe.serve.request import EngineOverloadedError, InvalidRequestError
+from raymoe.serve.request import EngineOverloadedError, EngineStoppedError, InvalidRequestError
 from tests.unit.engine_streams import collect, greedy
 
 
@@ -84,11 +84,11 @@ def test_a_dead_child_fails_waiting_requests_and_the_health_check(config):
         waiting = asyncio.create_task(collect(engine, "long", [1, 2], 20))
         await asyncio.sleep(0.2)
         engine._child.kill()
-        with pytest.raises(RuntimeError, match="engine stopped"):
+        with pytest.raises(EngineStoppedError, match="engine stopped"):
             await waiting
 
     asyncio.run(main())
-    with pytest.raises(RuntimeError, match="engine process stopped"):
+    with pytest.raises(EngineStoppedError, match="engine process stopped"):
         engine.check_alive()
 
 

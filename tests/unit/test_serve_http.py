@@ -190,6 +190,14 @@ def test_engine_queue_full_is_429_with_retry_after(tokenizer):
         assert r.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+def test_a_dead_engine_is_503_with_retry_after_not_500(tokenizer):
+    c, _ = make_client(tokenizer, stopped=True)
+    for stream in (False, True):
+        r = c.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "server_error" and "engine" in r.json()["error"]["message"]
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),

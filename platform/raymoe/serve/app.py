@@ -63,6 +63,9 @@ class ServeConfig:
     retry_after_s: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # How often Serve probes a replica; a replica whose engine (thread, process or shard worker)
+    # has died fails the probe and is restarted.
+    health_check_period_s: float = 10.0
     # Expert-parallel shard workers per replica (Ray actors in a SPREAD placement group, joined by
     # a gloo/NCCL group); 1 = the model runs in the replica process.
     ep: int = 1
@@ -93,6 +96,8 @@ class ServeConfig:
         require(all(isinstance(e, int) and e >= 0 for e in self.redundant_experts),
                 f"redundant_experts must be expert ids >= 0, got {self.redundant_experts}")
         require(self.stream_interval >= 1, f"stream_interval must be >= 1, got {self.stream_interval}")
+        require(self.health_check_period_s > 0,
+                f"health_check_period_s must be > 0, got {self.health_check_period_s}")
         require(self.ep == 1 or not (self.int8 or self.lora_dir),
                 f"ep={self.ep}: int8 and lora_dir are supported with ep=1 only")
         require(self.shard_num_cpus > 0, f"shard_num_cpus must be > 0, got {self.shard_num_cpus}")
@@ -256,6 +261,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
             upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
         ),
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        health_check_period_s=cfg.health_check_period_s,
     )
 
 

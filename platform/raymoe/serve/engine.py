@@ -26,6 +26,7 @@ from raymoe.cpu_allocator import keep_freed_memory
 from raymoe.models.forward_jobs import ForwardJob, run_forward_jobs
 from raymoe.serve.request import (
     EngineOverloadedError,
+    EngineStoppedError,
     GenerationRequest,
     InvalidRequestError,
     SamplingParams,
@@ -432,7 +433,7 @@ class LocalEngine(StreamingEngine):
                     self._post(items)
         except BaseException as exc:  # noqa: BLE001 - reported by check_alive and to every waiting request
             self._died = exc
-            error = RuntimeError(f"engine thread stopped: {exc!r}")
+            error = EngineStoppedError(f"engine thread stopped: {exc!r}")
             self._post([(rid, error) for rid in list(self._queues)])
             raise
 
@@ -445,7 +446,7 @@ class LocalEngine(StreamingEngine):
 
     def check_alive(self) -> None:
         if self._died is not None or not self._thread.is_alive():
-            raise RuntimeError(f"engine thread stopped: {self._died!r}")
+            raise EngineStoppedError(f"engine thread stopped: {self._died!r}")
 
     def stats(self) -> dict[str, float]:
         return self.core.stats()

@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from raymoe.serve.engine import EngineCore, StreamingEngine, step_or_fail
-from raymoe.serve.request import EngineOverloadedError, GenerationRequest, InvalidRequestError
+from raymoe.serve.request import EngineOverloadedError, EngineStoppedError, GenerationRequest, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ProcessEngine(StreamingEngine):
                     self._post(items)
         except BaseException as exc:  # noqa: BLE001 - reported by check_alive and to every waiting request
             self._died = exc
-            self._post([(rid, RuntimeError(f"engine stopped: {exc}")) for rid in list(self._queues)])
+            self._post([(rid, EngineStoppedError(f"engine stopped: {exc}")) for rid in list(self._queues)])
 
     def _submit(self, request: GenerationRequest) -> None:
         self._send(("add", request))
@@ -102,7 +102,7 @@ class ProcessEngine(StreamingEngine):
 
     def check_alive(self) -> None:
         if self._died is not None or self._child.poll() is not None:
-            raise RuntimeError(f"engine process stopped: {self._died!r} (exit code {self._child.poll()})")
+            raise EngineStoppedError(f"engine process stopped: {self._died!r} (exit code {self._child.poll()})")
 
     def stats(self) -> dict[str, float]:
         return dict(self._stats)

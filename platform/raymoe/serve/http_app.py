@@ -214,9 +214,10 @@ def create_app(server: OpenAIServer) -> FastAPI:
         try:
             await stream.start()
         except RequestRefused as exc:
-            headers = {"Retry-After": str(server.retry_after_s)} if exc.status == 429 else None
+            retry = exc.status in (429, 503)
+            headers = {"Retry-After": str(server.retry_after_s)} if retry else None
             code = "rate_limit_exceeded" if exc.status == 429 else None
-            type_ = "rate_limit_error" if exc.status == 429 else "invalid_request_error"
+            type_ = {429: "rate_limit_error", 503: "server_error"}.get(exc.status, "invalid_request_error")
             raise APIError(exc.status, str(exc), type_, exc.param, code, headers) from None
         return stream
 

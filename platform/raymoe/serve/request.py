@@ -13,6 +13,11 @@ class EngineOverloadedError(RuntimeError):
     """The engine's waiting queue is full; answered with 429 and Retry-After."""
 
 
+class EngineStoppedError(RuntimeError):
+    """The engine's thread or process has died; answered with 503 and Retry-After while Serve's
+    health check restarts the replica."""
+
+
 class InvalidRequestError(ValueError):
     """A request the engine can never serve; `param` names the offending request field."""
 

@@ -16,6 +16,7 @@ from raymoe.serve.detokenize import StopStringDetokenizer
 from raymoe.serve.engine import Engine
 from raymoe.serve.request import (
     EngineOverloadedError,
+    EngineStoppedError,
     GenerationRequest,
     InvalidRequestError,
     SamplingParams,
@@ -56,7 +57,8 @@ class TextStream:
         """Submits the request and waits for its first token.
 
         Raises:
-            RequestRefused: 429 when the engine's queue is full, 400 when it can never run.
+            RequestRefused: 429 when the engine's queue is full, 503 when the engine has died,
+                400 when the request can never run.
         """
         self._events = self.engine.generate(self.request)
         try:
@@ -65,6 +67,8 @@ class TextStream:
             self._first = None
         except EngineOverloadedError as exc:
             raise RequestRefused(429, f"server busy: {exc}; retry later") from None
+        except EngineStoppedError as exc:
+            raise RequestRefused(503, f"engine unavailable ({exc}); the replica restarts, retry later") from None
         except InvalidRequestError as exc:
             raise RequestRefused(400, str(exc), exc.param) from None
 
