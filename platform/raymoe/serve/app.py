@@ -284,7 +284,7 @@ def _deployment_class():
                 self.metrics.start_engine_gauges(self.server.engine)
 
         def check_health(self) -> None:
-            """Serve's periodic probe: a replica whose engine thread died is restarted."""
+            """Serve's periodic probe: a replica whose engine thread or process died is restarted."""
             self.server.engine.check_alive()
             model = getattr(getattr(self.server.engine, "core", None), "model", None)
             if hasattr(model, "check_health"):
