@@ -9,10 +9,10 @@ from raymoe.models import MoETransformer, flavour
 from raymoe.serve.engine import (
     EngineConfig,
     EngineCore,
-    LocalEngine,
     generate_alone,
     padding_groups,
 )
+from raymoe.serve.local_engine import LocalEngine
 from raymoe.serve.request import (
     EngineOverloadedError,
     GenerationRequest,

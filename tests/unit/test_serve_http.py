@@ -239,7 +239,8 @@ def real_client(tokenizer):
     """The app over the real engine and a one-layer model: fuzzing reaches sampling and the scheduler."""
     from raymoe.models import MoETransformer
     from raymoe.serve.debug_artifact import debug_config
-    from raymoe.serve.engine import EngineConfig, LocalEngine
+    from raymoe.serve.engine import EngineConfig
+    from raymoe.serve.local_engine import LocalEngine
 
     model = MoETransformer(debug_config(tokenizer.tokenizer.get_vocab_size(), dim=32, num_layers=1, max_seq_len=64))
     engine = LocalEngine.from_model(model, EngineConfig(num_slots=2, max_tokens_per_step=16))

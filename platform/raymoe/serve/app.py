@@ -196,7 +196,7 @@ def build_engine(cfg: ServeConfig):
     measured, a 2-thread packed GEMM went from 159 to 190 us and a served one-request decode from
     10 to 18 ms per token.
     """
-    from raymoe.serve.engine import LocalEngine
+    from raymoe.serve.local_engine import LocalEngine
 
     adapters = list_adapters(cfg.lora_dir)
     build = functools.partial(build_core, cfg, adapters)

@@ -29,8 +29,14 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from raymoe.serve.engine import EngineCore, StreamingEngine, step_or_fail
-from raymoe.serve.request import EngineOverloadedError, EngineStoppedError, GenerationRequest, InvalidRequestError
+from raymoe.serve.engine import EngineCore, step_or_fail
+from raymoe.serve.local_engine import StreamingEngine
+from raymoe.serve.request import (
+    EngineOverloadedError,
+    EngineStoppedError,
+    GenerationRequest,
+    InvalidRequestError,
+)
 
 log = logging.getLogger(__name__)
 
