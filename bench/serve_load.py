@@ -114,38 +114,37 @@ def transformers_peer(artifact: str, prompt_ids: list[int], batch: int, max_toke
             "ttft": ttft, "tpot": (total - ttft) / (max_tokens - 1)}
 
 
-def engine_decode(artifact: str, prompt_ids: list[int], max_tokens: int, expert_threads: int) -> dict:
-    """Engine decode tokens/s at batch 1 (no HTTP): default fp32 kernels, packed fp32, INT8."""
+def engine_models(artifact: str, expert_threads: int) -> dict:
+    """The artifact as the engine rows run it: PyTorch's default fp32 kernels, packed fp32 (the
+    server's default) and INT8; built once for every round."""
     from raymoe.models import load_hf
     from raymoe.models.packed import pack_fp32
     from raymoe.models.quantize import quantize_int8
+
+    fp32 = load_hf(artifact).eval()
+    return {"fp32 default kernels": fp32, "fp32 packed": pack_fp32(copy.deepcopy(fp32), expert_threads),
+            "int8": quantize_int8(copy.deepcopy(fp32), expert_threads)}
+
+
+def engine_decode(models: dict, prompt_ids: list[int], max_tokens: int) -> dict:
+    """Engine decode tokens/s at batch 1 (no HTTP) for each of `engine_models`."""
     from raymoe.serve.engine import generate_alone
     from raymoe.serve.request import SamplingParams
 
-    fp32 = load_hf(artifact).eval()
-    models = {"fp32 default kernels": fp32, "fp32 packed": pack_fp32(copy.deepcopy(fp32), expert_threads),
-              "int8": quantize_int8(copy.deepcopy(fp32), expert_threads)}
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     return {name: max_tokens / best_seconds(lambda m=m: generate_alone(m, prompt_ids, params), repeats=2)
             for name, m in models.items()}
 
 
-def engine_concurrent(artifact: str, tokenizer, concurrency: int, num_requests: int, max_tokens: int,
-                      expert_threads: int) -> dict:
+def engine_concurrent(models: dict, tokenizer, concurrency: int, num_requests: int, max_tokens: int) -> dict:
     """Engine tokens/s (no HTTP) with `concurrency` requests in flight, a new one joining as one
     finishes (the load levels' workload, in process): what the server would do without HTTP."""
-    from raymoe.models import load_hf
-    from raymoe.models.packed import pack_fp32
-    from raymoe.models.quantize import quantize_int8
     from raymoe.serve.engine import EngineConfig, EngineCore
     from raymoe.serve.request import GenerationRequest, SamplingParams
 
-    fp32 = load_hf(artifact).eval()
-    models = {"fp32": pack_fp32(copy.deepcopy(fp32), expert_threads),
-              "int8": quantize_int8(fp32, expert_threads)}
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     result = {}
-    for name, model in models.items():
+    for name, model in (("fp32", models["fp32 packed"]), ("int8", models["int8"])):
         core = EngineCore(model, EngineConfig(num_slots=32, max_tokens_per_step=256))
         pending = list(range(num_requests))
 
@@ -269,6 +268,7 @@ def main(argv: list[str]) -> int:
         if key not in best or score(result) > score(best[key]):
             best[key] = result
 
+    models = engine_models(artifact, args.expert_threads)
     try:
         for _ in range(args.rounds):
             for b in (1, 8):
@@ -276,11 +276,10 @@ def main(argv: list[str]) -> int:
                     torch.set_num_threads(threads)
                     keep(("hf", b), transformers_peer(artifact, prompt_ids, b, max_tokens), lambda r: r["tokens_per_s"])
             torch.set_num_threads(args.engine_threads)  # as the serving engine runs
-            for name, tokens_per_s in engine_decode(artifact, prompt_ids, max_tokens, args.expert_threads).items():
+            for name, tokens_per_s in engine_decode(models, prompt_ids, max_tokens).items():
                 keep(("engine", name), tokens_per_s, lambda r: r)
             c, n = levels[-1]
-            for name, tokens_per_s in engine_concurrent(artifact, tokenizer, c, n, max_tokens,
-                                                        args.expert_threads).items():
+            for name, tokens_per_s in engine_concurrent(models, tokenizer, c, n, max_tokens).items():
                 keep(("engine concurrent", name), tokens_per_s, lambda r: r)
             for weights, prefix in SERVED.items():
                 for c, n in levels:

@@ -64,12 +64,17 @@ class GQAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
+    @property
+    def can_fuse_qkv(self) -> bool:
+        """Whether q/k/v are still three plain `nn.Linear` (not fused, not LoRA-wrapped)."""
+        return all(type(p) is nn.Linear for p in (self.q_proj, self.k_proj, self.v_proj))
+
     @torch.no_grad()
     def fuse_qkv(self) -> None:
         """For inference: replaces q/k/v_proj by one `qkv_proj` (one weight read, one GEMM call
         per step instead of three; each output row is the same dot product as before)."""
         parts = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(type(p) is nn.Linear for p in parts):
+        if not self.can_fuse_qkv:
             raise ValueError(f"fuse_qkv needs plain nn.Linear projections, got {[type(p).__name__ for p in parts]}")
         q = self.q_proj
         fused = nn.Linear(q.in_features, sum(p.out_features for p in parts), bias=q.bias is not None,

@@ -118,8 +118,9 @@ class ExpertsOnThreads(nn.Module):
         claims = itertools.count()
         # Threads claim the next expert as they free up, so a thread the OS runs late (a busy
         # serving machine) takes fewer experts instead of holding up the layer.
-        helpers = [self._pool.submit(self._claim_and_run, work, outputs, claims) for _ in range(n - 1)] \
-            if self._pool is not None and n >= 2 else []
+        helpers = []
+        if self._pool is not None:
+            helpers = [self._pool.submit(self._claim_and_run, work, outputs, claims) for _ in range(n - 1)]
         self._claim_and_run(work, outputs, claims)
         for helper in helpers:
             if not helper.cancel():  # one that has not started has nothing to finish
@@ -159,8 +160,7 @@ def replace_matmul_modules(model: nn.Module, linear: Callable[[nn.Linear], nn.Mo
         raise ValueError("packed CPU kernels need the model on CPU; move it there first (or leave them off on GPU)")
     model.eval()
     for module in model.modules():
-        if isinstance(module, GQAttention) and module.qkv_proj is None and all(
-                type(p) is nn.Linear for p in (module.q_proj, module.k_proj, module.v_proj)):
+        if isinstance(module, GQAttention) and module.can_fuse_qkv:
             module.fuse_qkv()
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, GroupedExperts))]
     for name, module in targets:
@@ -183,8 +183,6 @@ def pack_fp32(model: nn.Module, expert_threads: int = 1) -> nn.Module:
     """
     if not onednn_available():
         raise ValueError("cpu_kernels='onednn': this torch build has no oneDNN (mkldnn); use cpu_kernels='default'")
-    if expert_threads < 1:
-        raise ValueError(f"expert_threads must be >= 1, got {expert_threads}")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
         raise ValueError(f"cpu_kernels='onednn' packs fp32 weights; the model has {sorted(map(str, dtypes))}")

@@ -293,9 +293,8 @@ def _deployment_class():
         def __del__(self):
             """Serve calls this when it stops the replica: the engine process stops with it (it
             would also exit on its own once this process's end of its pipe closes)."""
-            close = getattr(getattr(getattr(self, "server", None), "engine", None), "close", None)
-            if close is not None:
-                close()
+            if hasattr(self, "server"):  # absent when __init__ failed
+                self.server.engine.close()
 
         def __serve_build_asgi_app__(self):
             from raymoe.serve.http_app import create_app

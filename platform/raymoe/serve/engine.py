@@ -53,6 +53,10 @@ class Engine(Protocol):
         """Tokens routed to each expert of each MoE layer since start, (layers, experts)."""
         ...
 
+    def close(self) -> None:
+        """Stops what runs the engine (the replica is going away)."""
+        ...
+
 
 @dataclass(kw_only=True)
 class EngineConfig:

@@ -66,7 +66,6 @@ class ProcessEngine(StreamingEngine):
         events_out.close()
         self._send_lock = threading.Lock()
         self._died: BaseException | None = None
-        self._stats: dict[str, float] = {}
         self._send(("build", build, num_threads))
         kind, *payload = self._receive()
         if kind == "failed":

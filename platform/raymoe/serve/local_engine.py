@@ -45,6 +45,9 @@ class StreamingEngine:
         """Tokens routed to each expert of each MoE layer since start, (layers, experts)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Releases what runs the core (a thread ends with its process: nothing to do)."""
+
     def _post(self, items: list[tuple[str, TokenEvent | BaseException]]) -> None:
         """Hands (request id, event or error) pairs to the event loop, which queues them."""
         if self._loop is None:

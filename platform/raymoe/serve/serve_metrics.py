@@ -72,16 +72,15 @@ class ServeMetrics:
             if delta > 0:
                 m.ray_metric(spec).inc(delta, tags)
             self._last[key] = stats.get(key, 0)
-        counts = engine.expert_counts() if hasattr(engine, "expert_counts") else None
-        if counts is not None:
-            prev = self._last.get("experts")
-            delta = counts - prev if prev is not None else counts
-            self._last["experts"] = counts
-            counter = m.ray_metric(m.SERVE_TOKENS_PER_EXPERT)
-            for layer, row in enumerate(delta.tolist()):
-                for expert, n in enumerate(row):
-                    if n > 0:
-                        counter.inc(n, {**tags, "layer": str(layer), "expert": str(expert)})
+        counts = engine.expert_counts()
+        prev = self._last.get("experts")
+        delta = counts - prev if prev is not None else counts
+        self._last["experts"] = counts
+        counter = m.ray_metric(m.SERVE_TOKENS_PER_EXPERT)
+        for layer, row in enumerate(delta.tolist()):
+            for expert, n in enumerate(row):
+                if n > 0:
+                    counter.inc(n, {**tags, "layer": str(layer), "expert": str(expert)})
 
     async def run(self, engine) -> None:
         while True:
