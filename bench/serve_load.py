@@ -10,8 +10,10 @@ Client side: asyncio + httpx, streaming completions with `ignore_eos` so every r
 exactly OUTPUT_TOKENS tokens. Per request: TTFT (request sent -> first token chunk) and TPOT
 ((last chunk - first chunk) / (tokens - 1)); per level: aggregate output tokens/s over the wall
 time of the level. The peer: `AutoModelForCausalLM.generate` (greedy, min_new_tokens =
-max_new_tokens) at batch 1 and 8 on the same artifact, measured at 1..`--threads` torch threads
-with its best kept.
+max_new_tokens) on the same artifact at batch 1 (the first request's prompt) and batch 8 (the
+first eight requests' prompts: different rows route to different experts, as the served requests
+do), measured at 1..`--threads` torch threads with its best kept. Also shown, not used by a
+ratio: batch 8 of one prompt repeated, whose rows all route to the same two experts per layer.
 Also, without HTTP: engine decode at batch 1 with PyTorch's default fp32 kernels, with packed
 fp32 weights (the serving default) and with INT8 weights, and held-out perplexity fp32 vs INT8
 (`--ppl-artifact` + `--heldout-shards`: a trained artifact and its ingest's val shards; without
@@ -100,18 +102,37 @@ async def load_level(url: str, model: str, concurrency: int, num_requests: int, 
     }
 
 
-def transformers_peer(artifact: str, prompt_ids: list[int], batch: int, max_tokens: int) -> dict:
+def server_prompts(tokenizer, count: int) -> list[list[int]]:
+    """The first `count` prompts the load levels send (request i sends f"{i} {PROMPT_WORDS}")."""
+    return [tokenizer.encode(f"{i} {PROMPT_WORDS}") for i in range(count)]
+
+
+def left_padded(prompts: list[list[int]]) -> dict:
+    """`generate` inputs for prompts of different lengths: pad id 0 on the left, masked out."""
+    width = max(len(p) for p in prompts)
+    return {"input_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
+            "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
+
+
+def transformers_peer(artifact: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    """`generate` on `prompts` as one batch (`left_padded`).
+
+    The batch-8 peer gets the server's first eight prompts: rows that differ route to different
+    experts, as the server's requests do. Eight copies of one prompt would all route alike, so
+    each MoE layer would read two experts' weights instead of all eight (transformers' Mixtral
+    block runs only the experts that received tokens): a cheaper workload than the one served.
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(artifact).eval()
-    ids = torch.tensor([prompt_ids] * batch)
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = dict(**left_padded(prompts), do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
-        ttft = best_seconds(lambda: model.generate(ids, max_new_tokens=1, **kw), repeats=2)
-        total = best_seconds(lambda: model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw),
+        ttft = best_seconds(lambda: model.generate(max_new_tokens=1, **kw), repeats=2)
+        total = best_seconds(lambda: model.generate(max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw),
                              repeats=2)
-    return {"batch": batch, "threads": torch.get_num_threads(), "tokens_per_s": batch * max_tokens / total,
-            "ttft": ttft, "tpot": (total - ttft) / (max_tokens - 1)}
+    batch = len(prompts)
+    return {"batch": batch, "distinct_prompts": len({tuple(p) for p in prompts}), "threads": torch.get_num_threads(),
+            "tokens_per_s": batch * max_tokens / total, "ttft": ttft, "tpot": (total - ttft) / (max_tokens - 1)}
 
 
 def engine_models(artifact: str, expert_threads: int) -> dict:
@@ -238,7 +259,10 @@ def main(argv: list[str]) -> int:
                                                          max_seq_len=1024, **shape))
     model_id = Path(artifact.rstrip("/")).name
     tokenizer = ChatTokenizer.from_dir(artifact)
-    prompt_ids = tokenizer.encode(f"0 {PROMPT_WORDS}")
+    prompts = server_prompts(tokenizer, 8)
+    prompt_ids = prompts[0]
+    # The ratios use the first two; the third shows what a batch of one repeated prompt measures.
+    peer_batches = {"batch 1": prompts[:1], "batch 8": prompts, "batch 8, one prompt x8": [prompt_ids] * 8}
     if bool(args.ppl_artifact) != bool(args.heldout_shards):
         parser.error("--ppl-artifact and --heldout-shards go together")
     ppl_artifact = args.ppl_artifact or artifact
@@ -271,10 +295,11 @@ def main(argv: list[str]) -> int:
     models = engine_models(artifact, args.expert_threads)
     try:
         for _ in range(args.rounds):
-            for b in (1, 8):
+            for name, batch_prompts in peer_batches.items():
                 for threads in range(1, args.threads + 1):
                     torch.set_num_threads(threads)
-                    keep(("hf", b), transformers_peer(artifact, prompt_ids, b, max_tokens), lambda r: r["tokens_per_s"])
+                    keep(("hf", name), {**transformers_peer(artifact, batch_prompts, max_tokens), "name": name},
+                         lambda r: r["tokens_per_s"])
             torch.set_num_threads(args.engine_threads)  # as the serving engine runs
             for name, tokens_per_s in engine_decode(models, prompt_ids, max_tokens).items():
                 keep(("engine", name), tokens_per_s, lambda r: r)
@@ -289,12 +314,12 @@ def main(argv: list[str]) -> int:
         serve.shutdown()
     ppl = perplexities(ppl_artifact, rows)
     served = [best[("serve", weights, c)] for weights in SERVED for c, _ in levels]
-    peers = [best[("hf", b)] for b in (1, 8)]
+    peers = [best[("hf", name)] for name in peer_batches]
     engine = {name: best[("engine", name)] for name in ("fp32 default kernels", "fp32 packed", "int8")}
 
     table = [[f"raymoe Serve HTTP {s['weights']}, {s['concurrency']} concurrent", s["tokens_per_s"], s["ttft_p50"] * 1e3,
               s["ttft_p99"] * 1e3, s["tpot_p50"] * 1e3, s["tpot_p99"] * 1e3] for s in served]
-    table += [[f"transformers generate, batch {p['batch']} ({p['threads']} threads)", p["tokens_per_s"],
+    table += [[f"transformers generate, {p['name']} ({p['threads']} threads)", p["tokens_per_s"],
                p["ttft"] * 1e3, p["ttft"] * 1e3, p["tpot"] * 1e3, p["tpot"] * 1e3] for p in peers]
     table += [[f"raymoe engine {k} (no HTTP), batch 1", v, "", "", "", ""] for k, v in engine.items()]
     concurrent = {name: best[("engine concurrent", name)] for name in SERVED}
@@ -312,6 +337,7 @@ def main(argv: list[str]) -> int:
         "c32_over_hf_b8": by_c["fp32", 32] / peers[1]["tokens_per_s"],
         "c32_int8_over_hf_b8": by_c["int8", 32] / peers[1]["tokens_per_s"],
         "c1_over_hf_b1": by_c["fp32", 1] / peers[0]["tokens_per_s"],
+        "c32_over_hf_b8_one_prompt": by_c["fp32", 32] / peers[2]["tokens_per_s"],
         "int8_over_fp32_decode_b1": engine["int8"] / engine["fp32 packed"],
         "int8_over_fp32_default_kernels_b1": engine["int8"] / engine["fp32 default kernels"],
         "int8_ppl_change": abs(ppl["int8"] / ppl["fp32"] - 1),
