@@ -1,5 +1,6 @@
 """Inference-only attention paths against the general ones: the CPU one-query decode kernel
-against PyTorch's SDPA, and fused q/k/v projections against the three separate ones."""
+against PyTorch's SDPA (and split over threads against one call), and fused q/k/v projections
+against the three separate ones."""
 
 import dataclasses
 
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.models import KVCache, MoETransformer
-from raymoe.models.attention import GQAttention, _decode_attend
+from raymoe.models import attention as attention_module
+from raymoe.models.attention import GQAttention, _attend, _decode_attend
+from raymoe.models.cpu_threads import SharedThreads
 from raymoe.models.lora import LoRALinear, lora_context
 from raymoe.models.packed import pack_fp32
 from raymoe.models.rope import RotaryEmbedding
@@ -77,3 +80,40 @@ def test_decode_through_the_cache_equals_full_recompute_with_fused_projections()
         model(ids[:, :8], positions, cache, slots)
         step = model(ids[:, 8:], torch.full((3, 1), 8), cache, slots)[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "v_dim"), [(4, 2, 16), (3, 3, 8)], ids=["gqa", "mla-shaped"])
+@pytest.mark.parametrize("grad_mode", [torch.inference_mode, torch.no_grad])
+def test_decode_attention_over_threads_equals_one_call(heads, kv_heads, v_dim, grad_mode):
+    gen = torch.Generator().manual_seed(4)
+    B, S, Dh = 7, 1200, 16  # 7 x 1200 row-keys: above the threshold; 7 rows in 6 uneven chunks
+    assert B * S >= attention_module.THREADED_DECODE_MIN_ROW_KEYS
+    q = torch.randn(B, heads, 1, Dh, generator=gen)
+    k = torch.randn(B, kv_heads, S, Dh, generator=gen)
+    v = torch.randn(B, kv_heads, S, v_dim, generator=gen)
+    positions = torch.tensor([1199, 0, 640, 7, 1199, 300, 999])
+    mask = (torch.arange(S)[None, :] <= positions[:, None])[:, None, None, :]
+    cache = type("View", (), {"causal": False, "mask_B1TS": mask})()
+    threads = SharedThreads.start(3)
+    with grad_mode():  # the pool threads follow the caller's mode (writes into an inference tensor)
+        threaded = _attend(q, k, v, cache, 0.3, heads != kv_heads, threads)
+        serial = _decode_attend(q, k, v, mask, 0.3)
+    assert torch.equal(threaded, serial)
+
+
+def test_packed_model_with_threads_decodes_long_contexts_exactly_as_with_one(monkeypatch):
+    monkeypatch.setattr(attention_module, "THREADED_DECODE_MIN_ROW_KEYS", 16)  # the tiny model's steps count
+    cfg = debug_config(96, dim=64, num_layers=2, max_seq_len=32)
+    logits = []
+    for expert_threads in (1, 3):
+        model = MoETransformer(cfg)
+        model.init_weights(seed=5)
+        pack_fp32(model, expert_threads=expert_threads)
+        assert all(layer.attn.decode_threads.count == expert_threads for layer in model.layers)
+        ids = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(6))
+        cache = KVCache(model.cfg, num_slots=4, max_seq_len=32)
+        slots = torch.arange(4)
+        with torch.inference_mode():
+            model(ids[:, :11], torch.arange(11).expand(4, 11), cache, slots)
+            logits.append(model(ids[:, 11:], torch.full((4, 1), 11), cache, slots))
+    assert torch.equal(logits[0], logits[1])

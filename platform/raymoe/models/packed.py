@@ -19,15 +19,14 @@ Shapes: S routed rows, D model dim, F expert hidden, O/I out/in features.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
-from raymoe.models.attention import GQAttention
+from raymoe.models.attention import GQAttention, MLAttention
+from raymoe.models.cpu_threads import SharedThreads
 from raymoe.models.moe import GroupedExperts
 
 log = logging.getLogger(__name__)
@@ -74,22 +73,20 @@ class PackedLinear(nn.Module):
 class ExpertsOnThreads(nn.Module):
     """Inference experts as per-expert (gate+up (2F, D), down (D, F)) prepared weights.
 
-    Subclasses prepare the weights (`_prepare`) and apply them (`_matmul`). With a `pool` (see
-    `expert_pool`), the calling thread and the pool's threads take the experts that received rows
-    one at a time as each frees up, running their GEMMs with one torch thread. The GEMMs release
-    the GIL, so the weight reads of different experts stream from memory in parallel:
-    coarse-grained parallelism with one hand-off per layer, where an OpenMP team would
-    synchronise inside every small GEMM.
+    Subclasses prepare the weights (`_prepare`) and apply them (`_matmul`). With `threads` (see
+    `raymoe.models.cpu_threads`), the experts that received rows are the items the threads take
+    as they free up; the GEMMs release the GIL, so the weight reads of different experts stream
+    from memory in parallel.
     """
 
-    def __init__(self, experts: GroupedExperts, pool: ThreadPoolExecutor | None = None, num_threads: int = 1):
+    def __init__(self, experts: GroupedExperts, threads: SharedThreads | None = None):
         super().__init__()
         self.expert_ids = list(experts.expert_ids)
         self.hidden_dim = experts.w_gate_EFD.shape[1]
         self.dim = experts.w_down_EDF.shape[1]
         self._gate_up = [self._prepare(torch.cat([g, u])) for g, u in zip(experts.w_gate_EFD, experts.w_up_EFD)]
         self._down = [self._prepare(w) for w in experts.w_down_EDF]
-        self._pool, self._num_threads = pool, num_threads
+        self._threads = threads or SharedThreads(None, 1)
 
     def _prepare(self, w_OI: torch.Tensor):
         raise NotImplementedError
@@ -103,28 +100,17 @@ class ExpertsOnThreads(nn.Module):
         h = nn.functional.silu(gate_up[:, : self.hidden_dim])
         return self._matmul(h.mul_(gate_up[:, self.hidden_dim :]), self._down[e])
 
-    def _claim_and_run(self, work: list[tuple[int, torch.Tensor]], outputs: list, claims) -> None:
-        # `next` on an itertools.count is atomic under the GIL: each expert runs exactly once.
-        while (i := next(claims)) < len(work):
-            outputs[i] = self._expert(*work[i])
-
     def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         work = [(e, x_rows) for e, x_rows in enumerate(torch.split(x_SD, counts)) if x_rows.shape[0]]
         if not work:
             return x_SD.new_zeros(0, self.dim)
-        # Below two experts per thread the hand-off costs about what it saves (one-token decode).
-        n = min(self._num_threads, len(work) // 2)
         outputs: list = [None] * len(work)
-        claims = itertools.count()
-        # Threads claim the next expert as they free up, so a thread the OS runs late (a busy
-        # serving machine) takes fewer experts instead of holding up the layer.
-        helpers = []
-        if self._pool is not None:
-            helpers = [self._pool.submit(self._claim_and_run, work, outputs, claims) for _ in range(n - 1)]
-        self._claim_and_run(work, outputs, claims)
-        for helper in helpers:
-            if not helper.cancel():  # one that has not started has nothing to finish
-                helper.result()
+
+        def run_expert(i: int) -> None:
+            outputs[i] = self._expert(*work[i])
+
+        # Below two experts per thread the hand-off costs about what it saves (one-token decode).
+        self._threads.run(len(work), run_expert, max_threads=len(work) // 2)
         return torch.cat(outputs)
 
 
@@ -138,35 +124,30 @@ class PackedGroupedExperts(ExpertsOnThreads):
         return _packed_matmul_2d(x_SI, prepared, None)
 
 
-def expert_pool(expert_threads: int) -> ThreadPoolExecutor | None:
-    """The extra threads (one torch thread each) that `ExpertsOnThreads` layers share; None for 1."""
-    if expert_threads < 1:
-        raise ValueError(f"expert_threads must be >= 1, got {expert_threads}")
-    if expert_threads == 1:
-        return None
-    return ThreadPoolExecutor(expert_threads - 1, thread_name_prefix="raymoe-experts",
-                              initializer=torch.set_num_threads, initargs=(1,))
-
-
 def replace_matmul_modules(model: nn.Module, linear: Callable[[nn.Linear], nn.Module],
-                           experts: Callable[[GroupedExperts], nn.Module]) -> nn.Module:
+                           experts: Callable[[GroupedExperts, SharedThreads], nn.Module],
+                           expert_threads: int) -> nn.Module:
     """Swaps every `nn.Linear` and `GroupedExperts` of `model` (in place) for an inference form.
 
     First fuses each GQA layer's q/k/v projections into one (`GQAttention.fuse_qkv`) where all
-    three are plain `nn.Linear` (not LoRA-wrapped). Refuses models with weights off the CPU;
-    switches the model to eval mode. Returns `model`.
+    three are plain `nn.Linear` (not LoRA-wrapped). `expert_threads` threads (`SharedThreads`),
+    shared by all layers, run each layer's experts and its decode attention over long contexts.
+    Refuses models with weights off the CPU; switches the model to eval mode. Returns `model`.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("packed CPU kernels need the model on CPU; move it there first (or leave them off on GPU)")
     model.eval()
+    threads = SharedThreads.start(expert_threads)
     for module in model.modules():
         if isinstance(module, GQAttention) and module.can_fuse_qkv:
             module.fuse_qkv()
+        if isinstance(module, (GQAttention, MLAttention)):
+            module.decode_threads = threads
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, GroupedExperts))]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, linear(module) if isinstance(module, nn.Linear) else experts(module))
+        setattr(parent, child, linear(module) if isinstance(module, nn.Linear) else experts(module, threads))
     return model
 
 
@@ -175,8 +156,9 @@ def pack_fp32(model: nn.Module, expert_threads: int = 1) -> nn.Module:
 
     Args:
         model: an fp32 model on CPU.
-        expert_threads: threads that run a layer's experts side by side (1 = the caller only);
-            the extra threads are shared by all layers.
+        expert_threads: threads that run a layer's experts side by side, and its decode
+            attention when it reads many cached keys (1 = the caller only); the extra threads
+            are shared by all layers.
 
     Raises:
         ValueError: the model is not fp32 on CPU, or this torch has no oneDNN.
@@ -186,9 +168,7 @@ def pack_fp32(model: nn.Module, expert_threads: int = 1) -> nn.Module:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
         raise ValueError(f"cpu_kernels='onednn' packs fp32 weights; the model has {sorted(map(str, dtypes))}")
-    pool = expert_pool(expert_threads)
-    return replace_matmul_modules(model, PackedLinear,
-                                  lambda experts: PackedGroupedExperts(experts, pool, expert_threads))
+    return replace_matmul_modules(model, PackedLinear, PackedGroupedExperts, expert_threads)
 
 
 def wants_packed_weights(cpu_kernels: str, model: nn.Module) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raymoe.models.packed import ExpertsOnThreads, expert_pool, replace_matmul_modules
+from raymoe.models.packed import ExpertsOnThreads, replace_matmul_modules
 
 
 def quantize_rows(w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ class Int8Linear(nn.Module):
 
 class Int8GroupedExperts(ExpertsOnThreads):
     """`GroupedExperts` with INT8 weights: per expert one gate+up GEMM (per-row scales, so the
-    fused weight quantizes exactly as the two apart) and one down GEMM, optionally on a pool."""
+    fused weight quantizes exactly as the two apart) and one down GEMM, optionally on shared threads."""
 
     def _prepare(self, w_OI: torch.Tensor):
         return _pack(w_OI, None)
@@ -89,5 +89,4 @@ def quantize_int8(model: nn.Module, expert_threads: int = 1) -> nn.Module:
     Returns:
         `model`, for chaining.
     """
-    pool = expert_pool(expert_threads)
-    return replace_matmul_modules(model, Int8Linear, lambda experts: Int8GroupedExperts(experts, pool, expert_threads))
+    return replace_matmul_modules(model, Int8Linear, Int8GroupedExperts, expert_threads)
