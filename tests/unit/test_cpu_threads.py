@@ -1,6 +1,7 @@
 """SharedThreads: every item runs exactly once, on no more threads than asked, errors surface."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -53,6 +54,23 @@ def test_an_error_in_a_pool_thread_reaches_the_caller():
 
     with pytest.raises(RuntimeError, match="failed"):
         threads.run(2, run_item)
+
+
+def test_a_failing_caller_still_waits_for_the_pool_threads():
+    threads = SharedThreads.start(2)
+    both = threading.Barrier(2, timeout=10)
+    done = []
+
+    def run_item(i):
+        both.wait()  # one item per thread
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("caller failed")
+        time.sleep(0.2)  # still writing when the caller fails
+        done.append(i)
+
+    with pytest.raises(RuntimeError, match="caller failed"):
+        threads.run(2, run_item)
+    assert len(done) == 1  # the helper finished before run() returned
 
 
 def test_pool_threads_follow_the_callers_inference_mode():

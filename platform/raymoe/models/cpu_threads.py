@@ -53,7 +53,10 @@ class SharedThreads:
 
         n = min(self.count, num_items, self.count if max_threads is None else max_threads)
         helpers = [self.pool.submit(helper) for _ in range(n - 1)] if self.pool is not None else []
-        claim_and_run()
-        for future in helpers:
-            if not future.cancel():  # one that has not started has nothing to finish
-                future.result()
+        try:
+            claim_and_run()
+        finally:  # the helpers finish before the caller goes on, also when the caller failed
+            failures = [future.exception() for future in helpers if not future.cancel()]  # cancel: not started
+        for failure in failures:
+            if failure is not None:
+                raise failure
