@@ -53,8 +53,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--expert-threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; each figure keeps its best")
     args = parser.parse_args(argv)
-    from raymoe.models import MoETransformer
-    from raymoe.models import attention
+    from raymoe.models import MoETransformer, attention
     from raymoe.models.packed import pack_fp32
     from raymoe.serve.debug_artifact import debug_config
 

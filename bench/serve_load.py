@@ -19,7 +19,7 @@ fp32 weights (the serving default) and with INT8 weights, and held-out perplexit
 (`--ppl-artifact` + `--heldout-shards`: a trained artifact and its ingest's val shards; without
 them, the random bench model, where the perplexity change means little).
 
-    python -m bench.serve_load          # ~10 min on 2 cores; writes bench/results/serve.json
+    python -m bench.serve_load          # ~4-5 min on 2 cores; writes bench/results/serve.json
     python -m bench.serve_load --quick  # fewer requests, smaller model (smoke run)
     python -m bench.serve_load --ppl-artifact runs/demo/model --heldout-shards runs/demo/ingest/val
 """
@@ -43,6 +43,11 @@ import torch
 from bench.harness import best_seconds, print_table, write_results
 
 PROMPT_WORDS = "experts route tokens to workers and back again while the batch keeps decoding"
+
+
+def request_prompt(i: int) -> str:
+    """The prompt of request i, at every load level, in the engine-alone rows and for the peer."""
+    return f"{i} {PROMPT_WORDS}"
 TARGETS = {"c32_over_hf_b8": 3.0, "c32_int8_over_hf_b8": 3.0, "c1_over_hf_b1": 1.2, "int8_over_fp32_decode_b1": 1.6,
            "int8_ppl_change": 0.01}
 SERVED = {"fp32": "/", "int8": "/int8"}  # weights -> route prefix of that application
@@ -83,7 +88,7 @@ async def load_level(url: str, model: str, concurrency: int, num_requests: int, 
     async def worker(http):
         while queue:
             i = queue.pop()
-            results.append(await one_request(http, url, model, f"{i} {PROMPT_WORDS}", max_tokens))
+            results.append(await one_request(http, url, model, request_prompt(i), max_tokens))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
@@ -103,8 +108,8 @@ async def load_level(url: str, model: str, concurrency: int, num_requests: int, 
 
 
 def server_prompts(tokenizer, count: int) -> list[list[int]]:
-    """The first `count` prompts the load levels send (request i sends f"{i} {PROMPT_WORDS}")."""
-    return [tokenizer.encode(f"{i} {PROMPT_WORDS}") for i in range(count)]
+    """The token ids of the first `count` requests' prompts (`request_prompt`)."""
+    return [tokenizer.encode(request_prompt(i)) for i in range(count)]
 
 
 def left_padded(prompts: list[list[int]]) -> dict:
@@ -171,7 +176,7 @@ def engine_concurrent(models: dict, tokenizer, concurrency: int, num_requests: i
 
         def admit(core=core, pending=pending):
             i = pending.pop()
-            core.add_request(GenerationRequest(request_id=str(i), prompt_ids=tokenizer.encode(f"{i} {PROMPT_WORDS}"),
+            core.add_request(GenerationRequest(request_id=str(i), prompt_ids=tokenizer.encode(request_prompt(i)),
                                                params=params))
 
         for _ in range(min(concurrency, num_requests)):
@@ -261,7 +266,7 @@ def main(argv: list[str]) -> int:
     tokenizer = ChatTokenizer.from_dir(artifact)
     prompts = server_prompts(tokenizer, 8)
     prompt_ids = prompts[0]
-    # The ratios use the first two; the third shows what a batch of one repeated prompt measures.
+    # The ratios use "batch 1" and "batch 8"; the third shows what one repeated prompt measures.
     peer_batches = {"batch 1": prompts[:1], "batch 8": prompts, "batch 8, one prompt x8": [prompt_ids] * 8}
     if bool(args.ppl_artifact) != bool(args.heldout_shards):
         parser.error("--ppl-artifact and --heldout-shards go together")
@@ -314,13 +319,13 @@ def main(argv: list[str]) -> int:
         serve.shutdown()
     ppl = perplexities(ppl_artifact, rows)
     served = [best[("serve", weights, c)] for weights in SERVED for c, _ in levels]
-    peers = [best[("hf", name)] for name in peer_batches]
+    peers = {name: best[("hf", name)] for name in peer_batches}
     engine = {name: best[("engine", name)] for name in ("fp32 default kernels", "fp32 packed", "int8")}
 
     table = [[f"raymoe Serve HTTP {s['weights']}, {s['concurrency']} concurrent", s["tokens_per_s"], s["ttft_p50"] * 1e3,
               s["ttft_p99"] * 1e3, s["tpot_p50"] * 1e3, s["tpot_p99"] * 1e3] for s in served]
     table += [[f"transformers generate, {p['name']} ({p['threads']} threads)", p["tokens_per_s"],
-               p["ttft"] * 1e3, p["ttft"] * 1e3, p["tpot"] * 1e3, p["tpot"] * 1e3] for p in peers]
+               p["ttft"] * 1e3, p["ttft"] * 1e3, p["tpot"] * 1e3, p["tpot"] * 1e3] for p in peers.values()]
     table += [[f"raymoe engine {k} (no HTTP), batch 1", v, "", "", "", ""] for k, v in engine.items()]
     concurrent = {name: best[("engine concurrent", name)] for name in SERVED}
     table += [[f"raymoe engine {k} (no HTTP), {levels[-1][0]} concurrent", v, "", "", "", ""]
@@ -334,10 +339,10 @@ def main(argv: list[str]) -> int:
                 ["weights", "perplexity"], [["fp32", ppl["fp32"]], ["int8", ppl["int8"]]])
     by_c = {(s["weights"], s["concurrency"]): s["tokens_per_s"] for s in served}
     ratios = {
-        "c32_over_hf_b8": by_c["fp32", 32] / peers[1]["tokens_per_s"],
-        "c32_int8_over_hf_b8": by_c["int8", 32] / peers[1]["tokens_per_s"],
-        "c1_over_hf_b1": by_c["fp32", 1] / peers[0]["tokens_per_s"],
-        "c32_over_hf_b8_one_prompt": by_c["fp32", 32] / peers[2]["tokens_per_s"],
+        "c32_over_hf_b8": by_c["fp32", 32] / peers["batch 8"]["tokens_per_s"],
+        "c32_int8_over_hf_b8": by_c["int8", 32] / peers["batch 8"]["tokens_per_s"],
+        "c1_over_hf_b1": by_c["fp32", 1] / peers["batch 1"]["tokens_per_s"],
+        "c32_over_hf_b8_one_prompt": by_c["fp32", 32] / peers["batch 8, one prompt x8"]["tokens_per_s"],
         "int8_over_fp32_decode_b1": engine["int8"] / engine["fp32 packed"],
         "int8_over_fp32_default_kernels_b1": engine["int8"] / engine["fp32 default kernels"],
         "int8_ppl_change": abs(ppl["int8"] / ppl["fp32"] - 1),
@@ -349,7 +354,7 @@ def main(argv: list[str]) -> int:
                                    "expert_threads": args.expert_threads,
                                    "model": {"artifact": args.artifact or "random debug artifact", **shape,
                                              "vocab_size": tokenizer.tokenizer.get_vocab_size()},
-                                   "output_tokens": max_tokens, "served": served, "transformers": peers,
+                                   "output_tokens": max_tokens, "served": served, "transformers": list(peers.values()),
                                    "engine_decode_b1": engine, "engine_concurrent": concurrent, "perplexity": {**ppl, "artifact": ppl_artifact,
                                                                               "heldout": args.heldout_shards},
                                    "ratios": ratios, "targets": TARGETS, "quick": args.quick})

@@ -86,7 +86,7 @@ class ExpertsOnThreads(nn.Module):
         self.dim = experts.w_down_EDF.shape[1]
         self._gate_up = [self._prepare(torch.cat([g, u])) for g, u in zip(experts.w_gate_EFD, experts.w_up_EFD)]
         self._down = [self._prepare(w) for w in experts.w_down_EDF]
-        self._threads = threads or SharedThreads(None, 1)
+        self._threads = threads or SharedThreads.start(1)
 
     def _prepare(self, w_OI: torch.Tensor):
         raise NotImplementedError

@@ -76,8 +76,8 @@ class EngineConfig:
     # "default" leaves PyTorch's kernels. Ignored on GPU and for INT8 weights.
     cpu_kernels: str = "onednn"
     # Packed fp32 (cpu_kernels onednn) or INT8 weights: threads that run a MoE layer's experts side
-    # by side, each with one torch thread (`raymoe.models.packed.ExpertsOnThreads`); 1 = the engine
-    # thread alone.
+    # by side, and decode attention over long contexts, each with one torch thread
+    # (`raymoe.models.cpu_threads`); 1 = the engine thread alone.
     expert_threads: int = 1
     # ep=1: run the engine in a child process of the replica (`raymoe.serve.engine_process`),
     # off the GIL that the replica's event loop and Ray Serve's threads hold; false = a thread.
