@@ -6,6 +6,9 @@ read and written in Hugging Face peft's format (`adapter_config.json`, `adapter_
 with keys `base_model.model.<HF module>.lora_A.weight`), names mapped by the state-dict adapter.
 Several adapters stay loaded; a shared `LoRAContext` says which one each batch row uses (as in
 Punica / S-LoRA multi-adapter serving), so requests for different adapters share one batch.
+Training (`add_trainable_lora`) wraps the targets with one adapter that every row uses, freezes
+the base, and can also give each routed expert its own pair (`raymoe.models.expert_lora`);
+`lora_state` / `set_lora_state` move an adapter as peft-named tensors (federated rounds, saving).
 
 Shapes: B batch rows, T tokens, I in features, O out features, R rank.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,17 +27,53 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raymoe.atomic_io import atomic_write
-from raymoe.models.state_dict_adapter import native_key_to_hf
+from raymoe.config import require
+from raymoe.models.expert_lora import EXPERT_PROJECTIONS, LoRAGroupedExperts, init_lora_pair
+from raymoe.models.moe import GroupedExperts
+from raymoe.models.state_dict_adapter import expert_key, native_key_to_hf
 
 PEFT_PREFIX = "base_model.model."
+# The adapter name used while training (one adapter, every row).
+TRAIN_ADAPTER = "default"
 
 
 @dataclass
 class LoRAContext:
-    """Which adapter each row of the next forward uses (None = base weights), shared by all layers."""
+    """Which adapter each row of the next forward uses (None = base weights), shared by all layers.
+
+    `active` applies one adapter to every row (training); `row_adapters` picks per row (serving).
+    """
 
     row_adapters: list[str | None] | None = None
     names: set[str] = field(default_factory=set)  # adapters loaded
+    active: str | None = None
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    """Which layers get a trainable low-rank update, and its size (peft's LoraConfig fields)."""
+
+    # r: rank of each update; alpha: scaling numerator (scaling = alpha / r, peft's default rule).
+    rank: int = 8
+    alpha: float = 16.0
+    # Native leaf names of attention projections to adapt (GQA: q_proj k_proj v_proj o_proj;
+    # MLA: q_proj or q_a_proj/q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj).
+    attention_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Also adapt the shared experts' gate/up/down projections.
+    shared_experts: bool = False
+    # Also give every routed expert its own pair on gate/up/down (held by the expert's shard).
+    routed_experts: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        require(bool(self.attention_modules or self.shared_experts or self.routed_experts),
+                "lora: no target (lora.attention_modules is empty and lora.shared_experts and "
+                "lora.routed_experts are false)")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
 
 
 class LoRALinear(nn.Module):
@@ -60,6 +101,9 @@ class LoRALinear(nn.Module):
     def forward(self, x_BTI: torch.Tensor) -> torch.Tensor:
         y = self.base(x_BTI)
         rows = self.context.row_adapters
+        active = self.context.active
+        if not rows and active is not None and active in self.lora_A:
+            return y + (x_BTI @ self.lora_A[active].T) @ self.lora_B[active].T * self.scaling[active]
         if not rows:
             return y
         if len(rows) != x_BTI.shape[0]:
@@ -182,3 +226,119 @@ def save_peft_adapter(model: nn.Module, name: str, path: str | Path, rank: int, 
     atomic_write(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return path
 
+
+
+# --- training: one trainable adapter, base frozen --------------------------------------------
+
+def _is_target(native: str, cfg: LoRAConfig) -> bool:
+    m = re.fullmatch(r"layers\.\d+\.(attn|ffn\.shared_experts)\.(\w+)", native)
+    if not m:
+        return False
+    if m.group(1) == "attn":
+        return m.group(2) in cfg.attention_modules
+    return cfg.shared_experts
+
+
+def add_trainable_lora(model: nn.Module, cfg: LoRAConfig, seed: int) -> list[nn.Parameter]:
+    """Freezes every base weight and adds adapter `TRAIN_ADAPTER` (active on every row).
+
+    Each pair starts as peft does (A kaiming-uniform, B zero: the model is unchanged at step 0),
+    drawn from (seed, module name) so every worker, whatever experts it holds, starts the same.
+    Call it after expert sharding: routed-expert pairs are created for the experts held here.
+
+    Returns:
+        The trainable parameters (the adapters).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and _is_target(n, cfg)]
+    attention_leaves = {n.rsplit(".", 1)[-1] for n in names if ".attn." in n}
+    unknown = set(cfg.attention_modules) - attention_leaves
+    require(not unknown, f"lora.attention_modules: {sorted(unknown)} is not a projection of this "
+                         f"model's attention (it has {sorted(_attention_leaves(model))})")
+    for native in names:
+        wrapped = _wrap(model, native)
+        g = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(native.encode()))
+        a, b = init_lora_pair(wrapped.base.in_features, wrapped.base.out_features, cfg.rank, g)
+        wrapped.add_adapter(TRAIN_ADAPTER, a, b, cfg.scaling)
+    if cfg.routed_experts:
+        for layer_id, layer in enumerate(model.layers):
+            experts = getattr(layer.ffn, "experts", None)
+            if isinstance(experts, GroupedExperts):
+                lora = LoRAGroupedExperts(experts, cfg.rank, cfg.scaling)
+                lora.init_adapters(seed, layer_id)
+                layer.ffn.experts = lora
+    context = lora_context(model)
+    context.names.add(TRAIN_ADAPTER)
+    context.active = TRAIN_ADAPTER
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _attention_leaves(model: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+            if re.fullmatch(r"layers\.\d+\.attn\.\w+", n) and hasattr(m, "in_features")}
+
+
+def lora_state(model: nn.Module, name: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
+    """Adapter `name` as peft-named tensors (`base_model.model.<HF module>.lora_A.weight`).
+
+    Routed-expert pairs are named per expert (`...experts.{e}.w1.lora_A.weight` for Mixtral), for
+    the experts this process holds only. Tensors are detached views of the parameters.
+    """
+    arch = _architecture(model)
+    out: dict[str, torch.Tensor] = {}
+    for native, module in model.named_modules():
+        if isinstance(module, LoRALinear) and name in module.lora_A:
+            hf = native_key_to_hf(native + ".weight", arch)[: -len(".weight")]
+            out[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = module.lora_A[name].detach()
+            out[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = module.lora_B[name].detach()
+    if name == TRAIN_ADAPTER:
+        for layer_id, module in _expert_adapters(model):
+            for proj in EXPERT_PROJECTIONS:
+                for local, expert in enumerate(module.expert_ids):
+                    hf = expert_key(arch, layer_id, expert, proj)[: -len(".weight")]
+                    out[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = module.lora_A[proj][local].detach()
+                    out[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = module.lora_B[proj][local].detach()
+    return out
+
+
+def set_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = TRAIN_ADAPTER) -> None:
+    """Copies peft-named adapter tensors into the model's adapter `name` (inverse of lora_state).
+
+    Keys for experts this process does not hold are ignored; every pair it holds must be given.
+    """
+    targets = lora_state(model, name)
+    missing = sorted(set(targets) - set(tensors))
+    if missing:
+        raise KeyError(f"adapter tensors lack {len(missing)} keys this model holds, e.g. {missing[0]}")
+    with torch.no_grad():
+        for key, dst in targets.items():
+            if tuple(tensors[key].shape) != tuple(dst.shape):
+                raise ValueError(f"adapter tensor {key}: shape {tuple(tensors[key].shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            dst.copy_(tensors[key])
+
+
+def _expert_adapters(model: nn.Module) -> list[tuple[int, LoRAGroupedExperts]]:
+    return [(i, layer.ffn.experts) for i, layer in enumerate(model.layers)
+            if isinstance(getattr(layer.ffn, "experts", None), LoRAGroupedExperts)]
+
+
+def adapter_config(cfg: LoRAConfig, tensors: dict[str, torch.Tensor]) -> dict:
+    """peft's adapter_config.json for a trained adapter (target_modules = HF leaf names)."""
+    targets = sorted({k[len(PEFT_PREFIX):].split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
+    return {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": targets,
+            "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False, "lora_dropout": 0.0,
+            "fan_in_fan_out": False, "init_lora_weights": True, "base_model_name_or_path": None}
+
+
+def write_peft_adapter(path: str | Path, cfg: LoRAConfig, tensors: dict[str, torch.Tensor],
+                       extra_config: dict | None = None) -> Path:
+    """Writes peft-named tensors + adapter_config.json (each file replaced atomically)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**adapter_config(cfg, tensors), **(extra_config or {})}
+    plain = {k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}
+    atomic_write(path / "adapter_model.safetensors", lambda tmp: save_file(plain, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return path

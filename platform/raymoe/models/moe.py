@@ -156,6 +156,9 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.last_tokens_per_expert_E = torch.zeros(cfg.num_experts, dtype=torch.long)
         self.last_aux_loss = torch.zeros(())
+        # Set by MoETransformer.forward for one pass: which tokens count in the routing statistics
+        # (padding does not); routing itself is unchanged.
+        self.count_mask_T: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -191,7 +194,8 @@ class MoE(nn.Module):
 
     def _record_stats(self, expert_ids_TK, scores_TE, logits_TE) -> None:
         cfg = self.cfg
-        kept = expert_ids_TK if cfg.capacity_factor is None else expert_ids_TK[expert_ids_TK >= 0]
+        counted = expert_ids_TK if self.count_mask_T is None else expert_ids_TK[self.count_mask_T]
+        kept = counted if cfg.capacity_factor is None else counted[counted >= 0]
         self.last_tokens_per_expert_E = torch.bincount(kept.reshape(-1), minlength=cfg.num_experts).detach()
         aux = scores_TE.new_zeros(())
         if not self.training:

@@ -81,6 +81,7 @@ class MoETransformer(nn.Module):
         positions_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
         slot_ids_B: torch.Tensor | None = None,
+        count_mask_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for every input position.
 
@@ -90,6 +91,8 @@ class MoETransformer(nn.Module):
             cache: a KVCache; when given, keys/values are written at `positions_BT` in the rows
                 `slot_ids_B` and each query attends to its slot's keys at positions <= its own.
             slot_ids_B: cache rows, one per sequence; default arange(B).
+            count_mask_BT: bool, the tokens that count in the MoE layers' tokens-per-expert
+                statistics (False for padding); default all.
 
         Returns:
             float32 logits (B, T, V).
@@ -104,8 +107,15 @@ class MoETransformer(nn.Module):
             view = cache.view(slot_ids_B, positions_BT)
         rope = self.rope(positions_BT)
         h_BTD = self.embed(input_ids_BT)
-        for layer in self.layers:
-            h_BTD = layer(h_BTD, rope, view)
+        moe_layers = list(self.moe_layers()) if count_mask_BT is not None else []
+        for moe in moe_layers:
+            moe.count_mask_T = count_mask_BT.reshape(-1)
+        try:
+            for layer in self.layers:
+                h_BTD = layer(h_BTD, rope, view)
+        finally:
+            for moe in moe_layers:
+                moe.count_mask_T = None
         return self.lm_head(self.norm(h_BTD)).float()
 
     def moe_layers(self) -> Iterator[MoE]:

@@ -113,6 +113,39 @@ SERVE_METRICS: list[MetricSpec] = [
 ]
 # --- end serve -------------------------------------------------------------------------------
 
+# --- fine-tune / federated (raymoe.train.finetune, raymoe.federated.server) -------------------
+FINETUNE_STEP = MetricSpec(
+    "raymoe_finetune_step", "gauge", "LoRA fine-tuning optimizer steps completed.", ("run",))
+FINETUNE_LOSS = MetricSpec(
+    "raymoe_finetune_loss", "gauge", "Answer-token cross-entropy of the last fine-tuning step.", ("run",))
+FINETUNE_TOKENS_PER_SECOND = MetricSpec(
+    "raymoe_finetune_tokens_per_second", "gauge",
+    "Fine-tuning input tokens (padding excluded) per second, all workers.", ("run",))
+FEDERATED_ROUND = MetricSpec(
+    "raymoe_federated_round", "gauge", "Federated rounds completed.", ("run",))
+FEDERATED_PARTICIPANTS = MetricSpec(
+    "raymoe_federated_participants", "gauge", "Silos whose update was aggregated in the last round.",
+    ("run",))
+FEDERATED_REJECTED_UPDATES = MetricSpec(
+    "raymoe_federated_rejected_updates", "counter",
+    "Silo updates rejected (non_finite, wrong_shape, norm_exceeded, ...), failed or late.",
+    ("run", "reason"))
+FEDERATED_UPDATE_NORM = MetricSpec(
+    "raymoe_federated_update_norm", "histogram", "L2 norm of a silo's adapter update (before clipping).",
+    ("run",), (0.001, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0))
+FEDERATED_EVAL_LOSS = MetricSpec(
+    "raymoe_federated_eval_loss", "gauge", "Held-out answer loss of the global adapter after a round.",
+    ("run",))
+FEDERATED_EPSILON = MetricSpec(
+    "raymoe_federated_epsilon", "gauge", "Differential-privacy epsilon spent so far (at the run's delta).",
+    ("run",))
+
+FEDERATED_METRICS: list[MetricSpec] = [
+    FINETUNE_STEP, FINETUNE_LOSS, FINETUNE_TOKENS_PER_SECOND, FEDERATED_ROUND, FEDERATED_PARTICIPANTS,
+    FEDERATED_REJECTED_UPDATES, FEDERATED_UPDATE_NORM, FEDERATED_EVAL_LOSS, FEDERATED_EPSILON,
+]
+# --- end fine-tune / federated ---------------------------------------------------------------
+
 REGISTRY: list[MetricSpec] = [
     INGEST_RECORDS,
     INGEST_BYTES,
@@ -122,6 +155,7 @@ REGISTRY: list[MetricSpec] = [
     INGEST_DUPLICATES,
     *TRAIN_METRICS,
     *SERVE_METRICS,
+    *FEDERATED_METRICS,
 ]
 
 _instances: dict[str, Any] = {}

@@ -34,13 +34,15 @@ def debug_config(vocab_size: int, dim: int = 128, num_layers: int = 4, max_seq_l
     )
 
 
-def make_debug_artifact(path: str | Path, seed: int = 0, vocab_size: int = 512, **shape) -> Path:
+def make_debug_artifact(path: str | Path, seed: int = 0, vocab_size: int = 512,
+                        corpus: list[str] | None = None, **shape) -> Path:
     """Writes a random-weight HF-format artifact (weights, config, tokenizer) to `path`.
 
     Args:
         path: output directory (created).
         seed: weight seed; the same seed gives the same artifact.
         vocab_size: tokenizer and model vocabulary.
+        corpus: texts the tokenizer is trained on (default: the built-in sentences).
         **shape: overrides for `debug_config` (dim, num_layers, max_seq_len, num_experts).
 
     Returns:
@@ -50,7 +52,7 @@ def make_debug_artifact(path: str | Path, seed: int = 0, vocab_size: int = 512, 
     from raymoe.models import MoETransformer, save_hf
 
     path = Path(path)
-    tok = train_tokenizer(CORPUS, vocab_size=vocab_size)
+    tok = train_tokenizer(corpus or CORPUS, vocab_size=vocab_size)
     model = MoETransformer(debug_config(tok.get_vocab_size(), **shape))
     model.init_weights(seed=seed)
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tok_dir:

@@ -9,6 +9,7 @@ applies the same update and the routers stay identical.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -63,17 +64,24 @@ def train_step(
     lr: float,
     clip_norm: float,
     bf16: bool = False,
+    update_bias: bool = True,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> StepResult:
     """Runs one optimizer step over this worker's micro-batches.
 
     Args:
         model: the (expert-sharded) model, in train mode.
         optimizer: from `build_optimizer`.
-        micro_batches: [(input_ids_BT, targets_BT)], the worker's share of each global micro-batch.
+        micro_batches: [(input_ids_BT, targets_BT[, count_mask_BT])], the worker's share of each
+            global micro-batch; the optional bool mask marks real (non-padding) tokens, which
+            alone count in the tokens-per-expert statistics.
         groups: this worker's process groups.
         lr: learning rate for this step.
         clip_norm: max global gradient norm (0 = no clipping).
         bf16: autocast to bf16 (GPU only).
+        update_bias: move the routers' aux-loss-free balance bias (off when the base is frozen,
+            as in LoRA fine-tuning).
+        extra_loss: a term added to every micro-batch's loss (FedProx's proximal term).
 
     Returns:
         The step's globally reduced statistics.
@@ -88,13 +96,17 @@ def train_step(
     aux_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     n = len(micro_batches)
-    for input_ids_BT, targets_BT in micro_batches:
+    for input_ids_BT, targets_BT, *rest in micro_batches:
         input_ids_BT, targets_BT = input_ids_BT.to(device), targets_BT.to(device)
+        count_mask_BT = rest[0].to(device) if rest else None
         with _autocast(device, bf16):
-            logits_BTV = model(input_ids_BT)
-        ce = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1))
+            logits_BTV = model(input_ids_BT, count_mask_BT=count_mask_BT)
+        # Targets of -100 (prompt and padding tokens in fine-tuning) carry no loss.
+        ce = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1),
+                             ignore_index=-100)
         aux = model.aux_loss().to(device)
-        ((ce + aux) / n).backward()
+        loss = ce + aux if extra_loss is None else ce + aux + extra_loss()
+        (loss / n).backward()
         ce_sum += ce.detach().double()
         aux_sum += aux.detach().double()
         tokens += targets_BT.numel()
@@ -117,7 +129,7 @@ def train_step(
         totals[:2] /= groups.world_size
         counts_LE = packed[3:].round().to(torch.long).reshape(counts_LE.shape)
     for moe, counts_E in zip(moe_layers, counts_LE):
-        if moe.cfg.balance_bias:
+        if moe.cfg.balance_bias and update_bias:
             moe.router.update_bias(counts_E)
 
     a2a_bytes, a2a_seconds = 0, 0.0
