@@ -256,7 +256,7 @@ def main(argv: list[str]) -> int:
 
     from raymoe.ray_runtime import init_ray
     from raymoe.serve.app import build_app
-    from raymoe.serve.chat_tokenizer import ChatTokenizer
+    from raymoe.data.chat_tokenizer import ChatTokenizer
     from raymoe.serve.debug_artifact import CORPUS, make_debug_artifact
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))

@@ -17,12 +17,14 @@ LOCAL_ENV = {
 }
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, resources: dict[str, float] | None = None) -> None:
     """Connects to RAY_ADDRESS if set, else starts a local cluster; no-op if Ray is up.
 
     Args:
         num_cpus: logical CPUs of the local cluster (default: all cores). Ignored when joining
             an existing cluster.
+        resources: custom resources of the local node (e.g. `silo_<name>` for federated silos
+            simulated on one machine). Ignored when joining an existing cluster.
     """
     import ray
 
@@ -36,6 +38,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     ray.init(
         num_cpus=num_cpus,
+        resources=resources,
         # The dashboard serves the State API Ray Train's controller watchdog polls (without it,
         # a warning every 2 s) and the job/metrics views; loopback only.
         include_dashboard=True,

@@ -149,7 +149,7 @@ def test_http_app_with_two_shard_workers(ray_cluster, artifact8):
 
 
 def decode(path, ids):
-    from raymoe.serve.chat_tokenizer import ChatTokenizer
+    from raymoe.data.chat_tokenizer import ChatTokenizer
 
     return ChatTokenizer.from_dir(path).decode(ids)
 

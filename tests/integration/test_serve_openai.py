@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from raymoe.serve.chat_tokenizer import ChatTokenizer
+from raymoe.data.chat_tokenizer import ChatTokenizer
 from raymoe.serve.debug_artifact import make_debug_artifact
 
 API_KEY = "test-key-123"

@@ -7,7 +7,7 @@ from bench.serve_load import left_padded, server_prompts
 
 
 def test_server_prompts_are_the_requests_prompts_and_differ(tmp_path):
-    from raymoe.serve.chat_tokenizer import ChatTokenizer
+    from raymoe.data.chat_tokenizer import ChatTokenizer
     from raymoe.serve.debug_artifact import make_debug_artifact
 
     artifact = make_debug_artifact(tmp_path / "tiny", vocab_size=300, dim=64, num_layers=1, max_seq_len=64)

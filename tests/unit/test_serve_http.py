@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raymoe.serve.chat_tokenizer import ChatTokenizer
+from raymoe.data.chat_tokenizer import ChatTokenizer
 from raymoe.serve.http_app import OpenAIServer, create_app
 from tests.unit.fake_engine import FakeEngine, write_tokenizer
 

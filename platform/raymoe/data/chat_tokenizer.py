@@ -1,4 +1,4 @@
-"""The artifact's tokenizer as the server uses it: encode, decode, chat template, end tokens.
+"""The artifact's tokenizer for serving and fine-tuning: encode, decode, chat template, end tokens.
 
 Reads the Hugging Face files beside the weights (`tokenizer.json`, `tokenizer_config.json`) with
 `tokenizers` and renders `chat_template` with Jinja2 in a sandbox, the way
@@ -66,12 +66,21 @@ class ChatTokenizer:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text for `messages` (role/content dicts), ending with the assistant turn."""
+    def render_messages(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The chat template applied to `messages` (role/content dicts).
+
+        The same render call as transformers' `apply_chat_template(..., tokenize=False)`.
+        `add_generation_prompt=True` appends the opening of an assistant turn (a prompt to
+        complete); False renders the conversation as it stands (a fine-tuning target).
+        """
         return self._template.render(
-            messages=messages, add_generation_prompt=True,
+            messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
         )
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for `messages` (role/content dicts), ending with the assistant turn."""
+        return self.render_messages(messages, add_generation_prompt=True)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode(self.render_chat(messages))

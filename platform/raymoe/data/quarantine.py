@@ -35,10 +35,15 @@ def sample_of(raw: bytes | None) -> str:
 
 
 def quarantine_entry(source: str, location: str, reason: str, detail: str,
-                     raw: bytes | None) -> dict:
-    """One quarantine line; raises ValueError for a reason that is not a quarantine reason."""
-    if reason not in QUARANTINE_REASONS:
-        raise ValueError(f"quarantine reason must be one of {QUARANTINE_REASONS}, got {reason!r}")
+                     raw: bytes | None, reasons: tuple[str, ...] = QUARANTINE_REASONS) -> dict:
+    """One quarantine line; raises ValueError for a reason not in `reasons`.
+
+    `reasons` defaults to the ingest pipeline's; a reader with its own record checks (SFT
+    examples, raymoe.data.sft) passes its tuple. They are kept apart because the same word can
+    mean different things: `too_long` is an ingest filter drop but an SFT quarantine.
+    """
+    if reason not in reasons:
+        raise ValueError(f"quarantine reason must be one of {reasons}, got {reason!r}")
     return {"source": source, "location": location, "reason": reason, "detail": detail,
             "sample": sample_of(raw)}
 

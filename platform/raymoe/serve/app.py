@@ -233,7 +233,7 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
 
 def build_server(cfg: ServeConfig):
     """Engine + tokenizer + names + key: what the HTTP routes need."""
-    from raymoe.serve.chat_tokenizer import ChatTokenizer
+    from raymoe.data.chat_tokenizer import ChatTokenizer
     from raymoe.serve.http_app import OpenAIServer
 
     engine, adapters = build_engine(cfg)

@@ -22,8 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raymoe.data.chat_tokenizer import ChatTokenizer
 from raymoe.serve import openai_schemas as oai
-from raymoe.serve.chat_tokenizer import ChatTokenizer
 from raymoe.serve.engine import Engine
 from raymoe.serve.request import SamplingParams
 from raymoe.serve.text_stream import Observer, RequestRefused, TextStream

@@ -49,10 +49,20 @@ class AdapterTrainer:
         self.clip_norm = optim.clip_norm
 
     def step(self, micro_batches: list[tuple[torch.Tensor, ...]], lr: float,
-             extra_loss: Callable[[], torch.Tensor] | None = None) -> StepResult:
-        """One optimizer step of the adapter over this rank's micro-batches."""
+             global_target_counts: list[int], extra_loss: Callable[[], torch.Tensor] | None = None
+             ) -> StepResult:
+        """One optimizer step of the adapter over this rank's micro-batches.
+
+        Args:
+            micro_batches: [(input_ids_BT, targets_BT, real_BT)] this rank's share of each.
+            lr: learning rate of this step.
+            global_target_counts: answer tokens of each whole micro-batch (all ranks); the loss
+                is their mean, whatever the layout.
+            extra_loss: added to the loss (FedProx's proximal term).
+        """
         return train_step(self.model, self.optimizer, micro_batches, groups=self.groups, lr=lr,
-                          clip_norm=self.clip_norm, update_bias=False, extra_loss=extra_loss)
+                          clip_norm=self.clip_norm, update_bias=False, extra_loss=extra_loss,
+                          global_target_counts=global_target_counts)
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's adapter as peft-named tensors (live views: clone before keeping them)."""

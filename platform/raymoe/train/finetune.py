@@ -36,11 +36,17 @@ def prepare_data(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def _loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import logging
+
     import ray.train
+    from ray.train.v2._internal.execution import context as train_context
 
     from raymoe.train.finetune_worker import run_finetune_worker
 
     cfg = from_dict(FinetuneConfig, loop_config["cfg"])
+    # Ray Train logs every report at INFO on every worker; the console line says what matters.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     def report(metrics: dict[str, Any]) -> None:
         from raymoe.monitor import metrics as m

@@ -40,6 +40,11 @@ def sft_micro_batch(examples: list[SFTExample], pad_id: int) -> tuple[torch.Tens
     return input_ids_BT, targets_BT, real_BT
 
 
+def answer_tokens(examples: list[SFTExample]) -> int:
+    """Targets that carry loss in a micro-batch of these examples (labels after the first token)."""
+    return sum(sum(label != -100 for label in e.labels[1:]) for e in examples)
+
+
 def pad_token_id(tokenizer: ChatTokenizer) -> int:
     # Padding positions carry no loss and count in no statistic; any valid id will do.
     return tokenizer.stop_token_ids[0] if tokenizer.stop_token_ids else 0
@@ -63,9 +68,11 @@ def run_finetune_worker(cfg: FinetuneConfig,
     window_tokens = 0
     for step in range(cfg.steps):
         micro = sft_micro_batch([examples[i] for i in batches.indices(step)], pad)
-        result = trainer.step([micro], lr=lr_at(step, cfg.optim, cfg.steps))
+        whole = [examples[i] for i in everyone.indices(step)]
+        result = trainer.step([micro], lr=lr_at(step, cfg.optim, cfg.steps),
+                              global_target_counts=[answer_tokens(whole)])
         summary.losses.append(result.loss)
-        window_tokens += sum(len(examples[i].input_ids) - 1 for i in everyone.indices(step))
+        window_tokens += sum(len(e.input_ids) - 1 for e in whole)
         done = step + 1
         if report is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             now = time.perf_counter()

@@ -66,6 +66,7 @@ def train_step(
     bf16: bool = False,
     update_bias: bool = True,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    global_target_counts: list[int] | None = None,
 ) -> StepResult:
     """Runs one optimizer step over this worker's micro-batches.
 
@@ -82,6 +83,10 @@ def train_step(
         update_bias: move the routers' aux-loss-free balance bias (off when the base is frozen,
             as in LoRA fine-tuning).
         extra_loss: a term added to every micro-batch's loss (FedProx's proximal term).
+        global_target_counts: per micro-batch, the targets that carry loss over all workers. When
+            given, the loss is the mean over those tokens of the whole micro-batch (not the mean
+            of each worker's mean): fine-tuning batches hold different numbers of answer tokens
+            per worker, and this keeps any layout equal to one process.
 
     Returns:
         The step's globally reduced statistics.
@@ -96,14 +101,19 @@ def train_step(
     aux_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     n = len(micro_batches)
-    for input_ids_BT, targets_BT, *rest in micro_batches:
+    for index, (input_ids_BT, targets_BT, *rest) in enumerate(micro_batches):
         input_ids_BT, targets_BT = input_ids_BT.to(device), targets_BT.to(device)
         count_mask_BT = rest[0].to(device) if rest else None
         with _autocast(device, bf16):
             logits_BTV = model(input_ids_BT, count_mask_BT=count_mask_BT)
         # Targets of -100 (prompt and padding tokens in fine-tuning) carry no loss.
-        ce = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1),
-                             ignore_index=-100)
+        flat_logits, flat_targets = logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1)
+        if global_target_counts is None:
+            ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+        else:
+            # Scaled by world: the gradient sync and the reported loss average over workers.
+            ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum") * (
+                groups.world_size / max(global_target_counts[index], 1))
         aux = model.aux_loss().to(device)
         loss = ce + aux if extra_loss is None else ce + aux + extra_loss()
         (loss / n).backward()

@@ -1,0 +1,295 @@
+"""The federated server (the job driver): rounds of configure -> local fit on silos -> aggregate.
+
+Each round: the strategy samples silos (Flower's configure_fit), every selected silo actor trains
+the global adapter on its own data (`raymoe.federated.silo`), the server keeps the results that
+arrive before the deadline, rejects bad ones by reason (NaN/Inf, shapes, norm bound), aggregates
+(the strategy's aggregate_fit; the DP-FedAvg noisy mean under privacy; the unmasked sum under
+secure aggregation), evaluates on its own held-out file, and saves the round state atomically.
+A round with fewer accepted updates than the quorum is retried (a secure round whose participant
+dropped out after masking is aborted and retried with the survivors and fresh keys); after
+`faults.max_round_retries` the job stops with the state of the last finished round kept, so a
+rerun continues from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from raymoe.federated.config import FederatedConfig
+from raymoe.federated.privacy import PrivacyAccountant, noisy_mean, silo_sample_rate
+from raymoe.federated.round_state import RoundState, load_latest_round_state, save_round_state
+from raymoe.federated.secure_aggregation import SecureAggregationAborted, SecureAggregationRound
+from raymoe.federated.silo import PrivacyInstructions, SiloResult
+from raymoe.federated.strategies import FitInstructions, weighted_mean_from_sums
+from raymoe.federated.updates import ClientUpdate, Params, filter_updates, flatten, unflatten
+
+log = logging.getLogger(__name__)
+FAILED, LATE = "failed", "late"
+
+
+class FederatedJobFailed(RuntimeError):
+    """A round missed its quorum on every retry; the last finished round's state is kept."""
+
+
+@dataclass
+class RoundOutcome:
+    """One attempt at a round."""
+
+    params: Params | None  # the new global adapter; None when the attempt failed
+    participants: list[str] = field(default_factory=list)
+    rejected: Counter = field(default_factory=Counter)  # reason -> silos
+    dropped: list[str] = field(default_factory=list)  # failed or late silos
+    silo_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def check_result_is_adapter_only(result: SiloResult, adapter_keys: set[str]) -> None:
+    """Data stays home: a silo result may carry adapter tensors, counts and scalars, nothing else."""
+    if not isinstance(result, SiloResult):
+        raise TypeError(f"silo returned {type(result).__name__}, expected SiloResult")
+    if result.params is not None and set(result.params) - adapter_keys - {"delta"}:
+        raise ValueError(f"silo {result.silo} returned tensors that are not the adapter's")
+    for value in (result.params or {}).values():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"silo {result.silo} returned a non-float tensor in its update")
+    if result.tokens_per_expert_LE.dtype != torch.int64 or result.tokens_per_expert_LE.dim() != 2:
+        raise TypeError(f"silo {result.silo} returned malformed expert counts")
+    if not all(isinstance(v, float) for v in result.metrics.values()):
+        raise TypeError(f"silo {result.silo} returned non-scalar metrics")
+
+
+class FederatedServer:
+    """Runs rounds against silo actors. `silos` maps silo name -> Ray actor handle."""
+
+    def __init__(self, cfg: FederatedConfig, silos: dict[str, Any], initial: Params,
+                 evaluate: Callable[[Params], float] | None = None,
+                 on_round_start: Callable[[int, list[str]], None] | None = None):
+        self.cfg = cfg
+        self.silos = dict(silos)
+        self.strategy = cfg.build_strategy()
+        self.accountant = PrivacyAccountant()
+        self.evaluate = evaluate
+        self.on_round_start = on_round_start
+        self.state = RoundState(round=0, params=initial)
+        if cfg.resume and (saved := load_latest_round_state(cfg.output_dir)) is not None:
+            self.state = saved
+            if saved.strategy_state and hasattr(self.strategy, "load_state_dict"):
+                self.strategy.load_state_dict(saved.strategy_state)
+            if saved.accountant_state:
+                self.accountant.load_state_dict(saved.accountant_state)
+            print(f"resumed after round {saved.round} from {cfg.output_dir}", flush=True)
+        self.adapter_keys = set(initial)
+        self.counts_shape: tuple[int, int] | None = None
+
+    # --- one attempt --------------------------------------------------------------------------
+    def _gather(self, refs: dict[str, Any]) -> tuple[dict[str, SiloResult], list[str]]:
+        """Results that arrive before the deadline; the others (failed or late) as dropped."""
+        import ray
+
+        ready, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.faults.round_deadline_s)
+        by_ref = {ref: silo for silo, ref in refs.items()}
+        results, dropped = {}, []
+        for ref in late:
+            ray.cancel(ref, force=True)
+            dropped.append(by_ref[ref])
+            self._count_rejected(LATE)
+        for ref in ready:
+            silo = by_ref[ref]
+            try:
+                result = ray.get(ref)
+                check_result_is_adapter_only(result, self.adapter_keys)
+                results[silo] = result
+            except Exception as exc:  # noqa: BLE001 - a silo's failure is a dropout, not the job's
+                log.warning("silo %s failed this round: %s", silo, str(exc).splitlines()[0])
+                dropped.append(silo)
+                self._count_rejected(FAILED)
+                if isinstance(exc, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)):
+                    self.silos.pop(silo, None)  # gone (e.g. its node was removed): never sampled again
+        return results, dropped
+
+    def _attempt(self, round: int, rng: np.random.Generator, exclude: set[str]) -> RoundOutcome:
+        cfg, params = self.cfg, self.state.params
+        available = sorted(s for s in self.silos if s not in exclude)
+        selected = self.strategy.configure_fit(round, params, available, rng)
+        names = [s for s, _ in selected]
+        if self.on_round_start is not None:
+            self.on_round_start(round, names)
+        privacy = None
+        if cfg.privacy.dp:
+            privacy = PrivacyInstructions(
+                clip_norm=cfg.privacy.clip_norm, noise_multiplier=cfg.privacy.noise_multiplier,
+                mode="distributed" if cfg.privacy.secure_aggregation else "central",
+                num_participants=len(names))
+        secure = None
+        if cfg.privacy.secure_aggregation:
+            import ray
+
+            secure = SecureAggregationRound(round, names)
+            keys = ray.get([self.silos[s].public_key.remote(round) for s in names])
+            for silo, key in zip(names, keys):
+                secure.register_public_key(silo, key)
+        refs = {silo: self.silos[silo].fit.remote(
+            instructions, privacy, secure.peer_keys(silo) if secure else None, cfg.strategy.moe_aware)
+            for silo, instructions in selected}
+        results, dropped = self._gather(refs)
+        outcome = RoundOutcome(params=None, dropped=dropped,
+                               silo_metrics={s: r.metrics for s, r in results.items()})
+        if secure is not None:
+            return self._aggregate_secure(round, secure, results, outcome, privacy)
+        if privacy is not None:
+            return self._aggregate_dp(round, results, outcome, privacy)
+        return self._aggregate_plain(round, results, outcome)
+
+    def _aggregate_plain(self, round: int, results: dict[str, SiloResult], outcome: RoundOutcome) -> RoundOutcome:
+        updates = [r.as_update() for r in results.values()]
+        if self.counts_shape is None and updates:
+            self.counts_shape = tuple(updates[0].tokens_per_expert_LE.shape)
+        bound = self.cfg.faults.max_update_norm or None
+        accepted, rejected = filter_updates(updates, self.state.params, bound, self.counts_shape or (0, 0))
+        for reason, silos in rejected.items():
+            outcome.rejected[reason] += len(silos)
+            self._count_rejected(reason, len(silos))
+        outcome.participants = [u.silo for u in accepted]
+        for u in accepted:
+            self._observe_norm(u)
+        if len(accepted) >= self.cfg.faults.quorum:
+            outcome.params = self.strategy.aggregate_fit(round, self.state.params, accepted)
+        return outcome
+
+    def _aggregate_dp(self, round: int, results: dict[str, SiloResult], outcome: RoundOutcome,
+                      privacy: PrivacyInstructions) -> RoundOutcome:
+        size = flatten(self.state.params).numel()
+        good = {s: r for s, r in results.items()
+                if r.params["delta"].numel() == size and torch.isfinite(r.params["delta"]).all()}
+        for _ in range(len(results) - len(good)):
+            self._count_rejected("non_finite")
+        outcome.participants = sorted(good)
+        if len(good) < self.cfg.faults.quorum:
+            return outcome
+        total = torch.stack([r.params["delta"] for r in good.values()]).sum(0)
+        # DP-FedAvg: the divisor is the number selected (public), not the number that answered.
+        mean = noisy_mean(total, mode=privacy.mode, noise_multiplier=privacy.noise_multiplier,
+                          clip_norm=privacy.clip_norm, num_participants=privacy.num_participants,
+                          generator=torch.Generator().manual_seed(self.cfg.seed * 7 + round))
+        outcome.params = self._from_mean(round, flatten(self.state.params).double() + mean.double())
+        self._account(privacy.num_participants)
+        return outcome
+
+    def _aggregate_secure(self, round: int, secure: SecureAggregationRound, results: dict[str, SiloResult],
+                          outcome: RoundOutcome, privacy: PrivacyInstructions | None) -> RoundOutcome:
+        for silo, result in results.items():
+            secure.submit(silo, result.masked)
+        try:
+            total = torch.from_numpy(secure.aggregate())
+        except SecureAggregationAborted as exc:
+            # A participant dropped out after masking: its pairwise masks cannot be removed.
+            log.warning("round %d aborted: %s did not return a masked update", round, exc.missing)
+            return outcome
+        outcome.participants = sorted(results)
+        size = flatten(self.state.params).numel()
+        if privacy is not None:
+            mean = total / privacy.num_participants  # the silos added the noise (distributed mode)
+            outcome.params = self._from_mean(round, flatten(self.state.params).double() + mean)
+            self._account(privacy.num_participants)
+            return outcome
+        numerators = unflatten(total[:size], self.state.params)
+        weights = dict(zip(sorted(self.state.params), total[size:]))
+        mean = weighted_mean_from_sums({k: v.double() for k, v in numerators.items()}, weights, self.state.params)
+        outcome.params = self._from_mean(round, flatten(mean).double())
+        return outcome
+
+    def _from_mean(self, round: int, mean_flat: torch.Tensor) -> Params:
+        """The strategy's step from an already-averaged adapter (FedAvg: the mean itself; FedAdam
+        and FedYogi: their server-optimiser step towards it), as one pseudo-update of weight 1."""
+        mean = unflatten(mean_flat.float(), self.state.params)
+        ones = torch.ones(self.counts_shape or (1, 1), dtype=torch.long)
+        pseudo = ClientUpdate(silo="mean", params=mean, num_examples=1, tokens_per_expert_LE=ones)
+        return self.strategy.aggregate_fit(round, self.state.params, [pseudo])
+
+    def _account(self, num_participants: int) -> None:
+        if self.cfg.privacy.noise_multiplier > 0:
+            self.accountant.step(self.cfg.privacy.noise_multiplier,
+                                 silo_sample_rate(num_participants, len(self.cfg.silos)))
+
+    # --- metrics ------------------------------------------------------------------------------
+    def _count_rejected(self, reason: str, n: int = 1) -> None:
+        from raymoe.monitor import metrics as m
+
+        m.ray_metric(m.FEDERATED_REJECTED_UPDATES).inc(n, tags={"run": self.cfg.name, "reason": reason})
+
+    def _observe_norm(self, update: ClientUpdate) -> None:
+        from raymoe.federated.updates import update_norm
+        from raymoe.monitor import metrics as m
+
+        m.ray_metric(m.FEDERATED_UPDATE_NORM).observe(update_norm(update.params, self.state.params),
+                                                      tags={"run": self.cfg.name})
+
+    # --- rounds -------------------------------------------------------------------------------
+    def run(self) -> RoundState:
+        """Runs the remaining rounds; returns the final state."""
+        from raymoe.monitor import metrics as m
+
+        cfg, run = self.cfg, {"run": self.cfg.name}
+        for round in range(self.state.round + 1, cfg.rounds + 1):
+            exclude: set[str] = set()
+            for attempt in range(cfg.faults.max_round_retries + 1):
+                rng = np.random.default_rng([cfg.seed, round, attempt])
+                outcome = self._attempt(round, rng, exclude)
+                if outcome.params is not None:
+                    break
+                # Retry without the silos that failed: a secure round needs every participant.
+                exclude |= set(outcome.dropped)
+                print(f"round {round} attempt {attempt + 1}: {len(outcome.participants)} accepted "
+                      f"(quorum {cfg.faults.quorum}); dropped {outcome.dropped}, rejected "
+                      f"{dict(outcome.rejected)}", flush=True)
+            else:
+                raise FederatedJobFailed(
+                    f"round {round} missed its quorum of {cfg.faults.quorum} accepted updates in "
+                    f"{cfg.faults.max_round_retries + 1} attempts; the state after round {round - 1} is "
+                    f"kept in {cfg.output_dir} (rerun to resume)")
+            record: dict[str, Any] = {"round": round, "participants": outcome.participants,
+                                      "dropped": outcome.dropped, "rejected": dict(outcome.rejected),
+                                      "silo_loss": {s: v.get("loss") for s, v in outcome.silo_metrics.items()},
+                                      "train_seconds": {s: v.get("train_seconds") for s, v in outcome.silo_metrics.items()}}
+            if self.evaluate is not None:
+                record["eval_loss"] = self.evaluate(outcome.params)
+            if cfg.privacy.noise_multiplier > 0:
+                record["epsilon"] = self.accountant.epsilon(cfg.privacy.delta)
+            strategy_state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
+            self.state = RoundState(round=round, params=outcome.params, strategy_state=strategy_state,
+                                    accountant_state=self.accountant.state_dict(),
+                                    history=[*self.state.history, record])
+            save_round_state(cfg.output_dir, self.state)
+            m.ray_metric(m.FEDERATED_ROUND).set(round, tags=run)
+            m.ray_metric(m.FEDERATED_PARTICIPANTS).set(len(outcome.participants), tags=run)
+            if "eval_loss" in record:
+                m.ray_metric(m.FEDERATED_EVAL_LOSS).set(record["eval_loss"], tags=run)
+            if "epsilon" in record:
+                m.ray_metric(m.FEDERATED_EPSILON).set(record["epsilon"], tags=run)
+            print(_round_line(record, cfg.rounds), flush=True)
+        return self.state
+
+
+def _round_line(record: dict[str, Any], rounds: int) -> str:
+    parts = [f"round {record['round']}/{rounds}", f"participants {len(record['participants'])}"]
+    if record["dropped"]:
+        parts.append(f"dropped {record['dropped']}")
+    if record["rejected"]:
+        parts.append(f"rejected {record['rejected']}")
+    if "eval_loss" in record:
+        parts.append(f"eval loss {record['eval_loss']:.4f}")
+    if "epsilon" in record:
+        parts.append(f"epsilon {record['epsilon']:.2f}")
+    return "  ".join(parts)
+
+
+def output_paths(cfg: FederatedConfig) -> dict[str, str]:
+    return {"adapter": os.path.join(cfg.output_dir, "adapter"),
+            "metrics": os.path.join(cfg.output_dir, "metrics.json")}
