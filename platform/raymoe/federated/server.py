@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -238,6 +239,7 @@ class FederatedServer:
 
         cfg, run = self.cfg, {"run": self.cfg.name}
         for round in range(self.state.round + 1, cfg.rounds + 1):
+            started = time.perf_counter()
             exclude: set[str] = set()
             for attempt in range(cfg.faults.max_round_retries + 1):
                 rng = np.random.default_rng([cfg.seed, round, attempt])
@@ -258,6 +260,8 @@ class FederatedServer:
                                       "dropped": outcome.dropped, "rejected": dict(outcome.rejected),
                                       "silo_loss": {s: v.get("loss") for s, v in outcome.silo_metrics.items()},
                                       "train_seconds": {s: v.get("train_seconds") for s, v in outcome.silo_metrics.items()}}
+            # Wall time of the round up to the new global adapter (evaluation not included).
+            record["round_seconds"] = time.perf_counter() - started
             if self.evaluate is not None:
                 record["eval_loss"] = self.evaluate(outcome.params)
             if cfg.privacy.noise_multiplier > 0:
