@@ -1,6 +1,7 @@
 """The `raymoe` command: small verbs over the library (the pipelines have their own entrypoints).
 
     raymoe export CHECKPOINT OUT      sharded training checkpoint -> Hugging Face artifact
+    raymoe merge BASE ADAPTER OUT     fold a LoRA adapter into an artifact (W + alpha/r * B @ A)
 
 Adding a verb (e.g. `plan`, `dashboards`, `manifests`): write `_add_<verb>(sub)` that registers a
 subparser and sets `func` to a `run(args) -> int`, and append it to `COMMANDS`. Heavy imports go
@@ -33,7 +34,26 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export]
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="write an artifact with a LoRA adapter folded into its weights",
+                       description="Writes OUT: the HF-format artifact BASE with the peft-format "
+                       "adapter ADAPTER folded in (W + alpha / r * B @ A, routed-expert adapters "
+                       "included). The result loads and serves without any LoRA code.")
+    p.add_argument("base", help="HF-format artifact directory (e.g. a `raymoe export` output)")
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", help="output directory (must differ from BASE)")
+
+    def run(args: argparse.Namespace) -> int:
+        from raymoe.models.lora_merge import merge_adapter
+
+        merge_adapter(args.base, args.adapter, args.out)
+        print(f"merged {args.adapter} into {args.base}: wrote {args.out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export, _add_merge]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,14 @@
-"""One in-process local Ray cluster for the integration tests, bound to 127.0.0.1."""
+"""One in-process local Ray cluster for the integration tests, bound to 127.0.0.1.
+
+Started on first use and again after a module that needed its own cluster (the multi-node
+federated tests) shut it down; stopped at the end of the session.
+"""
 
 import pytest
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
+@pytest.fixture(scope="module")
+def ray_cluster(request):
     import ray
 
     if not ray.is_initialized():
@@ -16,5 +20,5 @@ def ray_cluster():
             log_to_driver=False,
             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
         )
-    yield ray
-    ray.shutdown()
+        request.session.addfinalizer(ray.shutdown)
+    return ray

@@ -154,3 +154,32 @@ def test_count_mask_changes_expert_counts_not_logits():
     torch.testing.assert_close(plain, masked, rtol=0, atol=0)
     # 2 MoE layers x top-2 x (16 - 3 masked tokens)
     assert int(counts_all) == 2 * 2 * 16 and int(counts_masked) == 2 * 2 * 13
+
+
+def test_trained_adapter_loads_per_request_in_serving_and_expert_adapters_point_to_merge(tmp_path):
+    from raymoe.models.lora import load_peft_adapter, set_row_adapters
+
+    # Prepare: a trained-looking attention adapter written by our writer.
+    base = MoETransformer(debug_config(96, dim=64, num_layers=2, max_seq_len=64))
+    base.init_weights(seed=2)
+    model = copy.deepcopy(base)
+    cfg = LoRAConfig(rank=4, alpha=8)
+    add_trainable_lora(model, cfg, seed=0)
+    write_peft_adapter(tmp_path / "a", cfg, _random_adapter(model, seed=1))
+    # Execute: the serving path's loader, selected for the first row only.
+    served = copy.deepcopy(base)
+    assert load_peft_adapter(served, "tuned", tmp_path / "a") == 2 * 4
+    model.eval()
+    with torch.no_grad():
+        set_row_adapters(served, ["tuned", None])
+        mixed = served(IDS)
+        expected, plain = model(IDS[:1]), base(IDS[1:])
+    torch.testing.assert_close(mixed[:1], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1:], plain, rtol=1e-5, atol=1e-5)
+    # An adapter with routed-expert pairs is refused with the way to serve it.
+    with_experts = copy.deepcopy(base)
+    cfg_e = LoRAConfig(rank=2, alpha=2, routed_experts=True)
+    add_trainable_lora(with_experts, cfg_e, seed=0)
+    write_peft_adapter(tmp_path / "e", cfg_e, lora_state(with_experts))
+    with pytest.raises(ValueError, match="raymoe merge"):
+        load_peft_adapter(copy.deepcopy(base), "e", tmp_path / "e")

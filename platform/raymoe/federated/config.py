@@ -127,6 +127,10 @@ class FederatedConfig:
     # Local training on each silo (lr is the local learning rate, constant within a round).
     optim: OptimConfig = field(default_factory=_local_optim)
     local_steps: int = 10
+    # reset: each round's local training starts with fresh Adam moments (stateless clients, as
+    # Flower's); keep: a silo carries its moments across rounds (identical silos then train
+    # exactly like one centralised run).
+    local_optimizer_state: Literal["reset", "keep"] = "reset"
     local_batch_size: int = 4
     max_seq_len: int = 256
     rounds: int

@@ -51,7 +51,7 @@ def start_silos(cfg: FederatedConfig) -> dict[str, Any]:
         s.name: actor_cls.options(name=f"{cfg.name}-silo-{s.name}", num_cpus=cfg.num_cpus_per_silo,
                                   resources={s.resource_name: 1}, max_restarts=0).remote(
             s.name, s.data_path, cfg.base, to_dict(cfg.lora), to_dict(cfg.optim), cfg.max_seq_len,
-            cfg.local_batch_size, cfg.seed, cfg.num_threads_per_silo)
+            cfg.local_batch_size, cfg.seed, cfg.num_threads_per_silo, cfg.local_optimizer_state == "reset")
         for s in cfg.silos}
     refs = {s.name: actors[s.name].describe.remote() for s in cfg.silos}
     ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=cfg.faults.silo_start_timeout_s)

@@ -90,7 +90,7 @@ class FederatedServer:
         self.counts_shape: tuple[int, int] | None = None
 
     # --- one attempt --------------------------------------------------------------------------
-    def _gather(self, refs: dict[str, Any]) -> tuple[dict[str, SiloResult], list[str]]:
+    def _gather(self, refs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """Results that arrive before the deadline; the others (failed or late) as dropped."""
         import ray
 
@@ -105,7 +105,8 @@ class FederatedServer:
             silo = by_ref[ref]
             try:
                 result = ray.get(ref)
-                check_result_is_adapter_only(result, self.adapter_keys)
+                if not isinstance(result, bytes):  # public keys are bytes; updates are checked
+                    check_result_is_adapter_only(result, self.adapter_keys)
                 results[silo] = result
             except Exception as exc:  # noqa: BLE001 - a silo's failure is a dropout, not the job's
                 log.warning("silo %s failed this round: %s", silo, str(exc).splitlines()[0])
@@ -120,8 +121,6 @@ class FederatedServer:
         available = sorted(s for s in self.silos if s not in exclude)
         selected = self.strategy.configure_fit(round, params, available, rng)
         names = [s for s, _ in selected]
-        if self.on_round_start is not None:
-            self.on_round_start(round, names)
         privacy = None
         if cfg.privacy.dp:
             privacy = PrivacyInstructions(
@@ -130,12 +129,14 @@ class FederatedServer:
                 num_participants=len(names))
         secure = None
         if cfg.privacy.secure_aggregation:
-            import ray
-
             secure = SecureAggregationRound(round, names)
-            keys = ray.get([self.silos[s].public_key.remote(round) for s in names])
-            for silo, key in zip(names, keys):
+            keys, dropped = self._gather({s: self.silos[s].public_key.remote(round) for s in names})
+            if dropped:  # no masks exist yet: the attempt simply restarts without them
+                return RoundOutcome(params=None, dropped=dropped)
+            for silo, key in keys.items():
                 secure.register_public_key(silo, key)
+        if self.on_round_start is not None:
+            self.on_round_start(round, names)
         refs = {silo: self.silos[silo].fit.remote(
             instructions, privacy, secure.peer_keys(silo) if secure else None, cfg.strategy.moe_aware)
             for silo, instructions in selected}

@@ -68,13 +68,15 @@ class SiloClient:
     """Local trainer of one silo (wrap with `ray.remote` to place it on the silo's node)."""
 
     def __init__(self, name: str, data_path: str, base: str, lora: dict, optim: dict,
-                 max_seq_len: int, batch_size: int, seed: int, num_threads: int):
+                 max_seq_len: int, batch_size: int, seed: int, num_threads: int,
+                 reset_optimizer: bool = True):
         from raymoe.config import from_dict
 
         torch.set_num_threads(num_threads)
         self.name = name
         self.seed = seed
         self.batch_size = batch_size
+        self.reset_optimizer = reset_optimizer
         self.trainer = AdapterTrainer(base, from_dict(LoRAConfig, lora), from_dict(OptimConfig, optim),
                                       build_groups(ParallelLayout()), seed=seed)
         tokenizer = ChatTokenizer.from_dir(base)
@@ -108,7 +110,8 @@ class SiloClient:
         started = time.perf_counter()
         trainer = self.trainer
         trainer.load_tensors(instructions.params)
-        trainer.reset_optimizer()
+        if self.reset_optimizer:
+            trainer.reset_optimizer()
         global_params = {k: v.detach().clone() for k, v in instructions.params.items()}
         # The adapter's parameters right after loading the global one: FedProx's anchor.
         anchors = [p.detach().clone() for p in trainer.params]

@@ -183,6 +183,10 @@ def load_peft_adapter(model: nn.Module, name: str, path: str | Path) -> int:
     if not pairs:
         raise ValueError(f"adapter {name!r}: no lora_A/lora_B tensors in {weights_file}")
     for hf_module, pair in pairs.items():
+        if re.search(r"\.experts\.\d+\.", hf_module):
+            raise ValueError(f"adapter {name!r} adapts routed experts ({hf_module}); per-request "
+                             "adapters cover attention and shared-expert layers: fold it into the "
+                             "artifact with `raymoe merge` and serve the merged artifact")
         if hf_module not in modules:
             raise ValueError(f"adapter {name!r}: module {hf_module!r} is not a Linear of this model")
         if set(pair) != {"lora_A", "lora_B"}:
