@@ -4,8 +4,9 @@ One file per round, `rounds/round-NNNNN.pt` (torch.save of plain data and tensor
 SHA-256 in `round-NNNNN.sha256`, written after the state file: a round counts only when both
 exist and agree, so a crash mid-write leaves the previous round as the newest valid one. The state
 holds everything the next round depends on: the global adapter, the strategy's server-optimiser
-moments, the privacy accountant's history and the per-round history; sampling and noise draw from
-generators seeded by (seed, round), so a resumed run continues exactly as an uninterrupted one.
+moments, the privacy accountant's history and the per-round history; silo sampling draws from a
+generator seeded by (seed, round, attempt), so a resumed run continues exactly as an
+uninterrupted one (DP noise excepted: it is drawn from the OS's entropy, as it must be secret).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from raymoe.federated.config import FederatedConfig
 from raymoe.federated.privacy import PrivacyAccountant, noisy_mean, silo_sample_rate
 from raymoe.federated.round_state import RoundState, load_latest_round_state, save_round_state
 from raymoe.federated.secure_aggregation import SecureAggregationAborted, SecureAggregationRound
-from raymoe.federated.silo import PrivacyInstructions, SiloResult
-from raymoe.federated.strategies import FitInstructions, weighted_mean_from_sums
+from raymoe.federated.silo import PrivacyInstructions, SiloResult, secret_generator
+from raymoe.federated.strategies import weighted_mean_from_sums
 from raymoe.federated.updates import ClientUpdate, Params, filter_updates, flatten, unflatten
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class FederatedServer:
         # DP-FedAvg: the divisor is the number selected (public), not the number that answered.
         mean = noisy_mean(total, mode=privacy.mode, noise_multiplier=privacy.noise_multiplier,
                           clip_norm=privacy.clip_norm, num_participants=privacy.num_participants,
-                          generator=torch.Generator().manual_seed(self.cfg.seed * 7 + round))
+                          generator=secret_generator())
         outcome.params = self._from_mean(round, flatten(self.state.params).double() + mean.double())
         self._account(privacy.num_participants)
         return outcome

@@ -13,6 +13,7 @@ over all participants unmasks.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -62,6 +63,13 @@ class PrivacyInstructions:
     noise_multiplier: float
     mode: str  # "central" (server adds noise) or "distributed" (each silo adds its share)
     num_participants: int
+
+
+def secret_generator() -> torch.Generator:
+    """A generator seeded from the OS's entropy: DP noise must be unknown to the server and to
+    other silos (a seed derived from the config would let anyone subtract it), so DP runs are
+    not bit-reproducible."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
 class SiloClient:
@@ -132,7 +140,8 @@ class SiloClient:
             losses.append(result.loss)
             counts_LE[self.moe_layer_ids] += result.tokens_per_expert_LE
         params = {k: v.detach().clone() for k, v in trainer.local_tensors().items()}
-        num_examples = instructions.local_steps * self.batch_size
+        # FedAvg's n_k (McMahan et al. 2017): the size of the silo's training set.
+        num_examples = len(self.examples)
         metrics = {"loss": float(np.mean(losses)), "train_seconds": time.perf_counter() - started}
         result = SiloResult(silo=self.name, num_examples=num_examples, tokens_per_expert_LE=counts_LE,
                             metrics=metrics)
@@ -141,7 +150,7 @@ class SiloClient:
             delta = flatten(params) - flatten(global_params)
             noisy, norm = privatize_update(delta, mode=privacy.mode, noise_multiplier=privacy.noise_multiplier,
                                            clip_norm=privacy.clip_norm, num_participants=privacy.num_participants,
-                                           generator=torch.Generator().manual_seed(self.seed * 100003 + instructions.round))
+                                           generator=secret_generator())
             metrics["update_norm"] = norm
             vector = noisy.to(torch.float64)
             if peer_keys is None:

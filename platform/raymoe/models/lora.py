@@ -16,19 +16,19 @@ Shapes: B batch rows, T tokens, I in features, O out features, R rank.
 from __future__ import annotations
 
 import json
-import math
 import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from raymoe.atomic_io import atomic_write
 from raymoe.config import require
 from raymoe.models.expert_lora import EXPERT_PROJECTIONS, LoRAGroupedExperts, init_lora_pair
+from raymoe.models.lora_merge import read_adapter
 from raymoe.models.moe import GroupedExperts
 from raymoe.models.state_dict_adapter import expert_key, native_key_to_hf
 
@@ -160,38 +160,16 @@ def _wrap(model: nn.Module, native: str) -> LoRALinear:
 
 def load_peft_adapter(model: nn.Module, name: str, path: str | Path) -> int:
     """Loads one peft-format LoRA adapter under `name`; returns how many layers it touches."""
-    path = Path(path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"adapter {name!r}: missing {f}")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
-    rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    tensors = load_file(str(weights_file))
+    pairs, scaling = read_adapter(path)
     modules = _hf_module_names(model, _architecture(model))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        bare = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in bare:
-                hf_module = bare.split(marker)[0]
-                pairs.setdefault(hf_module, {})[part] = value
-    if not pairs:
-        raise ValueError(f"adapter {name!r}: no lora_A/lora_B tensors in {weights_file}")
-    for hf_module, pair in pairs.items():
+    for hf_module, (a_RI, b_OR) in pairs.items():
         if re.search(r"\.experts\.\d+\.", hf_module):
             raise ValueError(f"adapter {name!r} adapts routed experts ({hf_module}); per-request "
                              "adapters cover attention and shared-expert layers: fold it into the "
                              "artifact with `raymoe merge` and serve the merged artifact")
         if hf_module not in modules:
             raise ValueError(f"adapter {name!r}: module {hf_module!r} is not a Linear of this model")
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"adapter {name!r}: {hf_module} lacks lora_A or lora_B")
-        _wrap(model, modules[hf_module]).add_adapter(name, pair["lora_A"], pair["lora_B"], scaling)
+        _wrap(model, modules[hf_module]).add_adapter(name, a_RI, b_OR, scaling)
     lora_context(model).names.add(name)
     return len(pairs)
 
@@ -212,24 +190,10 @@ def set_row_adapters(model: nn.Module, row_adapters: list[str | None] | None) ->
 
 def save_peft_adapter(model: nn.Module, name: str, path: str | Path, rank: int, alpha: float) -> Path:
     """Writes adapter `name` in peft format (each file replaced atomically); returns `path`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    arch = _architecture(model)
-    tensors, targets = {}, set()
-    for native, module in model.named_modules():
-        if isinstance(module, LoRALinear) and name in module.lora_A:
-            hf = native_key_to_hf(native + ".weight", arch)[: -len(".weight")]
-            tensors[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = module.lora_A[name].detach().cpu().contiguous()
-            tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = module.lora_B[name].detach().cpu().contiguous()
-            targets.add(hf.rsplit(".", 1)[-1])
+    tensors = lora_state(model, name)
     if not tensors:
         raise ValueError(f"no layer holds an adapter named {name!r}")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
-              "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False}
-    atomic_write(path / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    return path
-
+    return write_peft_adapter(path, LoRAConfig(rank=rank, alpha=alpha), tensors)
 
 
 # --- training: one trainable adapter, base frozen --------------------------------------------

@@ -97,6 +97,22 @@ class MoETransformer(nn.Module):
         Returns:
             float32 logits (B, T, V).
         """
+        return self.lm_head(self.hidden_states(input_ids_BT, positions_BT, cache, slot_ids_B,
+                                               count_mask_BT)).float()
+
+    def hidden_states(
+        self,
+        input_ids_BT: torch.Tensor,
+        positions_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slot_ids_B: torch.Tensor | None = None,
+        count_mask_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final normed hidden states (B, T, D), the LM head's input (same args as forward).
+
+        Fine-tuning applies the LM head only where a target carries loss (a few answer tokens
+        per example), which saves most of the head's cost.
+        """
         B, T = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
@@ -116,7 +132,7 @@ class MoETransformer(nn.Module):
         finally:
             for moe in moe_layers:
                 moe.count_mask_T = None
-        return self.lm_head(self.norm(h_BTD)).float()
+        return self.norm(h_BTD)
 
     def moe_layers(self) -> Iterator[MoE]:
         for layer in self.layers:

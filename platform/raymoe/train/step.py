@@ -104,15 +104,18 @@ def train_step(
     for index, (input_ids_BT, targets_BT, *rest) in enumerate(micro_batches):
         input_ids_BT, targets_BT = input_ids_BT.to(device), targets_BT.to(device)
         count_mask_BT = rest[0].to(device) if rest else None
-        with _autocast(device, bf16):
-            logits_BTV = model(input_ids_BT, count_mask_BT=count_mask_BT)
-        # Targets of -100 (prompt and padding tokens in fine-tuning) carry no loss.
-        flat_logits, flat_targets = logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1)
         if global_target_counts is None:
-            ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+            with _autocast(device, bf16):
+                logits_BTV = model(input_ids_BT, count_mask_BT=count_mask_BT)
+            ce = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1))
         else:
+            # Only the targets that carry loss need logits: the LM head runs on those rows alone.
+            keep_BT = targets_BT != -100
+            with _autocast(device, bf16):
+                h_BTD = model.hidden_states(input_ids_BT, count_mask_BT=count_mask_BT)
+                logits_NV = model.lm_head(h_BTD[keep_BT]).float()
             # Scaled by world: the gradient sync and the reported loss average over workers.
-            ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum") * (
+            ce = F.cross_entropy(logits_NV, targets_BT[keep_BT], reduction="sum") * (
                 groups.world_size / max(global_target_counts[index], 1))
         aux = model.aux_loss().to(device)
         loss = ce + aux if extra_loss is None else ce + aux + extra_loss()
