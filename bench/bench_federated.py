@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_finetune import machine_line
-from bench.harness import print_table, write_results
+from bench.harness import machine_line, print_table, write_results
 
 CONFIG = "pipelines/configs/federated.debug.yaml"
 DOMAINS = ("code", "prose", "chat")
@@ -134,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from raymoe.models.lora_merge import merge_adapter
     from raymoe.train.adapter_eval import read_eval_records
 
-    tmp = Path(tempfile.mkdtemp(prefix="federated-bench-"))
+    workdir = tempfile.TemporaryDirectory(prefix="federated-bench-")
+    tmp = Path(workdir.name)
     overrides = [f"output_dir={tmp / 'run'}", f"base={tmp / 'base'}", "make_debug_base=true"]
     if args.quick:
         overrides += ["rounds=2", "local_steps=3"]
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout": results, "federated_beats_all_local": len(beaten) == len(adapters),
         "machine_line": machine_line(), "load_average_1m": os.getloadavg()[0],
     })
+    workdir.cleanup()
     return 0
 
 

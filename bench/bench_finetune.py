@@ -14,7 +14,7 @@ per-expert adapters (`routed_experts`; peft cannot target transformers 5's fused
 Tokens = non-padding input tokens. Rows alternate over `--rounds` of the same batches; best round counts.
 Reports tokens/s per row and raymoe / best peer (target >= 1.3).
 
-    python -m bench.bench_finetune            # ~3 min on 2 cores; writes bench/results/finetune.json
+    python -m bench.bench_finetune            # ~2.5 min on 2 cores; writes bench/results/finetune.json
     python -m bench.bench_finetune --quick    # small model, fewer steps (~15 s)
     python -m bench.bench_finetune --profile  # also the top ops of one raymoe step
 """
@@ -31,33 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.harness import print_table, write_results
+from bench.harness import cpu_model_and_flags, machine_line, print_table, write_results
 
 TARGET = 1.3
 DATA = "data/sft/function_qa/train.jsonl"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
-def cpu_model_and_flags() -> tuple[str, set[str]]:
-    """The CPU's model name and flags as /proc/cpuinfo gives them (empty flags elsewhere)."""
-    model, flags = "unknown CPU", set()
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    return model, flags
-
-
-def machine_line() -> str:
-    """CPU model, cores and the flags that decide fp32 vs bf16 speed."""
-    model, flags = cpu_model_and_flags()
-    have = [f for f in CPU_FLAGS if f in flags]
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
-
-
 def make_artifact(path: Path, data_path: str, vocab_size: int, **shape) -> Path:
     """A random-weight Mixtral artifact of `shape` (debug_config fields) with a tokenizer trained
     on `data_path`'s lines (its vocabulary may be smaller than the model's)."""
@@ -202,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = dict(dim=128, num_layers=4) if args.quick else dict(dim=512, num_layers=8)
     vocab = 4096 if args.quick else 32000
 
-    tmp = Path(tempfile.mkdtemp(prefix="finetune-bench-"))
+    workdir = tempfile.TemporaryDirectory(prefix="finetune-bench-")  # the artifact is ~0.5 GB
+    tmp = Path(workdir.name)
     artifact = args.artifact or str(make_artifact(tmp / "base", DATA, vocab, max_seq_len=args.max_seq_len, **shape))
     # Every row runs the same batches in every round: each timed round is the same work.
     batches = load_steps(artifact, DATA, args.max_seq_len, args.batch, args.warmup + steps)
@@ -245,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{steps} timed steps = {tokens} tokens, best of {args.rounds} rounds)",
                 ["setup", "tokens/s", "vs best peer", "first-step loss", "last loss"], rows)
     print(f"machine: {machine_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32 unless the row says bf16")
+          f"fp32 unless the row says bf16; load average {os.getloadavg()[0]:.1f}")
     print(f"ratio raymoe / {peer_best}: {ratio:.2f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}); "
           f"fp32 loss trajectories differ by at most {drift:.2e} over {len(losses['raymoe fp32'])} steps")
     if args.profile:
@@ -256,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s": best, "first_step_loss": first, "peer_best": peer_best, "ratio": ratio,
         "target_ratio": TARGET, "fp32_loss_max_difference": drift, "load_average_1m": os.getloadavg()[0],
     })
+    workdir.cleanup()
     return 0
 
 

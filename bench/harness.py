@@ -57,3 +57,27 @@ def write_results(name: str, data: dict) -> Path:
                                 "processor": platform.processor(), "torch": torch.__version__},
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return atomic_write_json(RESULTS_DIR / f"{name}.json", data)
+
+
+# The flags that decide fp32 vs bf16 speed on a CPU (ENVIRONMENT.md: AMX machines run bf16 GEMMs
+# 3.5-7x faster than fp32).
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and flags as /proc/cpuinfo gives them (empty flags elsewhere)."""
+    model, flags = "unknown CPU", set()
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    return model, flags
+
+
+def machine_line() -> str:
+    """CPU model, cores and the flags that decide fp32 vs bf16 speed."""
+    model, flags = cpu_model_and_flags()
+    have = [f for f in CPU_FLAGS if f in flags]
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"

@@ -37,6 +37,9 @@ def init_ray(num_cpus: int | None = None, resources: dict[str, float] | None = N
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
+        # "local": always a new embedded cluster; a plain ray.init() would join whatever cluster
+        # an earlier `ray start` left its address for in /tmp/ray (or retry it, if it is dead).
+        address="local",
         num_cpus=num_cpus,
         resources=resources,
         # The dashboard serves the State API Ray Train's controller watchdog polls (without it,

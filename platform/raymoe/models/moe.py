@@ -156,8 +156,8 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.last_tokens_per_expert_E = torch.zeros(cfg.num_experts, dtype=torch.long)
         self.last_aux_loss = torch.zeros(())
-        # Set by MoETransformer.forward for one pass: which tokens count in the routing statistics
-        # (padding does not); routing itself is unchanged.
+        # Set by MoETransformer.forward for one pass: the real tokens (False = padding, which is
+        # neither counted in the routing statistics nor sent to an expert).
         self.count_mask_T: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +167,10 @@ class MoE(nn.Module):
         if self.cfg.capacity_factor is not None:
             expert_ids_TK = capacity_drop(expert_ids_TK, self.cfg.num_experts, self.cfg.capacity_factor)
         self._record_stats(expert_ids_TK, scores_TE, logits_TE)
+        if self.count_mask_T is not None:
+            # Padding never reaches the experts: its pairs are dropped like over-capacity ones
+            # (its output is unused, and causal attention keeps it out of every real token).
+            expert_ids_TK = expert_ids_TK.masked_fill(~self.count_mask_T[:, None], -1)
         if x_TD.shape[0] == 1 and isinstance(self.dispatcher, LocalDispatcher) and not self.training:
             y_TD = self._one_token(x_TD, weights_TK, expert_ids_TK)
         else:

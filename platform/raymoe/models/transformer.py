@@ -91,8 +91,9 @@ class MoETransformer(nn.Module):
             cache: a KVCache; when given, keys/values are written at `positions_BT` in the rows
                 `slot_ids_B` and each query attends to its slot's keys at positions <= its own.
             slot_ids_B: cache rows, one per sequence; default arange(B).
-            count_mask_BT: bool, the tokens that count in the MoE layers' tokens-per-expert
-                statistics (False for padding); default all.
+            count_mask_BT: bool, the real tokens; False marks right padding, which is neither
+                counted in the MoE layers' tokens-per-expert statistics nor sent to an expert
+                (its outputs are then meaningless); default all.
 
         Returns:
             float32 logits (B, T, V).
