@@ -220,3 +220,18 @@ def test_sigkilled_server_resumes_to_the_same_adapter(cluster, base, tmp_path):
     straight, resumed = _adapter(tmp_path / "straight"), _adapter(killed)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+def test_rounds_past_their_deadline_stop_the_job_and_keep_the_last_round(cluster, base, tmp_path):
+    from raymoe.federated.job import run_federated
+    from raymoe.federated.round_state import load_latest_round_state
+    from raymoe.federated.server import FederatedJobFailed
+
+    out = tmp_path / "late"
+    run_federated(_cfg(base, out, rounds=1))
+    # Round 2 with a deadline no silo can meet: every silo is late, twice, then the job stops.
+    with pytest.raises(FederatedJobFailed, match="round 2 missed its quorum of 2 accepted updates in 2 attempts"):
+        run_federated(_cfg(base, out, name="late-again", rounds=2,
+                           faults={"round_deadline_s": 0.01, "max_round_retries": 1}))
+    kept = load_latest_round_state(out)
+    assert kept.round == 1 and len(kept.history) == 1

@@ -112,10 +112,17 @@ def run_federated(cfg: FederatedConfig,
         make_debug_artifact(cfg.base, seed=cfg.seed, vocab_size=1024, corpus=texts, max_seq_len=512)
     initial, evaluate = build_evaluation(cfg)
     silos = start_silos(cfg)
-    server = FederatedServer(cfg, silos["actors"], initial, evaluate=evaluate, on_round_start=on_round_start)
-    if evaluate is not None and server.state.round == 0:
-        print(f"round 0: eval loss {evaluate(initial):.4f}", flush=True)
-    state = server.run()
+    try:
+        server = FederatedServer(cfg, silos["actors"], initial, evaluate=evaluate, on_round_start=on_round_start)
+        if evaluate is not None and server.state.round == 0:
+            print(f"round 0: eval loss {evaluate(initial):.4f}", flush=True)
+        state = server.run()
+    finally:
+        import ray
+
+        # The silos' resources are free again at once (and their names, for a rerun).
+        for actor in silos["actors"].values():
+            ray.kill(actor)
     paths = output_paths(cfg)
     write_peft_adapter(paths["adapter"], cfg.lora, state.params)
     summary = {"adapter": paths["adapter"], "rounds": state.round, "history": state.history,

@@ -29,8 +29,8 @@ from raymoe.federated.privacy import PrivacyAccountant, noisy_mean, silo_sample_
 from raymoe.federated.round_state import RoundState, load_latest_round_state, save_round_state
 from raymoe.federated.secure_aggregation import SecureAggregationAborted, SecureAggregationRound
 from raymoe.federated.silo import PrivacyInstructions, SiloResult, secret_generator
-from raymoe.federated.strategies import weighted_mean_from_sums
-from raymoe.federated.updates import ClientUpdate, Params, filter_updates, flatten, unflatten
+from raymoe.federated.strategies import NotEnoughSilos, weighted_mean_from_sums
+from raymoe.federated.updates import ClientUpdate, Params, filter_updates, flatten, unflatten, update_norm
 
 log = logging.getLogger(__name__)
 FAILED, LATE = "failed", "late"
@@ -98,7 +98,7 @@ class FederatedServer:
         by_ref = {ref: silo for silo, ref in refs.items()}
         results, dropped = {}, []
         for ref in late:
-            ray.cancel(ref, force=True)
+            ray.cancel(ref)  # actor tasks cannot be force-cancelled; a queued one is dropped
             dropped.append(by_ref[ref])
             self._count_rejected(LATE)
         for ref in ready:
@@ -160,7 +160,7 @@ class FederatedServer:
             self._count_rejected(reason, len(silos))
         outcome.participants = [u.silo for u in accepted]
         for u in accepted:
-            self._observe_norm(u)
+            self._observe_norm(update_norm(u.params, self.state.params))
         if len(accepted) >= self.cfg.faults.quorum:
             outcome.params = self.strategy.aggregate_fit(round, self.state.params, accepted)
         return outcome
@@ -173,6 +173,8 @@ class FederatedServer:
         for _ in range(len(results) - len(good)):
             self._count_rejected("non_finite")
         outcome.participants = sorted(good)
+        for r in good.values():
+            self._observe_norm(r.metrics.get("update_norm", 0.0))
         if len(good) < self.cfg.faults.quorum:
             return outcome
         total = torch.stack([r.params["delta"] for r in good.values()]).sum(0)
@@ -226,12 +228,10 @@ class FederatedServer:
 
         m.ray_metric(m.FEDERATED_REJECTED_UPDATES).inc(n, tags={"run": self.cfg.name, "reason": reason})
 
-    def _observe_norm(self, update: ClientUpdate) -> None:
-        from raymoe.federated.updates import update_norm
+    def _observe_norm(self, norm: float) -> None:
         from raymoe.monitor import metrics as m
 
-        m.ray_metric(m.FEDERATED_UPDATE_NORM).observe(update_norm(update.params, self.state.params),
-                                                      tags={"run": self.cfg.name})
+        m.ray_metric(m.FEDERATED_UPDATE_NORM).observe(norm, tags={"run": self.cfg.name})
 
     # --- rounds -------------------------------------------------------------------------------
     def run(self) -> RoundState:
@@ -244,11 +244,18 @@ class FederatedServer:
             exclude: set[str] = set()
             for attempt in range(cfg.faults.max_round_retries + 1):
                 rng = np.random.default_rng([cfg.seed, round, attempt])
-                outcome = self._attempt(round, rng, exclude)
+                try:
+                    outcome = self._attempt(round, rng, exclude)
+                except NotEnoughSilos as exc:
+                    outcome = RoundOutcome(params=None)
+                    print(f"round {round} attempt {attempt + 1}: {exc}", flush=True)
                 if outcome.params is not None:
                     break
-                # Retry without the silos that failed: a secure round needs every participant.
-                exclude |= set(outcome.dropped)
+                # Retry without the silos that failed or were late (a secure round needs every
+                # participant), as long as enough others remain to make a quorum.
+                remaining = set(self.silos) - exclude - set(outcome.dropped)
+                if len(remaining) >= max(cfg.faults.quorum, self.strategy.min_available_clients):
+                    exclude |= set(outcome.dropped)
                 print(f"round {round} attempt {attempt + 1}: {len(outcome.participants)} accepted "
                       f"(quorum {cfg.faults.quorum}); dropped {outcome.dropped}, rejected "
                       f"{dict(outcome.rejected)}", flush=True)
