@@ -146,6 +146,27 @@ FEDERATED_METRICS: list[MetricSpec] = [
 ]
 # --- end fine-tune / federated ---------------------------------------------------------------
 
+# --- drift and quality (pipelines.drift) ------------------------------------------------------
+DRIFT_SCORE = MetricSpec(
+    "raymoe_drift_score", "gauge",
+    "Drift statistic of the last check (PSI, chi-square, KS, Wasserstein, Jensen-Shannon, MMD).",
+    ("run", "detector", "feature"))
+DRIFT_THRESHOLD = MetricSpec(
+    "raymoe_drift_threshold", "gauge", "The configured alarm threshold of a drift detector.",
+    ("run", "detector", "feature"))
+DRIFT_ALARM = MetricSpec(
+    "raymoe_drift_alarm", "gauge", "1 when the feature's detector is over its threshold, else 0.",
+    ("run", "detector", "feature"))
+QUALITY_PERPLEXITY = MetricSpec(
+    "raymoe_quality_perplexity", "gauge", "Held-out perplexity of the served model on the fixed eval set.",
+    ("run", "model"))
+QUALITY_DECAY = MetricSpec(
+    "raymoe_quality_decay", "gauge",
+    "Held-out perplexity over the first recorded point (1 = no decay).", ("run", "model"))
+
+DRIFT_METRICS: list[MetricSpec] = [DRIFT_SCORE, DRIFT_THRESHOLD, DRIFT_ALARM, QUALITY_PERPLEXITY, QUALITY_DECAY]
+# --- end drift --------------------------------------------------------------------------------
+
 REGISTRY: list[MetricSpec] = [
     INGEST_RECORDS,
     INGEST_BYTES,
@@ -156,6 +177,7 @@ REGISTRY: list[MetricSpec] = [
     *TRAIN_METRICS,
     *SERVE_METRICS,
     *FEDERATED_METRICS,
+    *DRIFT_METRICS,
 ]
 
 _instances: dict[str, Any] = {}
