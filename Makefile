@@ -8,9 +8,16 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-unit test-integration bench clean
+.PHONY: venv prometheus demo test test-unit test-integration bench clean
 
 venv: $(STAMP)
+
+# Debian's Prometheus (prometheus + promtool) for the alert-rule tests; installed when missing.
+# Where apt cannot run, the tests that need it skip and say why.
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { echo "installing Debian's prometheus (promtool) for the tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+	  || echo "could not install prometheus with apt-get: the tests that need promtool will skip"; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +28,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(PY) -m pipelines.demo --config pipelines/configs/demo.debug.yaml
 
-test: venv
+test: venv prometheus
 	$(PY) -m pytest -q tests
 
-test-unit: venv
+test-unit: venv prometheus
 	$(PY) -m pytest -q tests/unit
 
-test-integration: venv
+test-integration: venv prometheus
 	$(PY) -m pytest -q tests/integration
 
 bench: venv
