@@ -22,7 +22,9 @@ prometheus:
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# urllib3-future (via grafana-client -> niquests) would overwrite urllib3 in site-packages
+	# when installed from its wheel; built from source with this switch it sits beside it.
+	URLLIB3_NO_OVERRIDE=1 $(PY) -m pip install -q -c constraints.txt --no-binary urllib3-future -e '.[dev]'
 	touch $(STAMP)
 
 demo: venv

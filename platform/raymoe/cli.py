@@ -2,6 +2,8 @@
 
     raymoe export CHECKPOINT OUT      sharded training checkpoint -> Hugging Face artifact
     raymoe merge BASE ADAPTER OUT     fold a LoRA adapter into an artifact (W + alpha/r * B @ A)
+    raymoe dashboards export DIR      Grafana dashboards (JSON) + provisioning files
+    raymoe dashboards push --url URL  upload them to Grafana (token from GRAFANA_TOKEN)
 
 Adding a verb (e.g. `plan`, `dashboards`, `manifests`): write `_add_<verb>(sub)` that registers a
 subparser and sets `func` to a `run(args) -> int`, and append it to `COMMANDS`. Heavy imports go
@@ -53,7 +55,13 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export, _add_merge]
+def _add_dashboards(sub: argparse._SubParsersAction) -> None:
+    from raymoe.monitor.dashboards.cli import add_dashboards_command
+
+    add_dashboards_command(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export, _add_merge, _add_dashboards]
 
 
 def main(argv: list[str] | None = None) -> int:
