@@ -186,3 +186,20 @@ def test_trained_adapter_loads_per_request_in_serving_and_expert_adapters_point_
     write_peft_adapter(tmp_path / "e", cfg_e, lora_state(with_experts))
     with pytest.raises(ValueError, match="raymoe merge"):
         load_peft_adapter(copy.deepcopy(base), "e", tmp_path / "e")
+
+
+def test_all_attention_targets_every_projection_of_gqa_and_mla_and_bad_names_fail_before_launch():
+    from raymoe.config import ConfigError
+    from raymoe.models import flavour
+    from raymoe.train.finetune_config import check_lora_fits
+
+    mla = flavour("debug")  # the native debug flavour uses MLA
+    assert mla.attention == "mla"
+    model = MoETransformer(mla)
+    add_trainable_lora(model, LoRAConfig(rank=2, alpha=2), seed=0)
+    adapted = {k.split(".self_attn.")[1].split(".lora_")[0] for k in lora_state(model) if ".self_attn." in k}
+    assert adapted == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    # A GQA name on an MLA model is refused from the config alone (meta-device model, no weights).
+    with pytest.raises(ConfigError, match="lora.attention_modules: \\['k_proj'\\]"):
+        check_lora_fits(mla, LoRAConfig(attention_modules=["q_a_proj", "k_proj"]))
+    check_lora_fits(debug_config(96), LoRAConfig(attention_modules=["q_proj", "v_proj"]))

@@ -34,8 +34,14 @@ def check_before_launch(cfg: FederatedConfig) -> None:
     Silo data paths are not checked here: they live on the silos' nodes, and the server never
     opens them; a silo whose file is missing fails at start with the path in its message.
     """
-    if not os.path.isfile(os.path.join(cfg.base, "config.json")) and not cfg.make_debug_base:
-        raise ConfigError(f"base={cfg.base!r} is not an HF-format artifact (no config.json)")
+    if not os.path.isfile(os.path.join(cfg.base, "config.json")):
+        if not cfg.make_debug_base:
+            raise ConfigError(f"base={cfg.base!r} is not an HF-format artifact (no config.json)")
+    else:
+        from raymoe.models import read_hf_config
+        from raymoe.train.finetune_config import check_lora_fits
+
+        check_lora_fits(read_hf_config(cfg.base)[0], cfg.lora)
     if cfg.eval_path and not os.path.isfile(cfg.eval_path):
         raise ConfigError(f"eval_path={cfg.eval_path!r} is not a file")
 

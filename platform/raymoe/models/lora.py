@@ -35,6 +35,8 @@ from raymoe.models.state_dict_adapter import expert_key, native_key_to_hf
 PEFT_PREFIX = "base_model.model."
 # The adapter name used while training (one adapter, every row).
 TRAIN_ADAPTER = "default"
+# `lora.attention_modules` entry meaning every projection of the model's attention.
+ALL_ATTENTION = "all"
 
 
 @dataclass
@@ -56,9 +58,10 @@ class LoRAConfig:
     # r: rank of each update; alpha: scaling numerator (scaling = alpha / r, peft's default rule).
     rank: int = 8
     alpha: float = 16.0
-    # Native leaf names of attention projections to adapt (GQA: q_proj k_proj v_proj o_proj;
-    # MLA: q_proj or q_a_proj/q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj).
-    attention_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Attention projections to adapt, by name: `all` (every projection of the model's attention),
+    # or names from GQA's q_proj k_proj v_proj o_proj / MLA's q_proj (or q_a_proj, q_b_proj),
+    # kv_a_proj_with_mqa, kv_b_proj, o_proj.
+    attention_modules: list[str] = field(default_factory=lambda: ["all"])
     # Also adapt the shared experts' gate/up/down projections.
     shared_experts: bool = False
     # Also give every routed expert its own pair on gate/up/down (held by the expert's shard).
@@ -203,8 +206,17 @@ def _is_target(native: str, cfg: LoRAConfig) -> bool:
     if not m:
         return False
     if m.group(1) == "attn":
-        return m.group(2) in cfg.attention_modules
+        return ALL_ATTENTION in cfg.attention_modules or m.group(2) in cfg.attention_modules
     return cfg.shared_experts
+
+
+def check_lora_targets(model: nn.Module, cfg: LoRAConfig) -> None:
+    """Raises ConfigError if `lora.attention_modules` names a projection this model lacks (works
+    on a model built on the meta device, so a run can be checked before anything starts)."""
+    have = _attention_leaves(model)
+    unknown = set(cfg.attention_modules) - have - {ALL_ATTENTION}
+    require(not unknown, f"lora.attention_modules: {sorted(unknown)} is not a projection of this "
+                         f"model's attention (it has {sorted(have)}; `all` takes every one)")
 
 
 def add_trainable_lora(model: nn.Module, cfg: LoRAConfig, seed: int) -> list[nn.Parameter]:
@@ -219,11 +231,8 @@ def add_trainable_lora(model: nn.Module, cfg: LoRAConfig, seed: int) -> list[nn.
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    check_lora_targets(model, cfg)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and _is_target(n, cfg)]
-    attention_leaves = {n.rsplit(".", 1)[-1] for n in names if ".attn." in n}
-    unknown = set(cfg.attention_modules) - attention_leaves
-    require(not unknown, f"lora.attention_modules: {sorted(unknown)} is not a projection of this "
-                         f"model's attention (it has {sorted(_attention_leaves(model))})")
     for native in names:
         wrapped = _wrap(model, native)
         g = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(native.encode()))

@@ -80,6 +80,18 @@ class FinetuneConfig:
         return to_dict(self)
 
 
+def check_lora_fits(model_cfg, lora: LoRAConfig) -> None:
+    """The adapter's targets exist in the base (checked on a meta-device model: no weights)."""
+    import torch
+
+    from raymoe.models import MoETransformer
+    from raymoe.models.lora import check_lora_targets
+
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg)
+    check_lora_targets(model, lora)
+
+
 def check_before_launch(cfg: FinetuneConfig) -> None:
     """Checks what needs the filesystem: the base artifact, the data files, the layout vs experts.
 
@@ -101,6 +113,7 @@ def check_before_launch(cfg: FinetuneConfig) -> None:
             cfg.layout.validate(num_experts=model_cfg.moe.num_experts)
         except ConfigError as exc:
             raise ConfigError(f"layout does not fit base={cfg.base!r}: {exc}") from None
+        check_lora_fits(model_cfg, cfg.lora)
     for key, path in (("data.path", cfg.data.path), ("eval_path", cfg.eval_path)):
         if path and not Path(path).is_file():
             raise ConfigError(f"{key}={path!r} is not a file")
