@@ -134,8 +134,9 @@ class PrometheusServer:
         """Instant query at `at` (unix seconds; default now).
 
         Returns:
-            The vector's series, each `{"metric": {label: value}, "value": float}` (a scalar result
-            is one series with no labels).
+            The result's series: for a vector each `{"metric": {label: value}, "value": float}`
+            (a scalar is one series with no labels); for a range selector such as `x[5m]` each
+            `{"metric": ..., "values": [(unix seconds, float), ...]}`, the raw scraped samples.
 
         Raises:
             ValueError: Prometheus rejected the query (the message is Prometheus' own).
@@ -144,6 +145,9 @@ class PrometheusServer:
         data = self._get("/api/v1/query", params)
         if data["resultType"] in ("scalar", "string"):
             return [{"metric": {}, "value": float(data["result"][1])}]
+        if data["resultType"] == "matrix":
+            return [{"metric": s["metric"], "values": [(float(t), float(v)) for t, v in s["values"]]}
+                    for s in data["result"]]
         return [{"metric": s["metric"], "value": float(s["value"][1])} for s in data["result"]]
 
     def label_values(self, label: str, match: str) -> list[str]:
