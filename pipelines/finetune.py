@@ -11,6 +11,7 @@ a peft-format adapter (`output_dir/adapter`), the before/after held-out table
 
 from __future__ import annotations
 
+import os
 import sys
 
 from raymoe.config import ConfigError, parse_job_args
@@ -21,16 +22,18 @@ from raymoe.train.finetune_config import FinetuneConfig, check_before_launch
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_job_args(FinetuneConfig, argv, prog="python -m pipelines.finetune", description=__doc__,
                          check=check_before_launch)
-    from raymoe.train.finetune import prepare_data, run_finetune
+    from raymoe.train.finetune import make_debug_base, prepare_data, run_finetune
 
-    if not cfg.make_debug_base:
-        # Bad records are found before Ray starts (the run repeats this check after the debug
-        # base exists, where the tokenizer is only then available).
-        try:
-            prepare_data(cfg)
-        except ConfigError as exc:
-            print(f"config error: {exc}", file=sys.stderr)
-            return 2
+    # Everything that reads only local files is checked before Ray starts: the debug base (when
+    # asked for) is written first so the records and the adapter targets are checked against it.
+    try:
+        if cfg.make_debug_base and not os.path.isfile(os.path.join(cfg.base, "config.json")):
+            make_debug_base(cfg)
+            check_before_launch(cfg)
+        prepare_data(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     init_ray()
     summary = run_finetune(cfg)
     print(f"done: adapter at {summary['adapter']}" + (f", merged artifact at {summary['merged']}"

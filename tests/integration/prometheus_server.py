@@ -150,9 +150,10 @@ class PrometheusServer:
                     for s in data["result"]]
         return [{"metric": s["metric"], "value": float(s["value"][1])} for s in data["result"]]
 
-    def label_values(self, label: str, match: str) -> list[str]:
-        """Values of `label` on the series `match` selects (what Grafana's `label_values` asks)."""
-        return self._get(f"/api/v1/label/{label}/values", {"match[]": match})
+    def label_values(self, label: str, match: str | None = None) -> list[str]:
+        """Values of `label` on the series `match` selects, or on any series (what Grafana's
+        `label_values` variable query asks), over all stored time."""
+        return self._get(f"/api/v1/label/{label}/values", {"match[]": match} if match else {})
 
     def targets(self) -> list[dict]:
         """Active scrape targets with their health (`up`, `down`, `unknown`) and last error."""

@@ -163,8 +163,10 @@ def test_secure_aggregation_equals_plain_and_survives_a_dropout(cluster, base, t
 
     from raymoe.federated.job import run_federated
 
-    run_federated(_cfg(base, tmp_path / "plain", rounds=1))
-    run_federated(_cfg(base, tmp_path / "secure", rounds=1, privacy={"secure_aggregation": True}))
+    # MoE-aware weighting: under secure aggregation the per-expert token weights travel masked too.
+    moe_aware = {"name": "fedavg", "moe_aware": True}
+    run_federated(_cfg(base, tmp_path / "plain", rounds=1, strategy=moe_aware))
+    run_federated(_cfg(base, tmp_path / "secure", rounds=1, strategy=moe_aware, privacy={"secure_aggregation": True}))
     plain, secure = _adapter(tmp_path / "plain"), _adapter(tmp_path / "secure")
     for key in plain:  # fixed point with 24 fractional bits: 3 silos x 2**-24 per value, before /weights
         torch.testing.assert_close(secure[key], plain[key], rtol=0, atol=1e-5)

@@ -9,6 +9,7 @@ aggregator that needs each update on its own).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,9 +70,10 @@ class PrivacyConfig:
     secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
-        require(self.clip_norm >= 0, f"privacy.clip_norm must be >= 0, got {self.clip_norm}")
-        require(self.noise_multiplier >= 0,
-                f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        require(math.isfinite(self.clip_norm) and self.clip_norm >= 0,
+                f"privacy.clip_norm must be a finite number >= 0, got {self.clip_norm}")
+        require(math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
+                f"privacy.noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}")
         require(self.noise_multiplier == 0 or self.clip_norm > 0,
                 f"privacy.noise_multiplier={self.noise_multiplier} needs privacy.clip_norm > 0 "
                 "(the noise is scaled to the clipping bound)")
@@ -166,6 +168,9 @@ class FederatedConfig:
         require(not (self.privacy.dp and self.strategy.moe_aware),
                 "privacy.clip_norm > 0 averages clipped updates with equal weights; "
                 "strategy.moe_aware must be false")
+        require(not self.privacy.secure_aggregation or self.strategy.min_fit_clients >= 2,
+                "privacy.secure_aggregation=true needs strategy.min_fit_clients >= 2 (a masked sum of "
+                f"one silo is that silo's update), got {self.strategy.min_fit_clients}")
         require(self.faults.quorum <= len(names),
                 f"faults.quorum={self.faults.quorum} exceeds the {len(names)} silos configured")
         require(self.strategy.min_available_clients <= len(names),

@@ -15,6 +15,7 @@ from typing import Any
 from raymoe.atomic_io import atomic_write_json
 from raymoe.config import ConfigError, from_dict, to_dict
 from raymoe.federated.config import FederatedConfig
+from raymoe.federated.server import FederatedJobFailed
 
 
 def absolute(cfg: FederatedConfig) -> FederatedConfig:
@@ -62,13 +63,23 @@ def start_silos(cfg: FederatedConfig) -> dict[str, Any]:
     refs = {s.name: actors[s.name].describe.remote() for s in cfg.silos}
     ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=cfg.faults.silo_start_timeout_s)
     if pending:
+        for actor in actors.values():
+            ray.kill(actor)
         waiting = [s for s in cfg.silos if refs[s.name] in pending]
-        raise RuntimeError(
+        raise FederatedJobFailed(
             f"silo(s) {[s.name for s in waiting]} did not start within faults.silo_start_timeout_s="
             f"{cfg.faults.silo_start_timeout_s}: no node offers resource(s) "
             f"{[s.resource_name for s in waiting]} (give the silo's nodes `--resources` or a KubeRay "
             "worker group with that resource)")
-    described = {s.name: ray.get(refs[s.name]) for s in cfg.silos}
+    described = {}
+    for s in cfg.silos:
+        try:
+            described[s.name] = ray.get(refs[s.name])
+        except ray.exceptions.RayError as exc:
+            for actor in actors.values():
+                ray.kill(actor)
+            cause = str(exc).strip().splitlines()[-1]
+            raise FederatedJobFailed(f"silo {s.name} could not start on its node: {cause}") from None
     for name, info in described.items():
         print(f"silo {name}: {info['examples']} examples ({info['quarantined']} quarantined) on node "
               f"{info['node_id'][:12]}", flush=True)
@@ -105,6 +116,7 @@ def run_federated(cfg: FederatedConfig,
                   on_round_start: Callable[[int, list[str]], None] | None = None) -> dict[str, Any]:
     """Runs (or resumes) the federated job; returns the summary also written to metrics.json."""
     from raymoe.federated.server import FederatedServer, output_paths
+    from raymoe.models import read_hf_config
     from raymoe.models.lora import write_peft_adapter
 
     cfg = absolute(cfg)
@@ -119,7 +131,9 @@ def run_federated(cfg: FederatedConfig,
     initial, evaluate = build_evaluation(cfg)
     silos = start_silos(cfg)
     try:
-        server = FederatedServer(cfg, silos["actors"], initial, evaluate=evaluate, on_round_start=on_round_start)
+        model_cfg, _ = read_hf_config(cfg.base)
+        server = FederatedServer(cfg, silos["actors"], initial, (model_cfg.num_layers, model_cfg.moe.num_experts),
+                                 evaluate=evaluate, on_round_start=on_round_start)
         if evaluate is not None and server.state.round == 0:
             print(f"round 0: eval loss {evaluate(initial):.4f}", flush=True)
         state = server.run()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from raymoe.federated.config import FederatedConfig
-from raymoe.federated.privacy import PrivacyAccountant, noisy_mean, silo_sample_rate
+from raymoe.federated.privacy import PrivacyAccountant, clip_to_norm, noisy_mean
 from raymoe.federated.round_state import RoundState, load_latest_round_state, save_round_state
 from raymoe.federated.secure_aggregation import SecureAggregationAborted, SecureAggregationRound
 from raymoe.federated.silo import PrivacyInstructions, SiloResult, secret_generator
@@ -51,11 +51,17 @@ class RoundOutcome:
     silo_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def check_result_is_adapter_only(result: SiloResult, adapter_keys: set[str]) -> None:
-    """Data stays home: a silo result may carry adapter tensors, counts and scalars, nothing else."""
+def check_result_is_adapter_only(result: SiloResult, adapter_keys: set[str], mode: str = "plain") -> None:
+    """Data stays home: a silo result may carry adapter tensors, counts and scalars, nothing else,
+    in the form the round's mode expects ("plain": params; "dp": {"delta"}; "secure": masked)."""
     if not isinstance(result, SiloResult):
         raise TypeError(f"silo returned {type(result).__name__}, expected SiloResult")
-    if result.params is not None and set(result.params) - adapter_keys - {"delta"}:
+    if mode == "secure":
+        if result.params is not None or not isinstance(result.masked, np.ndarray) or result.masked.dtype != np.uint64:
+            raise TypeError(f"silo {result.silo} returned no uint64 masked vector")
+    elif result.masked is not None or result.params is None:
+        raise TypeError(f"silo {result.silo} returned a masked vector or no parameters")
+    elif set(result.params) != ({"delta"} if mode == "dp" else adapter_keys):
         raise ValueError(f"silo {result.silo} returned tensors that are not the adapter's")
     for value in (result.params or {}).values():
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
@@ -70,6 +76,7 @@ class FederatedServer:
     """Runs rounds against silo actors. `silos` maps silo name -> Ray actor handle."""
 
     def __init__(self, cfg: FederatedConfig, silos: dict[str, Any], initial: Params,
+                 counts_shape: tuple[int, int],
                  evaluate: Callable[[Params], float] | None = None,
                  on_round_start: Callable[[int, list[str]], None] | None = None):
         self.cfg = cfg
@@ -80,6 +87,10 @@ class FederatedServer:
         self.on_round_start = on_round_start
         self.state = RoundState(round=0, params=initial)
         if cfg.resume and (saved := load_latest_round_state(cfg.output_dir)) is not None:
+            if {k: tuple(v.shape) for k, v in saved.params.items()} != {k: tuple(v.shape) for k, v in initial.items()}:
+                raise FederatedJobFailed(
+                    f"output_dir={cfg.output_dir!r} holds rounds of another adapter (base or lora.* "
+                    "changed since they were written): use a new output_dir, or resume=false")
             self.state = saved
             if saved.strategy_state and hasattr(self.strategy, "load_state_dict"):
                 self.strategy.load_state_dict(saved.strategy_state)
@@ -87,10 +98,11 @@ class FederatedServer:
                 self.accountant.load_state_dict(saved.accountant_state)
             print(f"resumed after round {saved.round} from {cfg.output_dir}", flush=True)
         self.adapter_keys = set(initial)
-        self.counts_shape: tuple[int, int] | None = None
+        # (model layers, experts): the shape of every silo's tokens-per-expert table.
+        self.counts_shape = counts_shape
 
     # --- one attempt --------------------------------------------------------------------------
-    def _gather(self, refs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    def _gather(self, refs: dict[str, Any], expect: type = SiloResult) -> tuple[dict[str, Any], list[str]]:
         """Results that arrive before the deadline; the others (failed or late) as dropped."""
         import ray
 
@@ -105,8 +117,10 @@ class FederatedServer:
             silo = by_ref[ref]
             try:
                 result = ray.get(ref)
-                if not isinstance(result, bytes):  # public keys are bytes; updates are checked
-                    check_result_is_adapter_only(result, self.adapter_keys)
+                if not isinstance(result, expect):
+                    raise TypeError(f"returned {type(result).__name__}, expected {expect.__name__}")
+                if expect is SiloResult:
+                    check_result_is_adapter_only(result, self.adapter_keys, self._mode())
                 results[silo] = result
             except Exception as exc:  # noqa: BLE001 - a silo's failure is a dropout, not the job's
                 log.warning("silo %s failed this round: %s", silo, str(exc).splitlines()[0])
@@ -130,7 +144,7 @@ class FederatedServer:
         secure = None
         if cfg.privacy.secure_aggregation:
             secure = SecureAggregationRound(round, names)
-            keys, dropped = self._gather({s: self.silos[s].public_key.remote(round) for s in names})
+            keys, dropped = self._gather({s: self.silos[s].public_key.remote(round) for s in names}, expect=bytes)
             if dropped:  # no masks exist yet: the attempt simply restarts without them
                 return RoundOutcome(params=None, dropped=dropped)
             for silo, key in keys.items():
@@ -151,10 +165,8 @@ class FederatedServer:
 
     def _aggregate_plain(self, round: int, results: dict[str, SiloResult], outcome: RoundOutcome) -> RoundOutcome:
         updates = [r.as_update() for r in results.values()]
-        if self.counts_shape is None and updates:
-            self.counts_shape = tuple(updates[0].tokens_per_expert_LE.shape)
         bound = self.cfg.faults.max_update_norm or None
-        accepted, rejected = filter_updates(updates, self.state.params, bound, self.counts_shape or (0, 0))
+        accepted, rejected = filter_updates(updates, self.state.params, bound, self.counts_shape)
         for reason, silos in rejected.items():
             outcome.rejected[reason] += len(silos)
             self._count_rejected(reason, len(silos))
@@ -173,11 +185,10 @@ class FederatedServer:
         for _ in range(len(results) - len(good)):
             self._count_rejected("non_finite")
         outcome.participants = sorted(good)
-        for r in good.values():
-            self._observe_norm(r.metrics.get("update_norm", 0.0))
         if len(good) < self.cfg.faults.quorum:
             return outcome
-        total = torch.stack([r.params["delta"] for r in good.values()]).sum(0)
+        # Clipped again here: the noise is calibrated to clip_norm, whatever a silo did.
+        total = torch.stack([clip_to_norm(r.params["delta"], privacy.clip_norm)[0] for r in good.values()]).sum(0)
         # DP-FedAvg: the divisor is the number selected (public), not the number that answered.
         mean = noisy_mean(total, mode=privacy.mode, noise_multiplier=privacy.noise_multiplier,
                           clip_norm=privacy.clip_norm, num_participants=privacy.num_participants,
@@ -196,8 +207,17 @@ class FederatedServer:
             # A participant dropped out after masking: its pairwise masks cannot be removed.
             log.warning("round %d aborted: %s did not return a masked update", round, exc.missing)
             return outcome
-        outcome.participants = sorted(results)
+        except ValueError as exc:  # a malformed masked vector: the sum cannot be trusted
+            log.warning("round %d aborted: %s", round, exc)
+            self._count_rejected("wrong_shape")
+            return outcome
         size = flatten(self.state.params).numel()
+        expected = size if privacy is not None else size + len(self.state.params)
+        if total.numel() != expected or len(results) < self.cfg.faults.quorum:
+            log.warning("round %d aborted: the masked sum has %d values (expected %d) from %d silos",
+                        round, total.numel(), expected, len(results))
+            return outcome
+        outcome.participants = sorted(results)
         if privacy is not None:
             mean = total / privacy.num_participants  # the silos added the noise (distributed mode)
             outcome.params = self._from_mean(round, flatten(self.state.params).double() + mean)
@@ -213,14 +233,19 @@ class FederatedServer:
         """The strategy's step from an already-averaged adapter (FedAvg: the mean itself; FedAdam
         and FedYogi: their server-optimiser step towards it), as one pseudo-update of weight 1."""
         mean = unflatten(mean_flat.float(), self.state.params)
-        ones = torch.ones(self.counts_shape or (1, 1), dtype=torch.long)
+        ones = torch.ones(self.counts_shape, dtype=torch.long)
         pseudo = ClientUpdate(silo="mean", params=mean, num_examples=1, tokens_per_expert_LE=ones)
         return self.strategy.aggregate_fit(round, self.state.params, [pseudo])
 
     def _account(self, num_participants: int) -> None:
+        # Sample rate 1: which silos take part is drawn from the config's seed, so it is public and
+        # gives no privacy amplification (claiming q = k / N would under-report epsilon).
         if self.cfg.privacy.noise_multiplier > 0:
-            self.accountant.step(self.cfg.privacy.noise_multiplier,
-                                 silo_sample_rate(num_participants, len(self.cfg.silos)))
+            self.accountant.step(self.cfg.privacy.noise_multiplier, 1.0)
+
+    def _mode(self) -> str:
+        privacy = self.cfg.privacy
+        return "secure" if privacy.secure_aggregation else "dp" if privacy.dp else "plain"
 
     # --- metrics ------------------------------------------------------------------------------
     def _count_rejected(self, reason: str, n: int = 1) -> None:
@@ -249,6 +274,9 @@ class FederatedServer:
                 except NotEnoughSilos as exc:
                     outcome = RoundOutcome(params=None)
                     print(f"round {round} attempt {attempt + 1}: {exc}", flush=True)
+                if outcome.params is not None and not all(torch.isfinite(t).all() for t in outcome.params.values()):
+                    print(f"round {round} attempt {attempt + 1}: the aggregate is not finite; discarded", flush=True)
+                    outcome.params = None
                 if outcome.params is not None:
                     break
                 # Retry without the silos that failed or were late (a secure round needs every

@@ -142,8 +142,14 @@ class SiloClient:
         params = {k: v.detach().clone() for k, v in trainer.local_tensors().items()}
         # FedAvg's n_k (McMahan et al. 2017): the size of the silo's training set.
         num_examples = len(self.examples)
-        metrics = {"loss": float(np.mean(losses)), "train_seconds": time.perf_counter() - started}
-        result = SiloResult(silo=self.name, num_examples=num_examples, tokens_per_expert_LE=counts_LE,
+        metrics = {"train_seconds": time.perf_counter() - started}
+        if privacy is None and peer_keys is None:
+            metrics["loss"] = float(np.mean(losses))
+        # Under secure aggregation the counts travel inside the masked sum only; in clear they
+        # would show the server this silo's routing.
+        hidden = peer_keys is not None
+        result = SiloResult(silo=self.name, num_examples=0 if hidden else num_examples,
+                            tokens_per_expert_LE=torch.zeros_like(counts_LE) if hidden else counts_LE,
                             metrics=metrics)
         if privacy is not None:
             # DP-FedAvg: the clipped delta (+ this silo's noise share when the server cannot add it).
@@ -151,7 +157,7 @@ class SiloClient:
             noisy, norm = privatize_update(delta, mode=privacy.mode, noise_multiplier=privacy.noise_multiplier,
                                            clip_norm=privacy.clip_norm, num_participants=privacy.num_participants,
                                            generator=secret_generator())
-            metrics["update_norm"] = norm
+            del norm  # a silo's own norm is not published under DP
             vector = noisy.to(torch.float64)
             if peer_keys is None:
                 result.params = {"delta": vector}

@@ -217,6 +217,10 @@ def check_lora_targets(model: nn.Module, cfg: LoRAConfig) -> None:
     unknown = set(cfg.attention_modules) - have - {ALL_ATTENTION}
     require(not unknown, f"lora.attention_modules: {sorted(unknown)} is not a projection of this "
                          f"model's attention (it has {sorted(have)}; `all` takes every one)")
+    moe_layers = list(model.moe_layers())
+    require(not cfg.shared_experts or any(m.shared_experts is not None for m in moe_layers),
+            "lora.shared_experts=true but this model has no shared experts")
+    require(not cfg.routed_experts or bool(moe_layers), "lora.routed_experts=true but this model has no MoE layer")
 
 
 def add_trainable_lora(model: nn.Module, cfg: LoRAConfig, seed: int) -> list[nn.Parameter]:

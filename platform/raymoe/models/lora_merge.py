@@ -36,6 +36,12 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor,
     config = json.loads(config_file.read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter {str(adapter_dir)!r}: peft_type {config.get('peft_type')!r} is not LORA")
+    # Variants whose maths differs from W + alpha / r * B @ A are refused rather than misapplied.
+    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ValueError(f"adapter {str(adapter_dir)!r}: {key} is not supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"adapter {str(adapter_dir)!r}: bias={config['bias']!r} is not supported (only none)")
     rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     halves: dict[str, dict[str, torch.Tensor]] = {}

@@ -26,11 +26,20 @@ def prepare_data(cfg: FinetuneConfig) -> dict[str, Any]:
 
     tokenizer = ChatTokenizer.from_dir(cfg.base)
     examples, entries = load_sft_examples(cfg.data.path, tokenizer, cfg.data.max_seq_len, cfg.data.truncation)
-    if entries:
-        write_quarantine(cfg.output_dir, entries)
+    if cfg.eval_path:
+        from raymoe.train.adapter_eval import read_eval_records
+
+        try:
+            usable = read_eval_records(cfg.eval_path)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"eval_path={cfg.eval_path!r} is not UTF-8 text: {exc}") from None
+        if not usable:
+            raise ConfigError(f"eval_path={cfg.eval_path!r} holds no valid record")
     if len(examples) < cfg.global_batch_size:
         raise ConfigError(f"data.path={cfg.data.path!r} has {len(examples)} usable records "
                           f"({len(entries)} quarantined), fewer than global_batch_size={cfg.global_batch_size}")
+    if entries:  # written once the run is known to go ahead (a refused run writes nothing)
+        write_quarantine(cfg.output_dir, entries)
     return {"examples": len(examples), "quarantined": quarantine_counts(entries),
             "answer_tokens": sum(sum(t != -100 for t in e.labels) for e in examples)}
 
