@@ -89,6 +89,11 @@ class PrometheusServer:
             "scrape_configs": [{
                 "job_name": "ray",
                 "file_sd_configs": [{"files": [str(self.sd_file)], "refresh_interval": "5s"}],
+                # Ray lists its metrics ports at the machine's network address; they listen on
+                # every interface, so scrape them over loopback (tests talk to 127.0.0.1 only).
+                # The instance label keeps Ray's address, as a cluster's Prometheus would see it.
+                "relabel_configs": [{"source_labels": ["__address__"], "regex": "[^:]+:(\\d+)",
+                                     "target_label": "__address__", "replacement": "127.0.0.1:$1"}],
             }],
         }
         config_path = self.workdir / "prometheus.yml"
