@@ -55,7 +55,9 @@ ENGINE = Row("Engine", (
           (Target(f"avg by (model) ({sel(m.SERVE_BATCH_SIZE)})", "{{model}}"),), width=6),
     Panel("Preemptions per second", "Sequences preempted because the KV budget was full "
           "(recomputed later).", "short",
-          (Target(f"sum by (model) (rate({sel(m.SERVE_PREEMPTIONS)}{_RATE}))", "{{model}}"),), width=6),
+          # The counter exists from a replica's first preemption: until then `or ... * 0` reads 0.
+          (Target(f"sum by (model) (rate({sel(m.SERVE_PREEMPTIONS)}{_RATE})) or sum by (model) "
+                  f"(rate({sel(m.SERVE_GENERATED_TOKENS)}{_RATE})) * 0", "{{model}}"),), width=6),
 ))
 
 DASHBOARD = Dashboard(
