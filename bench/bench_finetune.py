@@ -39,18 +39,11 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def make_artifact(path: Path, data_path: str, vocab_size: int, **shape) -> Path:
     """A random-weight Mixtral artifact of `shape` (debug_config fields) with a tokenizer trained
     on `data_path`'s lines (its vocabulary may be smaller than the model's)."""
-    from raymoe.data.tokenizer import save_tokenizer, train_tokenizer
-    from raymoe.models import MoETransformer, save_hf
-    from raymoe.serve.debug_artifact import debug_config
+    from raymoe.serve.debug_artifact import make_debug_artifact
 
     texts = [line for line in open(data_path, encoding="utf-8") if line.strip()]
-    tok = train_tokenizer(texts, vocab_size=min(vocab_size, 4096))
-    model = MoETransformer(debug_config(max(vocab_size, tok.get_vocab_size()), **shape))
-    model.init_weights(seed=0)
-    with tempfile.TemporaryDirectory() as tok_dir:
-        save_tokenizer(tok, tok_dir, model_max_length=model.cfg.max_seq_len)
-        save_hf(model, path, tokenizer_dir=tok_dir)
-    return path
+    return make_debug_artifact(path, seed=0, vocab_size=min(vocab_size, 4096), corpus=texts,
+                               model_vocab_size=vocab_size, **shape)
 
 
 def load_steps(artifact: str, data_path: str, max_seq_len: int, batch: int, count: int, seed: int = 0) -> list[dict]:

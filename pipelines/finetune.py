@@ -30,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.make_debug_base and not os.path.isfile(os.path.join(cfg.base, "config.json")):
             make_debug_base(cfg)
             check_before_launch(cfg)
-        prepare_data(cfg)
+        data = prepare_data(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     init_ray()
-    summary = run_finetune(cfg)
+    summary = run_finetune(cfg, data)
     print(f"done: adapter at {summary['adapter']}" + (f", merged artifact at {summary['merged']}"
                                                      if "merged" in summary else ""))
     return 0

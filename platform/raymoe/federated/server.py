@@ -30,7 +30,7 @@ from raymoe.federated.round_state import RoundState, load_latest_round_state, sa
 from raymoe.federated.secure_aggregation import SecureAggregationAborted, SecureAggregationRound
 from raymoe.federated.silo import PrivacyInstructions, SiloResult, secret_generator
 from raymoe.federated.strategies import NotEnoughSilos, weighted_mean_from_sums
-from raymoe.federated.updates import ClientUpdate, Params, filter_updates, flatten, unflatten, update_norm
+from raymoe.federated.updates import Params, filter_updates, flatten, unflatten, update_norm
 
 log = logging.getLogger(__name__)
 FAILED, LATE = "failed", "late"
@@ -231,11 +231,8 @@ class FederatedServer:
 
     def _from_mean(self, round: int, mean_flat: torch.Tensor) -> Params:
         """The strategy's step from an already-averaged adapter (FedAvg: the mean itself; FedAdam
-        and FedYogi: their server-optimiser step towards it), as one pseudo-update of weight 1."""
-        mean = unflatten(mean_flat.float(), self.state.params)
-        ones = torch.ones(self.counts_shape, dtype=torch.long)
-        pseudo = ClientUpdate(silo="mean", params=mean, num_examples=1, tokens_per_expert_LE=ones)
-        return self.strategy.aggregate_fit(round, self.state.params, [pseudo])
+        and FedYogi: their server-optimiser step towards it)."""
+        return self.strategy.step_from_mean(round, self.state.params, unflatten(mean_flat.float(), self.state.params))
 
     def _account(self, num_participants: int) -> None:
         # Sample rate 1: which silos take part is drawn from the config's seed, so it is public and

@@ -152,7 +152,14 @@ class FedAvg(Strategy):
 
     def aggregate_fit(self, round: int, params: Params, updates: list[ClientUpdate]) -> Params:
         _require_updates(updates)
-        return _weighted_mean(params, updates, self.moe_aware)
+        return self.step_from_mean(round, params, _weighted_mean(params, updates, self.moe_aware))
+
+    def step_from_mean(self, round: int, params: Params, mean: Params) -> Params:
+        """The new global params from the round's (weighted) mean: FedAvg takes the mean itself.
+
+        The server calls this directly when it only ever sees the mean (secure aggregation, DP).
+        """
+        return mean
 
 
 @dataclass(kw_only=True)
@@ -204,8 +211,7 @@ class FedOpt(FedAvg, ABC):
     @abstractmethod
     def _step_size(self, round: int) -> float: ...
 
-    def aggregate_fit(self, round: int, params: Params, updates: list[ClientUpdate]) -> Params:
-        mean = super().aggregate_fit(round, params, updates)
+    def step_from_mean(self, round: int, params: Params, mean: Params) -> Params:
         delta = {k: mean[k] - params[k] for k in params}
         if not self.m:
             self.m = {k: torch.zeros_like(d) for k, d in delta.items()}

@@ -35,7 +35,7 @@ def debug_config(vocab_size: int, dim: int = 128, num_layers: int = 4, max_seq_l
 
 
 def make_debug_artifact(path: str | Path, seed: int = 0, vocab_size: int = 512,
-                        corpus: list[str] | None = None, **shape) -> Path:
+                        corpus: list[str] | None = None, model_vocab_size: int = 0, **shape) -> Path:
     """Writes a random-weight HF-format artifact (weights, config, tokenizer) to `path`.
 
     Args:
@@ -43,6 +43,8 @@ def make_debug_artifact(path: str | Path, seed: int = 0, vocab_size: int = 512,
         seed: weight seed; the same seed gives the same artifact.
         vocab_size: tokenizer and model vocabulary.
         corpus: texts the tokenizer is trained on (default: the built-in sentences).
+        model_vocab_size: a model vocabulary larger than the tokenizer's (benchmarks at a
+            published shape); 0 = the tokenizer's.
         **shape: overrides for `debug_config` (dim, num_layers, max_seq_len, num_experts).
 
     Returns:
@@ -53,7 +55,7 @@ def make_debug_artifact(path: str | Path, seed: int = 0, vocab_size: int = 512,
 
     path = Path(path)
     tok = train_tokenizer(corpus or CORPUS, vocab_size=vocab_size)
-    model = MoETransformer(debug_config(tok.get_vocab_size(), **shape))
+    model = MoETransformer(debug_config(max(model_vocab_size, tok.get_vocab_size()), **shape))
     model.init_weights(seed=seed)
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tok_dir:
         save_tokenizer(tok, tok_dir, model_max_length=model.cfg.max_seq_len)

@@ -92,9 +92,10 @@ def make_debug_base(cfg: FinetuneConfig) -> None:
     make_debug_artifact(cfg.base, seed=cfg.seed, vocab_size=1024, corpus=texts, max_seq_len=512)
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+def run_finetune(cfg: FinetuneConfig, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Checks, trains on Ray Train, evaluates and (optionally) merges; returns the run summary,
-    also written to output_dir/metrics.json."""
+    also written to output_dir/metrics.json. `data`: `prepare_data`'s result when the caller
+    has already read the records (the pipeline does, before Ray starts)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -103,7 +104,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.make_debug_base and not os.path.isfile(os.path.join(cfg.base, "config.json")):
         make_debug_base(cfg)
         check_before_launch(cfg)
-    data = prepare_data(cfg)
+    data = data or prepare_data(cfg)
     print(f"fine-tuning {cfg.base} on {data['examples']} records "
           f"({sum(data['quarantined'].values())} quarantined), {cfg.steps} steps, "
           f"layout ep={cfg.layout.ep} x dp={cfg.layout.dp}", flush=True)

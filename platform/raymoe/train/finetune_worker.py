@@ -58,17 +58,17 @@ def run_finetune_worker(cfg: FinetuneConfig,
     trainer = AdapterTrainer(cfg.base, cfg.lora, cfg.optim, groups, seed=cfg.seed)
     tokenizer = ChatTokenizer.from_dir(cfg.base)
     examples, _ = load_sft_examples(cfg.data.path, tokenizer, cfg.data.max_seq_len, cfg.data.truncation)
-    batches = SFTBatches(examples, cfg.global_batch_size, cfg.seed, pad_id=pad_token_id(tokenizer),
-                         world_size=groups.world_size, rank=groups.rank)
     pad = pad_token_id(tokenizer)
-    # The whole micro-batch's order (one worker's view of all ranks) counts every worker's tokens.
-    everyone = SFTBatches(examples, cfg.global_batch_size, cfg.seed, pad_id=pad)
+    # Every worker draws the whole micro-batch (its answer tokens normalise the loss) and trains
+    # on its contiguous share, as SFTBatches(world_size, rank) would slice it.
+    batches = SFTBatches(examples, cfg.global_batch_size, cfg.seed, pad_id=pad)
+    local = cfg.global_batch_size // groups.world_size
     summary = FinetuneSummary()
     start = window_start = time.perf_counter()
     window_tokens = 0
     for step in range(cfg.steps):
-        micro = sft_micro_batch([examples[i] for i in batches.indices(step)], pad)
-        whole = [examples[i] for i in everyone.indices(step)]
+        whole = [examples[i] for i in batches.indices(step)]
+        micro = sft_micro_batch(whole[groups.rank * local:(groups.rank + 1) * local], pad)
         result = trainer.step([micro], lr=lr_at(step, cfg.optim, cfg.steps),
                               global_target_counts=[answer_tokens(whole)])
         summary.losses.append(result.loss)
