@@ -8,6 +8,9 @@ the key named, before any replica starts.
 Backpressure: each replica takes `max_ongoing_requests` at once (the engine batches them);
 callers queue up to `max_queued_requests` more, beyond which Serve answers `backpressure_status`
 (429 or 503) with Retry-After; the engine's own waiting queue (`engine.max_waiting`) answers 429.
+
+Traffic sampling (`traffic`, off by default): each replica writes sampled requests' features as
+Parquet windows for the drift job (`raymoe.serve.traffic_sampler`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Literal
 
 from raymoe.config import ConfigError, from_dict, require, to_dict
 from raymoe.serve.engine import EngineConfig, EngineCore
+from raymoe.serve.traffic_sampler import TrafficConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,9 @@ class ServeConfig:
     # The API key is read from this environment variable, else from `api_key_file`; none = open.
     api_key_env: str = "RAYMOE_API_KEY"
     api_key_file: str = ""
+    # Sampled live traffic written as Parquet windows (prompt/output lengths, token histogram,
+    # mean logprob, expert load, pooled embedding; text only with traffic.store_text).
+    traffic: TrafficConfig = field(default_factory=TrafficConfig)
     name: str = "OpenAIServer"
 
     def __post_init__(self) -> None:
@@ -231,17 +238,41 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
     return model
 
 
-def build_server(cfg: ServeConfig):
-    """Engine + tokenizer + names + key: what the HTTP routes need."""
+def build_server(cfg: ServeConfig, replica_tag: str | None = None):
+    """Engine + tokenizer + names + key (+ the traffic sampler): what the HTTP routes need.
+
+    Args:
+        cfg: the application's config.
+        replica_tag: names this replica's traffic window files (default: host and pid).
+    """
     from raymoe.data.chat_tokenizer import ChatTokenizer
     from raymoe.serve.http_app import OpenAIServer
 
     engine, adapters = build_engine(cfg)
+    tokenizer = ChatTokenizer.from_dir(cfg.model_path)
+    traffic = None
+    if cfg.traffic.enabled:
+        from raymoe.serve.traffic_sampler import TrafficSampler
+
+        # Buckets over the tokenizer's vocabulary: prompt ids are below it (the HTTP layer checks),
+        # and the ingest profile's token unigram has the same length.
+        traffic = TrafficSampler(cfg.traffic, model_id=cfg.model_id, vocab_size=tokenizer.tokenizer.get_vocab_size(),
+                                 expert_counts=engine.expert_counts, replica_tag=replica_tag)
     return OpenAIServer(
-        engine=engine, tokenizer=ChatTokenizer.from_dir(cfg.model_path), model_id=cfg.model_id,
+        engine=engine, tokenizer=tokenizer, model_id=cfg.model_id,
         adapters=adapters, api_key=read_api_key(cfg), retry_after_s=cfg.retry_after_s,
-        stream_interval=cfg.stream_interval,
+        stream_interval=cfg.stream_interval, traffic=traffic,
     )
+
+
+def replica_tag() -> str | None:
+    """This Serve replica's unique id (None outside a replica)."""
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - not in a replica: the sampler's host-pid default
+        return None
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -276,7 +307,7 @@ def _deployment_class():
             from raymoe.serve.serve_metrics import ServeMetrics
 
             self.config = from_dict(ServeConfig, config)
-            self.server = build_server(self.config)
+            self.server = build_server(self.config, replica_tag())
             self.metrics = ServeMetrics.create(self.config.model_id)
             self.server.observe = self.metrics.observe_request
             self.server.count = self.metrics.count_request
@@ -294,6 +325,8 @@ def _deployment_class():
             """Serve calls this when it stops the replica: the engine process stops with it (it
             would also exit on its own once this process's end of its pipe closes)."""
             if hasattr(self, "server"):  # absent when __init__ failed
+                if self.server.traffic is not None:
+                    self.server.traffic.close()  # the last window, with the engine's final counts
                 self.server.engine.close()
 
         def __serve_build_asgi_app__(self):

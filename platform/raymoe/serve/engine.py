@@ -3,12 +3,14 @@
 `EngineCore.step()` asks the scheduler for a plan, turns it into forward jobs (the decode batch,
 prompt chunks), runs them in one pass over the weights (`raymoe.models.forward_jobs`), samples
 with per-request settings (`raymoe.serve.sampling`) and reports one `TokenEvent` per sampled
-token. `raymoe.serve.local_engine.LocalEngine` runs `EngineCore` in a thread of its own (which can
-also load the model) and gives each request an async stream; `raymoe.serve.engine_process.
+token. Requests with `record_features` (sampled for the traffic windows) also get the chosen
+token's log-probability on every event and the pooled prompt embedding on the first.
+`raymoe.serve.local_engine.LocalEngine` runs `EngineCore` in a thread of its own (which can also
+load the model) and gives each request an async stream; `raymoe.serve.engine_process.
 ProcessEngine` does the same with the core in a child process. Either is the `Engine` the Serve
 deployment holds.
 
-Shapes: B batch rows, T tokens of a chunk, V vocabulary, E experts.
+Shapes: B batch rows, T tokens of a chunk, V vocabulary, E experts, D model dim.
 """
 
 from __future__ import annotations
@@ -149,6 +151,9 @@ class EngineCore:
                                 device=self.device)
         self._lock = threading.Lock()
         self._requests: dict[str, _RequestState] = {}
+        # Per step: requests whose pooled prompt embedding is taken, and those embeddings.
+        self._embed: set[str] = set()
+        self._embeddings: dict[str, list[float]] = {}
         self.num_steps = 0
         self.last_batch_size = 0
         self.num_generated = 0
@@ -203,14 +208,20 @@ class EngineCore:
             plan = self.scheduler.schedule()
             states = {c.seq.seq_id: self._requests.get(c.seq.seq_id) for c in plan.decodes + plan.prefills}
             self._adapter_of = {rid: s.request.adapter for rid, s in states.items()}
+            # Recorded requests about to sample their first token (decodes never do).
+            self._embed = {c.seq.seq_id for c in plan.prefills
+                           if c.samples and not c.seq.output_ids and states[c.seq.seq_id].request.record_features}
+            self._embeddings = {}
         if plan.empty:
             return []
         self.num_preemptions += len(plan.preempted)
         rows, logits = self._forward(plan)
         params = [states[c.seq.seq_id].request.params for c in rows]
         gens = [states[c.seq.seq_id].generator for c in rows]
-        out = sample(torch.stack(logits), params, gens) if rows else None
+        record = [states[c.seq.seq_id].request.record_features for c in rows]
+        out = sample(torch.stack(logits), params, gens, record) if rows else None
         tokens = out.tokens_B.tolist() if out else []
+        chosen = out.logprobs_B.tolist() if out and out.logprobs_B is not None else None
         with self._lock:
             sampled = {c.seq.seq_id: t for c, t in zip(rows, tokens)}
             finished = {s.seq_id for s in self.scheduler.commit(plan, sampled)}
@@ -228,10 +239,12 @@ class EngineCore:
                     reason = "length"
                 event = TokenEvent(
                     token_id=token,
-                    logprob=None if out.logprobs_B is None or p.logprobs is None else out.logprobs_B[i].item(),
+                    logprob=None if chosen is None or p.logprobs is None else chosen[i],
                     top_logprobs=out.top_logprobs[i],
                     finish_reason=reason,
                     num_prompt_tokens=len(chunk.seq.prompt_ids),
+                    chosen_logprob=chosen[i] if record[i] else None,
+                    embedding=self._embeddings.get(rid),
                 )
                 events.append((rid, event))
                 if reason:
@@ -244,22 +257,29 @@ class EngineCore:
     @torch.inference_mode()
     def _forward(self, plan: StepPlan):
         """Runs the step's forwards (`_jobs`) in one pass; returns the rows that sample and their
-        logits. The expert-parallel `ShardedModel` takes the same jobs, one Ray call per worker."""
+        logits, and keeps the pooled embeddings of the step's `_embed` requests in `_embeddings`
+        (by request id). The expert-parallel `ShardedModel` takes the same jobs, one Ray call per
+        worker, and keeps no hidden states (no embeddings)."""
         groups, jobs = self._jobs(plan)
+        embed, hidden_ND = self._embed, None
         if hasattr(self.model, "forward_jobs"):
             outputs = self.model.forward_jobs(jobs)
         else:
             adapters = None
             if hasattr(self.model, "lora_context"):
                 adapters = [[self._adapter_of[c.seq.seq_id] for c in group] for group in groups]
-            outputs = run_forward_jobs(self.model, jobs, self.cache, adapters)
+            outputs = run_forward_jobs(self.model, jobs, self.cache, adapters, keep_hidden=bool(embed))
+            hidden_ND = self.model.last_hidden_ND
         self._count_experts()
-        rows, logits = [], []
+        rows, logits, n = [], [], 0
         for group, logits_BV in zip(groups, outputs):
             for chunk, logits_V in zip(group, logits_BV.unbind(0)):
                 if chunk.samples:  # always true for decodes
                     rows.append(chunk)
                     logits.append(logits_V)
+                    if hidden_ND is not None and chunk.seq.seq_id in embed:
+                        self._embeddings[chunk.seq.seq_id] = hidden_ND[n].float().tolist()
+                n += 1
         return rows, logits
 
     def _jobs(self, plan: StepPlan) -> tuple[list[list], list[ForwardJob]]:

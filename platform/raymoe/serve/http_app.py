@@ -5,7 +5,9 @@ Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/complet
 Every error leaves as OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}`:
 bad input 400 naming the field (FastAPI's 422 is replaced), missing or wrong API key 401,
 unknown model 404, engine queue full 429 with Retry-After. The app is built around an injected
-engine, so HTTP tests run it with a fake engine and no Ray.
+engine, so HTTP tests run it with a fake engine and no Ray. With a `TrafficSampler` every request
+that completes (a stopped stream included, a failed or abandoned one not) is counted, and the
+sampled ones are recorded for the traffic windows (`raymoe.serve.traffic_sampler`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from raymoe.serve import openai_schemas as oai
 from raymoe.serve.engine import Engine
 from raymoe.serve.request import SamplingParams
 from raymoe.serve.text_stream import Observer, RequestRefused, TextStream
+from raymoe.serve.traffic_sampler import RequestFeatures, TrafficSampler
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class OpenAIServer:
     observe: Observer | None = None
     # Called with (path, status) for every answered request (metrics).
     count: Callable[[str, int], None] | None = None
+    # Samples finished requests into Parquet windows for the drift job; None = off.
+    traffic: TrafficSampler | None = None
 
 
 # Pydantic adds the union member to an error's location (prompt.str, prompt.list[int]).
@@ -208,9 +213,37 @@ def create_app(server: OpenAIServer) -> FastAPI:
             stop_token_ids=[] if body.ignore_eos else tokenizer.stop_token_ids,
         )
 
-    async def open_stream(route, body, prompt_ids, params, adapter) -> TextStream:
+    def trace(prompt_ids: list[int], adapter: str | None, prompt_text: Callable[[], str]) -> RequestFeatures | None:
+        """The request's traffic record (None when sampling is off)."""
+        return None if server.traffic is None else server.traffic.start(prompt_ids, adapter, prompt_text)
+
+    def traced(features: RequestFeatures | None, chunk: Callable, tail: Callable) -> tuple[Callable, Callable]:
+        """A streamed reply's chunk and tail callbacks, also feeding `features`; the tail runs
+        only when the stream has completed, which is when the request is recorded."""
+        if features is None:
+            return chunk, tail
+
+        def chunk_(delta, event):
+            features.add(delta, event)
+            return chunk(delta, event)
+
+        def tail_():
+            server.traffic.record(features)
+            return tail()
+
+        return chunk_, tail_
+
+    def record(features: RequestFeatures | None, pairs) -> None:
+        if features is not None:
+            for delta, event in pairs:
+                features.add(delta, event)
+            server.traffic.record(features)
+
+    async def open_stream(route, body, prompt_ids, params, adapter,
+                          features: RequestFeatures | None = None) -> TextStream:
         stream = TextStream(server.engine, tokenizer, prompt_ids, params, adapter, body.stop_list(), route,
                             server.observe)
+        stream.request.record_features = features is not None and features.sampled
         try:
             await stream.start()
         except RequestRefused as exc:
@@ -269,7 +302,9 @@ def create_app(server: OpenAIServer) -> FastAPI:
             if max(prompt_ids) >= vocab:
                 raise APIError(400, f"prompt: token ids must be below the vocabulary size {vocab}", param="prompt")
         params = sampling(body, prompt_ids, "prompt", body.max_tokens, 16, body.logprobs)
-        stream = await open_stream("/v1/completions", body, prompt_ids, params, adapter)
+        features = trace(prompt_ids, adapter, lambda: body.prompt if isinstance(body.prompt, str)
+                         else tokenizer.decode(prompt_ids, skip_special_tokens=False))
+        stream = await open_stream("/v1/completions", body, prompt_ids, params, adapter, features)
         rid, want_lp = f"cmpl-{uuid.uuid4().hex}", body.logprobs is not None
 
         def response(choices, usage_=None):
@@ -284,9 +319,11 @@ def create_app(server: OpenAIServer) -> FastAPI:
                 last = [response([oai.CompletionChoice(text="", finish_reason=stream.finish_reason)])]
                 return last + ([response([], usage(stream))] if include_usage(body) else [])
 
+            chunk, tail = traced(features, chunk, tail)
             return StreamingResponse(_sse_stream(stream, chunk, tail, interval=server.stream_interval),
                                      media_type="text/event-stream")
         pairs = [pair async for pair in stream]
+        record(features, pairs)
         choice = oai.CompletionChoice(text="".join(d for d, _ in pairs), finish_reason=stream.finish_reason,
                                       logprobs=completion_logprobs(pairs) if want_lp else None)
         return _dump(response([choice], usage(stream)))
@@ -302,7 +339,8 @@ def create_app(server: OpenAIServer) -> FastAPI:
         top = body.top_logprobs or 0
         params = sampling(body, prompt_ids, "messages", body.max_completion_tokens or body.max_tokens, None,
                           top if body.logprobs else None)
-        stream = await open_stream("/v1/chat/completions", body, prompt_ids, params, adapter)
+        features = trace(prompt_ids, adapter, lambda: tokenizer.decode(prompt_ids, skip_special_tokens=False))
+        stream = await open_stream("/v1/chat/completions", body, prompt_ids, params, adapter, features)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
         if body.stream:
@@ -320,9 +358,11 @@ def create_app(server: OpenAIServer) -> FastAPI:
                 return last + ([chunk_of([], usage(stream))] if include_usage(body) else [])
 
             head = [chunk_of([oai.ChatChunkChoice(delta=oai.DeltaMessage(role="assistant", content=""))])]
+            chunk, tail = traced(features, chunk, tail)
             return StreamingResponse(_sse_stream(stream, chunk, tail, head, server.stream_interval),
                                      media_type="text/event-stream")
         pairs = [pair async for pair in stream]
+        record(features, pairs)
         message = oai.AssistantMessage(content="".join(d for d, _ in pairs))
         choice = oai.ChatChoice(message=message, finish_reason=stream.finish_reason,
                                 logprobs=chat_logprobs([e for _, e in pairs]) if body.logprobs else None)

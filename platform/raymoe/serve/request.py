@@ -48,6 +48,9 @@ class GenerationRequest:
     params: SamplingParams
     # LoRA adapter name (from model "base:adapter"); None = base weights.
     adapter: str | None = None
+    # Sampled for the traffic windows (`raymoe.serve.traffic_sampler`): every event carries the
+    # chosen token's log-probability, the first one also the pooled prompt embedding.
+    record_features: bool = False
 
 
 @dataclass
@@ -59,3 +62,9 @@ class TokenEvent:
     top_logprobs: dict[int, float] | None = None
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
+    # Requests with `record_features` only (None otherwise, so events stay small):
+    # log-probability of this token under the model's distribution (nats, before temperature).
+    chosen_logprob: float | None = None
+    # On the first token: the final-norm hidden state at the last prompt position (the row that
+    # produced this token), D floats; None with expert-parallel shard workers.
+    embedding: list[float] | None = None

@@ -55,6 +55,7 @@ def sample(
     logits_BV: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator],
+    record_B: list[bool] | None = None,
 ) -> Sampled:
     """Draws one token per row.
 
@@ -62,9 +63,12 @@ def sample(
         logits_BV: next-token logits (float32).
         params: sampling settings of each row.
         generators: each row's generator (see `make_generator`); unused for greedy rows.
+        record_B: rows whose chosen-token log-probability is wanted without `params.logprobs`
+            (requests sampled for the traffic windows).
 
     Returns:
-        Chosen tokens, their log-probabilities and top alternatives where a row asked for them.
+        Chosen tokens, their log-probabilities (for every row when a row asked for them or is
+        recorded, else None) and top alternatives where a row asked for them.
     """
     logits_BV = logits_BV.float()
     tokens_B = logits_BV.argmax(dim=-1)
@@ -79,7 +83,7 @@ def sample(
         for r, i in enumerate(random_rows):
             tokens_B[i] = torch.multinomial(probs_RV[r], 1, generator=generators[i])[0]
     want = [p.logprobs is not None for p in params]
-    if not any(want):
+    if not any(want) and not any(record_B or ()):
         return Sampled(tokens_B, None, [None] * len(params))
     logprobs_BV = logits_BV.log_softmax(dim=-1)
     chosen_B = logprobs_BV.gather(-1, tokens_B[:, None])[:, 0]
