@@ -1,0 +1,462 @@
+"""The Kubernetes calls behind `raymoe deploy`: load manifests, server-side apply, read, delete
+(foreground) and the head pod's log, with API errors turned into one-line messages.
+
+Which client API does what, and why:
+- KubeRay (ray.io/v1) and Prometheus Operator (monitoring.coreos.com/v1) kinds go through
+  `CustomObjectsApi`: it is the client's API for CRD-backed kinds, needs no discovery, and a kind
+  whose CRD is missing answers 404 on its own resource path, which is how "not installed" is told.
+- Built-in kinds (ServiceAccount, Role, ...) go through their typed APIs (`CoreV1Api`, ...). Their
+  patch methods list `application/apply-patch+yaml` among the content types they send, so
+  server-side apply is a supported call there; the dynamic client would also work but costs
+  discovery round trips (and a cache file) for kinds known when the manifests are rendered.
+- Every apply is a PATCH with content type `application/apply-patch+yaml` (the body is JSON,
+  which is YAML), `fieldManager=raymoe` and `force=true` only when asked (`--force-conflicts`).
+  Responses are read raw (`_preload_content=False`) so every kind comes back as the same plain
+  dict the API server sent.
+
+References: https://kubernetes.io/docs/reference/using-api/server-side-apply/ and the API
+conventions' Status object (kind Status, reason, details.causes[].field, code).
+
+Exit codes carried by `KubeError`: USER_ERROR (2) when the fix is in what the user runs or installs
+(manifests, RBAC, CRDs, flags, kubeconfig); SERVER_ERROR (1) when the server is unreachable or
+fails, or the workload does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import urllib3
+import yaml
+
+FIELD_MANAGER = "raymoe"
+APPLY_PATCH = "application/apply-patch+yaml"
+KUBERAY_VERSION = "v1.7.0"
+USER_ERROR, SERVER_ERROR = 2, 1
+REQUEST_TIMEOUT_S = (5, 30)  # (connect, read): an unreachable server fails in seconds, not minutes
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+class KubeError(Exception):
+    """A failed deploy step, as one line naming the object and what to do, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ObjectNotFound(KubeError):
+    """The object itself does not exist (its kind and namespace do)."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind `raymoe deploy` knows: its REST plural and the client API that serves it.
+
+    `typed` is (API class in kubernetes.client, method stem) for built-in kinds, e.g.
+    ("CoreV1Api", "namespaced_config_map"); None means CustomObjectsApi (a CRD-backed kind, whose
+    `install` says what to install when the CRD is missing).
+    """
+
+    api_version: str
+    kind: str
+    plural: str
+    typed: tuple[str, str] | None = None
+    install: str = ""
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+    @property
+    def resource(self) -> str:
+        """`plural.group` as RBAC and CRD names spell it (`rayclusters.ray.io`, `configmaps`)."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+
+_KUBERAY = f"KubeRay CRD {{resource}} not installed: install the KubeRay operator {KUBERAY_VERSION}"
+_PROM_OPERATOR = "CRD {resource} not installed: install the Prometheus Operator CRDs"
+
+# In apply order: identity and permissions, config and networking, monitoring, the Ray workloads,
+# then the batch jobs that call them. Delete runs it backwards.
+KINDS: dict[tuple[str, str], Kind] = {(k.api_version, k.kind): k for k in (
+    Kind("v1", "ServiceAccount", "serviceaccounts", ("CoreV1Api", "namespaced_service_account")),
+    Kind("rbac.authorization.k8s.io/v1", "Role", "roles", ("RbacAuthorizationV1Api", "namespaced_role")),
+    Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings",
+         ("RbacAuthorizationV1Api", "namespaced_role_binding")),
+    Kind("v1", "ConfigMap", "configmaps", ("CoreV1Api", "namespaced_config_map")),
+    Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims",
+         ("CoreV1Api", "namespaced_persistent_volume_claim")),
+    Kind("v1", "Service", "services", ("CoreV1Api", "namespaced_service")),
+    Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies",
+         ("NetworkingV1Api", "namespaced_network_policy")),
+    Kind("monitoring.coreos.com/v1", "PodMonitor", "podmonitors", install=_PROM_OPERATOR),
+    Kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors", install=_PROM_OPERATOR),
+    Kind("monitoring.coreos.com/v1", "PrometheusRule", "prometheusrules", install=_PROM_OPERATOR),
+    Kind("ray.io/v1", "RayCluster", "rayclusters", install=_KUBERAY),
+    Kind("ray.io/v1", "RayService", "rayservices", install=_KUBERAY),
+    Kind("ray.io/v1", "RayJob", "rayjobs", install=_KUBERAY),
+    Kind("batch/v1", "CronJob", "cronjobs", ("BatchV1Api", "namespaced_cron_job")),
+    Kind("batch/v1", "Job", "jobs", ("BatchV1Api", "namespaced_job")),
+)}
+_ORDER = [k.kind for k in KINDS.values()]
+
+
+def kind_named(name: str) -> Kind:
+    """The kind for a case-insensitive kind name or plural (`raycluster`, `rayjobs`)."""
+    for kind in KINDS.values():
+        if name.lower() in (kind.kind.lower(), kind.plural):
+            return kind
+    raise KubeError(f"unknown kind {name!r}: expected one of "
+                    f"{', '.join(k.kind.lower() for k in KINDS.values())}", USER_ERROR)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One document of a manifest file: its kind, name, namespace (None: not set) and body."""
+
+    kind: Kind
+    name: str
+    namespace: str | None
+    body: dict[str, Any]
+    source: str  # "path" or "path#index" for files with several documents
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind.kind}/{self.name}"
+
+
+def load_manifests(paths: Sequence[str | Path]) -> list[Manifest]:
+    """Reads every document of the YAML files named or found (recursively, by path order) under
+    the directories named, in apply order (RBAC and config first, Ray workloads last).
+
+    Raises:
+        KubeError: a file that does not parse, a document without apiVersion/kind/metadata.name,
+            a kind `raymoe deploy` does not know, or the same object twice (USER_ERROR).
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise KubeError(f"{path}: no such file or directory", USER_ERROR)
+    manifests, seen = [], {}
+    for file in files:
+        try:
+            docs = [d for d in yaml.safe_load_all(file.read_text()) if d is not None]
+        except yaml.YAMLError as exc:
+            raise KubeError(f"{file}: not valid YAML: {exc}", USER_ERROR) from exc
+        for i, doc in enumerate(docs):
+            source = f"{file}#{i}" if len(docs) > 1 else str(file)
+            manifest = _manifest(doc, source)
+            key = (manifest.kind.kind, manifest.namespace, manifest.name)
+            if key in seen:
+                raise KubeError(f"{source}: {manifest.ref} is also defined in {seen[key]}", USER_ERROR)
+            seen[key] = source
+            manifests.append(manifest)
+    if not manifests:
+        raise KubeError(f"no Kubernetes objects in {', '.join(map(str, paths))}", USER_ERROR)
+    return sorted(manifests, key=lambda m: _ORDER.index(m.kind.kind))
+
+
+def _manifest(doc: Any, source: str) -> Manifest:
+    if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
+        raise KubeError(f"{source}: expected a Kubernetes object with apiVersion, kind and metadata",
+                        USER_ERROR)
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key not in KINDS:
+        known = ", ".join(f"{k.api_version} {k.kind}" for k in KINDS.values())
+        raise KubeError(f"{source}: apiVersion {key[0]!r} kind {key[1]!r} is not one raymoe deploy "
+                        f"applies (known: {known})", USER_ERROR)
+    name = doc["metadata"].get("name")
+    if not isinstance(name, str) or not name:
+        raise KubeError(f"{source}: {key[1]} has no metadata.name", USER_ERROR)
+    return Manifest(KINDS[key], name, doc["metadata"].get("namespace"), doc, source)
+
+
+def target_namespace(manifest: Manifest, flag: str | None, default: str) -> str:
+    """The namespace to use: --namespace, else the manifest's, else the kubeconfig context's."""
+    if flag and manifest.namespace and flag != manifest.namespace:
+        raise KubeError(f"{manifest.source}: {manifest.ref} sets namespace {manifest.namespace!r} but "
+                        f"--namespace is {flag!r}: drop one of them", USER_ERROR)
+    return flag or manifest.namespace or default
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A configured `kubernetes.client.ApiClient`, the API server URL and the default namespace."""
+
+    api_client: Any
+    host: str
+    namespace: str
+
+
+def connect(kubeconfig: str | None = None, context: str | None = None) -> Connection:
+    """Loads the client configuration as the kubernetes client does: the kubeconfig (`kubeconfig`,
+    else $KUBECONFIG, else ~/.kube/config) with `context` or its current context; inside a pod
+    without a kubeconfig, the service account's in-cluster configuration.
+
+    Raises:
+        KubeError: no usable configuration (USER_ERROR).
+    """
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    in_cluster = (kubeconfig is None and context is None and "KUBERNETES_SERVICE_HOST" in os.environ
+                  and not os.path.exists(os.path.expanduser(config.KUBE_CONFIG_DEFAULT_LOCATION)))
+    try:
+        if in_cluster:
+            config.load_incluster_config(client_configuration=cfg)
+            namespace = Path(SA_NAMESPACE_FILE).read_text().strip() if os.path.exists(SA_NAMESPACE_FILE) else ""
+        else:
+            config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg,
+                                    persist_config=False)
+            contexts, current = config.list_kube_config_contexts(kubeconfig)
+            chosen = next((c for c in contexts if c["name"] == context), current) if context else current
+            namespace = (chosen or {}).get("context", {}).get("namespace", "")
+    except (config.ConfigException, OSError) as exc:
+        where = "in-cluster service account" if in_cluster else (kubeconfig or config.KUBE_CONFIG_DEFAULT_LOCATION)
+        raise KubeError(f"cannot load the Kubernetes configuration ({where}): {exc}: pass --kubeconfig "
+                        f"and --context, or run in a pod with a service account", USER_ERROR) from exc
+    return Connection(client.ApiClient(cfg), cfg.host, namespace or "default")
+
+
+class KubeClient:
+    """Read, server-side apply and delete manifests' objects, and read a Ray head pod's log.
+
+    Every method raises `KubeError` with a message for the user; nothing else escapes for API,
+    network or permission problems.
+    """
+
+    def __init__(self, api_client: Any, host: str):
+        from kubernetes import client
+
+        self._client = client
+        self._api_client = api_client
+        self._custom = client.CustomObjectsApi(api_client)
+        self._typed: dict[str, Any] = {}
+        self.host = host
+
+    # ---- object calls ----
+
+    def read(self, kind: Kind, name: str, namespace: str) -> dict[str, Any] | None:
+        """The object as stored, or None when it does not exist."""
+        try:
+            return self._json(self._call(kind, "get", name, namespace))
+        except ObjectNotFound:
+            return None
+
+    def apply(self, manifest: Manifest, namespace: str, *, force: bool = False) -> tuple[str, dict[str, Any]]:
+        """Server-side applies `manifest` in `namespace` as field manager "raymoe".
+
+        Returns:
+            ("created" | "configured" | "unchanged", the object after the apply); "unchanged" when
+            the API server kept the resourceVersion (the apply changed nothing).
+        """
+        before = self.read(manifest.kind, manifest.name, namespace)
+        body = copy.deepcopy(manifest.body)
+        body["metadata"]["namespace"] = namespace
+        after = self._json(self._call(manifest.kind, "patch", manifest.name, namespace, body=body, force=force))
+        if before is None:
+            return "created", after
+        same = before["metadata"].get("resourceVersion") == after["metadata"].get("resourceVersion")
+        return ("unchanged" if same else "configured"), after
+
+    def delete(self, kind: Kind, name: str, namespace: str) -> bool:
+        """Deletes with propagationPolicy=Foreground (the object stays, with a deletionTimestamp,
+        until its dependents are gone). Returns False when it did not exist."""
+        try:
+            self._call(kind, "delete", name, namespace)
+        except ObjectNotFound:
+            return False
+        return True
+
+    # ---- logs ----
+
+    def head_pod(self, cluster: str, namespace: str) -> dict[str, Any]:
+        """The head pod of RayCluster `cluster` (labels ray.io/cluster, ray.io/node-type=head);
+        the newest one when a restart left two."""
+        selector = f"ray.io/cluster={cluster},ray.io/node-type=head"
+        core = self._api("CoreV1Api")
+        listing = self._send("list", "pods", f"pods -l {selector}", namespace, lambda: core.list_namespaced_pod(
+            namespace, label_selector=selector, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_S))
+        pods = self._json(listing)
+        items = pods.get("items") or []
+        if not items:
+            raise KubeError(f"RayCluster/{cluster}: no head pod in namespace {namespace} (labels {selector}): "
+                            "check `raymoe deploy status`; the operator creates it once the cluster is applied",
+                            SERVER_ERROR)
+        return max(items, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+
+    def stream_log(self, pod: dict[str, Any], *, follow: bool, tail_lines: int | None = None,
+                   container: str | None = None) -> Iterator[bytes]:
+        """Yields the log of the pod's Ray container (the first one, as KubeRay requires) in chunks
+        as the API server sends them; with `follow`, until the container stops."""
+        name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
+        container = container or pod["spec"]["containers"][0]["name"]
+        core = self._api("CoreV1Api")
+        kwargs: dict[str, Any] = {"container": container, "follow": follow, "_preload_content": False}
+        if tail_lines is not None:
+            kwargs["tail_lines"] = tail_lines
+        if not follow:  # a followed log may stay quiet for longer than any read timeout
+            kwargs["_request_timeout"] = REQUEST_TIMEOUT_S
+        response = self._send("get", "pods/log", f"Pod/{name}", namespace,
+                              lambda: core.read_namespaced_pod_log(name, namespace, **kwargs))
+        try:
+            yield from response.stream(4096, decode_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise unreachable(self.host, exc) from exc
+        finally:
+            response.release_conn()
+
+    def cluster_of(self, kind: Kind, name: str, namespace: str) -> str:
+        """The RayCluster behind a RayCluster (itself), RayJob (status.rayClusterName) or
+        RayService (status.activeServiceStatus.rayClusterName, else the pending one)."""
+        if kind.kind == "RayCluster":
+            return name
+        if kind.kind not in ("RayJob", "RayService"):
+            raise KubeError(f"{kind.kind}/{name}: logs come from a RayCluster, RayJob or RayService", USER_ERROR)
+        obj = self.read(kind, name, namespace)
+        if obj is None:
+            raise KubeError(f"{kind.kind}/{name} not found in namespace {namespace}", USER_ERROR)
+        status = obj.get("status") or {}
+        cluster = status.get("rayClusterName") or (status.get("activeServiceStatus") or {}).get("rayClusterName") \
+            or (status.get("pendingServiceStatus") or {}).get("rayClusterName")
+        if not cluster:
+            raise KubeError(f"{kind.kind}/{name} has no RayCluster yet: check `raymoe deploy status`", SERVER_ERROR)
+        return cluster
+
+    # ---- plumbing ----
+
+    def _api(self, cls: str) -> Any:
+        if cls not in self._typed:
+            self._typed[cls] = getattr(self._client, cls)(self._api_client)
+        return self._typed[cls]
+
+    def _call(self, kind: Kind, verb: str, name: str, namespace: str, *, body: dict | None = None,
+              force: bool = False) -> Any:
+        """One get/patch/delete of `kind` `name` through CustomObjectsApi or the typed API."""
+        opts: dict[str, Any] = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT_S}
+        if verb == "patch":
+            opts.update(field_manager=FIELD_MANAGER, _content_type=APPLY_PATCH)
+            if force:
+                opts["force"] = True
+        elif verb == "delete":
+            opts["propagation_policy"] = "Foreground"
+        if kind.typed is None:  # get_/patch_/delete_namespaced_custom_object
+            call = getattr(self._custom, f"{verb}_namespaced_custom_object")
+            args: tuple = (kind.group, kind.version, namespace, kind.plural, name)
+        else:  # read_/patch_/delete_<stem>
+            cls, stem = kind.typed
+            call = getattr(self._api(cls), f"{'read' if verb == 'get' else verb}_{stem}")
+            args = (name, namespace)
+        if body is not None:
+            args += (body,)
+        return self._send(verb, kind.resource, f"{kind.kind}/{name}", namespace, lambda: call(*args, **opts),
+                          kind=kind)
+
+    def _send(self, verb: str, resource: str, ref: str, namespace: str, fn, *, kind: Kind | None = None) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return fn()
+        except ApiException as exc:
+            if not exc.status:  # no HTTP answer: the client reports TLS failures this way
+                raise KubeError(f"cannot talk to the Kubernetes API server at {self.host}: {exc.reason}: check "
+                                "the kubeconfig's server URL and certificate-authority", SERVER_ERROR) from exc
+            raise explain_api_error(exc.status, exc.body, verb=verb, resource=resource, ref=ref,
+                                    namespace=namespace, kind=kind, host=self.host) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise unreachable(self.host, exc) from exc
+
+    @staticmethod
+    def _json(response: Any) -> dict[str, Any]:
+        return json.loads(response.data)
+
+
+def unreachable(host: str, exc: BaseException) -> KubeError:
+    """The message for a request that got no HTTP answer (refused, timed out, DNS, TLS)."""
+    reason: BaseException = getattr(exc, "reason", None) or exc
+    chain = [reason, reason.__context__, reason.__cause__]
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in str(reason).lower():
+        why = "connection refused"
+    elif isinstance(reason, (urllib3.exceptions.TimeoutError, TimeoutError)):
+        why = "timed out"
+    else:
+        why = str(reason)
+    return KubeError(f"cannot reach the Kubernetes API server at {host} ({why}): check --context, the "
+                     "kubeconfig's server URL and the network path to it", SERVER_ERROR)
+
+
+_FORBIDDEN = re.compile(r'User "(?P<user>[^"]+)" cannot (?P<verb>[\w]+) resource "(?P<resource>[^"]+)"')
+
+
+def explain_api_error(code: int, body: str | bytes | None, *, verb: str, resource: str, ref: str, namespace: str,
+                      kind: Kind | None = None, host: str = "") -> KubeError:
+    """A one-line `KubeError` for an API error answer: `code` and the body, a metav1.Status when the
+    server sent one (reason, message, details.{name,kind,causes[].field,message}).
+
+    A 404 whose Status names the object is `ObjectNotFound`; one that names no object (or a plain
+    "404 page not found" from older servers) is a path nothing serves: for a CRD-backed kind, the
+    CRD is not installed.
+    """
+    status: dict[str, Any] = {}
+    if body:
+        try:
+            parsed = json.loads(body)
+            status = parsed if isinstance(parsed, dict) else {}
+        except ValueError:
+            pass  # e.g. older API servers' plain-text "404 page not found"
+    message = status.get("message") or (body.decode() if isinstance(body, bytes) else body or "").strip()
+    details = status.get("details") or {}
+    causes = details.get("causes") or []
+    user_error = 400 <= code < 500
+
+    if code == 404:
+        if details.get("kind") == "namespaces":
+            return KubeError(f"{ref}: namespace {details.get('name', namespace)} not found: create it "
+                             "or pass --namespace", USER_ERROR)
+        if details.get("name"):
+            return ObjectNotFound(f"{ref} not found in namespace {namespace}", USER_ERROR)
+        if kind is not None and kind.install:
+            return KubeError(f"{ref}: {kind.install.format(resource=kind.resource)}", USER_ERROR)
+        return KubeError(f"{ref}: the API server does not serve {resource} (404 on its path): check that "
+                         "the cluster's Kubernetes version has it", USER_ERROR)
+    if code == 401:
+        return KubeError(f"the API server at {host} rejected the credentials (401 Unauthorized): refresh the "
+                         "kubeconfig's token or pick another --context", USER_ERROR)
+    if code == 403:
+        match = _FORBIDDEN.search(message)
+        who, what = "this user", verb
+        if match:
+            user = match["user"]
+            sa = user.split(":")
+            who = f"service account {sa[3]}" if user.startswith("system:serviceaccount:") and len(sa) == 4 \
+                else f"user {user}"
+            what = match["verb"]
+        plural = resource.partition(".")[0]
+        return KubeError(f"{ref}: {who} cannot {what} {plural} in namespace {namespace}: check the Role in k8s/",
+                         USER_ERROR)
+    if code == 409:
+        fields = ", ".join(c.get("field", "?") for c in causes) or "some fields"
+        return KubeError(f"{ref}: apply conflicts with another field manager on {fields} ({message}): "
+                         "pass --force-conflicts to take those fields over", USER_ERROR)
+    if code == 422 or status.get("reason") == "Invalid":
+        found = "; ".join(f"{c.get('field', '?')}: {c.get('message', '')}" for c in causes) or message
+        return KubeError(f"{ref} rejected by the API server: {found}: fix the manifest", USER_ERROR)
+    reason = status.get("reason") or ("client error" if user_error else "server error")
+    return KubeError(f"{ref}: {verb} failed with {code} {reason}: {message or 'no message'}",
+                     USER_ERROR if user_error else SERVER_ERROR)
