@@ -84,3 +84,16 @@ def atomic_write_json(path: str | Path, data: object) -> Path:
     import json
 
     return atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def append_jsonl(path: str | Path, record: object) -> None:
+    """Appends `record` as one key-sorted JSON line and fsyncs it: append-only logs (histories,
+    action logs) where a crash may lose the line being written but never an earlier one."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())

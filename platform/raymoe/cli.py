@@ -4,6 +4,9 @@
     raymoe merge BASE ADAPTER OUT     fold a LoRA adapter into an artifact (W + alpha/r * B @ A)
     raymoe dashboards export DIR      Grafana dashboards (JSON) + provisioning files
     raymoe dashboards push --url URL  upload them to Grafana (token from GRAFANA_TOKEN)
+    raymoe report RUN_DIR             PNG plots of a run directory (no Grafana needed)
+    raymoe plan --model FLAVOUR --fleet FILE  capacity plan: layout, memory, tokens/s, replicas
+    raymoe deploy apply|status|delete|logs   KubeRay objects through the Kubernetes API
 
 Adding a verb (e.g. `plan`, `dashboards`, `manifests`): write `_add_<verb>(sub)` that registers a
 subparser and sets `func` to a `run(args) -> int`, and append it to `COMMANDS`. Heavy imports go
@@ -13,6 +16,7 @@ inside `run` so `raymoe --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -61,7 +65,45 @@ def _add_dashboards(sub: argparse._SubParsersAction) -> None:
     add_dashboards_command(sub)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_export, _add_merge, _add_dashboards]
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write PNG plots of a run directory (no Grafana needed)",
+                       description="Plots what RUN_DIR holds: training loss, tokens/s and the "
+                       "expert-load heatmap, a federated run's loss per round, a drift job's "
+                       "scores over time and the served model's quality. Missing data is skipped "
+                       "with a log line; nothing to plot is an error.")
+    p.add_argument("run_dir", help="training run output_dir, federated output_dir, or drift job "
+                   "output_dir")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/report)")
+    p.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNGs")
+
+    def run(args: argparse.Namespace) -> int:
+        import logging
+
+        from raymoe.monitor.run_report import write_run_report
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        for path in write_run_report(args.run_dir, args.out or os.path.join(args.run_dir, "report"),
+                                     dpi=args.dpi):
+            print(path)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from raymoe.deploy.plan_cli import add_plan_command
+
+    add_plan_command(sub)
+
+
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    from raymoe.deploy.deploy_cli import add_deploy_command
+
+    add_deploy_command(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_export, _add_merge, _add_dashboards, _add_report, _add_plan, _add_deploy]
 
 
 def main(argv: list[str] | None = None) -> int:

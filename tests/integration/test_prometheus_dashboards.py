@@ -9,16 +9,23 @@ queries are evaluated against it through Prometheus' HTTP API.
   ranks count all-to-all bytes, two checkpoints are observed; requests answered 200, TTFT
   observations and generated tokens cover what the load generator saw answered, and the tight KV
   budget preempts;
-- every panel query of the Training, Serving and Experts dashboards returns a series once the
-  template variables are substituted: `$cluster` by its "All" value `.*` (no `ray_io_cluster` label
-  exists without KubeRay, and `=~".*"` matches a missing label), `$run` / `$model` by this run's
-  values, a repeated panel's layer variable by one layer, `$__rate_interval` by 1m (Grafana's
-  floor: four times the default 15 s scrape interval). Training panels are evaluated at the last
+- federated runs (three silos on this node's `silo_<name>` resources, one silo killed in round 2;
+  then a DP round) put rounds, participants, a `failed` rejection, update norms and epsilon in
+  Prometheus; a drift check with --eval over the served app's sampled traffic windows puts every
+  detector's score, threshold, alarm and p-value and the held-out perplexity there;
+- every panel query of every dashboard returns a series once the template variables are
+  substituted: `$cluster` by its "All" value `.*` (no `ray_io_cluster` label exists without
+  KubeRay, and `=~".*"` matches a missing label), `$run` / `$model` by the values of the run
+  feeding the dashboard, a repeated panel's layer variable by one layer, `$__rate_interval` by 1m
+  (Grafana's floor: four times the default 15 s scrape interval). Training panels are evaluated at the last
   moment Prometheus held all of the finished run's metrics (a worker's gauges leave Ray's exporter
-  ~20 s after it exits), serving panels now, while the load runs;
-- dashboards whose metrics come from jobs this module does not run are listed in NOT_COVERED.
+  ~20 s after it exits), the others now (the load still runs; federated and drift gauges are
+  this driver's and stay);
+- a dashboard whose metrics came from a job this module does not run would be listed in
+  NOT_COVERED with the reason (none is).
 """
 
+import json
 import math
 import re
 import socket
@@ -56,15 +63,10 @@ COVERED = {
     "training": {"Progress": "train", "Throughput": "train", "Checkpoints": "train"},
     "serving": {"Traffic": "serve", "Latency": "serve", "Engine": "serve"},
     "experts": {"Training routing": "train", "Serving routing": "serve"},
+    "drift": {"Drift": "drift", "Quality": "drift"},
+    "federated": {"Rounds": "federated", "Updates, quality and privacy": "federated"},
 }
-NOT_COVERED = {
-    "drift": "raymoe_drift_* and raymoe_quality_* are emitted by pipelines.drift (a drift-monitoring "
-             "job over logged requests and a held-out set), which this module does not run.",
-    "federated": "raymoe_federated_* are emitted by raymoe.federated.server during federated rounds, "
-                 "which need one node per silo with a custom `silo_<name>` resource (a multi-node "
-                 "ray.cluster_utils.Cluster, as in test_federated_cluster.py); this module's "
-                 "single-node cluster has none.",
-}
+NOT_COVERED: dict[str, str] = {}
 # The ingest counters (raymoe_ingest_*) are on no dashboard, so nothing here depends on them.
 
 
@@ -84,6 +86,8 @@ def cluster():
     ray.init(
         address="local",
         num_cpus=4,  # 2 cores: Train workers and the Serve replica ask for fractions
+        # The federated silos' resources, all on this one node (each silo still gets its own actor).
+        resources={f"silo_{name}": 1 for name in SILOS},
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
@@ -121,10 +125,20 @@ def trained(prom, tmp_path_factory):
         "num_cpus_per_worker": 0.5, "storage_path": str(tmp / "ray"), "log_every": 1,
         # Any positive peak makes rank 0 emit MFU (the panel is empty without it).
         "peak_tflops_per_worker": 1.0,
+        "history_path": str(tmp / "train-history.jsonl"),
     })
     result = run_training(cfg)
     assert result.error is None, result.error
     assert result.metrics["step"] == STEPS
+    # The history `raymoe report` plots: one line per step (log_every 1), each MoE layer routing
+    # 8 sequences x 64 tokens to top-2 experts.
+    history = [json.loads(line) for line in (tmp / "train-history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, STEPS + 1))
+    assert all(sum(layer) == GLOBAL_BATCH * SEQ_LEN * 2 for h in history for layer in h["tokens_per_expert"])
+    from raymoe.monitor.run_report import write_run_report
+
+    written = {p.name for p in write_run_report(tmp, tmp / "report")}
+    assert {"loss.png", "tokens_per_s.png", "expert_load.png"} <= written
     # The moments (1 s apart) at which Prometheus held the final step together with both ranks'
     # all-to-all counters and the checkpoint histogram: each worker process flushes its own metrics,
     # and rank 0's gauges leave Ray's exporter ~20 s after the worker exits.
@@ -133,6 +147,50 @@ def trained(prom, tmp_path_factory):
                 f' and on () ray_raymoe_train_checkpoint_seconds_count{{run="{RUN}"}}')
     samples = prom.wait_for(f"({complete})[10m:1s]", WAIT_S)
     return sorted({t for s in samples for t, _ in s["values"]}, reverse=True)
+
+
+SILOS = ("code", "prose", "chat")
+FED_RUN = "promfed"
+FED_DP_RUN = "promfed-dp"
+FED_ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def federated(prom, tmp_path_factory):
+    """Two plain rounds over three silos, the chat silo's actor killed as round 2 starts (its
+    update is rejected, reason `failed`), then one clipped and noised round (the server observes
+    no per-silo norm under DP, so the norm and epsilon panels need one run each). Returns the
+    plain run's summary and the DP run's."""
+    import ray
+
+    from raymoe.federated.config import FederatedConfig
+    from raymoe.federated.job import run_federated
+    from raymoe.serve.debug_artifact import make_debug_artifact
+
+    sft = Path(__file__).resolve().parents[2] / "data" / "sft" / "silos"
+    tmp = tmp_path_factory.mktemp("federated")
+    texts = [line for line in (sft / "heldout.jsonl").read_text().splitlines() if line.strip()]
+    base = make_debug_artifact(tmp / "base", seed=0, vocab_size=512, corpus=texts, dim=64,
+                               num_layers=2, max_seq_len=256)
+
+    def cfg(name, rounds, **over):
+        return from_dict(FederatedConfig, {
+            "name": name, "base": str(base), "eval_path": str(sft / "heldout.jsonl"),
+            "rounds": rounds, "local_steps": 2, "local_batch_size": 4, "seed": 3,
+            "output_dir": str(tmp / name),
+            "silos": [{"name": n, "data_path": str(sft / n / "train.jsonl")} for n in SILOS],
+            "lora": {"rank": 4, "alpha": 8},
+            "optim": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0},
+            "num_cpus_per_silo": 0.25, "faults": {"round_deadline_s": 120, "quorum": 2}, **over})
+
+    def kill_chat(round, selected):
+        if round == 2:
+            ray.kill(ray.get_actor(f"{FED_RUN}-silo-chat"))
+
+    plain = run_federated(cfg(FED_RUN, FED_ROUNDS), on_round_start=kill_chat)
+    dp = run_federated(cfg(FED_DP_RUN, 1, privacy={"clip_norm": 0.5, "noise_multiplier": 1.0}))
+    assert plain["rounds"] == FED_ROUNDS and dp["rounds"] == 1
+    return plain, dp
 
 
 class Load:
@@ -183,6 +241,7 @@ def served(prom, tmp_path_factory):
     from raymoe.serve.debug_artifact import make_debug_artifact
 
     artifact = make_debug_artifact(tmp_path_factory.mktemp("serve") / MODEL, seed=1)
+    traffic = artifact.parent / "traffic"
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     load = None
@@ -191,13 +250,17 @@ def served(prom, tmp_path_factory):
         # tokens need ~116, so decodes run out of blocks and the newest sequence is preempted.
         serve.run(build_app({"model_path": str(artifact), "num_cpus": 0.25, "api_key_env": "",
                              "engine": {"num_slots": 4, "num_threads": 1, "block_size": 4,
-                                        "num_kv_blocks": 12}}),
+                                        "num_kv_blocks": 12},
+                             # Sampled traffic for the drift job: a window per 8 requests.
+                             "traffic": {"enabled": True, "output_dir": str(traffic),
+                                         "window_requests": 8}}),
                   name="prom", route_prefix="/")
         load = Load(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + WAIT_S
         while load.answered() < MIN_REQUESTS and time.monotonic() < deadline:
             time.sleep(0.5)
         assert load.answered() >= MIN_REQUESTS, (load.answered(), load.other[:5])
+        load.artifact, load.traffic = artifact, traffic
         yield load
     finally:
         if load is not None:
@@ -205,21 +268,44 @@ def served(prom, tmp_path_factory):
         serve.shutdown()
 
 
-def _substitute(expr: str, layer: str = "0") -> str:
+DRIFT_RUN = "promdrift"
+
+
+@pytest.fixture(scope="module")
+def drift_checked(served, tmp_path_factory):
+    """One drift check (with --eval) of the served app's sampled traffic, from this process (a
+    driver of the cluster, so its gauges reach Prometheus). Returns the quality point."""
+    from pipelines.drift import check_once
+    from raymoe.monitor.drift_job_config import DriftJobConfig
+    from raymoe.monitor.traffic_windows import list_windows
+
+    deadline = time.monotonic() + WAIT_S
+    while len(list_windows(served.traffic)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    out = tmp_path_factory.mktemp("drift")
+    cfg = from_dict(DriftJobConfig, {
+        "name": DRIFT_RUN, "output_dir": str(out), "current": {"dir": str(served.traffic)},
+        "quality": {"artifact": str(served.artifact), "max_new_tokens": 0}})
+    check_once(cfg, evaluate=True)
+    assert (out / "report.html").is_file()
+    return [json.loads(line) for line in (out / "quality-history.jsonl").read_text().splitlines()]
+
+
+def _substitute(expr: str, layer: str = "0", run: str = RUN) -> str:
     """A panel query as Grafana sends it with All clusters, this module's run / model, one layer
     (what a repeated panel's copy holds) and the rate interval."""
     out = (expr.replace("$__rate_interval", RATE_INTERVAL).replace("$cluster", ".*")
-           .replace("$run", RUN).replace("$model", MODEL)
+           .replace("$run", run).replace("$model", MODEL)
            .replace("$train_layer", layer).replace("$serve_layer", layer))
     assert "$" not in out, out
     return out
 
 
-def _panel_queries(name: str, phase: str) -> list[tuple[str, str]]:
+def _panel_queries(name: str, phase: str, run: str = RUN) -> list[tuple[str, str]]:
     """(panel title, query) of every target in the rows of dashboard `name` fed by `phase`."""
     dashboard: Dashboard = DASHBOARDS[name]
     return [(f"{name} / {row.title} / {panel.title}",
-             _substitute(target.expr.replace("{filters}", dashboard.label_filter)))
+             _substitute(target.expr.replace("{filters}", dashboard.label_filter), run=run))
             for row in dashboard.rows if COVERED[name][row.title] == phase
             for panel in row.panels for target in panel.targets]
 
@@ -305,18 +391,74 @@ def test_serving_panels_return_series(prom, served):
 
 
 @needs_prometheus
-def test_variables_list_this_run_and_model(prom, trained, served):
+def test_federated_metric_values_in_prometheus(prom, federated):
+    plain, dp = federated
+    run = f'run="{FED_RUN}"'
+    prom.wait_for(f"ray_raymoe_federated_round{{{run}}} == {FED_ROUNDS}", WAIT_S)
+    # Round 2 aggregated the two live silos; the killed one is counted as failed.
+    last = plain["history"][-1]
+    assert sorted(last["participants"]) == ["code", "prose"]
+    prom.wait_for(f"ray_raymoe_federated_participants{{{run}}} == 2", WAIT_S)
+    prom.wait_for(f'sum(ray_raymoe_federated_rejected_updates_total{{{run}, reason="failed"}}) >= 1', WAIT_S)
+    # One norm observed per aggregated update: 3 in round 1, 2 in round 2.
+    norms = prom.wait_for(f"sum(ray_raymoe_federated_update_norm_count{{{run}}})", WAIT_S)
+    assert norms[0]["value"] == 5, norms
+    eps = prom.wait_for(f'ray_raymoe_federated_epsilon{{run="{FED_DP_RUN}"}}', WAIT_S)
+    assert eps[0]["value"] == pytest.approx(dp["history"][-1]["epsilon"], rel=1e-6)
+
+
+@needs_prometheus
+def test_federated_panels_return_series(prom, federated):
+    # Both runs selected, as Grafana writes a multi-value variable into a regex.
+    queries = _panel_queries("federated", "federated", run=f"{FED_RUN}|{FED_DP_RUN}")
+    empty = _empty_queries(prom, queries, deadline=time.monotonic() + WAIT_S)
+    assert not empty, "panel queries with no series:\n" + "\n".join(f"{t}: {q}" for t, q in empty)
+
+
+@needs_prometheus
+def test_drift_metric_values_in_prometheus(prom, drift_checked):
+    run = f'run="{DRIFT_RUN}"'
+    # Every (feature, detector) of the check has a score, a threshold and an alarm; tests a p-value.
+    alarms = prom.wait_for(f"ray_raymoe_drift_alarm{{{run}}}", WAIT_S,
+                           check=lambda series: len(series) >= 10)
+    assert {s["metric"]["feature"] for s in alarms} >= {"prompt_length", "token_histogram", "expert_load",
+                                                         "embedding", "mean_logprob"}
+    p_values = prom.wait_for(f"ray_raymoe_drift_p_value{{{run}}}", WAIT_S)
+    assert {s["metric"]["detector"] for s in p_values} <= {"chi2", "ks", "mmd"}
+    ppl = prom.wait_for(f'ray_raymoe_quality_perplexity{{{run}, model="{MODEL}"}}', WAIT_S)
+    assert ppl[0]["value"] == pytest.approx(drift_checked[-1]["perplexity"], rel=1e-6)
+    decay = prom.wait_for(f'ray_raymoe_quality_decay{{{run}, model="{MODEL}"}}', WAIT_S)
+    assert decay[0]["value"] == 1.0  # the first point is its own baseline
+
+
+@needs_prometheus
+def test_drift_panels_return_series(prom, drift_checked):
+    queries = _panel_queries("drift", "drift", run=DRIFT_RUN)
+    empty = _empty_queries(prom, queries, deadline=time.monotonic() + WAIT_S)
+    assert not empty, "panel queries with no series:\n" + "\n".join(f"{t}: {q}" for t, q in empty)
+
+
+@needs_prometheus
+def test_variables_list_this_run_and_model(prom, trained, served, federated, drift_checked):
     # `$cluster` reads `ray_io_cluster` on any series: without KubeRay no series has it, so the
     # variable lists nothing and only its "All" value (`.*`, used by the panel queries) remains.
     expected = {("training", "cluster"): [], ("training", "run"): [RUN],
                 ("serving", "cluster"): [], ("serving", "model"): [MODEL],
                 ("experts", "cluster"): [], ("experts", "run"): [RUN], ("experts", "model"): [MODEL],
-                ("experts", "train_layer"): ["0", "1", "2"], ("experts", "serve_layer"): ["0", "1", "2", "3"]}
-    got = {}
-    for name in COVERED:
-        for var in DASHBOARDS[name].variables:
-            # Grafana's `label_values(selector, label)`, or `label_values(label)` over all series.
-            match = re.fullmatch(r"label_values\((?:(.+),\s*)?(\w+)\)", _substitute(var.query()))
-            values = prom.label_values(match.group(2), match.group(1))
-            got[(name, var.name)] = sorted(values, key=lambda v: (len(v), v))
+                ("experts", "train_layer"): ["0", "1", "2"], ("experts", "serve_layer"): ["0", "1", "2", "3"],
+                ("federated", "cluster"): [], ("federated", "run"): [FED_RUN, FED_DP_RUN],
+                ("drift", "cluster"): [], ("drift", "run"): [DRIFT_RUN], ("drift", "model"): [MODEL]}
+    # The federated and drift gauges are this driver's: polled until their first scrape.
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        got = {}
+        for name in COVERED:
+            for var in DASHBOARDS[name].variables:
+                # Grafana's `label_values(selector, label)`, or `label_values(label)` over all series.
+                match = re.fullmatch(r"label_values\((?:(.+),\s*)?(\w+)\)", _substitute(var.query()))
+                values = prom.label_values(match.group(2), match.group(1))
+                got[(name, var.name)] = sorted(values, key=lambda v: (len(v), v))
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     assert got == expected

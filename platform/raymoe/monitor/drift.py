@@ -5,6 +5,8 @@ A window is a dict of feature arrays (any subset of `FEATURES`):
   prompt_length, output_length  1-D int, tokens per prompt / per response
   mean_logprob                  1-D float, mean token log-probability per response (nats)
   token_histogram               1-D int, token counts per token id (vocab-sized or bucketed)
+  prompt_length_binned          1-D int, prompt counts per length bin (against a reference that
+                                only has a histogram, e.g. the ingest manifest's profile)
   expert_load                   2-D int (L, E), tokens routed per expert per MoE layer
   embedding                     2-D float (N, D), pooled hidden-state embeddings
 
@@ -64,11 +66,13 @@ DETECTORS: dict[str, tuple[str, ...]] = {
     "output_length": ("psi", "chi2", "ks", "wasserstein"),
     "mean_logprob": ("ks", "wasserstein"),
     "token_histogram": ("psi", "chi2"),
+    "prompt_length_binned": ("psi", "chi2"),
     "expert_load": ("js",),
     "embedding": ("mmd",),
 }
 FEATURES = tuple(DETECTORS)
-_NDIM = {"token_histogram": 1, "expert_load": 2, "embedding": 2}  # others: 1-D samples
+_NDIM = {"expert_load": 2, "embedding": 2}  # others 1-D: samples, or counts if in _COUNTS
+_COUNTS = ("token_histogram", "prompt_length_binned", "expert_load")
 
 # Below this many distinct reference values a numeric column is binned per value, above it into
 # Sturges bins over both windows (Evidently `get_binned_data`).
@@ -234,7 +238,7 @@ def _feature(window: dict, name: str, feature: str) -> np.ndarray:
                          f"got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name} window: {feature} has non-finite values")
-    if feature in ("token_histogram", "expert_load") and (x.min() < 0 or x.sum() == 0):
+    if feature in _COUNTS and (x.min() < 0 or x.sum() == 0):
         raise ValueError(f"{name} window: {feature} must be non-negative counts with a "
                          "positive total")
     if feature == "expert_load" and np.any(x.sum(axis=1) == 0):
@@ -247,7 +251,7 @@ def _feature(window: dict, name: str, feature: str) -> np.ndarray:
 
 def _check_shapes(feature: str, ref: np.ndarray, cur: np.ndarray) -> None:
     """Histograms and expert loads must match exactly; embeddings in their dimension."""
-    if feature in ("token_histogram", "expert_load") and ref.shape != cur.shape:
+    if feature in _COUNTS and ref.shape != cur.shape:
         raise ValueError(f"{feature}: reference shape {ref.shape} != current shape {cur.shape}")
     if feature == "embedding" and ref.shape[1] != cur.shape[1]:
         raise ValueError(f"embedding: reference dim {ref.shape[1]} != current dim {cur.shape[1]}")
@@ -257,7 +261,7 @@ def _run(feature: str, detector: str, ref: np.ndarray, cur: np.ndarray,
          cfg: DriftConfig) -> DriftResult:
     """One detector; distances alarm at score >= threshold, tests at p-value < threshold."""
     p_value = None
-    if detector in ("psi", "chi2") and feature != "token_histogram":
+    if detector in ("psi", "chi2") and feature not in _COUNTS:
         ref, cur = bin_samples(ref, cur)
     if detector == "psi":
         score, threshold = psi(ref, cur), cfg.psi_threshold

@@ -9,6 +9,8 @@ exported name. Add new metrics here, as a constant plus an entry in `REGISTRY`; 
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -157,6 +159,10 @@ DRIFT_THRESHOLD = MetricSpec(
 DRIFT_ALARM = MetricSpec(
     "raymoe_drift_alarm", "gauge", "1 when the feature's detector is over its threshold, else 0.",
     ("run", "detector", "feature"))
+DRIFT_P_VALUE = MetricSpec(
+    "raymoe_drift_p_value", "gauge",
+    "p-value of the last check for test detectors (chi-square, KS, MMD); alarm when below the threshold.",
+    ("run", "detector", "feature"))
 QUALITY_PERPLEXITY = MetricSpec(
     "raymoe_quality_perplexity", "gauge", "Held-out perplexity of the served model on the fixed eval set.",
     ("run", "model"))
@@ -164,7 +170,8 @@ QUALITY_DECAY = MetricSpec(
     "raymoe_quality_decay", "gauge",
     "Held-out perplexity over the first recorded point (1 = no decay).", ("run", "model"))
 
-DRIFT_METRICS: list[MetricSpec] = [DRIFT_SCORE, DRIFT_THRESHOLD, DRIFT_ALARM, QUALITY_PERPLEXITY, QUALITY_DECAY]
+DRIFT_METRICS: list[MetricSpec] = [DRIFT_SCORE, DRIFT_THRESHOLD, DRIFT_ALARM, DRIFT_P_VALUE,
+                                   QUALITY_PERPLEXITY, QUALITY_DECAY]
 # --- end drift --------------------------------------------------------------------------------
 
 REGISTRY: list[MetricSpec] = [
@@ -181,6 +188,55 @@ REGISTRY: list[MetricSpec] = [
 ]
 
 _instances: dict[str, Any] = {}
+
+# Ray's metrics agent stops exporting a process's metrics once that process has reported nothing
+# for RAY_WORKER_TIMEOUT_S (120 s by default, `ray/_private/metrics_agent.py`), so a gauge set once
+# by a job that then waits (a long federated round, the drift job between checks) vanished from
+# Prometheus two minutes later (measured). Gauges made by `ray_metric` remember their last value
+# per tag set, and a daemon thread of the process sets them again every GAUGE_REFRESH_S. Counters
+# and histograms cannot be re-reported without changing them; their series pause instead.
+GAUGE_REFRESH_S = 30.0
+
+
+class KeptGauge:
+    """A `ray.util.metrics.Gauge` whose last values are set again every GAUGE_REFRESH_S."""
+
+    def __init__(self, gauge: Any):
+        self._gauge = gauge
+        self._last: dict[tuple[tuple[str, str], ...], float] = {}
+        self._lock = threading.Lock()
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._gauge.set(value, tags=tags)
+        with self._lock:
+            self._last[tuple(sorted((tags or {}).items()))] = value
+
+    def refresh(self) -> None:
+        with self._lock:
+            last = list(self._last.items())
+        for tags, value in last:
+            self._gauge.set(value, tags=dict(tags))
+
+
+def _refresh_gauges_forever() -> None:
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        for metric in list(_instances.values()):
+            if isinstance(metric, KeptGauge):
+                try:
+                    metric.refresh()
+                except Exception:  # noqa: BLE001 - e.g. Ray shut down under us; try again later
+                    pass
+
+
+_refresher: list[threading.Thread] = []  # the process's one refresh thread, once a gauge exists
+
+
+def _start_refresher() -> None:
+    if not _refresher:
+        _refresher.append(threading.Thread(target=_refresh_gauges_forever, name="raymoe-gauges",
+                                           daemon=True))
+        _refresher[0].start()
 
 
 def prometheus_name(spec: MetricSpec) -> str:
@@ -200,7 +256,8 @@ def ray_metric(spec: MetricSpec) -> Any:
         if spec.kind == "counter":
             metric = metrics.Counter(spec.name, spec.description, tag_keys=spec.tag_keys)
         elif spec.kind == "gauge":
-            metric = metrics.Gauge(spec.name, spec.description, tag_keys=spec.tag_keys)
+            metric = KeptGauge(metrics.Gauge(spec.name, spec.description, tag_keys=spec.tag_keys))
+            _start_refresher()
         else:
             metric = metrics.Histogram(spec.name, spec.description, list(spec.boundaries),
                                        tag_keys=spec.tag_keys)

@@ -101,3 +101,29 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
         lines.append(f"| {name} | {r['loss']:.3f} | {r['exact_match']:.1%} | {r['examples']} |")
     return "\n".join(lines)
 
+
+
+def held_out_quality(artifact: str, adapter: str, eval_path: str, max_seq_len: int,
+                     max_new_tokens: int) -> dict[str, float]:
+    """{"loss", "perplexity", "exact_match" (when max_new_tokens > 0), "examples"} of the artifact
+    (with `adapter` folded in, if given) on the records of `eval_path`: the drift job's quality
+    point."""
+    import math
+
+    tokenizer = ChatTokenizer.from_dir(artifact)
+    records = read_eval_records(eval_path)
+    if not records:
+        raise ValueError(f"eval_path={eval_path!r} holds no valid record")
+    if adapter:
+        with tempfile.TemporaryDirectory() as tmp:
+            merge_adapter(artifact, adapter, Path(tmp) / "merged")
+            model = load_hf(Path(tmp) / "merged")
+    else:
+        model = load_hf(artifact)
+    model.eval()
+    loss = answer_loss(model, tokenizer, records, max_seq_len)
+    out = {"loss": loss, "perplexity": math.exp(loss), "examples": len(records)}
+    if max_new_tokens > 0:
+        predictions = greedy_answers(model, tokenizer, records, max_new_tokens)
+        out["exact_match"] = score_exact_match(predictions, [m[-1]["content"] for m in records])
+    return out

@@ -126,6 +126,9 @@ class TrainConfig:
     peak_tflops_per_worker: float = 0.0
     # Ray Train's own run storage (results, error files); checkpoints go to checkpoint.uri.
     storage_path: str = "runs/ray-train"
+    # Rank 0 appends one JSON line per logged step (loss, tokens/s, tokens per expert, ...) here,
+    # for `raymoe report`; a local path (on a cluster: a volume every node mounts). "" = none.
+    history_path: str = ""
 
     def __post_init__(self) -> None:
         require(self.flavour in FLAVOURS, f"flavour {self.flavour!r} unknown; known: {list(FLAVOURS)}")

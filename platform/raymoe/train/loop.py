@@ -45,6 +45,17 @@ class RayReporter:
         self.cfg = cfg
         self.flops_per_token = flops_per_token
 
+    def _append_history(self, metrics: dict[str, Any], result: StepResult | None) -> None:
+        """One line of `history_path` (`raymoe report` plots it; a resumed run appends the steps
+        after its checkpoint again, and the reader keeps the last line of a step)."""
+        from raymoe.atomic_io import append_jsonl
+
+        keys = ("step", "loss", "aux_loss", "grad_norm", "lr", "tokens_per_s", "mfu")
+        record = {"time": time.time(), **{k: metrics[k] for k in keys if k in metrics}}
+        if result is not None:
+            record["tokens_per_expert"] = result.tokens_per_expert_LE.tolist()
+        append_jsonl(self.cfg.history_path, record)
+
     def __call__(self, metrics: dict[str, Any], result: StepResult | None) -> None:
         import ray.train
 
@@ -75,6 +86,8 @@ class RayReporter:
                 m.ray_metric(m.TRAIN_MFU).set(metrics["mfu"], tags=run)
             if "checkpoint_s" in metrics:
                 m.ray_metric(m.TRAIN_CHECKPOINT_SECONDS).observe(metrics["checkpoint_s"], tags=run)
+            if self.cfg.history_path:
+                self._append_history(metrics, result)
             if result is not None:
                 for layer, counts_E in enumerate(result.tokens_per_expert_LE.tolist()):
                     tags = {**run, "layer": str(layer)}
@@ -127,6 +140,7 @@ def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     data["data"]["tokenizer"] = fix(data["data"]["tokenizer"])
     data["checkpoint"]["uri"] = fix(data["checkpoint"]["uri"])
     data["storage_path"] = fix(data["storage_path"])
+    data["history_path"] = fix(data.get("history_path", ""))
     return data
 
 

@@ -9,6 +9,8 @@ from raymoe.monitor.dashboards.panels import CLUSTER, Dashboard, Panel, Row, Tar
 _BY = "run, detector, feature"
 _LEGEND = "{{run}} {{feature}} ({{detector}})"
 _MODEL = 'model=~"$model"'
+_DISTANCES = 'detector=~"psi|wasserstein|js"'
+_TESTS = 'detector=~"chi2|ks|mmd"'
 
 
 def _latest(spec: m.MetricSpec, by: str = _BY, *matchers: str) -> str:
@@ -18,14 +20,18 @@ def _latest(spec: m.MetricSpec, by: str = _BY, *matchers: str) -> str:
 DRIFT = Row("Drift", (
     Panel("Features in alarm", "Features whose detector is over its threshold now.", "none",
           (Target(f"sum({_latest(m.DRIFT_ALARM)}) or vector(0)", "in alarm"),), kind="stat", width=6),
-    Panel("Drift score over threshold", "Each feature's drift statistic divided by its detector's "
-          "threshold: 1 is the alarm line, whatever the detector's scale (PSI, KS, MMD, ...).", "none",
-          (Target(f"{_latest(m.DRIFT_SCORE)} / {_latest(m.DRIFT_THRESHOLD)}", _LEGEND),), width=18),
-    Panel("Drift score and threshold", "The raw statistic of the last check (solid) and the "
-          "configured alarm threshold (dashed).", "none", (
-              Target(_latest(m.DRIFT_SCORE), _LEGEND),
-              Target(_latest(m.DRIFT_THRESHOLD), "threshold " + _LEGEND, dashed=True),
+    Panel("Distance over threshold", "Distance detectors (PSI, Wasserstein, Jensen-Shannon): the "
+          "statistic divided by its threshold, so 1 is the alarm line whatever the scale.", "none",
+          (Target(f"{_latest(m.DRIFT_SCORE, _BY, _DISTANCES)} / {_latest(m.DRIFT_THRESHOLD, _BY, _DISTANCES)}",
+                  _LEGEND),), width=18),
+    Panel("Test p-values", "Test detectors (chi-square, KS, MMD): the p-value of the last check "
+          "(solid) and the significance level (dashed); an alarm is a p-value below its line.", "none", (
+              Target(_latest(m.DRIFT_P_VALUE), _LEGEND),
+              Target(_latest(m.DRIFT_THRESHOLD, _BY, _TESTS), "alpha " + _LEGEND, dashed=True),
           )),
+    Panel("Drift statistic", "The raw statistic of the last check of every detector, in its own "
+          "unit (PSI, chi-square, KS D, Wasserstein in reference std, JS distance, MMD^2).", "none",
+          (Target(_latest(m.DRIFT_SCORE), _LEGEND),)),
     Panel("Alarm by feature", "1 while the feature's detector is over its threshold, else 0.", "none",
           (Target(_latest(m.DRIFT_ALARM), _LEGEND),)),
 ))
