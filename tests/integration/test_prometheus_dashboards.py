@@ -380,6 +380,10 @@ def test_serving_metric_values_in_prometheus(prom, served):
     prom.wait_for(f'sum(ray_raymoe_serve_generated_tokens_total{{model="{MODEL}"}}) >= {n * MAX_TOKENS}',
                   WAIT_S)
     prom.wait_for(f'sum(ray_raymoe_serve_preemptions_total{{model="{MODEL}"}}) > 0', WAIT_S)
+    # ep=1: one copy of each of the debug model's 8 experts.
+    copies = prom.wait_for(f'ray_raymoe_serve_expert_copies{{model="{MODEL}"}}', WAIT_S)
+    assert sorted(int(c["metric"]["expert"]) for c in copies) == list(range(8))
+    assert {c["value"] for c in copies} == {1}
     assert not served.other, served.other[:5]
 
 

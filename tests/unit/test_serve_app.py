@@ -53,3 +53,14 @@ def test_debug_pipeline_config_loads():
     cfg = load_config(ServeJobConfig, "pipelines/configs/serve.debug.yaml", ["app.engine.num_slots=2"])
     assert cfg.app.engine.num_slots == 2 and cfg.make_debug_artifact
     assert cfg.http.host == "127.0.0.1"
+
+
+def test_expert_copies_follow_the_placement(tmp_path):
+    from raymoe.serve.app import ServeConfig, expert_copies
+    from raymoe.serve.debug_artifact import make_debug_artifact
+
+    path = make_debug_artifact(tmp_path / "m", dim=32, num_layers=1, num_experts=6)
+    assert expert_copies(ServeConfig(model_path=str(path))) == [1] * 6
+    # 6 experts + copies of 0 and 4 = 8 slots over 2 workers.
+    assert expert_copies(ServeConfig(model_path=str(path), ep=2, redundant_experts=[0, 4])) == [2, 1, 1, 1, 2, 1]
+    assert expert_copies(ServeConfig(model_path=str(tmp_path / "elsewhere"))) == []

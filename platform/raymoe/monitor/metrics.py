@@ -108,10 +108,15 @@ SERVE_TOKENS_PER_EXPERT = MetricSpec(
     "raymoe_serve_tokens_per_expert", "counter", "Routed tokens per expert per MoE layer.",
     ("model", "layer", "expert"))
 
+SERVE_EXPERT_COPIES = MetricSpec(
+    "raymoe_serve_expert_copies", "gauge",
+    "Physical copies of each logical expert in a replica's expert placement (1 = no redundant "
+    "copy; the same placement for every MoE layer).", ("model", "expert"))
+
 SERVE_METRICS: list[MetricSpec] = [
     SERVE_REQUESTS, SERVE_TTFT_SECONDS, SERVE_TPOT_SECONDS, SERVE_E2E_SECONDS, SERVE_RUNNING_SEQS,
     SERVE_WAITING_SEQS, SERVE_KV_CACHE_USAGE, SERVE_BATCH_SIZE, SERVE_GENERATED_TOKENS,
-    SERVE_PREEMPTIONS, SERVE_TOKENS_PER_EXPERT,
+    SERVE_PREEMPTIONS, SERVE_TOKENS_PER_EXPERT, SERVE_EXPERT_COPIES,
 ]
 # --- end serve -------------------------------------------------------------------------------
 

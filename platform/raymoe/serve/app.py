@@ -177,6 +177,21 @@ def check_expert_slots(cfg: ServeConfig) -> None:
     ExpertPlacement.with_redundant(model_cfg.moe.num_experts, cfg.ep, list(cfg.redundant_experts))
 
 
+def expert_copies(cfg: ServeConfig) -> list[int]:
+    """Physical copies of each logical expert in the placement the replica serves with (1 each
+    with ep=1; EPLB's redundant copies with ep > 1); [] when the artifact is not readable here."""
+    if not (Path(cfg.model_path) / "config.json").is_file():
+        return []
+    from raymoe.models.hf_io import read_hf_config
+    from raymoe.parallel.layout import ExpertPlacement
+
+    num_experts = read_hf_config(cfg.model_path)[0].moe.num_experts
+    if cfg.ep == 1:
+        return [1] * num_experts
+    slots = ExpertPlacement.with_redundant(num_experts, cfg.ep, list(cfg.redundant_experts)).slot_expert
+    return [sum(1 for e in slots if e == expert) for expert in range(num_experts)]
+
+
 def build_core(cfg: ServeConfig, adapters: list[str]) -> EngineCore:
     """Loads the artifact and makes the engine core (in the thread or process that runs it)."""
     if cfg.ep > 1:
@@ -309,6 +324,7 @@ def _deployment_class():
             self.config = from_dict(ServeConfig, config)
             self.server = build_server(self.config, replica_tag())
             self.metrics = ServeMetrics.create(self.config.model_id)
+            self.metrics.expert_copies = expert_copies(self.config)
             self.server.observe = self.metrics.observe_request
             self.server.count = self.metrics.count_request
             if self.metrics.enabled:

@@ -2,7 +2,8 @@
 
 Request metrics are observed per request by the HTTP layer; engine gauges (running / waiting
 sequences, KV usage, batch size) and counters (generated tokens, preemptions, tokens per expert)
-are sampled by a background task every `interval_s`, so the engine step never waits on metrics.
+are sampled by a background task every `interval_s`, so the engine step never waits on metrics;
+so are the copies of each expert in the replica's placement.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class ServeMetrics:
     model: str
     enabled: bool = True
     interval_s: float = 2.0
+    # Physical copies of each logical expert in the replica's placement (`expert_copies`).
+    expert_copies: list[int] = field(default_factory=list)
     _last: dict = field(default_factory=dict)
     _task: asyncio.Task | None = None
 
@@ -72,6 +75,9 @@ class ServeMetrics:
             if delta > 0:
                 m.ray_metric(spec).inc(delta, tags)
             self._last[key] = stats.get(key, 0)
+        copies = m.ray_metric(m.SERVE_EXPERT_COPIES)
+        for expert, n in enumerate(self.expert_copies):
+            copies.set(n, {**tags, "expert": str(expert)})
         counts = engine.expert_counts()
         prev = self._last.get("experts")
         delta = counts - prev if prev is not None else counts

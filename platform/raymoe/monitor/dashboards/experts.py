@@ -78,6 +78,11 @@ SERVING = Row("Serving routing", (
     Panel("Hot-expert turnover", f"Share of each layer's hot experts (load over {_WINDOW} above twice "
           f"the layer mean) that were not hot {_LOOKBACK} earlier.", "percentunit",
           (_turnover(_serve_load, "model, layer"),)),
+    Panel("Expert copies", "Physical copies of each logical expert in the serving placement, the "
+          "most any replica has (1 = no redundant copy; EPLB re-placement gives hot experts more). "
+          "One placement serves every MoE layer.", "none",
+          (Target(f"max by (model, expert) ({sel(m.SERVE_EXPERT_COPIES, _MODEL)})",
+                  "{{model}} expert {{expert}}"),)),
     _heatmap("Serving load", f"sum by (expert) (rate({_SERVE_HEAT}[$__rate_interval]))", "serve_layer"),
 ))
 
@@ -85,8 +90,7 @@ DASHBOARD = Dashboard(
     uid="raymoe-experts",
     title="raymoe / Experts",
     description="Routed load per expert and MoE layer, in training and serving: imbalance, hot-expert "
-                "turnover, per-layer load heatmaps. Redundant expert copies are not emitted by the "
-                "platform and are not shown.",
+                "turnover, redundant expert copies, per-layer load heatmaps.",
     variables=(
         CLUSTER,
         Variable("run", "Run", m.TRAIN_TOKENS_PER_EXPERT, "run", "Training run (the job config's name)."),
