@@ -139,7 +139,9 @@ class GQAttention(nn.Module):
 
 
 class MLAttention(nn.Module):
-    """Multi-head latent attention: keys/values are re-expanded from a cached low-rank latent."""
+    """Multi-head latent attention over a cached low-rank latent: prefill and training expand
+    keys/values from it through kv_b_proj; a one-token decode step absorbs kv_b_proj into the
+    query and the output instead (`_absorbed`), so its cost does not grow with re-expansion."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -181,6 +183,9 @@ class MLAttention(nn.Module):
         k_rot_BTR = apply_rotary(k_rot_BTR[:, :, None, :], cos, sin, self.interleaved)[:, :, 0]
         if cache is not None:
             latent_BTC, k_rot_BTR = cache.update_latent(self.layer_id, latent_BTC, k_rot_BTR)
+        if T == 1 and not torch.is_grad_enabled() and type(self.kv_b_proj) is nn.Linear:
+            out_BTHV = self._absorbed(q_nope, q_rot, latent_BTC, k_rot_BTR, cache)
+            return self.o_proj(out_BTHV.reshape(B, T, -1))
         S = latent_BTC.shape[1]
         kv_BSHX = self.kv_b_proj(latent_BTC).view(B, S, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v_BSHD = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
@@ -189,6 +194,24 @@ class MLAttention(nn.Module):
         out_BHTD = _attend(q_BHTQ, k_BSHQ.transpose(1, 2), v_BSHD.transpose(1, 2), cache, self.scale, False,
                            self.decode_threads)
         return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
+
+    def _absorbed(self, q_nope_BTHN, q_rot_BTHR, latent_BSC, k_rot_BSR, cache: CacheView | None) -> torch.Tensor:
+        """Decode with kv_b_proj absorbed (DeepSeek-V2 section 2.1; vLLM's MLA decode): the query
+        moves into the latent space, attention runs over the cached latent itself, and the
+        value up-projection applies to the attended latent. Per step this reads the cache once
+        instead of expanding every cached position through kv_b_proj; equal to the expanded form
+        up to summation order. Returns (B, T, H, V)."""
+        H, N = self.num_heads, self.nope_dim
+        w_HXC = self.kv_b_proj.weight.view(H, N + self.v_dim, self.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_HXC[:, :N], w_HXC[:, N:]
+        q_lat_BHTC = torch.einsum("bthn,hnc->bhtc", q_nope_BTHN, w_uk_HNC)
+        scores_BHTS = (torch.matmul(q_lat_BHTC, latent_BSC[:, None].transpose(-1, -2))
+                       + torch.matmul(q_rot_BTHR.transpose(1, 2), k_rot_BSR[:, None].transpose(-1, -2)))
+        scores_BHTS = scores_BHTS * self.scale
+        if cache is not None and cache.mask_B1TS is not None:
+            scores_BHTS = scores_BHTS.masked_fill(~cache.mask_B1TS, float("-inf"))
+        ctx_BHTC = torch.matmul(scores_BHTS.softmax(dim=-1), latent_BSC[:, None])
+        return torch.einsum("bhtc,hvc->bthv", ctx_BHTC, w_uv_HVC)
 
 
 def build_attention(cfg: ModelConfig, layer_id: int) -> nn.Module:
