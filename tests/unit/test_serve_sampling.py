@@ -118,3 +118,36 @@ def test_held_text_is_released_at_the_end():
 def test_earliest_of_several_stop_strings_wins():
     deltas, stopped = stream([b"one two three"], ["three", "two"], [0])
     assert deltas == ["one "] and stopped
+
+
+def test_plain_temperature_frequencies_match_the_exact_softmax():
+    # Prepare: 6 tokens, T = 0.7; the exact distribution is softmax(logits / 0.7).
+    from scipy import stats
+
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, 2.0]])
+    n = 6000
+    tokens = sample(logits.repeat(n, 1), [SamplingParams(temperature=0.7)] * n, [make_generator(11)] * n).tokens_B
+    expected = (logits[0].double() / 0.7).softmax(-1) * n
+    observed = torch.bincount(tokens, minlength=6).double()
+    # Assert: a chi-square goodness-of-fit test does not reject at 0.001 (fixed seed, so fixed)...
+    assert stats.chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+    # ...while it does reject the untempered softmax, so the test can tell the two apart.
+    wrong = logits[0].double().softmax(-1).numpy() * n
+    assert stats.chisquare(observed.numpy(), wrong).pvalue < 1e-6
+
+
+def test_different_seeds_give_different_samples():
+    logits = torch.zeros(1, 1000)  # uniform over 1000 tokens: 32 equal draws by chance is 1e-96
+    draw = lambda seed: [sample(logits, [SamplingParams(temperature=1.0)], [g]).tokens_B.item()
+                         for g in [make_generator(seed)] for _ in range(32)]
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 5])
+def test_top_logprobs_count_is_honoured(k):
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(k))
+    out = sample(logits, [SamplingParams(temperature=0.0, logprobs=k)], [None])
+    assert len(out.top_logprobs[0]) == k
+    best = logits[0].log_softmax(-1).topk(k)
+    assert list(out.top_logprobs[0]) == best.indices.tolist()

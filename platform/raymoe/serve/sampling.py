@@ -79,7 +79,13 @@ def sample(
         vocab = logits_BV.shape[-1]
         top_k_R = torch.tensor([min(params[i].top_k, vocab) for i in random_rows], device=rows.device)
         top_p_R = torch.tensor([params[i].top_p for i in random_rows], device=rows.device)
-        probs_RV = truncate_logits(logits_BV[rows] / temp_R[:, None], top_k_R, top_p_R).softmax(-1)
+        scaled_RV = logits_BV[rows] / temp_R[:, None]
+        # Plain temperature sampling needs no sorted vocabulary; only top-k / top-p rows sort.
+        truncated = (top_k_R > 0) | (top_p_R < 1.0)
+        if bool(truncated.any()):
+            cut = truncated.nonzero()[:, 0]
+            scaled_RV[cut] = truncate_logits(scaled_RV[cut], top_k_R[cut], top_p_R[cut])
+        probs_RV = scaled_RV.softmax(-1)
         for r, i in enumerate(random_rows):
             tokens_B[i] = torch.multinomial(probs_RV[r], 1, generator=generators[i])[0]
     want = [p.logprobs is not None for p in params]
