@@ -227,3 +227,13 @@ def test_any_workload_gives_each_request_its_solo_output(
     assert sorted(results) == list(range(len(requests)))
     for i, (prompt, max_new, _) in enumerate(requests):
         assert results[i] == alone(prompt, max_new)
+
+
+def test_token_slice_equals_slicing_the_joined_sequence():
+    from raymoe.serve.scheduler import Sequence
+
+    seq = Sequence(seq_id="s", prompt_ids=[1, 2, 3, 4], max_new_tokens=8, output_ids=[5, 6, 7])
+    joined = seq.token_ids
+    for start in range(8):
+        for stop in range(start, 8):
+            assert seq.token_slice(start, stop) == joined[start:stop], (start, stop)

@@ -99,6 +99,16 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens start..stop-1 of prompt + output without joining the two lists, so a decode
+        step reads its one token in O(1) instead of copying the whole sequence."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : stop - p]
+        if stop <= p:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[: stop - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -290,7 +300,7 @@ class Scheduler:
     def _chunk(self, seq: Sequence, budget: int) -> ScheduledChunk:
         n = min(seq.num_tokens - seq.num_computed, budget)
         start = seq.num_computed
-        return ScheduledChunk(seq, seq.slot, start, seq.token_ids[start : start + n])
+        return ScheduledChunk(seq, seq.slot, start, seq.token_slice(start, start + n))
 
     def _release(self, seq: Sequence) -> None:
         self.free_blocks += seq.num_blocks
