@@ -1,13 +1,19 @@
 """A local stand-in for the Kubernetes API server (stdlib http.server on 127.0.0.1, in a thread)
 that answers exactly the calls `raymoe deploy` makes, as the real one would:
 
-    GET    /api/v1/namespaces/NS/PLURAL/NAME, /apis/GROUP/VERSION/namespaces/NS/PLURAL/NAME
+    GET    /api/v1/namespaces/NS/PLURAL/NAME, /apis/GROUP/VERSION/namespaces/NS/PLURAL/NAME, and
+           for the cluster-scoped Namespace kind /api/v1/namespaces/NAME
     PATCH  the same paths: server-side apply only (Content-Type application/apply-patch+yaml,
            ?fieldManager=..., optional ?force=true)
     DELETE the same paths with ?propagationPolicy=Foreground
     GET    /api/v1/namespaces/NS/pods?labelSelector=k=v,...   and   .../pods/NAME/log?container=...
 
 No discovery endpoint is served: the client's CustomObjectsApi and typed APIs need none.
+
+Namespaces are objects like the others (key ("namespaces", "", NAME)): the ones the server starts
+with are stored as `kubectl create namespace` leaves them; a namespaced object can be applied only
+while its Namespace exists; a deleted Namespace, once gone, takes every object in it along (the
+namespace controller's work, done at once here).
 
 Server-side apply, simplified: field ownership is tracked per top-level field (spec, data, rules,
 metadata.labels, ...) instead of per leaf. An apply creates a missing object (201); otherwise it
@@ -40,6 +46,7 @@ import yaml
 
 # plural -> (group, version, kind, served only when its CRD is installed)
 RESOURCES = {
+    "namespaces": ("", "v1", "Namespace", False),
     "serviceaccounts": ("", "v1", "ServiceAccount", False),
     "configmaps": ("", "v1", "ConfigMap", False),
     "services": ("", "v1", "Service", False),
@@ -58,9 +65,12 @@ RESOURCES = {
     "prometheusrules": ("monitoring.coreos.com", "v1", "PrometheusRule", True),
 }
 ALL_CRDS = frozenset(f"{p}.{g}" for p, (g, _, _, crd) in RESOURCES.items() if crd)
+CLUSTER_SCOPED = frozenset({"namespaces"})
 APPLY_PATCH = "application/apply-patch+yaml"
 _PATH = re.compile(r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)"
                    r"/(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?")
+_CLUSTER_PATH = re.compile(r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+                           r"/(?P<plural>[^/]+)/(?P<name>[^/]+)")
 _SKIP = ("apiVersion", "kind", "metadata", "status")  # not "fields" of the object's content
 
 
@@ -84,7 +94,7 @@ class FakeKubeApi:
     Args:
         token: the bearer token a request must carry (else 401).
         user: who the token is, as 403 messages name it.
-        namespaces: the namespaces that exist.
+        namespaces: the namespaces that exist at the start (as Namespace objects in `objects`).
         crds: installed CRDs by name (`rayclusters.ray.io`); kinds of other CRDs answer 404.
         field_manager: the fieldManager every apply must use.
     """
@@ -92,8 +102,9 @@ class FakeKubeApi:
     def __init__(self, *, token: str = "test-token", user: str = "system:serviceaccount:raymoe:raymoe-deployer",
                  namespaces=("raymoe", "default"), crds=ALL_CRDS, field_manager: str = "raymoe"):
         self.token, self.user, self.field_manager = token, user, field_manager
-        self.namespaces, self.crds = set(namespaces), set(crds)
-        self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
+        self.crds = set(crds)
+        # (plural, namespace, name) -> object; namespace "" for a cluster-scoped object
+        self.objects: dict[tuple[str, str, str], dict] = {}
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, query)
         self.violations: list[str] = []
         self.forbidden: set[tuple[str, str]] = set()  # (verb, plural)
@@ -104,6 +115,9 @@ class FakeKubeApi:
         self._gone_after: dict[tuple[str, str, str], int] = {}
         self._rv = 1000
         self._lock = threading.Lock()
+        for name in namespaces:
+            self._store_new("namespaces", "", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+                            "kubectl-create", "Update")
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -132,6 +146,11 @@ class FakeKubeApi:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    @property
+    def namespaces(self) -> set[str]:
+        """The namespaces that exist (terminating ones too)."""
+        return {name for plural, _, name in self.objects if plural == "namespaces"}
 
     def close(self) -> None:
         self.server.shutdown()
@@ -198,13 +217,16 @@ class FakeKubeApi:
         scheme, _, token = (headers.get("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or token != self.token:
             return 401, "application/json", status_body(401, "Unauthorized", "Unauthorized")
-        m = _PATH.fullmatch(url.path)
+        m = _PATH.fullmatch(url.path) or _CLUSTER_PATH.fullmatch(url.path)
         if m is None:
             return self._violation(f"{method} {url.path}: not a path raymoe deploy should call")
         group, version = ("", "v1") if m["core"] else (m["group"], m["version"])
-        plural, ns, name, sub = m["plural"], m["ns"], m["name"], m["sub"]
+        cluster_scoped = m.re is _CLUSTER_PATH
+        plural, name = m["plural"], m["name"]
+        ns, sub = ("", None) if cluster_scoped else (m["ns"], m["sub"])
         known = RESOURCES.get(plural)
-        if known is None or known[:2] != (group, version) or (known[3] and f"{plural}.{group}" not in self.crds):
+        if known is None or known[:2] != (group, version) or (known[3] and f"{plural}.{group}" not in self.crds) \
+                or cluster_scoped != (plural in CLUSTER_SCOPED):
             # What kube-apiserver's final not-found handler answers for a path nothing serves.
             return 404, "application/json", status_body(404, "NotFound",
                                                         "the server could not find the requested resource")
@@ -234,9 +256,10 @@ class FakeKubeApi:
     def _forbidden(self, verb, resource, group, plural, name, ns):
         what = f"{plural}.{group}" if group else plural
         where = f"{what} \"{name}\" is forbidden" if name else f"{what} is forbidden"
+        scope = f'in the namespace "{ns}"' if ns else "at the cluster scope"
         return 403, "application/json", status_body(
             403, "Forbidden", f'{where}: User "{self.user}" cannot {verb} resource "{resource}" in API group '
-            f'"{group}" in the namespace "{ns}"', {"name": name or "", "group": group, "kind": plural})
+            f'"{group}" {scope}', {"name": name or "", "group": group, "kind": plural})
 
     def _not_found(self, key, group):
         plural, _, name = key
@@ -255,7 +278,7 @@ class FakeKubeApi:
         if obj is not None and key in self._gone_after:
             self._gone_after[key] -= 1
             if self._gone_after[key] < 0:
-                del self.objects[key], self._gone_after[key]
+                self._remove(key)
                 obj = None
         if obj is None:
             return self._not_found(key, group)
@@ -285,7 +308,7 @@ class FakeKubeApi:
         if not isinstance(meta, dict) or (body.get("apiVersion"), body.get("kind")) != (api_version, kind) \
                 or meta.get("name") != name or meta.get("namespace", ns) != ns:
             return self._violation(f"apply body for {api_version} {kind} {ns}/{name} names another object")
-        if ns not in self.namespaces:
+        if ns and ns not in self.namespaces:
             return 404, "application/json", status_body(404, "NotFound", f'namespaces "{ns}" not found',
                                                         {"name": ns, "kind": "namespaces"})
         if causes := self.invalid.get((plural, name)):
@@ -303,8 +326,11 @@ class FakeKubeApi:
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         self._rv += 1
-        meta.update(namespace=ns, uid=str(uuid.uuid4()), resourceVersion=str(self._rv), generation=1,
-                    creationTimestamp=_now())
+        meta.update(uid=str(uuid.uuid4()), resourceVersion=str(self._rv), generation=1, creationTimestamp=_now())
+        if ns:
+            meta["namespace"] = ns
+        if plural == "namespaces":
+            obj["status"] = {"phase": "Active"}
         meta["managedFields"] = [self._entry(manager, operation, obj.get("apiVersion"), _fields(obj))]
         self.objects[(plural, ns, meta["name"])] = obj
         return obj
@@ -352,7 +378,7 @@ class FakeKubeApi:
                      and set(k[2:] for k in e["fieldsV1"]) == applied), None)
         entries.append(mine or self._entry(self.field_manager, "Apply", api_version, applied))
         new["metadata"]["managedFields"] = entries
-        self.objects[(_plural_of(new), new["metadata"]["namespace"], new["metadata"]["name"])] = new
+        self.objects[(_plural_of(new), new["metadata"].get("namespace", ""), new["metadata"]["name"])] = new
         return 200, "application/json", new
 
     def _write_status(self, key, status):
@@ -373,8 +399,20 @@ class FakeKubeApi:
             self._rv += 1
             obj["metadata"].update(deletionTimestamp=_now(), finalizers=["foregroundDeletion"],
                                    resourceVersion=str(self._rv))
+            if key[0] == "namespaces":
+                obj["status"] = {"phase": "Terminating"}
             self._gone_after[key] = self.delete_after_gets
         return 200, "application/json", obj
+
+    def _remove(self, key) -> None:
+        """Drops a deleted object for good; a Namespace takes every object in it along."""
+        gone = [key] + ([k for k in self.objects if k[1] == key[2]] if key[0] == "namespaces" else [])
+        for k in gone:
+            self.objects.pop(k, None)
+            self._gone_after.pop(k, None)
+            self._status_after.pop(k, None)
+            if k[0] == "pods":
+                self.logs.pop((k[1], k[2]), None)
 
     def _list_pods(self, ns, query):
         if bad := self._unexpected_query(query, {"labelSelector"}):

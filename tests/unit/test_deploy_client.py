@@ -67,6 +67,15 @@ metadata:
 data:
   serve.yaml: "model: debug\\n"
 """
+NAMESPACE = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: raymoe
+  labels: {pod-security.kubernetes.io/enforce: restricted}
+"""
+# The Namespace objects a FakeKubeApi starts with.
+STARTING_NAMESPACES = {("namespaces", "", "raymoe"), ("namespaces", "", "default")}
 
 
 @pytest.fixture
@@ -128,8 +137,9 @@ def test_apply_creates_then_a_second_apply_changes_nothing(kube, manifests, tmp_
 
     # Assert
     assert first == 0 and second == 0
-    assert set(kube.objects) == {("configmaps", "raymoe", "raymoe-config"), ("rayclusters", "raymoe", "raymoe"),
-                                 ("rayservices", "raymoe", "raymoe-serve")}
+    assert set(kube.objects) == STARTING_NAMESPACES | {
+        ("configmaps", "raymoe", "raymoe-config"), ("rayclusters", "raymoe", "raymoe"),
+        ("rayservices", "raymoe", "raymoe-serve")}
     # Config before the workloads, whatever the file names sort to.
     patches = [path for _, path, _ in kube.calls("PATCH")]
     assert patches[:3] == ["/api/v1/namespaces/raymoe/configmaps/raymoe-config",
@@ -186,28 +196,170 @@ def test_apply_conflict_with_another_manager_needs_force_conflicts(kube, manifes
     assert [e["manager"] for e in stored["metadata"]["managedFields"]] == ["raymoe"]
 
 
-REPO_K8S = Path(__file__).resolve().parents[2] / "k8s"
-
-
-@pytest.mark.skipif(not REPO_K8S.is_dir(), reason="k8s/ is not rendered yet")
-def test_the_rendered_k8s_dir_applies_then_reapplies_unchanged_then_deletes(tmp_path, capsys):
-    # Prepare: a fake server with every namespace the manifests name.
-    objects = load_manifests([REPO_K8S])
-    kube = FakeKubeApi(namespaces={"raymoe", *(m.namespace for m in objects if m.namespace)})
+def test_a_namespace_is_applied_first_at_the_cluster_scope_and_deleted_last(manifests, tmp_path, capsys):
+    # Prepare: a cluster with only `default`; the manifests bring their namespace.
+    (manifests / "zz-namespace.yaml").write_text(NAMESPACE)
+    kube = FakeKubeApi(namespaces=("default",))
     try:
         # Execute
-        codes = [deploy(kube, tmp_path, "apply", str(REPO_K8S))]
-        first = capsys.readouterr().out
-        codes.append(deploy(kube, tmp_path, "apply", str(REPO_K8S)))
-        second = capsys.readouterr().out
-        codes.append(deploy(kube, tmp_path, "delete", str(REPO_K8S), "--interval", "0.01"))
+        applied = deploy(kube, tmp_path, "apply", str(manifests), "-n", "raymoe")
+        out = capsys.readouterr().out
+        stored = kube.objects[("namespaces", "", "raymoe")]
+        kube.add_pod("raymoe", "raymoe-head-x", {"ray.io/cluster": "raymoe"})  # made by the operator
+        deleted = deploy(kube, tmp_path, "delete", str(manifests), "--interval", "0.01")
     finally:
         kube.close()
 
     # Assert
+    assert (applied, deleted) == (0, 0), capsys.readouterr().err
+    assert kube.calls("PATCH")[0][1] == "/api/v1/namespaces/raymoe"  # whatever the file names sort to
+    assert "Namespace/raymoe created (cluster-scoped, resourceVersion" in out
+    assert "namespace" not in stored["metadata"]
+    assert stored["metadata"]["labels"] == {"pod-security.kubernetes.io/enforce": "restricted"}
+    assert kube.calls("DELETE")[-1][1] == "/api/v1/namespaces/raymoe"
+    # The pod nobody deleted went with its namespace.
+    assert set(kube.objects) == {("namespaces", "", "default")} and kube.violations == []
+
+
+def test_creating_a_namespace_needs_a_cluster_role(kube, tmp_path, capsys):
+    (tmp_path / "namespace.yaml").write_text(NAMESPACE.replace("name: raymoe", "name: raymoe-dev"))
+    kube.forbid("create", "namespaces")
+
+    assert deploy(kube, tmp_path, "apply", str(tmp_path / "namespace.yaml")) == 2
+    assert capsys.readouterr().err.strip() == (
+        "raymoe deploy apply: Namespace/raymoe-dev: service account raymoe-deployer cannot create namespaces "
+        "at the cluster scope: ask a cluster admin for a ClusterRole that allows it")
+
+
+# ---- which files a path means ----
+
+def test_a_kustomization_dir_applies_exactly_its_resources_in_its_namespace(kube, manifests, tmp_path, capsys):
+    # Prepare: rayservice.serve.yaml and jobs/ are in the directory but not listed.
+    (manifests / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: default\n"
+        "resources:\n  - raycluster.yaml\n  - configmap.yaml\n")
+    (manifests / "jobs").mkdir()
+    (manifests / "jobs" / "rayjob.train.yaml").write_text(
+        "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: train}\nspec: {entrypoint: x}\n")
+
+    # Execute
+    code = deploy(kube, tmp_path, "apply", str(manifests))
+
+    # Assert: the kustomization's namespace, not the context's (raymoe).
+    assert code == 0, capsys.readouterr().err
+    assert set(kube.objects) - STARTING_NAMESPACES == {("configmaps", "default", "raymoe-config"),
+                                                       ("rayclusters", "default", "raymoe")}
+
+
+@pytest.mark.parametrize("kustomization, expected", [
+    ("resources: [configmap.yaml]\npatches:\n  - path: configmap.patch.yaml\n",
+     "{d} is a kustomize overlay: apply it with `kubectl apply --server-side -k {d}`"),
+    ("resources: [configmap.yaml]\nnamePrefix: dev-\n",
+     "{d}/kustomization.yaml uses namePrefix: only kustomize renders that; apply it with "
+     "`kubectl apply --server-side -k {d}`"),
+    ("resources: [configmap.yaml, missing.yaml]\n",
+     "{d}/kustomization.yaml: resource 'missing.yaml' is not a file in {d}"),
+    ("resources: [../outside.yaml]\n",
+     "{d}/kustomization.yaml: resource '../outside.yaml' is outside {d} (kustomize refuses it too)"),
+])
+def test_kustomizations_raymoe_deploy_cannot_render_are_refused(kube, manifests, tmp_path, capsys,
+                                                                kustomization, expected):
+    (manifests / "kustomization.yaml").write_text("apiVersion: kustomize.config.k8s.io/v1beta1\n"
+                                                  "kind: Kustomization\n" + kustomization)
+    (tmp_path / "outside.yaml").write_text(CONFIGMAP)
+
+    assert deploy(kube, tmp_path, "apply", str(manifests)) == 2
+    assert capsys.readouterr().err.strip() == f"raymoe deploy apply: {expected.format(d=manifests)}"
+    assert kube.requests == []
+
+
+def test_a_kustomization_inside_a_plain_dir_or_named_as_a_file_is_refused(kube, manifests, tmp_path, capsys):
+    # Prepare
+    base = manifests / "base"
+    base.mkdir()
+    (base / "kustomization.yaml").write_text("kind: Kustomization\nresources: []\n")
+
+    # Execute
+    whole = deploy(kube, tmp_path, "apply", str(manifests))
+    whole_err = capsys.readouterr().err.strip()
+    as_file = deploy(kube, tmp_path, "apply", str(base / "kustomization.yaml"))
+    as_file_err = capsys.readouterr().err.strip()
+
+    # Assert
+    assert (whole, as_file) == (2, 2)
+    assert whole_err == (f"raymoe deploy apply: {base} holds a kustomization: apply it on its own "
+                         f"(`raymoe deploy apply {base}`), not as part of {manifests}")
+    assert as_file_err == (f"raymoe deploy apply: {base / 'kustomization.yaml'} is a kustomization, not a "
+                           f"Kubernetes object: apply its directory (`raymoe deploy apply {base}`)")
+    assert kube.requests == []
+
+
+REPO_K8S = Path(__file__).resolve().parents[2] / "k8s"
+needs_rendered_k8s = pytest.mark.skipif(not (REPO_K8S / "base" / "kustomization.yaml").is_file(),
+                                        reason="k8s/ is not rendered yet")
+
+
+@needs_rendered_k8s
+def test_the_rendered_k8s_dir_applies_then_reapplies_unchanged_then_deletes(tmp_path, capsys):
+    # Prepare: a cluster with only `default`; k8s/base brings its own namespace.
+    base = REPO_K8S / "base"
+    objects = load_manifests([base])
+    kube = FakeKubeApi(namespaces=("default",))
+    try:
+        # Execute
+        codes = [deploy(kube, tmp_path, "apply", str(base))]
+        first = capsys.readouterr().out
+        codes.append(deploy(kube, tmp_path, "apply", str(base)))
+        second = capsys.readouterr().out
+        codes.append(deploy(kube, tmp_path, "delete", str(base), "--interval", "0.01"))
+    finally:
+        kube.close()
+
+    # Assert: exactly the kustomization's resources (one object each), none of jobs/.
+    listed = yaml.safe_load((base / "kustomization.yaml").read_text())["resources"]
     assert codes == [0, 0, 0], capsys.readouterr().err
+    assert sorted(Path(m.source).name for m in objects) == sorted(listed)
+    assert objects[0].ref == "Namespace/raymoe"
     assert first.count(" created ") == len(objects) and second.count(" unchanged ") == len(objects)
-    assert kube.objects == {} and kube.violations == []
+    assert set(kube.objects) == {("namespaces", "", "default")} and kube.violations == []
+
+
+@needs_rendered_k8s
+def test_a_rendered_rayjob_applies_on_its_own_after_the_base(tmp_path, capsys):
+    # Prepare: the base applied; the "operator" starts the job after two reads.
+    kube = FakeKubeApi(namespaces=("default",))
+    try:
+        assert deploy(kube, tmp_path, "apply", str(REPO_K8S / "base")) == 0
+        base_objects = set(kube.objects)
+        kube.set_status("rayjobs", "raymoe", "raymoe-ingest", {
+            "observedGeneration": 1, "jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, after_gets=2)
+        capsys.readouterr()
+
+        # Execute
+        code = deploy(kube, tmp_path, "apply", str(REPO_K8S / "base" / "jobs" / "rayjob.ingest.yaml"), "--wait",
+                      "--interval", "0.01", "--timeout", "30")
+        out = capsys.readouterr().out
+    finally:
+        kube.close()
+
+    # Assert: one object more, nothing else touched.
+    assert code == 0, capsys.readouterr().err
+    assert set(kube.objects) - base_objects == {("rayjobs", "raymoe", "raymoe-ingest")}
+    assert out.splitlines()[1].startswith("RayJob/raymoe-ingest created (namespace raymoe, ")
+    assert "all 1 objects ready" in out and kube.violations == []
+
+
+@needs_rendered_k8s
+def test_a_rendered_overlay_is_refused_with_the_kubectl_command(kube, tmp_path, capsys):
+    overlay = REPO_K8S / "overlays" / "cpu-dev"
+
+    code = deploy(kube, tmp_path, "apply", str(overlay))
+
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"raymoe deploy apply: {overlay} is a kustomize overlay: apply it with `kubectl apply --server-side -k "
+        f"{overlay}`, or apply its base with `raymoe deploy apply {REPO_K8S / 'base'}`")
+    assert kube.requests == []
 
 
 # ---- status and waiting ----
@@ -334,7 +486,7 @@ def test_delete_runs_in_reverse_order_in_the_foreground_and_waits_for_gone(kube,
 
     # Assert
     assert code == 0 and again == 0
-    assert kube.objects == {}
+    assert set(kube.objects) == STARTING_NAMESPACES
     deletes = kube.calls("DELETE")
     assert [path.rsplit("/", 2)[1] for _, path, _ in deletes[:3]] == ["rayservices", "rayclusters", "configmaps"]
     assert all(q == {"propagationPolicy": "Foreground"} for _, _, q in deletes)
@@ -455,12 +607,10 @@ def test_missing_namespace_and_bad_credentials(kube, manifests, tmp_path, capsys
 
 
 def test_manifest_problems_fail_before_any_call(kube, manifests, tmp_path, capsys):
-    (manifests / "kustomization.yaml").write_text("apiVersion: kustomize.config.k8s.io/v1beta1\n"
-                                                  "kind: Kustomization\nmetadata: {name: k}\n")
+    (manifests / "deployment.yaml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n")
     assert deploy(kube, tmp_path, "apply", str(manifests)) == 2
-    assert "kustomization.yaml: apiVersion 'kustomize.config.k8s.io/v1beta1' kind 'Kustomization' is not one" \
-        in capsys.readouterr().err
-    (manifests / "kustomization.yaml").unlink()
+    assert "deployment.yaml: apiVersion 'apps/v1' kind 'Deployment' is not one" in capsys.readouterr().err
+    (manifests / "deployment.yaml").unlink()
     (manifests / "configmap.yaml").write_text(CONFIGMAP.replace("name: raymoe-config", "name: raymoe-config\n"
                                                                 "  namespace: prod"))
     assert deploy(kube, tmp_path, "apply", str(manifests), "-n", "raymoe") == 2
@@ -502,7 +652,7 @@ def test_the_fake_server_flags_calls_a_real_one_would_not_expect(tmp_path):
         "apply of rayclusters/raymoe with fieldManager 'kubectl'",
         "DELETE ('rayclusters', 'raymoe', 'raymoe') with propagationPolicy=None",
     ]
-    assert kube.objects == {}
+    assert set(kube.objects) == STARTING_NAMESPACES
 
 
 def test_in_a_pod_without_a_kubeconfig_the_service_account_is_used(tmp_path, monkeypatch):

@@ -1,9 +1,17 @@
 """`raymoe deploy apply|status|delete|logs`: the KubeRay manifests (k8s/) onto a cluster and back.
 
-    raymoe deploy apply k8s/ [--wait] [--force-conflicts]   server-side apply, field manager "raymoe"
-    raymoe deploy status k8s/                               readiness of each object from its status
-    raymoe deploy delete k8s/ [--no-wait]                   reverse order, foreground, waits for gone
-    raymoe deploy logs raycluster/NAME [-f] [--tail N]      the Ray head pod's log
+    raymoe deploy apply k8s/base [--wait] [--force-conflicts]   server-side apply, field manager "raymoe"
+    raymoe deploy apply k8s/base/jobs/rayjob.ingest.yaml --wait   then each RayJob, one at a time
+    raymoe deploy status k8s/base k8s/base/jobs                 readiness of each object from its status
+    raymoe deploy delete k8s/base [--no-wait]                   reverse order, foreground, waits for gone
+    raymoe deploy logs rayjob/raymoe-ingest [-f] [--tail N]     the Ray head pod's log
+
+PATHS are read as kubectl reads them: a file is applied as given; a directory with a
+kustomization.yaml (k8s/base) means the files its `resources:` lists, no others (so not jobs/); a
+kustomize overlay (k8s/overlays/*: patches, or a base directory among its resources) is refused,
+since only `kubectl apply --server-side -k` renders it; any other directory means every *.yaml
+below it, and is refused if a kustomization lies below it. Deleting k8s/base deletes its Namespace
+last, and with it everything else in that namespace (RayJobs from jobs/ too).
 
 The cluster comes from the kubeconfig (--kubeconfig, $KUBECONFIG or ~/.kube/config; --context) or,
 inside a pod, the service account. Exit codes: 0 done; 1 server or workload problem (unreachable,
@@ -16,6 +24,15 @@ import argparse
 import sys
 import time
 from typing import Any, TextIO
+
+
+PATHS_HELP = ("manifest files (applied as given), kustomize base directories (the files their "
+              "`resources:` lists; overlays are refused) or other directories (every *.yaml below)")
+
+
+def _scope(namespace: str) -> str:
+    """`namespace NS`, or `cluster-scoped` for an object without a namespace (a Namespace)."""
+    return f"namespace {namespace}" if namespace else "cluster-scoped"
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -37,17 +54,21 @@ def _wait_options(p: argparse.ArgumentParser, timeout_s: float) -> None:
 
 def add_deploy_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deploy", help="apply, inspect, delete and tail the KubeRay deployment",
-                       description="Apply the manifests in k8s/ (RayCluster, RayJob, RayService, RBAC, "
-                       "monitoring) to a Kubernetes cluster with server-side apply, report their "
-                       "readiness, delete them, and stream the Ray head pod's log.")
+                       description="Apply the manifests in k8s/ (Namespace, RBAC, RayCluster, RayService, "
+                       "monitoring; then the RayJobs in k8s/base/jobs one at a time) to a Kubernetes "
+                       "cluster with server-side apply, report their readiness, delete them, and stream "
+                       "the Ray head pod's log. A directory with a kustomization.yaml means the files its "
+                       "`resources:` lists; kustomize overlays take `kubectl apply --server-side -k`.")
     verbs = p.add_subparsers(dest="verb", required=True)
     common = _common_options()
 
     apply_p = verbs.add_parser("apply", parents=[common], help="server-side apply the manifests",
                                description="Server-side applies every object (field manager `raymoe`) in "
-                               "order: RBAC and config first, Ray workloads last. Running it again "
-                               "changes nothing unless the manifests changed.")
-    apply_p.add_argument("paths", nargs="+", help="YAML files, or directories searched for *.yaml")
+                               "order: the Namespace, RBAC and config first, Ray workloads last. Running it "
+                               "again changes nothing unless the manifests changed. Apply k8s/base first, "
+                               "then each RayJob file of k8s/base/jobs in pipeline order (ingest, train, "
+                               "finetune, federated, drift).")
+    apply_p.add_argument("paths", nargs="+", help=PATHS_HELP)
     apply_p.add_argument("--force-conflicts", action="store_true",
                          help="take over fields another field manager (kubectl, an operator) set")
     apply_p.add_argument("--wait", action="store_true",
@@ -59,13 +80,15 @@ def add_deploy_command(sub: argparse._SubParsersAction) -> None:
                                 description="Reads each object of the manifests and prints its kind/name, "
                                 "readiness and the status fields it comes from (RayCluster conditions "
                                 "and state, RayService conditions, RayJob deployment and job status).")
-    status_p.add_argument("paths", nargs="+", help="YAML files, or directories searched for *.yaml")
+    status_p.add_argument("paths", nargs="+", help=PATHS_HELP)
     status_p.set_defaults(func=_run_status)
 
     delete_p = verbs.add_parser("delete", parents=[common], help="delete the objects, in reverse order",
                                 description="Deletes every object in reverse apply order with "
-                                "propagationPolicy=Foreground, then waits until all are gone.")
-    delete_p.add_argument("paths", nargs="+", help="YAML files, or directories searched for *.yaml")
+                                "propagationPolicy=Foreground, then waits until all are gone. The Namespace "
+                                "goes last, and with it every other object in it (RayJobs created from "
+                                "k8s/base/jobs too).")
+    delete_p.add_argument("paths", nargs="+", help=PATHS_HELP)
     delete_p.add_argument("--no-wait", action="store_true", help="return once the deletes are accepted")
     _wait_options(delete_p, 300.0)
     delete_p.set_defaults(func=_run_delete)
@@ -117,7 +140,7 @@ def _run_apply(args: argparse.Namespace) -> int:
     for manifest, namespace in targets:
         outcome, obj = client.apply(manifest, namespace, force=args.force_conflicts)
         meta = obj.get("metadata", {})
-        print(f"{manifest.ref} {outcome} (namespace {namespace}, resourceVersion {meta.get('resourceVersion')})")
+        print(f"{manifest.ref} {outcome} ({_scope(namespace)}, resourceVersion {meta.get('resourceVersion')})")
     if not args.wait:
         return 0
     return _wait(client, targets, want=READY, timeout_s=args.timeout, interval_s=args.interval)
@@ -133,7 +156,7 @@ def _run_status(args: argparse.Namespace) -> int:
     for manifest in manifests:
         namespace = target_namespace(manifest, args.namespace, conn.namespace)
         ready = readiness(client.read(manifest.kind, manifest.name, namespace))
-        rows.append((manifest.ref, namespace, ready.state, ready.detail))
+        rows.append((manifest.ref, namespace or "-", ready.state, ready.detail))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
@@ -150,10 +173,10 @@ def _run_delete(args: argparse.Namespace) -> int:
     pending = []
     for manifest, namespace in targets:
         if client.delete(manifest.kind, manifest.name, namespace):
-            print(f"{manifest.ref} deleting (namespace {namespace}, propagationPolicy Foreground)")
+            print(f"{manifest.ref} deleting ({_scope(namespace)}, propagationPolicy Foreground)")
             pending.append((manifest, namespace))
         else:
-            print(f"{manifest.ref} already gone (namespace {namespace})")
+            print(f"{manifest.ref} already gone ({_scope(namespace)})")
     if args.no_wait or not pending:
         return 0
     return _wait(client, pending, want=ABSENT, timeout_s=args.timeout, interval_s=args.interval)

@@ -14,8 +14,19 @@ Which client API does what, and why:
   Responses are read raw (`_preload_content=False`) so every kind comes back as the same plain
   dict the API server sent.
 
-References: https://kubernetes.io/docs/reference/using-api/server-side-apply/ and the API
-conventions' Status object (kind Status, reason, details.causes[].field, code).
+Which files are read, as `kubectl apply -f` / `-k` would:
+- a file is applied as given, whatever its name or directory;
+- a directory holding a kustomization (kustomization.yaml, .yml or Kustomization) is a kustomize
+  base: exactly the files its `resources:` lists are applied, with its `namespace:`. A kustomization
+  that patches (`patches`, `patchesStrategicMerge`, `patchesJson6902`) or builds on another
+  directory (an overlay) is refused: only kustomize renders it right (`kubectl apply -k`);
+- any other directory: every *.yaml / *.yml below it, except that a subdirectory holding a
+  kustomization is refused (its patches and unlisted files, e.g. k8s/base/jobs, are not plain
+  manifests to apply together).
+
+References: https://kubernetes.io/docs/reference/using-api/server-side-apply/, the API
+conventions' Status object (kind Status, reason, details.causes[].field, code) and
+https://kubectl.docs.kubernetes.io/references/kustomize/kustomization/ (the kustomization fields).
 
 Exit codes carried by `KubeError`: USER_ERROR (2) when the fix is in what the user runs or installs
 (manifests, RBAC, CRDs, flags, kubeconfig); SERVER_ERROR (1) when the server is unreachable or
@@ -25,6 +36,7 @@ fails, or the workload does.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -62,7 +74,8 @@ class Kind:
 
     `typed` is (API class in kubernetes.client, method stem) for built-in kinds, e.g.
     ("CoreV1Api", "namespaced_config_map"); None means CustomObjectsApi (a CRD-backed kind, whose
-    `install` says what to install when the CRD is missing).
+    `install` says what to install when the CRD is missing). A kind that is not `namespaced`
+    (Namespace) lives at the cluster scope: its objects have no namespace.
     """
 
     api_version: str
@@ -70,6 +83,7 @@ class Kind:
     plural: str
     typed: tuple[str, str] | None = None
     install: str = ""
+    namespaced: bool = True
 
     @property
     def group(self) -> str:
@@ -88,9 +102,11 @@ class Kind:
 _KUBERAY = f"KubeRay CRD {{resource}} not installed: install the KubeRay operator {KUBERAY_VERSION}"
 _PROM_OPERATOR = "CRD {resource} not installed: install the Prometheus Operator CRDs"
 
-# In apply order: identity and permissions, config and networking, monitoring, the Ray workloads,
-# then the batch jobs that call them. Delete runs it backwards.
+# In apply order: the namespace everything else lives in, identity and permissions, config and
+# networking, monitoring, the Ray workloads, then the batch jobs that call them. Delete runs it
+# backwards, so the namespace goes last.
 KINDS: dict[tuple[str, str], Kind] = {(k.api_version, k.kind): k for k in (
+    Kind("v1", "Namespace", "namespaces", ("CoreV1Api", "namespace"), namespaced=False),
     Kind("v1", "ServiceAccount", "serviceaccounts", ("CoreV1Api", "namespaced_service_account")),
     Kind("rbac.authorization.k8s.io/v1", "Role", "roles", ("RbacAuthorizationV1Api", "namespaced_role")),
     Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings",
@@ -138,41 +154,116 @@ class Manifest:
 
 
 def load_manifests(paths: Sequence[str | Path]) -> list[Manifest]:
-    """Reads every document of the YAML files named or found (recursively, by path order) under
-    the directories named, in apply order (RBAC and config first, Ray workloads last).
+    """Reads every document of the manifest files that `paths` name (see the module docstring for
+    files, kustomization directories and other directories), in apply order (the namespace, RBAC
+    and config first, Ray workloads last).
 
     Raises:
-        KubeError: a file that does not parse, a document without apiVersion/kind/metadata.name,
+        KubeError: a path that is missing, a kustomize overlay or a kustomization that transforms
+            objects, a file that does not parse, a document without apiVersion/kind/metadata.name,
             a kind `raymoe deploy` does not know, or the same object twice (USER_ERROR).
     """
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise KubeError(f"{path}: no such file or directory", USER_ERROR)
     manifests, seen = [], {}
-    for file in files:
-        try:
-            docs = [d for d in yaml.safe_load_all(file.read_text()) if d is not None]
-        except yaml.YAMLError as exc:
-            raise KubeError(f"{file}: not valid YAML: {exc}", USER_ERROR) from exc
-        for i, doc in enumerate(docs):
-            source = f"{file}#{i}" if len(docs) > 1 else str(file)
-            manifest = _manifest(doc, source)
-            key = (manifest.kind.kind, manifest.namespace, manifest.name)
-            if key in seen:
-                raise KubeError(f"{source}: {manifest.ref} is also defined in {seen[key]}", USER_ERROR)
-            seen[key] = source
-            manifests.append(manifest)
+    for path in map(Path, paths):
+        files, namespace = _manifest_files(path)
+        for file in files:
+            try:
+                docs = [d for d in yaml.safe_load_all(file.read_text()) if d is not None]
+            except yaml.YAMLError as exc:
+                raise KubeError(f"{file}: not valid YAML: {exc}", USER_ERROR) from exc
+            for i, doc in enumerate(docs):
+                source = f"{file}#{i}" if len(docs) > 1 else str(file)
+                manifest = _manifest(doc, source)
+                if namespace and manifest.kind.namespaced:
+                    if manifest.namespace not in (None, namespace):
+                        # kustomize would move it (and fix up references to it); that is its job.
+                        raise KubeError(f"{source}: {manifest.ref} sets namespace {manifest.namespace!r} but "
+                                        f"{path}'s kustomization sets {namespace!r}: make them agree",
+                                        USER_ERROR)
+                    manifest = dataclasses.replace(manifest, namespace=namespace)
+                key = (manifest.kind.kind, manifest.namespace, manifest.name)
+                if key in seen:
+                    raise KubeError(f"{source}: {manifest.ref} is also defined in {seen[key]}", USER_ERROR)
+                seen[key] = source
+                manifests.append(manifest)
     if not manifests:
         raise KubeError(f"no Kubernetes objects in {', '.join(map(str, paths))}", USER_ERROR)
     return sorted(manifests, key=lambda m: _ORDER.index(m.kind.kind))
 
 
+KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")  # kustomize's names
+_OVERLAY_FIELDS = ("patches", "patchesStrategicMerge", "patchesJson6902")
+# Every other kustomization field (namePrefix, labels, images, configMapGenerator, components, ...)
+# changes or adds objects; only kustomize does that right, so such a kustomization is refused.
+_KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "metadata", "resources", "namespace", *_OVERLAY_FIELDS}
+
+
+def _manifest_files(path: Path) -> tuple[list[Path], str | None]:
+    """The files `path` stands for and the namespace its kustomization sets (None: no kustomization)."""
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise KubeError(f"{path}: no such file or directory", USER_ERROR)
+    if _kustomization_file(path) is not None:
+        return _kustomization_resources(path)
+    nested = sorted({p.parent for p in path.rglob("*") if p.name in KUSTOMIZATION_FILES and p.is_file()})
+    if nested:
+        raise KubeError(f"{nested[0]} holds a kustomization: apply it on its own (`raymoe deploy apply "
+                        f"{nested[0]}`), not as part of {path}", USER_ERROR)
+    return sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()), None
+
+
+def _kustomization_file(directory: Path) -> Path | None:
+    found = [directory / name for name in KUSTOMIZATION_FILES if (directory / name).is_file()]
+    if len(found) > 1:
+        raise KubeError(f"{directory}: several kustomization files ({', '.join(f.name for f in found)}): "
+                        "kustomize refuses that too; keep one", USER_ERROR)
+    return found[0] if found else None
+
+
+def _kustomization_resources(directory: Path) -> tuple[list[Path], str | None]:
+    """The files a kustomize base lists in `resources:`, and its `namespace:`."""
+    file = _kustomization_file(directory)
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise KubeError(f"{file}: not valid YAML: {exc}", USER_ERROR) from exc
+    if not isinstance(doc, dict) or doc.get("kind", "Kustomization") != "Kustomization":
+        raise KubeError(f"{file}: expected a kustomization (kind Kustomization, apiVersion "
+                        "kustomize.config.k8s.io/v1beta1)", USER_ERROR)
+    resources = doc.get("resources") or []
+    if not isinstance(resources, list) or not all(isinstance(r, str) for r in resources):
+        raise KubeError(f"{file}: resources must be a list of paths", USER_ERROR)
+    # A resource that is a directory (or a remote one) is a base this kustomization builds on.
+    bases = [r for r in resources if (directory / r).is_dir() or "://" in r or r.startswith("github.com/")]
+    if bases or any(field in doc for field in _OVERLAY_FIELDS):
+        local = [os.path.normpath(directory / r) for r in bases if (directory / r).is_dir()]
+        hint = f", or apply its base with `raymoe deploy apply {' '.join(local)}`" if local else ""
+        raise KubeError(f"{directory} is a kustomize overlay: apply it with `kubectl apply --server-side -k "
+                        f"{directory}`{hint}", USER_ERROR)
+    if transforms := sorted(set(doc) - _KUSTOMIZATION_FIELDS):
+        raise KubeError(f"{file} uses {', '.join(transforms)}: only kustomize renders that; apply it with "
+                        f"`kubectl apply --server-side -k {directory}`", USER_ERROR)
+    namespace = doc.get("namespace")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise KubeError(f"{file}: namespace must be a name, got {namespace!r}", USER_ERROR)
+    files, root = [], directory.resolve()
+    for resource in resources:
+        target = directory / resource
+        if not target.is_file():
+            raise KubeError(f"{file}: resource {resource!r} is not a file in {directory}", USER_ERROR)
+        if not target.resolve().is_relative_to(root):
+            raise KubeError(f"{file}: resource {resource!r} is outside {directory} (kustomize refuses it too)",
+                            USER_ERROR)
+        files.append(target)
+    return files, namespace
+
+
 def _manifest(doc: Any, source: str) -> Manifest:
+    if isinstance(doc, dict) and (doc.get("kind") in ("Kustomization", "Component")
+                                  or str(doc.get("apiVersion")).startswith("kustomize.config.k8s.io/")):
+        raise KubeError(f"{source} is a kustomization, not a Kubernetes object: apply its directory "
+                        f"(`raymoe deploy apply {Path(source.partition('#')[0]).parent}`)", USER_ERROR)
     if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
         raise KubeError(f"{source}: expected a Kubernetes object with apiVersion, kind and metadata",
                         USER_ERROR)
@@ -184,11 +275,17 @@ def _manifest(doc: Any, source: str) -> Manifest:
     name = doc["metadata"].get("name")
     if not isinstance(name, str) or not name:
         raise KubeError(f"{source}: {key[1]} has no metadata.name", USER_ERROR)
-    return Manifest(KINDS[key], name, doc["metadata"].get("namespace"), doc, source)
+    kind = KINDS[key]
+    # The API server ignores a namespace on a cluster-scoped object; so does raymoe deploy.
+    namespace = doc["metadata"].get("namespace") if kind.namespaced else None
+    return Manifest(kind, name, namespace, doc, source)
 
 
 def target_namespace(manifest: Manifest, flag: str | None, default: str) -> str:
-    """The namespace to use: --namespace, else the manifest's, else the kubeconfig context's."""
+    """The namespace to use: --namespace, else the manifest's, else the kubeconfig context's;
+    "" for a cluster-scoped kind (Namespace), whatever --namespace says, as kubectl does."""
+    if not manifest.kind.namespaced:
+        return ""
     if flag and manifest.namespace and flag != manifest.namespace:
         raise KubeError(f"{manifest.source}: {manifest.ref} sets namespace {manifest.namespace!r} but "
                         f"--namespace is {flag!r}: drop one of them", USER_ERROR)
@@ -260,7 +357,8 @@ class KubeClient:
             return None
 
     def apply(self, manifest: Manifest, namespace: str, *, force: bool = False) -> tuple[str, dict[str, Any]]:
-        """Server-side applies `manifest` in `namespace` as field manager "raymoe".
+        """Server-side applies `manifest` in `namespace` ("" for a cluster-scoped kind) as field
+        manager "raymoe".
 
         Returns:
             ("created" | "configured" | "unchanged", the object after the apply); "unchanged" when
@@ -268,7 +366,10 @@ class KubeClient:
         """
         before = self.read(manifest.kind, manifest.name, namespace)
         body = copy.deepcopy(manifest.body)
-        body["metadata"]["namespace"] = namespace
+        if manifest.kind.namespaced:
+            body["metadata"]["namespace"] = namespace
+        else:
+            body["metadata"].pop("namespace", None)
         after = self._json(self._call(manifest.kind, "patch", manifest.name, namespace, body=body, force=force))
         if before is None:
             return "created", after
@@ -348,7 +449,8 @@ class KubeClient:
 
     def _call(self, kind: Kind, verb: str, name: str, namespace: str, *, body: dict | None = None,
               force: bool = False) -> Any:
-        """One get/patch/delete of `kind` `name` through CustomObjectsApi or the typed API."""
+        """One get/patch/delete of `kind` `name` through CustomObjectsApi or the typed API
+        (`namespace` is ignored for a cluster-scoped kind)."""
         opts: dict[str, Any] = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT_S}
         if verb == "patch":
             opts.update(field_manager=FIELD_MANAGER, _content_type=APPLY_PATCH)
@@ -356,13 +458,14 @@ class KubeClient:
                 opts["force"] = True
         elif verb == "delete":
             opts["propagation_policy"] = "Foreground"
-        if kind.typed is None:  # get_/patch_/delete_namespaced_custom_object
-            call = getattr(self._custom, f"{verb}_namespaced_custom_object")
-            args: tuple = (kind.group, kind.version, namespace, kind.plural, name)
+        if kind.typed is None:  # get_/patch_/delete_{namespaced,cluster}_custom_object
+            scope = "namespaced" if kind.namespaced else "cluster"
+            call = getattr(self._custom, f"{verb}_{scope}_custom_object")
+            args: tuple = (kind.group, kind.version, *([namespace] if kind.namespaced else []), kind.plural, name)
         else:  # read_/patch_/delete_<stem>
             cls, stem = kind.typed
             call = getattr(self._api(cls), f"{'read' if verb == 'get' else verb}_{stem}")
-            args = (name, namespace)
+            args = (name, namespace) if kind.namespaced else (name,)
         if body is not None:
             args += (body,)
         return self._send(verb, kind.resource, f"{kind.kind}/{name}", namespace, lambda: call(*args, **opts),
@@ -411,7 +514,7 @@ def explain_api_error(code: int, body: str | bytes | None, *, verb: str, resourc
 
     A 404 whose Status names the object is `ObjectNotFound`; one that names no object (or a plain
     "404 page not found" from older servers) is a path nothing serves: for a CRD-backed kind, the
-    CRD is not installed.
+    CRD is not installed. `namespace` is "" for a cluster-scoped object.
     """
     status: dict[str, Any] = {}
     if body:
@@ -424,13 +527,15 @@ def explain_api_error(code: int, body: str | bytes | None, *, verb: str, resourc
     details = status.get("details") or {}
     causes = details.get("causes") or []
     user_error = 400 <= code < 500
+    where = f"in namespace {namespace}" if namespace else "at the cluster scope"
 
     if code == 404:
-        if details.get("kind") == "namespaces":
+        if details.get("kind") == "namespaces" and resource != "namespaces":
             return KubeError(f"{ref}: namespace {details.get('name', namespace)} not found: create it "
                              "or pass --namespace", USER_ERROR)
         if details.get("name"):
-            return ObjectNotFound(f"{ref} not found in namespace {namespace}", USER_ERROR)
+            return ObjectNotFound(f"{ref} not found" + (f" in namespace {namespace}" if namespace else ""),
+                                  USER_ERROR)
         if kind is not None and kind.install:
             return KubeError(f"{ref}: {kind.install.format(resource=kind.resource)}", USER_ERROR)
         return KubeError(f"{ref}: the API server does not serve {resource} (404 on its path): check that "
@@ -448,8 +553,9 @@ def explain_api_error(code: int, body: str | bytes | None, *, verb: str, resourc
                 else f"user {user}"
             what = match["verb"]
         plural = resource.partition(".")[0]
-        return KubeError(f"{ref}: {who} cannot {what} {plural} in namespace {namespace}: check the Role in k8s/",
-                         USER_ERROR)
+        # k8s/ grants namespaced Roles only; the cluster scope takes a ClusterRole from an admin.
+        fix = "check the Role in k8s/" if namespace else "ask a cluster admin for a ClusterRole that allows it"
+        return KubeError(f"{ref}: {who} cannot {what} {plural} {where}: {fix}", USER_ERROR)
     if code == 409:
         fields = ", ".join(c.get("field", "?") for c in causes) or "some fields"
         return KubeError(f"{ref}: apply conflicts with another field manager on {fields} ({message}): "
