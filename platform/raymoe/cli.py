@@ -6,6 +6,7 @@
     raymoe dashboards push --url URL  upload them to Grafana (token from GRAFANA_TOKEN)
     raymoe report RUN_DIR             PNG plots of a run directory (no Grafana needed)
     raymoe plan --model FLAVOUR --fleet FILE  capacity plan: layout, memory, tokens/s, replicas
+    raymoe rebalance --config FILE            expert re-placement from measured load (live apply)
     raymoe manifests render [--out k8s]       KubeRay manifests from one set of values
     raymoe deploy apply|status|delete|logs   KubeRay objects through the Kubernetes API
 
@@ -97,6 +98,12 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     add_plan_command(sub)
 
 
+def _add_rebalance(sub: argparse._SubParsersAction) -> None:
+    from raymoe.deploy.rebalance_cli import add_rebalance_command
+
+    add_rebalance_command(sub)
+
+
 def _add_manifests(sub: argparse._SubParsersAction) -> None:
     from raymoe.deploy.manifests.cli import add_manifests_command
 
@@ -110,7 +117,8 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_export, _add_merge, _add_dashboards, _add_report, _add_plan, _add_manifests, _add_deploy]
+    _add_export, _add_merge, _add_dashboards, _add_report, _add_plan, _add_rebalance, _add_manifests,
+    _add_deploy]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,12 +70,35 @@ def test_hand_worked_sizes():
 
 
 def test_decode_step_is_memory_bound_at_batch_one_by_hand():
-    # Mixtral-8x7B in BF16 on one H200: at one sequence the experts' GEMMs read all 8 experts of 32
-    # layers: 8 x 3 x 4096 x 14336 x 32 x 2 bytes = 90.19 GB at 4.8 TB/s x 0.9 -> 20.88 ms.
+    # Mixtral-8x7B in BF16 on one H200: one sequence's token goes to 2 of the 8 experts in each of
+    # 32 layers, so the experts' GEMMs read 2 x 3 x 4096 x 14336 x 32 x 2 bytes = 22.55 GB at
+    # 4.8 TB/s x 0.9 -> 5.22 ms. At 64 sequences nearly every expert gets a token:
+    # 1 - (6/8)^64 = 1 - 1e-8 of the 8.
     sizes = model_sizes(flavour("mixtral-8x7b"))
     step = decode_step(sizes, load_fleet("h200"), Layout(ep=1, num_slots=8), BF16, batch=1, context=100)
-    assert step.experts_s == pytest.approx(8 * 3 * 4096 * 14336 * 32 * 2 / (4.8e12 * 0.9))
+    assert step.experts_s == pytest.approx(2 * 3 * 4096 * 14336 * 32 * 2 / (4.8e12 * 0.9))
     assert step.comm_s == 0.0
+    step = decode_step(sizes, load_fleet("h200"), Layout(ep=1, num_slots=8), BF16, batch=64, context=100)
+    assert step.experts_s == pytest.approx(8 * 3 * 4096 * 14336 * 32 * 2 / (4.8e12 * 0.9), rel=1e-6)
+
+
+def test_cpu_fleet_plans_fp32_by_hand():
+    from raymoe.deploy.cpu_fleet import cpu_fleet, cpu_roofline
+
+    # A CPU measured at 100 GFLOP/s fp32 and 20 GB/s read, serving the `small` flavour in fp32.
+    # At one sequence the dense matmuls (head included, fp32 like the rest) take their weights'
+    # bytes / 20 GB/s: memory-bound, since 2 FLOPs per 4-byte weight is far below the machine's
+    # 100e9 / 20e9 = 5 FLOPs per byte.
+    fleet = cpu_fleet(cpu="test", memory_gb=24, fp32_flops=100e9, bf16_flops=50e9, read_bytes_per_s=20e9)
+    sizes = model_sizes(flavour("small"))
+    step = decode_step(sizes, fleet, Layout(ep=1, num_slots=16), cpu_roofline(), batch=1, context=100)
+    dense_bytes = (sizes.dense_params - sizes.embed_params) * 4 + sizes.head_params * 4
+    assert step.dense_s == pytest.approx(dense_bytes / 20e9)
+    # One token: 2 of 16 experts in each of 7 MoE layers, each 3 x 512 x 512 fp32 weights.
+    assert step.experts_s == pytest.approx(2 / 16 * 16 * 3 * 512 * 512 * 7 * 4 / 20e9)
+    assert fleet.peak_flops("fp32") == 100e9 and fleet.gpus_per_node == 1
+    with pytest.raises(ValueError, match="fleet cpu has no peak for dtype 'fp8'"):
+        fleet.peak_flops("fp8")
 
 
 def test_deepseek_units_per_gpu_expert_counts():
@@ -181,3 +204,18 @@ def test_plan_cli_writes_json_for_manifests(tmp_path, capsys):
 def test_plan_cli_unknown_override_names_the_key():
     with pytest.raises(ValueError, match="unknown key bogus"):
         _cli(["plan", "--model", "deepseek-v3", "--fleet", "h800", "bogus=1"])
+
+
+def test_planner_takes_a_cpu_fleet_file(tmp_path):
+    # Prepare: a CPU written as a fleet file (one device per node, fp32 only).
+    cpu = tmp_path / "cpu.yaml"
+    cpu.write_text("name: my-cpu\ngpu: a CPU\nmemory_gb: 24\npeak_tflops: {fp32: 0.3}\nhbm_tb_per_s: 0.024\n"
+                   "gpus_per_node: 1\nintra_node_gb_per_s: 1.25\ninter_node_gb_per_s: 1.25\n")
+    fp32 = {"weight_dtype": "fp32", "kv_dtype": "fp32", "attention_dtype": "fp32"}
+    # Execute
+    result = plan(PlanConfig(model="small", fleet=str(cpu), ep=1, input_len=64, output_len=64,
+                             roofline=RooflineConfig(**fp32)))
+    # Assert: a one-device plan; a dtype the fleet lacks is named.
+    assert result.layout.ep == 1 and result.replicas == 1 and result.memory.fits
+    with pytest.raises(ValueError, match="fleet my-cpu has no peak for dtype 'bf16'"):
+        plan(PlanConfig(model="small", fleet=str(cpu), ep=1))

@@ -6,8 +6,11 @@ interval. On disk:
 - `.npy`: one integer array of shape (T, L, E);
 - `.jsonl`: one record per line, `{"tokens_per_expert": [[... E counts ...], ... L rows ...]}`;
   other keys (a timestamp, a step number) are ignored.
+- a directory of the serving app's traffic windows (`app.traffic.output_dir`, Parquet files whose
+  metadata holds the window's `expert_load`): the app records this trace as it serves
+  (`windows_trace`); windows of several replicas that cover the same time are one step.
 Prometheus exports the counts as counters; `from_cumulative` turns snapshots into per-interval
-counts.
+counts, and `prometheus_load` asks Prometheus for the counts over one window.
 
 `zipf_trace` draws a synthetic trace whose expert popularity follows Zipf's law and drifts.
 
@@ -17,6 +20,7 @@ Legend: T steps, L MoE layers, E experts.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +40,14 @@ def _check(trace: np.ndarray, where: str) -> np.ndarray:
 
 
 def read_trace(path: str | Path) -> np.ndarray:
-    """(T, L, E) counts from a `.npy` or `.jsonl` trace file.
+    """(T, L, E) counts from a `.npy` or `.jsonl` trace file, or a directory of traffic windows.
 
     Raises:
-        ValueError: naming the line (JSONL) and what is wrong with it.
+        ValueError: naming the line (JSONL) or file (windows) and what is wrong with it.
     """
     path = Path(path)
+    if path.is_dir():
+        return windows_trace(path).trace_TLE
     if not path.is_file():
         raise ValueError(f"trace {str(path)!r} does not exist")
     if path.suffix == ".npy":
@@ -112,3 +118,120 @@ def zipf_trace(*, num_steps: int, num_layers: int, num_experts: int, tokens_per_
         for layer in range(num_layers):
             trace[step, layer] = rng.multinomial(tokens_per_step, weights[rank[layer]])
     return trace
+
+
+@dataclass(frozen=True)
+class WindowsLoad:
+    """Expert load read from traffic windows: the counts, the files used, the files skipped."""
+
+    trace_TLE: np.ndarray  # one step per time span (windows of several replicas summed)
+    files: list[str]
+    skipped: dict[str, str]  # unreadable file -> why
+
+    @property
+    def load_LE(self) -> np.ndarray:
+        """Tokens per expert per layer over all the windows read."""
+        return self.trace_TLE.sum(axis=0)
+
+
+def windows_trace(directory: str | Path, latest: int = 0) -> WindowsLoad:
+    """The serving app's traffic windows in `directory` as a trace.
+
+    Windows are taken in order of their end time (`raymoe.monitor.traffic_windows.list_windows`);
+    a window that starts before the current step's first window ends (another replica's window of
+    about the same span) joins that step, otherwise it starts a new step. Unreadable windows and windows without expert
+    counts (an app that has not routed a token yet) are skipped and reported, not dropped silently.
+
+    Args:
+        directory: `app.traffic.output_dir` of the serving app.
+        latest: use only the newest this-many window files (0 = all).
+
+    Raises:
+        ValueError: no readable window with expert counts, or windows of different shapes.
+    """
+    from raymoe.monitor.traffic_windows import list_windows, read_window
+
+    files = list_windows(directory)
+    if latest:
+        files = files[-latest:]
+    steps: list[np.ndarray] = []
+    used, skipped = [], {}
+    step_end = None
+    shape = None
+    for path in files:
+        try:
+            window = read_window(path)
+        except ValueError as exc:
+            skipped[str(path)] = str(exc)
+            continue
+        load = window.features["expert_load"]
+        if load.size == 0:
+            skipped[str(path)] = "no expert counts in the window"
+            continue
+        if shape is not None and load.shape != shape:
+            raise ValueError(f"{path}: expert_load has shape {load.shape}, earlier windows {shape}")
+        shape = load.shape
+        if step_end is not None and window.meta["start"] < step_end:
+            steps[-1] = steps[-1] + load
+        else:
+            steps.append(load.astype(np.int64))
+            step_end = window.meta["end"]
+        used.append(str(path))
+    if not steps:
+        why = f" ({len(skipped)} skipped: {next(iter(skipped.values()))})" if skipped else ""
+        raise ValueError(f"{directory}: no traffic window with expert counts{why}")
+    return WindowsLoad(trace_TLE=_check(np.stack(steps), str(directory)), files=used, skipped=skipped)
+
+
+PROMETHEUS_METRIC = "ray_raymoe_serve_tokens_per_expert_total"
+
+
+def prometheus_query(model: str, window: str) -> str:
+    """PromQL for tokens per (layer, expert) over the last `window` (e.g. "1h"), all replicas."""
+    selector = f'{{model="{model}"}}' if model else ""
+    return f"sum by (layer, expert) (increase({PROMETHEUS_METRIC}{selector}[{window}]))"
+
+
+def prometheus_load(url: str, window: str, *, model: str = "", timeout_s: float = 30.0) -> np.ndarray:
+    """(L, E) tokens routed per expert per MoE layer over the last `window`, from Prometheus'
+    HTTP API (`/api/v1/query`); counter resets are handled by `increase`. Padding is not in the
+    counter (the engine counts real tokens only).
+
+    Raises:
+        ValueError: Prometheus unreachable or answering an error, or no series.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    query = prometheus_query(model, window)
+    address = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    try:
+        with urllib.request.urlopen(address, timeout=timeout_s) as reply:
+            body = json.loads(reply.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ValueError(f"prometheus.url {url!r}: query failed ({exc})") from None
+    return load_from_prometheus_result(body, query)
+
+
+def load_from_prometheus_result(body: dict, query: str = "") -> np.ndarray:
+    """(L, E) counts from a Prometheus `/api/v1/query` answer of `prometheus_query` (a vector with
+    `layer` and `expert` labels); missing (layer, expert) pairs count 0."""
+    if body.get("status") != "success":
+        raise ValueError(f"prometheus answered {body.get('errorType', 'an error')}: {body.get('error', body)}")
+    series = body.get("data", {}).get("result", [])
+    if not series:
+        raise ValueError(f"prometheus has no series for {query or 'the query'} (no routed tokens in the window?)")
+    cells = {}
+    for s in series:
+        try:
+            cells[int(s["metric"]["layer"]), int(s["metric"]["expert"])] = float(s["value"][1])
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise ValueError(f"prometheus series without integer layer/expert labels: {s} ({exc})") from None
+    layers = 1 + max(layer for layer, _ in cells)
+    experts = 1 + max(expert for _, expert in cells)
+    load = np.zeros((layers, experts), dtype=np.int64)
+    for (layer, expert), value in cells.items():
+        # increase() extrapolates to the window's edges, so counts come back fractional.
+        load[layer, expert] = max(0, round(value))
+    return load

@@ -16,7 +16,9 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
                        "dotted overrides, e.g. input_len=4000 roofline.gemm_efficiency=0.6.")
     p.add_argument("--model", required=True, help="flavour: deepseek-v3, mixtral-8x7b, qwen3-30b-a3b, "
                    "deepseek-v2-lite, ...")
-    p.add_argument("--fleet", required=True, help="shipped fleet (h100-80g, h800, h200) or a fleet YAML file")
+    p.add_argument("--fleet", required=True, help="shipped fleet (h100-80g, h800, h200), cpu (this machine, "
+                   "measured now; plan with roofline.weight_dtype=fp32 and the measured rates, see "
+                   "docs/planner.md), or a fleet YAML file")
     p.add_argument("--rps", type=float, help="requests per second to serve (default: size one replica)")
     p.add_argument("--ttft-ms", type=float, help="time-to-first-token target (default 2000)")
     p.add_argument("--tpot-ms", type=float, help="time-per-output-token target (default 50)")

@@ -2,7 +2,8 @@
 
 A step (one decode token for B sequences per GPU, or a prefill chunk of T tokens per GPU) is three
 kernel classes -- dense GEMMs (attention projections, shared experts, dense FFNs, output head),
-the attention core, and the routed-expert GEMMs -- each taking
+the attention core, and the routed-expert GEMMs (reading the weights of the experts that receive
+a token: `touched_fraction`) -- each taking
 max(FLOPs / achievable FLOP/s, bytes read / achievable HBM bandwidth), plus the all-to-all
 (dispatch + combine; decode sends each expert copy straight to its GPU, prefill sends a token
 once per node and fans it out over NVLink there, as DeepEP's two kernel families do), which runs
@@ -35,8 +36,8 @@ from raymoe.deploy.fleet import FleetSpec
 from raymoe.models.config import ModelConfig
 from raymoe.models.param_count import parameter_counts
 
-Dtype = Literal["fp8", "bf16"]
-BYTES = {"fp8": 1, "bf16": 2}
+Dtype = Literal["fp8", "bf16", "fp32"]
+BYTES = {"fp8": 1, "bf16": 2, "fp32": 4}
 
 
 @dataclass(kw_only=True)
@@ -44,8 +45,10 @@ class RooflineConfig:
     """Precisions and the achievable fractions of peak the estimate assumes."""
 
     # "native" = as the checkpoint is published (the planner resolves it per flavour).
-    weight_dtype: Literal["native", "fp8", "bf16"] = "native"
+    weight_dtype: Literal["native", "fp8", "bf16", "fp32"] = "native"
     kv_dtype: Dtype = "bf16"
+    # The attention core's operands (FlashMLA / FlashAttention run BF16; a CPU serving fp32 runs fp32).
+    attention_dtype: Literal["bf16", "fp32"] = "bf16"
     # DeepSeek dispatches tokens in FP8 (plus one fp32 scale per 128 values) and combines in BF16.
     dispatch_dtype: Dtype = "fp8"
     combine_dtype: Dtype = "bf16"
@@ -184,8 +187,7 @@ def memory_per_gpu(sizes: ModelSizes, fleet: FleetSpec, layout: Layout, rc: Roof
     """Memory per GPU holding KV for `sequences` sequences of `kv_len` tokens, with `tokens` tokens
     in flight in one step, `logit_tokens` of them (default: all) producing fp32 logits."""
     c, w = sizes.cfg, rc.weight_bytes()
-    # FP8 checkpoints (DeepSeek-V3) keep the embedding and output head in BF16.
-    dense = (sizes.dense_params - sizes.embed_params) * w + sizes.embed_params * 2
+    dense = (sizes.dense_params - sizes.embed_params) * w + sizes.embed_params * _embed_bytes(w)
     experts = layout.slots_per_gpu * sizes.num_moe_layers * sizes.expert_params * w
     kv_per_seq = kv_len * sizes.kv_bytes_per_token(rc.kv_dtype) * sizes.kv_copies(layout.attention_tp)
     dispatch, combine = all_to_all_bytes(sizes, rc)
@@ -240,6 +242,22 @@ def _rows_moved(sizes: ModelSizes, fleet: FleetSpec, layout: Layout, node_dedup:
     return reached * (nodes - 1) / nodes, k * (1 - 1 / on_node)
 
 
+def _embed_bytes(weight_bytes: int) -> int:
+    """FP8 checkpoints (DeepSeek-V3) keep the embedding and output head in BF16; wider weights
+    keep them as wide."""
+    return max(weight_bytes, BYTES["bf16"])
+
+
+def touched_fraction(sizes: ModelSizes, layout: Layout, tokens: float) -> float:
+    """Expected share of a GPU's expert slots that receive a token in a step of `tokens` tokens
+    per GPU: every GPU's tokens reach the experts (attention is data-parallel), each picks K of E
+    experts, uniformly under balanced routing, so a slot stays idle with probability
+    (1 - K/E) ** (tokens x ep). An idle expert's weights are not read. ~1 for the batches large
+    serving runs; small at a one-sequence decode (top-2 of 8: a quarter of the experts)."""
+    k, e = sizes.cfg.moe.num_experts_per_tok, sizes.cfg.moe.num_experts
+    return 1.0 - (1.0 - k / e) ** (tokens * layout.ep)
+
+
 def _roof(flops: float, bytes_: float, flops_per_s: float, bytes_per_s: float) -> float:
     return max(flops / flops_per_s, bytes_ / bytes_per_s)
 
@@ -252,12 +270,13 @@ def _step(sizes, fleet, layout, rc, *, tokens, logit_tokens, attention_flops, kv
     gemm = fleet.peak_flops(rc.weight_dtype) * rc.gemm_efficiency
     head = sizes.head_params
     dense_flops = 2 * tokens * (sizes.dense_matmul_params - head) + 2 * logit_tokens * head
-    dense_bytes = (sizes.dense_params - sizes.embed_params) * w / tp + head * 2 / tp
+    dense_bytes = (sizes.dense_params - sizes.embed_params) * w / tp + head * _embed_bytes(w) / tp
     dense_s = _roof(dense_flops, dense_bytes, gemm, hbm)
-    attention_s = _roof(attention_flops, kv_read, fleet.peak_flops("bf16") * rc.attention_efficiency, hbm)
+    attention_s = _roof(attention_flops, kv_read, fleet.peak_flops(rc.attention_dtype) * rc.attention_efficiency, hbm)
     k = c.moe.num_experts_per_tok
     expert_flops = 2 * tokens * k * sizes.expert_params * sizes.num_moe_layers * rc.expert_imbalance
-    expert_bytes = layout.slots_per_gpu * sizes.expert_params * sizes.num_moe_layers * w
+    expert_bytes = (layout.slots_per_gpu * touched_fraction(sizes, layout, tokens) * sizes.expert_params
+                    * sizes.num_moe_layers * w)
     experts_s = _roof(expert_flops, expert_bytes, gemm, hbm)
     comm_s = 0.0
     if layout.ep > 1:

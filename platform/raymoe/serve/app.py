@@ -337,6 +337,31 @@ def _deployment_class():
             if hasattr(model, "check_health"):
                 model.check_health()  # a dead shard worker restarts the replica (and its shards)
 
+        def placement(self) -> dict:
+            """Serve handle method: the expert placement this replica serves with
+            (`raymoe.serve.live_placement.replica_placement`, plus `replica`)."""
+            from raymoe.serve.live_placement import replica_placement
+
+            num_experts = len(self.metrics.expert_copies) or self._num_experts()
+            return {**replica_placement(self.server.engine, num_experts), "replica": replica_tag(),
+                    # What the raymoe_serve_expert_copies gauge of this replica says.
+                    "published_expert_copies": list(self.metrics.expert_copies)}
+
+        async def apply_placement(self, slot_expert: list[int]) -> dict:
+            """Serve handle method: live re-placement of this replica's experts (ep > 1), with
+            requests flowing; `raymoe.serve.live_placement.apply_to_app` calls it on every replica.
+            The switch runs in a thread, off the event loop that streams the replies."""
+            import asyncio
+
+            from raymoe.serve.live_placement import apply_on_replica
+
+            answer = await asyncio.to_thread(apply_on_replica, self.server.engine, slot_expert)
+            self.metrics.set_expert_copies(answer["expert_copies"])
+            return {**answer, "replica": replica_tag()}
+
+        def _num_experts(self) -> int:
+            return self.server.engine.expert_counts().shape[1]
+
         def __del__(self):
             """Serve calls this when it stops the replica: the engine process stops with it (it
             would also exit on its own once this process's end of its pipe closes)."""

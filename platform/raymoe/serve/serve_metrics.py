@@ -3,7 +3,8 @@
 Request metrics are observed per request by the HTTP layer; engine gauges (running / waiting
 sequences, KV usage, batch size) and counters (generated tokens, preemptions, tokens per expert)
 are sampled by a background task every `interval_s`, so the engine step never waits on metrics;
-so are the copies of each expert in the replica's placement.
+so are the copies of each expert in the replica's placement (set again at once when a live
+re-placement changes it, `set_expert_copies`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ class ServeMetrics:
     def start_engine_gauges(self, engine) -> None:
         """Samples `engine.stats()` every `interval_s` once the first request has been observed."""
         self._engine = engine
+
+    def set_expert_copies(self, copies: list[int]) -> None:
+        """The replica switched placement (live re-placement): the gauge follows at once."""
+        self.expert_copies = list(copies)
+        if self.enabled:
+            gauge = m.ray_metric(m.SERVE_EXPERT_COPIES)
+            for expert, n in enumerate(self.expert_copies):
+                gauge.set(n, {"model": self.model, "expert": str(expert)})
 
     def sample_engine(self, engine) -> None:
         """One sample of the engine's gauges and counter deltas."""

@@ -13,12 +13,22 @@ run in one pass (`raymoe.models.forward_jobs`); a worker with no rows still runs
 with zero tokens, so the collectives line up. Logits of each forward's sampled position come
 back and are put back in row order.
 
+Live re-placement (`ShardedModel.apply_placement`): every worker first builds the expert modules
+and dispatchers of the new placement beside the running ones (`stage_placement`, reading from the
+artifact only the experts it lacks); then a commit, sent to all workers under the same lock that
+sends each step's calls, swaps them in. A worker runs its calls in order, so every worker switches
+between the same two engine steps, after the step in flight has finished with the old experts,
+which are freed at the swap. Copies of one logical expert hold the same weights, so a request
+decoding across the switch gets the tokens it would have got without it.
+
 Shapes: B batch rows, T tokens, V vocabulary, D model dim, L MoE layers, E experts.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import torch
 
@@ -44,11 +54,14 @@ class ShardWorker:
             torch.set_num_threads(num_threads)
         self.rank = rank
         self.world_size = world_size
+        self.model_path = model_path
         self.placement = ExpertPlacement(**placement)
         self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.model = load_hf(model_path).to(self.device).eval()
         self.cpu_kernels, self.expert_threads = cpu_kernels, expert_threads
         self.cache = None
+        # (version, placement, [(moe, experts, dispatcher) per MoE layer]) built by stage_placement.
+        self._staged: tuple | None = None
         if self.device.type == "cpu":
             keep_freed_memory()
 
@@ -117,6 +130,57 @@ class ShardWorker:
         """Per MoE layer, the rows each local expert slot has computed so far."""
         return [moe.dispatcher.rows_per_local_slot.tolist() for moe in self.model.moe_layers()]
 
+    def stage_placement(self, version: int, slot_expert: list[int]) -> dict:
+        """Builds every MoE layer's experts and dispatcher for the placement `slot_expert` beside
+        the running ones (see `raymoe.serve.expert_reload`); `commit_placement` swaps them in.
+
+        Returns:
+            `rank`, `experts` (this rank's new slot list), `loaded` (expert-layers read from the
+            artifact) and `seconds`.
+        """
+        import torch.distributed as dist
+
+        from raymoe.models.hf_io import read_hf_config
+        from raymoe.models.moe import MoE
+        from raymoe.parallel.all_to_all import AllToAllDispatcher
+        from raymoe.serve.expert_reload import ExpertReader, experts_for_slots
+
+        start = time.perf_counter()
+        placement = ExpertPlacement(num_experts=self.model.cfg.moe.num_experts, ep=self.world_size,
+                                    slot_expert=list(slot_expert))
+        keep = placement.experts_of(self.rank)
+        staged = []
+        arch = getattr(self.model, "hf_architecture", None) or read_hf_config(self.model_path)[1]
+        with torch.no_grad(), ExpertReader(self.model_path, arch) as reader:
+            for layer_id, layer in enumerate(self.model.layers):
+                if not isinstance(layer.ffn, MoE):
+                    continue
+                moe = layer.ffn
+                experts = experts_for_slots(moe.experts, keep,
+                                            lambda missing, i=layer_id, m=moe: reader.read(i, missing, m.experts))
+                staged.append((moe, experts, AllToAllDispatcher(dist.group.WORLD, placement=placement,
+                                                                 ep_rank=self.rank)))
+        self._staged = (version, placement, staged)
+        return {"rank": self.rank, "experts": keep, "loaded": reader.num_read,
+                "seconds": time.perf_counter() - start}
+
+    def commit_placement(self, version: int) -> list[int]:
+        """Swaps in the staged placement `version` (between two `run` calls); the old experts are
+        freed. Returns this rank's slot list."""
+        if self._staged is None or self._staged[0] != version:
+            raise RuntimeError(f"rank {self.rank}: no staged placement version {version} to commit")
+        _, placement, staged = self._staged
+        for moe, experts, dispatcher in staged:
+            moe.experts = experts
+            moe.dispatcher = dispatcher
+        self.placement, self._staged = placement, None
+        return placement.experts_of(self.rank)
+
+    def drop_staged(self, version: int) -> None:
+        """Forgets a staged placement that will not be committed (another worker failed to stage)."""
+        if self._staged is not None and self._staged[0] == version:
+            self._staged = None
+
     def ping(self) -> bool:
         return True
 
@@ -151,7 +215,8 @@ class ShardedModel:
 
     Offers `cfg`, `eval()`, `parameters()` (none here), `moe_layers()` (routed-token counts of
     the last step, summed over workers), `make_cache` (the engine's `kv_cache_factory`) and
-    `forward_jobs(jobs)`: all forwards of one engine step in one Ray call per worker.
+    `forward_jobs(jobs)`: all forwards of one engine step in one Ray call per worker; and
+    `apply_placement` (live re-placement, from another thread while the engine steps).
     """
 
     def __init__(self, workers: list, cfg, placement: ExpertPlacement, placement_group=None):
@@ -164,6 +229,12 @@ class ShardedModel:
         self._layers = [_LayerStats(cfg.moe.num_experts) for _ in range(num_moe)]
         self.num_ray_calls = 0
         self._pings: list = []
+        # Placement versions: 0 = the one the workers started with; +1 per applied placement.
+        self.placement_version = 0
+        # Held while a step's calls (or a placement commit) are sent, so that every worker sees
+        # the commit between the same two steps; `_apply_lock`: one re-placement at a time.
+        self._send_lock = threading.Lock()
+        self._apply_lock = threading.Lock()
 
     @classmethod
     def launch(cls, model_path: str, ep: int, *, redundant_experts: list[int] | None = None,
@@ -253,7 +324,9 @@ class ShardedModel:
                     local = job.rows(index_b)
                     local.slot_ids_B = local.slot_ids_B // N
                     per_worker[w].append(local)
-        results = ray.get([w.run.remote(per_worker[i]) for i, w in enumerate(self.workers)])
+        with self._send_lock:
+            refs = [w.run.remote(per_worker[i]) for i, w in enumerate(self.workers)]
+        results = ray.get(refs)
         self.num_ray_calls += N
         tokens_LE = sum(tokens for _, tokens in results)
         for layer, tokens_E in zip(self._layers, tokens_LE):
@@ -266,6 +339,49 @@ class ShardedModel:
                     logits_BV[row_index[w][j]] = logits[j]
             out.append(logits_BV)
         return out
+
+    def apply_placement(self, placement: ExpertPlacement, timeout_s: float = 300.0) -> dict:
+        """Switches every worker to `placement` between two engine steps; thread-safe, and the
+        engine keeps stepping meanwhile (call it from any thread but the engine's).
+
+        1. Stage: each worker builds the new layer modules beside the running ones, reading only
+           the experts it lacks from the artifact (a step on that worker waits for it).
+        2. Commit: sent to all workers under the lock that sends each step's calls, so every worker
+           runs it after the same step (the one in flight finishes on the old experts) and before
+           the next; the old experts are freed there. A failed stage drops the staged modules and
+           leaves the running placement as it was.
+
+        Returns:
+            `version` (1 for the first re-placement), `loaded` (expert-layers read in all),
+            `stage_s` and `seconds` (wall time of the whole switch).
+
+        Raises:
+            ConfigError: `placement` does not fit the model's experts or the worker count.
+        """
+        import ray
+
+        from raymoe.config import require
+
+        require(placement.num_experts == self.cfg.moe.num_experts and placement.ep == self.num_workers,
+                f"placement (num_experts={placement.num_experts}, ep={placement.ep}) does not fit the "
+                f"served model (num_experts={self.cfg.moe.num_experts}) on ep={self.num_workers} workers")
+        with self._apply_lock:
+            start = time.perf_counter()
+            version = self.placement_version + 1
+            try:
+                staged = ray.get([w.stage_placement.remote(version, placement.slot_expert) for w in self.workers],
+                                 timeout=timeout_s)
+            except BaseException:
+                for w in self.workers:
+                    w.drop_staged.remote(version)
+                raise
+            stage_s = time.perf_counter() - start
+            with self._send_lock:
+                commits = [w.commit_placement.remote(version) for w in self.workers]
+                self.placement, self.placement_version = placement, version
+            ray.get(commits, timeout=timeout_s)
+        return {"version": version, "loaded": sum(s["loaded"] for s in staged), "stage_s": stage_s,
+                "seconds": time.perf_counter() - start}
 
     def check_health(self) -> None:
         """Raises if a worker died; never waits (a worker busy in a step answers next time).
