@@ -93,3 +93,13 @@ def test_disabled_actions_are_logged_not_run(tmp_path):
     assert not (tmp_path / "tuned").exists()
     assert act_on(actions, router_drift=False, input_drift=False, quality_decay=False,
                   drifted_features=[], log_path=tmp_path / "b.jsonl") == []
+
+
+def test_python_in_an_entrypoint_is_this_jobs_interpreter(tmp_path, monkeypatch):
+    # No `python` on PATH (a venv that is not activated): the action still runs.
+    monkeypatch.setenv("PATH", "")
+    command = ["python", "-c", f"open({str(tmp_path / 'ran')!r}, 'w').write('yes')"]
+    actions = ActionsConfig(finetune=ActionConfig(enabled=True, entrypoint=command))
+    records = act_on(actions, router_drift=False, input_drift=True, quality_decay=False,
+                     drifted_features=["prompt_length"], log_path=tmp_path / "a.jsonl")
+    assert records[0]["returncode"] == 0 and (tmp_path / "ran").read_text() == "yes"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,11 @@ def run_action(name: str, action: ActionConfig, reason: str, log_path: Path) -> 
     if not action.enabled:
         log.info("drift: %s would run (actions.%s.enabled is false): %s", name, name, reason)
     elif action.mode == "subprocess":
-        log.info("drift: running %s (%s): %s", name, reason, shlex.join(action.entrypoint))
-        record["returncode"] = subprocess.run(action.entrypoint, check=False).returncode
+        # `python` is this job's interpreter (its venv), as `ray job submit` runs the cluster's.
+        command = [sys.executable if action.entrypoint[0] == "python" else action.entrypoint[0],
+                   *action.entrypoint[1:]]
+        log.info("drift: running %s (%s): %s", name, reason, shlex.join(command))
+        record["returncode"] = subprocess.run(command, check=False).returncode
     else:
         from ray.job_submission import JobSubmissionClient
 
