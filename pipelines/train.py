@@ -4,9 +4,10 @@
     ray job submit --working-dir . -- python -m pipelines.train --config ... layout.ep=4
 
 Locally this starts an embedded Ray cluster on 127.0.0.1; under `ray job submit` (RAY_ADDRESS set)
-it joins the cluster. The config, the layout and the data path are checked before any worker
-starts. Rerunning with the same `checkpoint.uri` resumes from its newest valid checkpoint, at the
-same or another layout.
+it joins the cluster. `data.path` is an ingest output (`python -m pipelines.ingest`). The config,
+the layout, the data (manifest, rows, shard checksums) and, with `memory_per_worker_gb`, each
+worker's share of the model are checked before any worker starts. Rerunning with the same
+`checkpoint.uri` resumes from its newest valid checkpoint, at the same or another layout.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the HF-format artifact of a training checkpoint",
-                       description="Gathers every expert shard of a training checkpoint into one "
-                       "model and writes safetensors + config.json + tokenizer + a manifest linking "
-                       "to the checkpoint and its data manifest.")
+                       description="Copies a training checkpoint's tensors, shard by shard and one at "
+                       "a time, into Hugging Face safetensors + config.json + tokenizer + a manifest "
+                       "linking to the checkpoint and its data manifest.")
     p.add_argument("checkpoint", help="checkpoint root (newest valid step) or a step-* directory")
     p.add_argument("out", help="output directory")
 

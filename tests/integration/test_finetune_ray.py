@@ -51,8 +51,11 @@ def test_ep2_adapter_equals_single_process_and_bad_records_are_quarantined(ray_c
     single = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
     assert set(ep2) == set(single)
     assert sum(".experts." in k for k in ep2) == 2 * 8 * 3 * 2  # layers x experts x matrices x (A, B)
+    # Summation order differs between the layouts. Adam divides each update by sqrt(v) + 1e-8,
+    # so an element whose gradient is within rounding of zero moves by an amount that depends on
+    # its last bits: atol 5e-5 is 1.7% of one lr step (3e-3); everything else agrees to 1e-4.
     for key in single:
-        torch.testing.assert_close(ep2[key], single[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ep2[key], single[key], rtol=1e-4, atol=5e-5)
     assert summary["data"] == {"examples": 40, "quarantined": {"bad_json": 1, "bad_role": 1, "missing_field": 1},
                                "answer_tokens": summary["data"]["answer_tokens"]}
     quarantine = [json.loads(x) for x in (tmp_path / "ep2" / "quarantine" / "quarantine.jsonl").read_text().splitlines()]

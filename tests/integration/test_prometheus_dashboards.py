@@ -47,7 +47,6 @@ from tests.integration.prometheus_server import (
 pytestmark = pytest.mark.slow
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason=SKIP_REASON)
 
-CORPUS = str(Path(__file__).resolve().parents[2] / "data" / "corpus")
 RUN = "promtrain"
 STEPS = 6
 SEQ_LEN, GLOBAL_BATCH = 64, 8
@@ -113,14 +112,15 @@ def trained(prom, tmp_path_factory):
         metrics.
     """
     from raymoe.train.loop import run_training
+    from tests.integration.corpus_ingest import ingest_corpus
 
     tmp = tmp_path_factory.mktemp("train")
     cfg = from_dict(TrainConfig, {
         "name": RUN, "flavour": "debug", "steps": STEPS, "seed": 11,
         "layout": {"ep": 2, "dp": 1},
         "optim": {"lr": 3e-3, "warmup_steps": 0, "clip_norm": 1.0},
-        "data": {"path": CORPUS, "seq_len": SEQ_LEN, "global_batch_size": GLOBAL_BATCH,
-                 "cache_dir": str(tmp / "data-cache")},
+        "data": {"path": ingest_corpus(tmp / "ingest", seq_len=SEQ_LEN), "seq_len": SEQ_LEN,
+                 "global_batch_size": GLOBAL_BATCH},
         "checkpoint": {"uri": str(tmp / "ckpt"), "every_steps": 3},
         "num_cpus_per_worker": 0.5, "storage_path": str(tmp / "ray"), "log_every": 1,
         # Any positive peak makes rank 0 emit MFU (the panel is empty without it).

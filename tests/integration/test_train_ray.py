@@ -1,10 +1,13 @@
 """Expert-parallel training through Ray Train on the local test cluster (fractional CPUs).
 
 - one step at ep=2 on two Ray Train workers equals one step of a single process holding every
-  expert (loss and updated weights, relative 1e-5, fp32);
-- a 200-step ep=2 run on the shipped corpus survives a SIGKILLed worker: Ray Train restarts the
-  group, it resumes from the checkpointed step (not 0), finishes at step 200 with no checkpoint
-  corrupted, and the loss ends well below its start.
+  expert (fp32): the loss to a relative 1e-5, and each tensor's update to 1e-3 of the update's
+  size (at lr 3e-3 on the corpus, Adam's first, sign-like step turns the reduction-order noise of
+  an element whose gradient nearly cancels into a gap of ~3e-5 of the weights, ~2e-4 of the
+  update);
+- a 200-step ep=2 run on the shipped corpus (ingested first, as every run's data is) survives a
+  SIGKILLed worker: Ray Train restarts the group, it resumes from the checkpointed step (not 0),
+  finishes at step 200 with no checkpoint corrupted, and the loss ends well below its start.
 """
 
 import math
@@ -14,26 +17,29 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from raymoe.config import from_dict
 from raymoe.models import MoETransformer
 from raymoe.train.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 from raymoe.train.config import TrainConfig
-from raymoe.train.data import prepare_tokens
 from raymoe.train.loop import run_training
 from raymoe.train.worker import run_worker
+from tests.integration.corpus_ingest import ingest_corpus
 
-CORPUS = str(Path(__file__).resolve().parents[2] / "data" / "corpus")
+
+@pytest.fixture(scope="module")
+def corpus(ray_cluster, tmp_path_factory):
+    return ingest_corpus(tmp_path_factory.mktemp("ingest"), seq_len=64)
 
 
-def _cfg(tmp_path, name, **over):
+def _cfg(tmp_path, corpus, name, **over):
     data = {
         "name": name, "flavour": "debug", "steps": 1, "seed": 11,
         "layout": {"ep": 2, "dp": 1},
         "optim": {"lr": 3e-3, "warmup_steps": 0, "clip_norm": 1.0},
-        "data": {"path": CORPUS, "seq_len": 64, "global_batch_size": 8,
-                 "cache_dir": str(tmp_path.parent / "data-cache")},
+        "data": {"path": corpus, "seq_len": 64, "global_batch_size": 8},
         "checkpoint": {"uri": str(tmp_path / name), "every_steps": 1},
         "num_cpus_per_worker": 0.5, "storage_path": str(tmp_path / "ray"), "log_every": 50,
     }
@@ -51,13 +57,12 @@ def _weights(cfg, step):
     return model.state_dict()
 
 
-def test_ray_ep2_step_equals_single_process(ray_cluster, tmp_path):
+def test_ray_ep2_step_equals_single_process(ray_cluster, corpus, tmp_path):
     # Prepare
-    ep2 = _cfg(tmp_path, "ep2")
-    single = _cfg(tmp_path, "single", layout={"ep": 1, "dp": 1})
-    data = prepare_tokens(CORPUS, seq_len=64, vocab_size=2048, cache_dir=single.data.cache_dir)
+    ep2 = _cfg(tmp_path, corpus, "ep2")
+    single = _cfg(tmp_path, corpus, "single", layout={"ep": 1, "dp": 1})
     torch.set_num_threads(1)
-    reference = run_worker(single, tokens_path=data.tokens_path)
+    reference = run_worker(single)
     # Execute
     result = run_training(ep2)
     # Assert
@@ -65,9 +70,17 @@ def test_ray_ep2_step_equals_single_process(ray_cluster, tmp_path):
     assert result.metrics["step"] == 1
     assert abs(result.metrics["loss"] - reference.losses[0]) <= 1e-5 * reference.losses[0]
     got, want = _weights(ep2, 1), _weights(single, 1)
+    init = MoETransformer(single.model_config())
+    init.init_weights(seed=single.seed)
+    start = init.state_dict()
     for key in want:
-        rel = float((got[key] - want[key]).norm() / want[key].norm().clamp_min(1e-30))
-        assert rel <= 1e-5, (key, rel)
+        if key.endswith("bias_E"):  # moves by +-rate from the global counts: equal exactly
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+            continue
+        moved = (want[key] - start[key]).norm()
+        assert moved > 0, f"{key} did not change"
+        rel = float((got[key] - want[key]).norm() / moved)
+        assert rel <= 1e-3, (key, rel)
 
 
 def _descendants(root: int) -> list[int]:
@@ -103,9 +116,9 @@ def _train_workers() -> list[int]:
     return pids
 
 
-def test_sigkill_worker_resumes_from_checkpoint_and_loss_falls(ray_cluster, tmp_path):
+def test_sigkill_worker_resumes_from_checkpoint_and_loss_falls(ray_cluster, corpus, tmp_path):
     # Prepare: 200 steps, a checkpoint every 50, one restart allowed.
-    cfg = _cfg(tmp_path, "killed", steps=200, checkpoint={"every_steps": 50},
+    cfg = _cfg(tmp_path, corpus, "killed", steps=200, checkpoint={"every_steps": 50},
                failure={"max_failures": 1}, optim={"lr": 3e-3, "warmup_steps": 10})
     first = Path(cfg.checkpoint.uri) / "step-00000050" / "manifest.json"
     killed: list[int] = []
@@ -141,5 +154,5 @@ def test_sigkill_worker_resumes_from_checkpoint_and_loss_falls(ray_cluster, tmp_
     for step in steps:
         verify_checkpoint(cfg.checkpoint.uri, step)  # raises on any corrupt file
     # Loss: a fresh model predicts ~uniformly over 2048 tokens, ln(2048) = 7.62; 200 steps on the
-    # corpus must take it well below (observed ~5; the margin allows for noise).
+    # ingested corpus must take it well below (the margin allows for noise).
     assert metrics["loss"] < math.log(2048) - 1.5, metrics

@@ -165,7 +165,8 @@ def test_served_int8_model_with_adapters(base, adapter_dir, tmp_path):
     q_proj = served.layers[0].attn.q_proj
     assert isinstance(q_proj, LoRALinear) and isinstance(q_proj.base, Int8Linear)
     assert served.layers[0].attn.qkv_proj is None
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    # 48 tokens: the median over a dozen is moved by one or two flipped routing choices.
+    ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         set_row_adapters(served, [None, None])
         base_rows = served(ids)

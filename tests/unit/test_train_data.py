@@ -1,14 +1,15 @@
-"""Training tokens: ingest shards used row for row, checked against the manifest; batch order."""
+"""Training tokens: ingest train shards read by position per worker, checked in the driver; batch order."""
 
 import numpy as np
 import pytest
 
 from raymoe.data.manifest import write_manifest
 from raymoe.data.shards import write_shard
-from raymoe.train.data import PackedBatches, prepare_tokens
+from raymoe.train.data import TrainBatches, check_ingest_output
+from tests.unit.ingest_output import write_ingest_output
 
 
-def _ingest_dir(tmp_path, row_len=9):
+def _ingest_dir(tmp_path, row_len=9, vocab_size=2048):
     # Prepare: two train shards and one val shard, rows numbered so their origin is visible.
     out = tmp_path / "ingest"
     (out / "shards").mkdir(parents=True)
@@ -21,26 +22,38 @@ def _ingest_dir(tmp_path, row_len=9):
         meta = write_shard(out / "shards" / f"{name}.parquet", rows, row_group_rows=2)
         shards.append({"path": f"shards/{name}.parquet", "split": split, **meta})
     write_manifest(out, {
-        "format_version": 1, "tokenizer": {"dir": "tokenizer"}, "seq_len": row_len - 1,
-        "row_len": row_len, "shards": shards, "counts": {},
+        "format_version": 1, "tokenizer": {"dir": "tokenizer", "hash": "h", "vocab_size": vocab_size},
+        "seq_len": row_len - 1, "row_len": row_len, "shards": shards, "counts": {},
     })
     return out
 
 
-def test_ingest_train_shards_are_used_row_for_row(tmp_path):
+def test_workers_read_every_train_row_once_per_epoch_and_no_val_row(tmp_path):
     src = _ingest_dir(tmp_path)
-    data = prepare_tokens(str(src), seq_len=8, vocab_size=2048, cache_dir=str(tmp_path / "cache"))
-    rows = np.load(data.tokens_path)
-    # 8 train rows (train-0 then train-1), no val rows; each row kept whole.
-    assert rows.shape == (8, 9)
-    assert rows[:, 0].tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
-    assert data.tokenizer_dir.endswith("tokenizer")
+    data = check_ingest_output(str(src), seq_len=8, vocab_size=2048, global_batch_size=4)
+    assert data.num_rows == 8 and data.tokenizer_dir.endswith("tokenizer")
+    # 8 train rows (ids 0-3 and 10-13), global batch 4: an epoch is 2 micro-batches.
+    got = []
+    for index in range(2):
+        for rank in range(2):
+            inputs, targets = TrainBatches(str(src), seq_len=8, global_batch_size=4, world_size=2,
+                                           rank=rank, seed=0).batch(index)
+            assert inputs.shape == (2, 8)
+            assert (inputs[:, 1:] == targets[:, :-1]).all()  # targets are inputs shifted by one
+            got += inputs[:, 0].tolist()
+    assert sorted(got) == [0, 1, 2, 3, 10, 11, 12, 13]
 
 
 def test_ingest_seq_len_mismatch_names_both(tmp_path):
     src = _ingest_dir(tmp_path)
     with pytest.raises(ValueError, match=r"data.seq_len=16 .* row_len=9"):
-        prepare_tokens(str(src), seq_len=16, vocab_size=2048, cache_dir=str(tmp_path / "cache"))
+        check_ingest_output(str(src), seq_len=16, vocab_size=2048, global_batch_size=4)
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    src = _ingest_dir(tmp_path, vocab_size=4096)
+    with pytest.raises(ValueError, match=r"vocabulary of 4096.*model.vocab_size=2048"):
+        check_ingest_output(str(src), seq_len=8, vocab_size=2048, global_batch_size=4)
 
 
 def test_tampered_shard_is_refused(tmp_path):
@@ -48,22 +61,27 @@ def test_tampered_shard_is_refused(tmp_path):
     shard = src / "shards" / "train-1.parquet"
     shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
     with pytest.raises(ValueError, match="train-1"):
-        prepare_tokens(str(src), seq_len=8, vocab_size=2048, cache_dir=str(tmp_path / "cache"))
+        check_ingest_output(str(src), seq_len=8, vocab_size=2048, global_batch_size=4)
+
+
+def test_raw_text_is_not_training_data(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("plain text, never ingested")
+    with pytest.raises(FileNotFoundError, match="run the ingest pipeline"):
+        check_ingest_output(str(tmp_path / "corpus"), seq_len=8, vocab_size=2048, global_batch_size=4)
 
 
 def test_batches_do_not_depend_on_the_layout(tmp_path):
-    # 12 rows whose first token is the row id; global batch 4.
+    # 12 rows whose first token is the row id, in 3 shards of 2 row groups; global batch 4.
     rows = np.arange(12 * 5).reshape(12, 5).astype(np.int32)
     rows[:, 0] = np.arange(12)
-    path = tmp_path / "tokens.npy"
-    np.save(path, rows)
+    src = write_ingest_output(tmp_path / "data", rows, rows_per_shard=4, row_group_rows=2)
 
     def ids(world, index):
         got = []
         for rank in range(world):
-            inputs, targets = PackedBatches(str(path), seq_len=4, global_batch_size=4,
-                                            world_size=world, rank=rank, seed=0).batch(index)
-            assert (inputs[:, 1:] == targets[:, :-1]).all()  # targets are inputs shifted by one
+            inputs, _ = TrainBatches(str(src), seq_len=4, global_batch_size=4, world_size=world,
+                                     rank=rank, seed=0).batch(index)
             got += inputs[:, 0].tolist()
         return got
 
@@ -71,5 +89,6 @@ def test_batches_do_not_depend_on_the_layout(tmp_path):
     for index in range(3):
         assert ids(1, index) == ids(2, index) == ids(4, index)
     assert sorted(sum((ids(1, i) for i in range(3)), [])) == list(range(12))
-    # The next epoch is another permutation of the same rows.
+    # The next epoch is another order of the same rows.
     assert sorted(sum((ids(1, i) for i in range(3, 6)), [])) == list(range(12))
+    assert sum((ids(1, i) for i in range(3, 6)), []) != sum((ids(1, i) for i in range(3)), [])

@@ -223,7 +223,7 @@ def collate(examples: list[SFTExample], pad_id: int) -> tuple[torch.Tensor, torc
 class SFTBatches:
     """Micro-batches of examples in a shuffled order that depends only on (seed, index).
 
-    As train.data.PackedBatches: global micro-batch g of epoch e is examples
+    As train.data.TrainBatches does for token rows: global micro-batch g of epoch e is examples
     perm_e[g*B:(g+1)*B] (perm_e drawn from (seed, e); the last partial batch of an epoch is not
     used) and worker `rank` takes its contiguous 1/world_size slice, so the data position is one
     integer, the same on every worker and for any number of workers.

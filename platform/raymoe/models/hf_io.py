@@ -1,6 +1,7 @@
 """Read and write checkpoints in Hugging Face layout: config.json + safetensors (+ tokenizer files).
 
-`load_hf` reads single-file and sharded (`model.safetensors.index.json`) checkpoints lazily;
+`load_hf` reads single-file and sharded (`model.safetensors.index.json`) checkpoints lazily, only
+the tensors the model holds (all experts, or one expert-parallel worker's share);
 `save_hf` writes atomically (temp file, fsync, rename), so a crash never leaves a torn file where
 a good one was, and `transformers.AutoModelForCausalLM.from_pretrained` loads the result.
 """
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from raymoe.atomic_io import atomic_write, atomic_write_json
 from raymoe.models.config import ModelConfig
 from raymoe.models.hf_config import CheckpointError, config_from_hf, config_to_hf, hf_architecture_for
+from raymoe.models.moe import GroupedExperts
 from raymoe.models.state_dict_adapter import load_hf_state, native_to_hf
 from raymoe.models.transformer import MoETransformer
 
@@ -45,12 +47,20 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {str(path)!r}")
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> MoETransformer:
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32,
+            expert_ids: list[int] | None = None) -> MoETransformer:
     """Builds a MoETransformer from a Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 checkpoint.
+
+    The model is built on the meta device and only what it holds is allocated and read: with
+    `expert_ids`, each MoE layer holds just those routed experts (an expert-parallel worker's
+    share) and the other experts' tensors are never read (safetensors `safe_open` reads tensor by
+    tensor). Such a model runs once `raymoe.parallel.layout.shard_model_experts` has installed
+    the all-to-all dispatcher for the same experts.
 
     Args:
         path: directory with config.json and safetensors weights.
         dtype: parameter dtype of the returned model.
+        expert_ids: routed experts to hold (global ids, in local order); None = all.
 
     Returns:
         The model in eval mode.
@@ -61,7 +71,15 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> MoETransfor
     """
     path = Path(path)
     cfg, arch = read_hf_config(path)
-    model = MoETransformer(cfg).to(dtype)
+    with torch.device("meta"):
+        model = MoETransformer(cfg).to(dtype)
+        if expert_ids is not None:
+            bad = [e for e in expert_ids if not 0 <= e < cfg.moe.num_experts]
+            if bad:
+                raise CheckpointError(f"expert_ids {bad} outside 0..{cfg.moe.num_experts - 1}")
+            for moe in model.moe_layers():
+                moe.experts = GroupedExperts(cfg.dim, cfg.moe.expert_hidden_dim, list(expert_ids)).to(dtype)
+    model.materialize("cpu", init=False)
     with ExitStack() as stack:
         owner: dict[str, object] = {}
         for file in _weight_files(path):
@@ -71,7 +89,6 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> MoETransfor
         load_hf_state(model, arch, lambda key: owner[key].get_tensor(key), set(owner))
     model.hf_architecture = arch
     return model.eval()
-
 
 
 def save_hf(model: MoETransformer, path: str | Path, tokenizer_dir: str | Path | None = None) -> str:
@@ -89,10 +106,18 @@ def save_hf(model: MoETransformer, path: str | Path, tokenizer_dir: str | Path |
     arch = getattr(model, "hf_architecture", None) or hf_architecture_for(model.cfg)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in native_to_hf(model, arch).items()}
     atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_json(path / "config.json", config_to_hf(model.cfg, arch))
+    save_hf_config(path, model.cfg, arch, tokenizer_dir)
+    return arch
+
+
+def save_hf_config(path: str | Path, cfg: ModelConfig, arch: str,
+                   tokenizer_dir: str | Path | None = None) -> None:
+    """Writes config.json for `cfg` as `arch` and copies the tokenizer files found in `tokenizer_dir`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / "config.json", config_to_hf(cfg, arch))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file():
                 atomic_write(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
-    return arch

@@ -154,8 +154,9 @@ class MoE(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
         self.shared_experts = FeedForward(dim, cfg.shared_hidden_dim) if cfg.shared_hidden_dim else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
-        self.last_tokens_per_expert_E = torch.zeros(cfg.num_experts, dtype=torch.long)
-        self.last_aux_loss = torch.zeros(())
+        # Statistics, not weights: on the CPU even when the model is built on the meta device.
+        self.last_tokens_per_expert_E = torch.zeros(cfg.num_experts, dtype=torch.long, device="cpu")
+        self.last_aux_loss = torch.zeros((), device="cpu")
         # Set by MoETransformer.forward for one pass: the real tokens (False = padding, which is
         # neither counted in the routing statistics nor sent to an expert).
         self.count_mask_T: torch.Tensor | None = None

@@ -1,16 +1,23 @@
 """The one place that maps native parameter names to Hugging Face names and back.
 
-Native experts are stacked per layer (`layers.{i}.ffn.experts.w_gate_EFD`, shape (L, F, D)); HF
-checkpoints hold one tensor per expert (`...experts.{e}.gate_proj.weight`, Mixtral: w1/w3/w2).
-Per-expert HF names are also what sharded training checkpoints use, so a shard written at one
-expert-parallel layout can be loaded at any other: `native_to_hf` only emits the experts a
-(possibly sharded) model holds, and `load_experts` reads just the ones it needs.
+Three namespaces:
+- native: the module's state dict; experts stacked per layer (`layers.{i}.ffn.experts.w_gate_EFD`,
+  shape (L, F, D), L = the experts this process holds);
+- Hugging Face: one tensor per expert (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`,
+  Mixtral: `block_sparse_moe.experts.{e}.w1.weight`);
+- sharded: what training checkpoints store. It is the Hugging Face name of each tensor (so a shard
+  written at one expert-parallel layout loads at any other, and export is a copy), plus state HF
+  files do not carry: the router's balance bias for every architecture (`training_state=True`)
+  and AdamW moments under `optim.<slot>.<name>`.
+`held_tensors` lists what a (possibly expert-sharded) model holds under those names; saving,
+loading, training checkpoints and export all walk that list.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -68,24 +75,59 @@ def _skipped_buffer(arch: str, name: str) -> bool:
     return name.endswith("router.bias_E") and arch != "DeepseekV3ForCausalLM"
 
 
-def native_to_hf(model: MoETransformer, arch: str) -> dict[str, torch.Tensor]:
-    """HF-named tensors of `model` (only the experts it holds, one tensor per expert)."""
-    out: dict[str, torch.Tensor] = {}
-    state = model.state_dict()
-    for name, tensor in state.items():
-        if ".experts.w_" in name or _skipped_buffer(arch, name):
+@dataclass(frozen=True)
+class HeldTensor:
+    """One tensor a model holds, by its Hugging Face / sharded name.
+
+    `native` is the state-dict entry it lives in; for a routed expert, `local` is its index in
+    the stacked parameter and `expert` its global id.
+    """
+
+    key: str
+    native: str
+    expert: int | None = None
+    local: int | None = None
+
+    def view(self, source: torch.Tensor) -> torch.Tensor:
+        """This tensor inside `source` (the native entry, or an optimizer state shaped like it)."""
+        return source if self.local is None else source[self.local]
+
+
+def held_tensors(model: MoETransformer, arch: str, *, training_state: bool = False) -> list[HeldTensor]:
+    """Every tensor `model` holds under its Hugging Face name: dense entries first, then experts.
+
+    Args:
+        model: a model, possibly holding only some experts (it may be on the meta device).
+        arch: Hugging Face architecture the names follow.
+        training_state: also list buffers HF files of `arch` leave out (the router's balance
+            bias), as training checkpoints must.
+    """
+    out: list[HeldTensor] = []
+    for name in model.state_dict(keep_vars=True):
+        if ".experts.w_" in name or (not training_state and _skipped_buffer(arch, name)):
             continue
         if name == "lm_head.weight" and model.cfg.tie_embeddings:
             continue
-        out[native_key_to_hf(name, arch)] = tensor
+        out.append(HeldTensor(native_key_to_hf(name, arch), name))
     for layer_id, layer in enumerate(model.layers):
         if isinstance(layer.ffn, MoE):
             experts = layer.ffn.experts
             for param in ("w_gate_EFD", "w_up_EFD", "w_down_EDF"):
-                stacked = getattr(experts, param).detach()
+                native = f"layers.{layer_id}.ffn.experts.{param}"
                 for local, expert in enumerate(experts.expert_ids):
-                    out[expert_key(arch, layer_id, expert, param)] = stacked[local]
+                    out.append(HeldTensor(expert_key(arch, layer_id, expert, param), native, expert, local))
     return out
+
+
+def optimizer_key(slot: str, key: str) -> str:
+    """Sharded name of optimizer state `slot` (AdamW: exp_avg, exp_avg_sq, step) of tensor `key`."""
+    return f"optim.{slot}.{key}"
+
+
+def native_to_hf(model: MoETransformer, arch: str) -> dict[str, torch.Tensor]:
+    """HF-named tensors of `model` (only the experts it holds, one tensor per expert)."""
+    state = model.state_dict()
+    return {h.key: h.view(state[h.native]) for h in held_tensors(model, arch)}
 
 
 def load_experts(experts: GroupedExperts, layer_id: int, arch: str, get: Callable[[str], torch.Tensor]) -> set[str]:
@@ -126,17 +168,10 @@ def load_hf_state(model: MoETransformer, arch: str, tensors: Mapping[str, torch.
         return get(key)
 
     with torch.no_grad():
-        for name, target in model.state_dict(keep_vars=True).items():
-            if ".experts.w_" in name or _skipped_buffer(arch, name):
-                continue
-            if name == "lm_head.weight" and model.cfg.tie_embeddings:
-                continue
-            key = native_key_to_hf(name, arch)
-            _copy_checked(target.data, fetch(key), key)
-            used.add(key)
-        for layer_id, layer in enumerate(model.layers):
-            if isinstance(layer.ffn, MoE):
-                used |= load_experts(layer.ffn.experts, layer_id, arch, fetch)
+        state = model.state_dict(keep_vars=True)
+        for held in held_tensors(model, arch):
+            _copy_checked(held.view(state[held.native].data), fetch(held.key), held.key)
+            used.add(held.key)
     unexpected = {k for k in available - used if not _ignorable(k, model)}
     if unexpected:
         raise CheckpointError(f"checkpoint has unexpected tensors, e.g. {sorted(unexpected)[:3]}")

@@ -4,11 +4,17 @@ Layout follows DeepSeek-V3 / Mixtral / Qwen-MoE (Hugging Face modelling code): e
 `num_layers` blocks (the first `first_k_dense` with a dense FFN), final RMSNorm, LM head.
 Parallelism is applied from outside (`raymoe.parallel`); this file holds the architecture only.
 
+Built under `torch.device("meta")` the model allocates nothing (torchtitan's habit): a training
+worker shards the experts on meta, then `materialize` allocates what it kept and initialises each
+tensor once. Initial values are drawn per tensor (per expert for routed experts) from a generator
+seeded by (seed, tensor name[, expert id]), so expert e starts the same whichever rank holds it.
+
 Shapes: B batch, T tokens, D model dim, V vocab.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -55,23 +61,63 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.init_weights()
+        if not self.embed.weight.is_meta:
+            self.init_weights()
+
+    def materialize(self, device: torch.device | str, seed: int | None = None, *,
+                    init: bool = True) -> "MoETransformer":
+        """Allocates a meta-built (and possibly expert-sharded) model on `device`.
+
+        Only the tensors the model holds are allocated. With `init` each is initialised once
+        (`init_weights(seed)`); without, only derived buffers are set and the caller loads the
+        weights (every parameter must then be loaded).
+        """
+        self.to_empty(device=device)
+        if init:
+            self.init_weights(seed=seed)
+        else:
+            self._reset_buffers()
+        return self
+
+    @torch.no_grad()
+    def _reset_buffers(self) -> None:
+        """Buffers that are derived (rope tables) or start at zero (balance bias)."""
+        self.rope.inv_freq.copy_(_rope_inv_freq(self.cfg))
+        for moe in self.moe_layers():
+            moe.router.bias_E.zero_()
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, init_std) for every matrix, ones for norms, zeros for biases and balance bias."""
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        for module in self.modules():
+        """Normal(0, init_std) for every matrix, ones for norms, zeros for biases and balance bias.
+
+        Each tensor (each routed expert) draws from its own generator seeded by (seed, name[,
+        expert id]), so values do not depend on which experts this process holds or on the
+        order modules are visited. `seed=None` takes the seed from torch's global RNG.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
+        std = self.cfg.init_std
+
+        def normal_(target: torch.Tensor, key: str) -> None:
+            generator = torch.Generator().manual_seed(_tensor_seed(seed, key))
+            target.copy_(torch.randn(target.shape, generator=generator) * std)
+
+        self._reset_buffers()
+        done: set[int] = set()
+        for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * self.cfg.init_std)
+                if id(module.weight) not in done:  # tied LM head: the embedding drew it
+                    normal_(module.weight, f"{name}.weight")
+                    done.add(id(module.weight))
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, GroupedExperts):
-                for p in (module.w_gate_EFD, module.w_up_EFD, module.w_down_EDF):
-                    p.copy_(torch.randn(p.shape, generator=generator) * self.cfg.init_std)
+                for param_name in ("w_gate_EFD", "w_up_EFD", "w_down_EDF"):
+                    stacked = getattr(module, param_name)
+                    for local, expert in enumerate(module.expert_ids):
+                        normal_(stacked[local], f"{name}.{param_name}.{expert}")
             elif isinstance(module, Router):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * self.cfg.init_std)
-                module.bias_E.zero_()
+                normal_(module.weight, f"{name}.weight")
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
@@ -157,3 +203,14 @@ class MoETransformer(nn.Module):
             per_expert = sum(p[0].numel() for p in (moe.experts.w_gate_EFD, moe.experts.w_up_EFD, moe.experts.w_down_EDF))
             total -= per_expert * (len(moe.experts.expert_ids) - moe.cfg.num_experts_per_tok)
         return total
+
+
+def _tensor_seed(seed: int, key: str) -> int:
+    """A 63-bit generator seed for tensor `key` of a model initialised with `seed`."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    with torch.device("cpu"):
+        return RotaryEmbedding(cfg.rope, cfg.rope_head_dim).inv_freq

@@ -17,7 +17,6 @@ exactly once.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -40,22 +39,44 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return dense, expert
 
 
+# Gradients are all-reduced in buckets of at most this many bytes (DDP's default size): a few
+# collectives instead of one per tensor, and at most one bucket of extra memory instead of a flat
+# copy of every gradient. A tensor larger than a bucket is reduced in place.
+BUCKET_BYTES = 25 * 2**20
+
+
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    buckets: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if buckets[-1] and size + nbytes > BUCKET_BYTES:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += nbytes
+    return buckets
+
+
 def _all_reduce_sum_scaled(
     params: Iterable[nn.Parameter], scale: float, *, group=None, reduce: bool = True
 ) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    # One flat buffer per call: one collective instead of one per tensor.
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if reduce:
+    if not reduce:
+        torch._foreach_mul_(grads, scale)
+        return
+    for bucket in _buckets(grads):
+        if len(bucket) == 1 and bucket[0].is_contiguous():
+            dist.all_reduce(bucket[0], op=dist.ReduceOp.SUM, group=group)
+            bucket[0].mul_(scale)
+            continue
+        flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat.mul_(scale)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n
+        flat.mul_(scale)
+        parts = flat.split([g.numel() for g in bucket])
+        torch._foreach_copy_(bucket, [part.view_as(g) for part, g in zip(parts, bucket)])
 
 
 def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
@@ -76,14 +97,15 @@ def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
     _all_reduce_sum_scaled(expert, 1.0 / world, group=groups.dp_group, reduce=groups.layout.dp > 1)
 
 
-def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> float:
+def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:
     """L2 norm of the whole model's gradient, each parameter counted once across shards."""
     dense, expert = split_parameters(model)
-    dense_sq = _sum_sq(dense)
-    expert_sq = _sum_sq(expert)
+    device = next(model.parameters()).device
+    dense_sq = _norm(dense, device).double() ** 2
+    expert_sq = _norm(expert, device).double() ** 2
     if groups.ep_group is not None:
         dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=groups.ep_group)
-    return math.sqrt(float(dense_sq + expert_sq))
+    return (dense_sq + expert_sq).sqrt()
 
 
 def clip_gradients(model: nn.Module, groups: ParallelGroups, max_norm: float) -> float:
@@ -94,19 +116,13 @@ def clip_gradients(model: nn.Module, groups: ParallelGroups, max_norm: float) ->
     """
     norm = global_grad_norm(model, groups)
     if max_norm > 0:
-        coef = min(1.0, max_norm / (norm + 1e-6))
-        if coef < 1.0:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-    return norm
+        params = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.float())
+    return float(norm)
 
 
-def _sum_sq(params: list[nn.Parameter]) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is not None:
-            total = total + p.grad.detach().to(torch.float64).pow(2).sum().cpu()
-    if params and params[0].is_cuda:
-        total = total.to(params[0].device)
-    return total
+def _norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)

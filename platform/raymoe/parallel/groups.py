@@ -1,8 +1,8 @@
-"""torch.distributed process groups for an `ep x dp` layout.
+"""torch.distributed process groups for an `ep x dp` layout, from a 2-D `DeviceMesh`.
 
-`torch.distributed.new_group` is collective: every rank must create every group, in the same
-order, even the groups it is not a member of. `build_groups` does exactly that and hands each rank
-back the two it belongs to.
+The mesh has shape (dp, ep) with dimensions named "dp" and "ep"; row-major rank order gives
+`rank = dp_rank * ep + ep_rank`, the layout's own numbering. `init_device_mesh` creates every
+group on every rank (group creation is collective); each rank keeps the two it belongs to.
 """
 
 from __future__ import annotations
@@ -57,17 +57,10 @@ def build_groups(layout: ParallelLayout) -> ParallelGroups:
             f"world size {world} must equal layout.ep * layout.dp = "
             f"{layout.ep} * {layout.dp} = {layout.world_size}"
         )
-    ep_group = dp_group = None
-    if layout.ep > 1:
-        for d in range(layout.dp):
-            ranks = layout.ep_group_ranks(d)
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                ep_group = group
-    if layout.dp > 1:
-        for e in range(layout.ep):
-            ranks = layout.dp_group_ranks(e)
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                dp_group = group
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device_type, (layout.dp, layout.ep), mesh_dim_names=("dp", "ep"))
+    ep_group = mesh.get_group("ep") if layout.ep > 1 else None
+    dp_group = mesh.get_group("dp") if layout.dp > 1 else None
     return ParallelGroups(layout=layout, rank=rank, ep_group=ep_group, dp_group=dp_group)

@@ -36,19 +36,34 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str, threads: int, fn
 _PRELOAD = ["torch", "torch.distributed", "raymoe.train.worker"]
 
 
-def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, threads: int = 1) -> list[Any]:
+def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, threads: int = 1,
+               env: dict[str, str] | None = None) -> list[Any]:
     """Runs `fn(rank, *args)` on `world_size` fresh processes; returns their results by rank.
 
     `fn` must be importable (a module-level function). An exception in any process is raised here.
+    With `env`, the processes start as new interpreters (spawn) with those environment variables
+    set from the start, for settings libraries read when they load (the fork server's processes
+    inherit its environment instead).
     """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    with tempfile.TemporaryDirectory(prefix="raymoe-gloo-") as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        mp.start_processes(_entry, args=(world_size, init_file, tmp, threads, fn, args),
-                           nprocs=world_size, start_method="forkserver")
-        results = []
-        for rank in range(world_size):
-            with open(os.path.join(tmp, f"result-{rank}.pkl"), "rb") as fh:
-                results.append(pickle.load(fh))
-        return results
+    method = "forkserver" if env is None else "spawn"
+    if env is None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        with tempfile.TemporaryDirectory(prefix="raymoe-gloo-") as tmp:
+            init_file = os.path.join(tmp, "rendezvous")
+            mp.start_processes(_entry, args=(world_size, init_file, tmp, threads, fn, args),
+                               nprocs=world_size, start_method=method)
+            results = []
+            for rank in range(world_size):
+                with open(os.path.join(tmp, f"result-{rank}.pkl"), "rb") as fh:
+                    results.append(pickle.load(fh))
+            return results
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -205,6 +205,9 @@ def slice_grouped_experts(experts: nn.Module, keep: list[int]) -> None:
     missing = [e for e in keep if e not in held]
     if missing:
         raise ValueError(f"cannot keep experts {missing}: this module holds {held}")
+    if list(keep) == held:
+        return  # already exactly these (a model built or loaded for this rank)
+    # On the meta device (a model built by `build_sharded_model`) this allocates nothing.
     index = torch.tensor([held.index(e) for e in keep], dtype=torch.long)
     for name in ("w_gate_EFD", "w_up_EFD", "w_down_EDF"):
         old = getattr(experts, name)
@@ -228,7 +231,9 @@ def shard_model_experts(
 
     Every `GroupedExperts` keeps only the experts placed on this rank's ep position; with ep > 1
     each MoE layer's dispatcher becomes an `AllToAllDispatcher` over `ep_group`. Dense weights
-    (attention, shared experts, embeddings, router) stay whole on every rank.
+    (attention, shared experts, embeddings, router) stay whole on every rank. Applied to a model
+    on the meta device it allocates nothing (then `model.materialize`); applied to a model that
+    already holds exactly this rank's experts it only installs the dispatcher.
 
     Args:
         model: a freshly built model holding all experts.

@@ -57,7 +57,8 @@ class ShardWorker:
         self.model_path = model_path
         self.placement = ExpertPlacement(**placement)
         self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        self.model = load_hf(model_path).to(self.device).eval()
+        # Built on the meta device; only the dense weights and this worker's experts are read.
+        self.model = load_hf(model_path, expert_ids=self.placement.experts_of(rank)).to(self.device).eval()
         self.cpu_kernels, self.expert_threads = cpu_kernels, expert_threads
         self.cache = None
         # (version, placement, [(moe, experts, dispatcher) per MoE layer]) built by stage_placement.

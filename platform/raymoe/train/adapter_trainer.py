@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from raymoe.models import load_hf
+from raymoe.models import load_hf, read_hf_config
 from raymoe.models.lora import LoRAConfig, add_trainable_lora, lora_state, set_lora_state
 from raymoe.parallel.groups import ParallelGroups
-from raymoe.parallel.layout import shard_model_experts
+from raymoe.parallel.layout import ExpertPlacement, shard_model_experts
 from raymoe.train.config import OptimConfig
 from raymoe.train.step import StepResult, train_step
 
@@ -37,9 +37,14 @@ class AdapterTrainer:
     def __init__(self, base_dir: str, lora: LoRAConfig, optim: OptimConfig, groups: ParallelGroups,
                  seed: int):
         self.groups = groups
-        self.model = load_hf(base_dir)
         if groups.layout.ep > 1:
+            # Read and allocate only this rank's experts, then install the all-to-all.
+            num_experts = read_hf_config(base_dir)[0].moe.num_experts
+            held = ExpertPlacement.contiguous(num_experts, groups.layout.ep).experts_of(groups.ep_rank)
+            self.model = load_hf(base_dir, expert_ids=held)
             shard_model_experts(self.model, groups.layout, groups.rank, ep_group=groups.ep_group)
+        else:
+            self.model = load_hf(base_dir)
         self.params = add_trainable_lora(self.model, lora, seed=seed)
         self.model.train()
         # LoRA adapters are not decayed towards zero by default (peft + transformers' Trainer

@@ -1,62 +1,75 @@
-"""Sharded training checkpoints that any `ep x dp` layout can load.
+"""Sharded training checkpoints that any `ep x dp` layout can load, each worker reading only its share.
 
 Layout under `checkpoint.uri` (any pyarrow filesystem: local path, s3://, gs://, ...):
 
     step-00000100/
-      manifest.json                     written last; lists every file with sha256 and size
+      manifest.json                     written last: step, data position, layout, the key scheme's
+                                        architecture, model + train config, and per file its
+                                        sha256, size and header sha256 (expert files: their experts)
       dense.safetensors                 rank 0: non-expert weights + buffers (router bias) + their
-                                        AdamW state (`optim.exp_avg.<name>`, `optim.exp_avg_sq.<name>`)
+                                        AdamW state
       experts-ep001-of-002.safetensors  the dp-replica-0 worker of each ep rank: its experts, one
-                                        tensor per expert (`layers.1.ffn.experts.5.w_gate_FD`) + their
-                                        AdamW state under the same per-expert names
+                                        tensor per expert, + their AdamW state
       rng-00003.safetensors             every worker: its torch RNG state
     .tmp-step-00000200/                 a save in progress (ignored, removed by the next save)
 
-Saving: every worker writes its files into the temp directory, the checksums are gathered on
-rank 0, which writes the manifest and renames the directory into place (atomic on local and HDFS
-filesystems; on object stores the manifest, written last, is the commit marker). Loading: the
-newest `step-*` whose manifest exists and whose files match their checksums; a checkpoint with a
-bad checksum is skipped with a warning. Because experts are stored one tensor per expert, a
-worker of any layout reads just the experts it holds (reshard on load).
+Tensor names are the sharded names of `raymoe.models.state_dict_adapter` (Hugging Face names, one
+tensor per expert, the balance bias kept for every architecture, AdamW state as
+`optim.exp_avg.<name>`, `optim.exp_avg_sq.<name>`, `optim.step.<name>`). Every file records one
+SHA-256 per tensor in its header (`raymoe.train.tensor_files`).
 
-Legend: E experts, F expert hidden, D model dim.
+Saving: every worker streams its files tensor by tensor into the temp directory (no second copy of
+its shard in memory), the digests are gathered on rank 0, which writes the manifest and renames
+the directory into place (atomic on local and HDFS filesystems; on object stores the manifest,
+written last, is the commit marker).
+
+Resuming (`resume_checkpoint`): every worker reads the manifest, the headers of dense.safetensors
+and of the expert files holding its experts (each header checked against the manifest), then only
+the tensors it holds, each checked against its own digest. The workers agree (one all-reduce)
+whether every share loaded; a checkpoint that failed anywhere is skipped with a warning and the
+next older one tried, so the newest valid checkpoint wins and no worker reads what it does not
+hold. `verify_checkpoint` checks whole files (tools, `raymoe export` of a checkpoint root).
+
+Legend: E experts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
-from raymoe.atomic_io import sha256_bytes
+from raymoe.models.hf_config import hf_architecture_for
+from raymoe.models.state_dict_adapter import HeldTensor, held_tensors, optimizer_key
 from raymoe.parallel.groups import ParallelGroups
+from raymoe.train.tensor_files import TensorFile, TensorFileError, write_tensor_file
 
 log = logging.getLogger(__name__)
 
-FORMAT = "raymoe-train-checkpoint/1"
+FORMAT = "raymoe-train-checkpoint/2"
+DENSE_FILE = "dense.safetensors"
 _STEP_DIR = re.compile(r"step-(\d{8})$")
-_EXPERT_PARAMS = {"w_gate_EFD": "w_gate_FD", "w_up_EFD": "w_up_FD", "w_down_EDF": "w_down_DF"}
 _OPTIM_SLOTS = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointCorrupt(RuntimeError):
-    """A checkpoint file does not match the checksum in its manifest."""
+    """A checkpoint file or tensor is missing or does not match its recorded checksum."""
 
 
 @dataclass
 class LoadedCheckpoint:
-    """What a worker needs to continue after `load_checkpoint`."""
+    """What a worker needs to continue after loading."""
 
     step: int
     data_position: int
@@ -72,10 +85,7 @@ def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def _write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    with fs.open_output_stream(path) as out:
-        out.write(data)
-        out.flush()
+def _fsync_local(fs: pafs.FileSystem, path: str) -> None:
     # pyarrow streams have no fsync; for local files force the bytes to disk before the rename.
     if isinstance(fs, pafs.LocalFileSystem):
         fd = os.open(path, os.O_RDONLY)
@@ -83,6 +93,12 @@ def _write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+    _fsync_local(fs, path)
 
 
 def _read(fs: pafs.FileSystem, path: str) -> bytes:
@@ -98,56 +114,26 @@ def expert_file_name(ep_rank: int, ep: int) -> str:
     return f"experts-ep{ep_rank:03d}-of-{ep:03d}.safetensors"
 
 
-def expert_tensor_key(layer_id: int, expert: int, native_param: str) -> str:
-    """Per-expert key of one matrix, e.g. `layers.1.ffn.experts.5.w_gate_FD`."""
-    return f"layers.{layer_id}.ffn.experts.{expert}.{_EXPERT_PARAMS[native_param]}"
+def model_architecture(model: nn.Module) -> str:
+    """The architecture whose Hugging Face names the checkpoint uses for `model`."""
+    return getattr(model, "hf_architecture", None) or hf_architecture_for(model.cfg)
 
 
-def _expert_modules(model: nn.Module):
-    """(layer_id, GroupedExperts) for every MoE layer."""
-    for layer_id, layer in enumerate(model.layers):
-        experts = getattr(layer.ffn, "experts", None)
-        if experts is not None and hasattr(experts, "expert_ids"):
-            yield layer_id, experts
-
-
-def _dense_names(model: nn.Module) -> list[str]:
-    return [n for n in model.state_dict() if ".experts.w_" not in n]
-
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
-
-
-def dense_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
-    """Non-expert weights, buffers and their optimizer state, by native name."""
-    state = model.state_dict()
-    out = {n: state[n].detach().cpu().contiguous() for n in _dense_names(model)}
-    if optimizer is not None:
-        names = _param_names(model)
-        for p, st in optimizer.state.items():
-            name = names[id(p)]
-            if ".experts.w_" in name:
-                continue
+def _state_entries(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                   held: list[HeldTensor]) -> list[tuple[str, torch.Tensor]]:
+    """(sharded name, tensor view) of the held tensors and their AdamW state."""
+    state = model.state_dict(keep_vars=True)
+    params = dict(model.named_parameters())
+    out = []
+    for h in held:
+        out.append((h.key, h.view(state[h.native].detach())))
+        param = params.get(h.native)
+        slots = optimizer.state.get(param, {}) if optimizer is not None and param is not None else {}
+        if all(slot in slots for slot in _OPTIM_SLOTS):
             for slot in _OPTIM_SLOTS:
-                out[f"optim.{slot}.{name}"] = st[slot].detach().cpu().contiguous()
-            out["optim.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
-    return out
-
-
-def expert_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
-    """This worker's experts and their optimizer state, one tensor per expert."""
-    out: dict[str, torch.Tensor] = {}
-    for layer_id, experts in _expert_modules(model):
-        for native in _EXPERT_PARAMS:
-            param = getattr(experts, native)
-            st = optimizer.state.get(param, {}) if optimizer is not None else {}
-            for local, expert in enumerate(experts.expert_ids):
-                key = expert_tensor_key(layer_id, expert, native)
-                out[key] = param.detach()[local].cpu().contiguous()
-                for slot in _OPTIM_SLOTS:
-                    if slot in st:
-                        out[f"optim.{slot}.{key}"] = st[slot][local].detach().cpu().contiguous()
+                out.append((optimizer_key(slot, h.key), h.view(slots[slot].detach())))
+            step = torch.as_tensor(slots["step"]).detach().to("cpu", torch.float32).reshape(1)
+            out.append((optimizer_key("step", h.key), step))
     return out
 
 
@@ -187,19 +173,25 @@ def save_checkpoint(
         fs.create_dir(tmp, recursive=True)
     _barrier(groups)
 
+    arch = model_architecture(model)
+    held = held_tensors(model, arch, training_state=True)
     written: dict[str, dict[str, Any]] = {}
 
-    def put(name: str, tensors: dict[str, torch.Tensor]) -> None:
-        data = st_save(tensors)
-        _write(fs, f"{tmp}/{name}", data)
-        written[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+    def put(name: str, entries: list[tuple[str, torch.Tensor]], **info: Any) -> None:
+        path = f"{tmp}/{name}"
+        with fs.open_output_stream(path) as out:
+            result = write_tensor_file(out, entries)
+        _fsync_local(fs, path)
+        written[name] = {"sha256": result.sha256, "bytes": result.bytes,
+                         "header_sha256": result.header_sha256, **info}
 
     if groups.rank == 0:
-        put("dense.safetensors", dense_tensors(model, optimizer))
+        put(DENSE_FILE, _state_entries(model, optimizer, [h for h in held if h.expert is None]))
     if groups.dp_rank == 0:
-        name = expert_file_name(groups.ep_rank, layout.ep)
-        put(name, expert_tensors(model, optimizer))
-    put(f"rng-{groups.rank:05d}.safetensors", {"torch": torch.get_rng_state()})
+        experts = [h for h in held if h.expert is not None]
+        put(expert_file_name(groups.ep_rank, layout.ep), _state_entries(model, optimizer, experts),
+            experts=sorted({h.expert for h in experts}))
+    put(f"rng-{groups.rank:05d}.safetensors", [("torch", torch.get_rng_state())])
 
     files = _gather_dicts(written, groups)
     if groups.rank == 0:
@@ -208,6 +200,7 @@ def save_checkpoint(
             "step": step,
             "data_position": data_position,
             "layout": {"ep": layout.ep, "dp": layout.dp},
+            "architecture": arch,
             "files": files,
             "created_unix": time.time(),
             **(extra or {}),
@@ -268,7 +261,7 @@ def read_manifest(uri: str, step: int) -> dict[str, Any]:
 
 
 def verify_checkpoint(uri: str, step: int) -> dict[str, Any]:
-    """Reads every file of checkpoint `step` and checks it against the manifest.
+    """Reads every file of checkpoint `step` (in 1 MiB blocks) and checks it against the manifest.
 
     Returns:
         The manifest.
@@ -280,17 +273,25 @@ def verify_checkpoint(uri: str, step: int) -> dict[str, Any]:
     manifest = read_manifest(uri, step)
     for name, meta in manifest["files"].items():
         path = f"{root}/{step_dir_name(step)}/{name}"
+        digest, size = hashlib.sha256(), 0
         try:
-            data = _read(fs, path)
+            with fs.open_input_stream(path) as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+                    size += len(block)
         except FileNotFoundError:
             raise CheckpointCorrupt(f"{path}: missing") from None
-        if len(data) != meta["bytes"] or sha256_bytes(data) != meta["sha256"]:
+        if size != meta["bytes"] or "sha256:" + digest.hexdigest() != meta["sha256"]:
             raise CheckpointCorrupt(f"{path}: checksum mismatch (expected {meta['sha256']})")
     return manifest
 
 
 def latest_valid_checkpoint(uri: str) -> int | None:
-    """Newest complete checkpoint whose files match their checksums; bad ones are skipped loudly."""
+    """Newest complete checkpoint whose files match their checksums; bad ones are skipped loudly.
+
+    Reads every file of the checkpoints it checks: for tools and export. Training resumes with
+    `resume_checkpoint`, where each worker checks only what it reads.
+    """
     for step in reversed(list_checkpoints(uri)):
         try:
             verify_checkpoint(uri, step)
@@ -300,11 +301,67 @@ def latest_valid_checkpoint(uri: str) -> int | None:
     return None
 
 
-def _load_file(fs: pafs.FileSystem, path: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    data = _read(fs, path)
-    if sha256_bytes(data) != meta["sha256"]:
-        raise CheckpointCorrupt(f"{path}: checksum mismatch (expected {meta['sha256']})")
-    return st_load(data)
+class CheckpointReader:
+    """The tensor files of one checkpoint, opened on demand, each header checked on opening.
+
+    Args:
+        uri: checkpoint root.
+        step: which checkpoint.
+    """
+
+    def __init__(self, uri: str, step: int):
+        self.fs, root = open_uri(uri)
+        self.directory = f"{root}/{step_dir_name(step)}"
+        try:
+            self.manifest = json.loads(_read(self.fs, f"{self.directory}/manifest.json"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointCorrupt(f"{self.directory}/manifest.json: {exc}") from None
+        if self.manifest.get("format") != FORMAT:
+            raise CheckpointCorrupt(f"{self.directory}: format {self.manifest.get('format')!r}, "
+                                    f"this reader needs {FORMAT!r}")
+        self.files: dict[str, dict[str, Any]] = self.manifest["files"]
+        self.file_of_expert = {e: name for name, meta in self.files.items()
+                               for e in meta.get("experts", [])}
+        self._stack = ExitStack()
+        self._open: dict[str, TensorFile] = {}
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def file(self, name: str) -> TensorFile:
+        if name not in self._open:
+            meta = self.files.get(name)
+            if meta is None:
+                raise CheckpointCorrupt(f"{self.directory}: manifest lists no {name}")
+            path = f"{self.directory}/{name}"
+            try:
+                handle = self._stack.enter_context(self.fs.open_input_file(path))
+                self._open[name] = TensorFile(handle, path, meta["header_sha256"])
+            except FileNotFoundError:
+                raise CheckpointCorrupt(f"{path}: missing") from None
+            except TensorFileError as exc:
+                raise CheckpointCorrupt(str(exc)) from None
+        return self._open[name]
+
+    def file_for(self, held: HeldTensor) -> TensorFile:
+        """The file holding `held` (dense.safetensors, or the expert file listing its expert)."""
+        if held.expert is None:
+            return self.file(DENSE_FILE)
+        name = self.file_of_expert.get(held.expert)
+        if name is None:
+            raise CheckpointCorrupt(f"{self.directory}: no expert file holds expert {held.expert}")
+        return self.file(name)
+
+    def read(self, file: TensorFile, key: str) -> torch.Tensor:
+        try:
+            return file.read(key)
+        except KeyError:
+            raise CheckpointCorrupt(f"{file.name}: no tensor {key!r}") from None
+        except (TensorFileError, OSError) as exc:
+            raise CheckpointCorrupt(str(exc)) from None
 
 
 def load_checkpoint(
@@ -317,85 +374,93 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Fills this worker's (sharded) model and optimizer from checkpoint `step`, at any layout.
 
-    The worker reads dense.safetensors and only the expert files holding its experts; each file
-    read is checked against the manifest. RNG state is restored when the layout is unchanged.
+    Reads the headers of dense.safetensors and of the expert files holding this model's experts,
+    then exactly the tensors the model holds (and their AdamW state when `optimizer` is given),
+    each checked against its digest. RNG state is restored when the layout is unchanged. With
+    `groups=None` (tools) nothing but the model's tensors is read.
+
+    Raises:
+        CheckpointCorrupt: a missing file or tensor, a checksum or shape mismatch.
     """
-    fs, root = open_uri(uri)
-    directory = f"{root}/{step_dir_name(step)}"
-    manifest = read_manifest(uri, step)
-    files = manifest["files"]
-    dense = _load_file(fs, f"{directory}/dense.safetensors", files["dense.safetensors"])
-
-    needed = {e for _, experts in _expert_modules(model) for e in experts.expert_ids}
-    saved_ep = manifest["layout"]["ep"]
-    expert_store: dict[str, torch.Tensor] = {}
-    for ep_rank in range(saved_ep):
-        name = expert_file_name(ep_rank, saved_ep)
-        if name not in files:
-            raise CheckpointCorrupt(f"{directory}: manifest lists no {name}")
-        tensors = _load_file(fs, f"{directory}/{name}", files[name])
-        if not needed & _experts_in(tensors):
-            continue
-        expert_store.update(tensors)
-
-    names = _param_names(model)
-    with torch.no_grad():
+    with CheckpointReader(uri, step) as reader:
+        manifest = reader.manifest
+        arch = manifest.get("architecture", model_architecture(model))
         state = model.state_dict(keep_vars=True)
-        for name in _dense_names(model):
-            if name not in dense:
-                raise CheckpointCorrupt(f"{directory}/dense.safetensors lacks {name!r}")
-            _copy(state[name], dense[name], name)
-        for layer_id, experts in _expert_modules(model):
-            for native in _EXPERT_PARAMS:
-                param = getattr(experts, native)
-                for local, expert in enumerate(experts.expert_ids):
-                    key = expert_tensor_key(layer_id, expert, native)
-                    if key not in expert_store:
-                        raise CheckpointCorrupt(f"{directory}: no tensor {key!r} in any expert file")
-                    _copy(param[local], expert_store[key], key)
-
-    if optimizer is not None and "optim.step" in dense:
-        step_count = dense["optim.step"].reshape(()).clone()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                name = names[id(p)]
-                slots = {}
-                for slot in _OPTIM_SLOTS:
-                    if ".experts.w_" in name:
-                        layer_id = int(name.split(".")[1])
-                        native = name.rsplit(".", 1)[1]
-                        experts = model.layers[layer_id].ffn.experts
-                        keys = [f"optim.{slot}.{expert_tensor_key(layer_id, e, native)}"
-                                for e in experts.expert_ids]
-                        if all(k in expert_store for k in keys):
-                            slots[slot] = torch.stack([expert_store[k] for k in keys])
-                    elif f"optim.{slot}.{name}" in dense:
-                        slots[slot] = dense[f"optim.{slot}.{name}"].clone()
+        params = dict(model.named_parameters())
+        group_of = {id(p): g for g in (optimizer.param_groups if optimizer else []) for p in g["params"]}
+        with torch.no_grad():
+            for held in held_tensors(model, arch, training_state=True):
+                file = reader.file_for(held)
+                _copy(held.view(state[held.native]), reader.read(file, held.key), held.key)
+                param = params.get(held.native)
+                if param is None or id(param) not in group_of:
+                    continue
                 # A parameter that never had a gradient has no AdamW state to restore.
-                if len(slots) == len(_OPTIM_SLOTS):
-                    st = optimizer.state[p]
-                    st["step"] = step_count.clone()
-                    for slot, value in slots.items():
-                        st[slot] = value.to(p.device, p.dtype)
+                if optimizer_key("exp_avg", held.key) not in file:
+                    continue
+                slots = optimizer.state[param]
+                if "exp_avg" not in slots:
+                    for slot in _OPTIM_SLOTS:
+                        slots[slot] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                for slot in _OPTIM_SLOTS:
+                    key = optimizer_key(slot, held.key)
+                    _copy(held.view(slots[slot]), reader.read(file, key), key)
+                step_value = reader.read(file, optimizer_key("step", held.key)).reshape(())
+                group = group_of[id(param)]
+                # AdamW keeps `step` on the parameter's device for fused / capturable updates.
+                on_device = group.get("fused") or group.get("capturable")
+                slots["step"] = step_value.to(param.device if on_device else "cpu", torch.float32)
 
-    same_layout = groups is not None and manifest["layout"] == {"ep": groups.layout.ep,
-                                                                "dp": groups.layout.dp}
-    if same_layout:
-        rng_name = f"rng-{groups.rank:05d}.safetensors"
-        rng = _load_file(fs, f"{directory}/{rng_name}", files[rng_name])
-        torch.set_rng_state(rng["torch"])
-    return LoadedCheckpoint(step=manifest["step"], data_position=manifest["data_position"],
-                            path=directory, layout=manifest["layout"],
-                            metrics=manifest.get("metrics", {}))
+        same_layout = groups is not None and manifest["layout"] == {"ep": groups.layout.ep,
+                                                                    "dp": groups.layout.dp}
+        if same_layout:
+            rng_file = reader.file(f"rng-{groups.rank:05d}.safetensors")
+            torch.set_rng_state(reader.read(rng_file, "torch"))
+        return LoadedCheckpoint(step=manifest["step"], data_position=manifest["data_position"],
+                                path=reader.directory, layout=manifest["layout"],
+                                metrics=manifest.get("metrics", {}))
 
 
-def _experts_in(tensors: dict[str, torch.Tensor]) -> set[int]:
-    found = set()
-    for key in tensors:
-        m = re.search(r"\.experts\.(\d+)\.", key)
-        if m:
-            found.add(int(m.group(1)))
-    return found
+def resume_checkpoint(
+    uri: str,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: ParallelGroups,
+) -> LoadedCheckpoint | None:
+    """Collectively loads the newest checkpoint under `uri` that every worker reads without error.
+
+    Each worker reads only its share (see `load_checkpoint`); a checkpoint that fails on any
+    worker is skipped with a warning naming the step and the reason. When none loads, the
+    optimizer state is cleared and the model's weights are undefined (a failed load may have
+    filled some): the caller initialises them.
+
+    Returns:
+        The loaded checkpoint, or None to start from step 0.
+    """
+    steps = list_checkpoints(uri) if groups.rank == 0 else None
+    if groups.distributed:
+        box = [steps]
+        dist.broadcast_object_list(box, src=0)
+        steps = box[0]
+    for step in reversed(steps or []):
+        error = None
+        try:
+            loaded = load_checkpoint(uri, step, model=model, optimizer=optimizer, groups=groups)
+        except CheckpointCorrupt as exc:
+            error = str(exc)
+        failed = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+        if groups.distributed:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if not int(failed):
+            return loaded
+        if error is not None:
+            log.warning("skipping checkpoint step %d under %s: %s", step, uri, error)
+        elif groups.rank == 0:
+            log.warning("skipping checkpoint step %d under %s: another worker could not read its "
+                        "share", step, uri)
+    optimizer.state.clear()
+    return None
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:

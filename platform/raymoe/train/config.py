@@ -44,22 +44,18 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class TrainDataConfig:
-    """Where tokens come from and how they are cut into batches."""
+    """Which ingest output the tokens come from and how they are cut into batches."""
 
-    # Ingest output (manifest.json + Parquet token shards, `python -m pipelines.ingest`) or a
-    # directory of raw text files (e.g. data/corpus), tokenized and packed once in the driver.
+    # An ingest output directory (manifest.json + Parquet token shards of seq_len + 1 tokens per
+    # row, `python -m pipelines.ingest`), on a local or mounted filesystem every worker reads.
     path: str
     seq_len: int = 128
     # Sequences per micro-batch summed over all workers; each worker takes 1/world of it.
     global_batch_size: int = 8
     seed: int = 0
-    # Tokenizer directory for raw text; empty = train a byte-level BPE on the corpus (cached).
-    tokenizer: str = ""
-    # Where packed raw-text corpora and their tokenizer are cached.
-    cache_dir: str = "runs/data-cache"
 
     def __post_init__(self) -> None:
-        require(bool(self.path), "data.path must be set (a token-shard or text directory)")
+        require(bool(self.path), "data.path must be set (an ingest output directory)")
         require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
         require(self.global_batch_size >= 1,
                 f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
@@ -113,6 +109,10 @@ class TrainConfig:
     num_workers: int = 0
     # Ray resources per worker; fractional on small machines (world size = layout.ep * layout.dp).
     num_cpus_per_worker: float = 1.0
+    # Memory one worker may use (GiB), 0 = no limit. Requested from Ray as the `memory` resource,
+    # and a layout whose per-worker parameters + gradients + AdamW state would exceed it fails
+    # before any worker starts, naming the numbers.
+    memory_per_worker_gb: float = 0.0
     # torch intra-op threads per worker.
     num_threads_per_worker: int = 1
     use_gpu: bool = False
@@ -135,6 +135,8 @@ class TrainConfig:
         require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         require(self.num_cpus_per_worker > 0,
                 f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}")
+        require(self.memory_per_worker_gb >= 0,
+                f"memory_per_worker_gb must be >= 0, got {self.memory_per_worker_gb}")
         require(self.num_threads_per_worker >= 1,
                 f"num_threads_per_worker must be >= 1, got {self.num_threads_per_worker}")
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
@@ -185,24 +187,56 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[
 
 
 def check_before_launch(cfg: TrainConfig) -> None:
-    """Checks what needs the filesystem: the data path exists (local or any pyarrow URI).
+    """Checks what needs the filesystem or the model's size, without reading any token.
+
+    `data.path` must be a local (or mounted) ingest output whose rows, tokenizer and train split
+    fit the run (shard checksums are verified once, by `run_training`); with
+    `memory_per_worker_gb` set, one worker's share of the model must fit it.
 
     Raises:
-        ConfigError: naming `data.path` and its value.
+        ConfigError: naming the field and its value.
     """
-    import pyarrow.fs as pafs
+    from raymoe.train.data import check_ingest_output
+    from raymoe.train.memory import WorkerMemoryError
 
+    if "://" in cfg.data.path:
+        raise ConfigError(f"data.path={cfg.data.path!r}: workers read the shards from a local or "
+                          f"mounted directory; URIs are not supported")
+    if not os.path.isdir(cfg.data.path):
+        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; it must be an ingest "
+                          f"output: run python -m pipelines.ingest with output_dir={cfg.data.path} "
+                          f"first")
+    model = cfg.model_config()
     try:
-        fs, path = pafs.FileSystem.from_uri(_as_uri(cfg.data.path))
-        info = fs.get_file_info(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"data.path={cfg.data.path!r} cannot be opened: {exc}") from None
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"data.path={cfg.data.path!r} does not exist")
-    if cfg.data.tokenizer:
-        if not os.path.isdir(cfg.data.tokenizer):
-            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} is not a directory")
+        check_ingest_output(cfg.data.path, seq_len=cfg.data.seq_len, vocab_size=model.vocab_size,
+                            global_batch_size=cfg.data.global_batch_size, verify=False)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.memory_per_worker_gb:
+        try:
+            check_layout_memory(cfg)
+        except WorkerMemoryError as exc:
+            raise ConfigError(str(exc)) from None
 
 
-def _as_uri(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+def check_layout_memory(cfg: TrainConfig) -> int:
+    """Estimated training bytes of the most loaded worker of the layout (built on the meta device).
+
+    Raises:
+        WorkerMemoryError: over `memory_per_worker_gb`.
+    """
+    import torch
+
+    from raymoe.models import MoETransformer
+    from raymoe.parallel.layout import ExpertPlacement, slice_grouped_experts
+    from raymoe.train.memory import check_fits
+
+    model_cfg = cfg.model_config()
+    placement = ExpertPlacement.contiguous(model_cfg.moe.num_experts, cfg.layout.ep)
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg)
+    # Contiguous placement: every ep rank holds the same number of experts; rank 0 stands for all.
+    for moe in model.moe_layers():
+        slice_grouped_experts(moe.experts, placement.experts_of(0))
+    return check_fits(model, layout=f"ep={cfg.layout.ep} x dp={cfg.layout.dp}",
+                      memory_per_worker_gb=cfg.memory_per_worker_gb, address_space=False)

@@ -3,9 +3,12 @@
     raymoe export runs/train-debug/checkpoints artifacts/debug        # newest valid checkpoint
     raymoe export runs/train-debug/checkpoints/step-00000200 artifacts/debug
 
-The checkpoint is verified, every expert shard is gathered into one full model (a 1 x 1 layout
-load), and `save_hf` writes safetensors + config.json; the tokenizer files are copied and
-`raymoe_manifest.json` links back to the checkpoint and the data manifest it was trained on.
+Training checkpoints already name tensors the Hugging Face way (raymoe.models.state_dict_adapter),
+so export is a streaming copy: `model.safetensors` is written tensor by tensor, each read from its
+shard (dense.safetensors or the expert file holding it) and checked against its digest. The
+process holds one tensor at a time, never a layer's experts, let alone the model. config.json and
+the tokenizer files are written as `save_hf` writes them, and `raymoe_manifest.json` links back
+to the checkpoint and the data manifest it was trained on.
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from raymoe.atomic_io import atomic_write_json, sha256_file
+import torch
+
+from raymoe.atomic_io import atomic_write, atomic_write_json, sha256_file
 from raymoe.config import from_dict
-from raymoe.models import MoETransformer, ModelConfig, save_hf
-from raymoe.train.checkpoint import (
-    latest_valid_checkpoint,
-    load_checkpoint,
-    step_dir_name,
-    verify_checkpoint,
-)
+from raymoe.models import MoETransformer, ModelConfig
+from raymoe.models.hf_io import save_hf_config
+from raymoe.models.state_dict_adapter import held_tensors
+from raymoe.train.checkpoint import CheckpointReader, latest_valid_checkpoint, step_dir_name
+from raymoe.train.tensor_files import LazyTensor, write_tensor_file
 
 EXPORT_MANIFEST = "raymoe_manifest.json"
 
@@ -48,18 +51,37 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
 
     Returns:
         The export manifest written to `out_dir/raymoe_manifest.json`.
+
+    Raises:
+        CheckpointCorrupt: a shard or tensor is missing or fails its checksum.
     """
     root, step = resolve_checkpoint(checkpoint)
-    manifest = verify_checkpoint(root, step)
-    if "model_config" not in manifest:
-        raise ValueError(f"{root}/{step_dir_name(step)}: manifest has no model_config to rebuild from")
-    model = MoETransformer(from_dict(ModelConfig, manifest["model_config"], prefix="model"))
-    # No groups: a 1 x 1 layout holding every expert, read from every shard of any saved layout.
-    load_checkpoint(root, step, model=model, optimizer=None, groups=None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with CheckpointReader(root, step) as reader:
+        manifest = reader.manifest
+        if "model_config" not in manifest:
+            raise ValueError(f"{root}/{step_dir_name(step)}: manifest has no model_config to rebuild from")
+        cfg = from_dict(ModelConfig, manifest["model_config"], prefix="model")
+        arch = manifest["architecture"]
+        # On the meta device: the model only names the tensors (every expert, HF set), in order.
+        with torch.device("meta"):
+            names = MoETransformer(cfg)
+        entries = []
+        for held in held_tensors(names, arch):
+            file = reader.file_for(held)
+            entries.append((held.key, LazyTensor(
+                file.dtype(held.key), file.shape(held.key),
+                lambda file=file, key=held.key: reader.read(file, key))))
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                write_tensor_file(fh, entries, metadata={"format": "pt"}, tensor_digests=False)
+
+        atomic_write(out / "model.safetensors", write)
     data = manifest.get("data", {})
     tokenizer_dir = data.get("tokenizer_dir") or None
-    out = Path(out_dir)
-    arch = save_hf(model, out, tokenizer_dir=tokenizer_dir)
+    save_hf_config(out, cfg, arch, tokenizer_dir)
     export = {
         "format": "raymoe-export/1",
         "architecture": arch,

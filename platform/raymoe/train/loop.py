@@ -1,7 +1,9 @@
 """Ray Train entry: one TorchTrainer worker (a Ray actor) per rank of the `ep x dp` layout.
 
-The driver validates the config and prepares the tokens before any worker starts; each worker
-runs `raymoe.train.worker.run_worker` inside the gloo (CPU) or NCCL (GPU) group Ray Train forms.
+The driver validates the config and checks the ingest output (manifest and shard checksums; it
+reads no tokens into memory) before any worker starts; each worker runs
+`raymoe.train.worker.run_worker` inside the gloo (CPU) or NCCL (GPU) group Ray Train forms and
+reads its own rows from the shards.
 Ray Train's FailureConfig restarts the whole worker group when a worker dies; the restarted
 workers resume from the newest valid checkpoint under `checkpoint.uri`.
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 from raymoe.config import from_dict
 from raymoe.train.config import TrainConfig, check_before_launch
-from raymoe.train.data import prepare_tokens
+from raymoe.train.data import check_ingest_output
 from raymoe.train.step import StepResult
 
 log = logging.getLogger(__name__)
@@ -125,8 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(TrainConfig, loop_config["cfg"])
     # 6 FLOPs per parameter per token (forward 2, backward 4); attention's T^2 term left out.
     flops_per_token = 6.0 * loop_config["active_params"]
-    run_worker(cfg, tokens_path=loop_config["tokens_path"],
-               report=RayReporter(cfg, flops_per_token), extra_manifest=loop_config["extra"])
+    run_worker(cfg, report=RayReporter(cfg, flops_per_token), extra_manifest=loop_config["extra"])
 
 
 def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
@@ -136,8 +137,6 @@ def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
         return path if not path or "://" in path else os.path.abspath(path)
 
     data["data"]["path"] = fix(data["data"]["path"])
-    data["data"]["cache_dir"] = fix(data["data"]["cache_dir"])
-    data["data"]["tokenizer"] = fix(data["data"]["tokenizer"])
     data["checkpoint"]["uri"] = fix(data["checkpoint"]["uri"])
     data["storage_path"] = fix(data["storage_path"])
     data["history_path"] = fix(data.get("history_path", ""))
@@ -156,7 +155,7 @@ def active_params(cfg: TrainConfig) -> int:
 
 
 def run_training(cfg: TrainConfig):
-    """Validates, prepares data, and runs the TorchTrainer to `cfg.steps`.
+    """Validates, checks the ingest output, and runs the TorchTrainer to `cfg.steps`.
 
     Returns:
         The Ray Train `Result` (`result.metrics` holds the last reported step's metrics).
@@ -167,20 +166,22 @@ def run_training(cfg: TrainConfig):
     check_before_launch(cfg)
     # Workers run in their own directories: relative paths are resolved here, in the driver.
     cfg = from_dict(TrainConfig, absolute_paths(cfg.to_dict()))
-    model_cfg = cfg.model_config()
-    data = prepare_tokens(cfg.data.path, seq_len=cfg.data.seq_len, vocab_size=model_cfg.vocab_size,
-                          cache_dir=cfg.data.cache_dir, tokenizer=cfg.data.tokenizer)
+    data = check_ingest_output(cfg.data.path, seq_len=cfg.data.seq_len,
+                               vocab_size=cfg.model_config().vocab_size,
+                               global_batch_size=cfg.data.global_batch_size)
     extra = {"data": {"manifest": data.manifest_path, "tokenizer_dir": data.tokenizer_dir}}
-    loop_config = {"cfg": cfg.to_dict(), "tokens_path": os.path.abspath(data.tokens_path),
-                   "extra": extra, "active_params": active_params(cfg)}
+    loop_config = {"cfg": cfg.to_dict(), "extra": extra, "active_params": active_params(cfg)}
     threads = str(cfg.num_threads_per_worker)
+    resources = {"CPU": cfg.num_cpus_per_worker}
+    if cfg.memory_per_worker_gb:
+        resources["memory"] = int(cfg.memory_per_worker_gb * 1024**3)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.world_size, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.num_cpus_per_worker},
+            resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
             # A fresh Ray Train run name each time: reusing one would make Ray resume that run's

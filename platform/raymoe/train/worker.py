@@ -2,6 +2,11 @@
 
 `run_worker` runs under any initialised torch.distributed group (Ray Train's, or processes a test
 spawns) or in a single process. `raymoe.train.loop` wraps it for Ray Train.
+
+A worker never holds more than its share: the model is built on the meta device, sharded there,
+checked against the worker's memory limit, and only then allocated (dense weights + this rank's
+experts), each tensor initialised once. Resuming reads only the tensors it holds; the tokens come
+from the ingest shards by position.
 """
 
 from __future__ import annotations
@@ -13,16 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from raymoe.config import to_dict
 from raymoe.models import MoETransformer
 from raymoe.parallel.groups import ParallelGroups, build_groups
 from raymoe.parallel.layout import shard_model_experts
 from raymoe.train.activation_checkpoint import apply_activation_checkpointing
-from raymoe.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from raymoe.train.checkpoint import resume_checkpoint, save_checkpoint
 from raymoe.train.config import TrainConfig
-from raymoe.train.data import PackedBatches
+from raymoe.train.data import TrainBatches
+from raymoe.train.memory import check_fits, optimizer_bytes, peak_rss_bytes, shard_bytes
 from raymoe.train.schedule import lr_at
 from raymoe.train.step import StepResult, build_optimizer, train_step
 
@@ -40,6 +45,15 @@ class WorkerSummary:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
+    # Memory this worker held after its last step: parameter bytes (dense, routed experts) and
+    # optimizer-state bytes; its peak resident set size over the whole run.
+    dense_bytes: int = 0
+    expert_bytes: int = 0
+    optimizer_bytes: int = 0
+    peak_rss_bytes: int = 0
+    # Seconds from entering run_worker until the model was built, initialised (or resumed) and
+    # the optimizer ready to step.
+    startup_s: float = 0.0
 
 
 def worker_device(cfg: TrainConfig) -> torch.device:
@@ -50,58 +64,62 @@ def worker_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def build_sharded_model(cfg: TrainConfig, groups: ParallelGroups, device: torch.device) -> MoETransformer:
-    """The full model from `cfg.seed` (identical on every rank), then only this rank's experts."""
-    model = MoETransformer(cfg.model_config())
-    # Same seed everywhere: dense weights start identical, and expert e starts the same whatever
-    # rank holds it, so any layout trains the same model.
-    model.init_weights(seed=cfg.seed)
+def build_sharded_model(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, *,
+                        init: bool = True) -> MoETransformer:
+    """This rank's model: dense weights + its experts, allocated on `device` and initialised once.
+
+    Built on the meta device and sharded there, so the experts of other ranks are never
+    allocated. Initial values come from `cfg.seed` per tensor (per expert), so dense weights are
+    identical on every rank and expert e starts the same whatever rank holds it: any layout
+    trains the same model. With `init=False` the weights are left for a checkpoint to fill (then
+    `model.init_weights(cfg.seed)` if none loads).
+
+    Raises:
+        WorkerMemoryError: the shard's training tensors would exceed the worker's memory limit.
+    """
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model_config())
     shard_model_experts(model, cfg.layout, groups.rank, ep_group=groups.ep_group)
+    check_fits(model, layout=f"ep={cfg.layout.ep} x dp={cfg.layout.dp}",
+               memory_per_worker_gb=cfg.memory_per_worker_gb)
+    model.materialize(device, seed=cfg.seed, init=init)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    return model.to(device)
-
-
-def _broadcast_int(value: int | None, groups: ParallelGroups) -> int | None:
-    if not groups.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return model
 
 
 def run_worker(
     cfg: TrainConfig,
     *,
-    tokens_path: str,
     report: Reporter | None = None,
     extra_manifest: dict[str, Any] | None = None,
 ) -> WorkerSummary:
     """Trains until `cfg.steps`, resuming from the newest valid checkpoint when allowed.
 
     Args:
-        cfg: the validated run config.
-        tokens_path: packed token array (raymoe.train.data.prepare_tokens).
+        cfg: the validated run config; `cfg.data.path` is an ingest output (checked by the
+            driver with `raymoe.train.data.check_ingest_output`).
         report: called after each logged step with console metrics (rank 0 prints them).
         extra_manifest: JSON-able data stored in every checkpoint manifest.
 
     Returns:
         This worker's summary.
     """
+    started = time.perf_counter()
     torch.set_num_threads(cfg.num_threads_per_worker)
     groups = build_groups(cfg.layout)
     torch.manual_seed(cfg.seed + groups.rank)
     device = worker_device(cfg)
-    model = build_sharded_model(cfg, groups, device)
+    # Resuming: the weights come from the checkpoint, so they are not drawn first.
+    model = build_sharded_model(cfg, groups, device, init=not cfg.checkpoint.resume)
     optimizer = build_optimizer(model, cfg.optim)
 
     start_step, data_position, resumed_metrics, resumed_path = 0, 0, {}, None
     if cfg.checkpoint.resume:
-        found = latest_valid_checkpoint(cfg.checkpoint.uri) if groups.rank == 0 else None
-        found = _broadcast_int(found, groups)
-        if found is not None:
-            loaded = load_checkpoint(cfg.checkpoint.uri, found, model=model, optimizer=optimizer,
-                                     groups=groups)
+        loaded = resume_checkpoint(cfg.checkpoint.uri, model=model, optimizer=optimizer, groups=groups)
+        if loaded is None:
+            model.init_weights(seed=cfg.seed)
+        else:
             start_step, data_position = loaded.step, loaded.data_position
             resumed_metrics, resumed_path = loaded.metrics, loaded.path
             if loaded.layout != {"ep": cfg.layout.ep, "dp": cfg.layout.dp}:
@@ -111,10 +129,11 @@ def run_worker(
                 log.warning("resumed from %s (step %d, saved at layout %s)", loaded.path,
                             loaded.step, loaded.layout)
 
-    batches = PackedBatches(tokens_path, seq_len=cfg.data.seq_len,
-                            global_batch_size=cfg.data.global_batch_size,
-                            world_size=groups.world_size, rank=groups.rank, seed=cfg.data.seed)
-    summary = WorkerSummary(start_step=start_step, final_step=start_step)
+    batches = TrainBatches(cfg.data.path, seq_len=cfg.data.seq_len,
+                           global_batch_size=cfg.data.global_batch_size,
+                           world_size=groups.world_size, rank=groups.rank, seed=cfg.data.seed)
+    summary = WorkerSummary(start_step=start_step, final_step=start_step,
+                            startup_s=time.perf_counter() - started)
     # Every checkpoint can rebuild its model and says how it was trained (export needs both).
     extra_manifest = {"model_config": to_dict(cfg.model_config()), "train_config": cfg.to_dict(),
                       **(extra_manifest or {})}
@@ -164,4 +183,8 @@ def run_worker(
         report({"step": start_step, "start_step": start_step, "rank": groups.rank,
                 "loss": resumed_metrics.get("loss", float("nan")), "checkpoint_path": resumed_path},
                None)
+    held = shard_bytes(model)
+    summary.dense_bytes, summary.expert_bytes = held.dense, held.experts
+    summary.optimizer_bytes = optimizer_bytes(optimizer)
+    summary.peak_rss_bytes = peak_rss_bytes()
     return summary

@@ -270,7 +270,7 @@ def default_jobs(storage: StorageValues) -> dict[str, JobValues]:
             # Rows of 128 + 1 tokens: the sequence length the train job trains at.
             "pack.seq_len=128"], active_deadline_s=2 * 3600),
         "train": JobValues(config="pipelines/configs/train.debug.yaml", overrides=[
-            f"data.path={d('data', 'ingest')}", f"data.cache_dir={d('cache', 'train')}",
+            f"data.path={d('data', 'ingest')}",
             f"checkpoint.uri={d('checkpoints', 'train')}", f"storage_path={d('ray-train')}",
             f"history_path={d('train', 'train-history.jsonl')}"],
             # The Hugging Face artifact serving, fine-tuning and drift read.
