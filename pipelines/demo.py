@@ -60,7 +60,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     ingest_cfg = load_config(IngestConfig, cfg.ingest.config, [*cfg.ingest.overrides, f"output_dir={data_dir}"])
     train_cfg = load_config(TrainConfig, cfg.train.config, [
         *cfg.train.overrides, f"data.path={data_dir}", f"checkpoint.uri={ckpt_dir}",
-        f"storage_path={work / 'ray-train'}", "name=demo"])
+        f"storage_path={work / 'ray-train'}", f"history_path={work / 'train-history.jsonl'}", "name=demo"])
     serve_cfg = load_config(ServeJobConfig, cfg.serve.config, [
         *cfg.serve.overrides, f"app.model_path={model_dir}", "make_debug_artifact=false", "block=false"])
     init_ray()
