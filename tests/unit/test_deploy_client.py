@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from raymoe.deploy.deploy_cli import add_deploy_command
-from raymoe.deploy.kube_client import explain_api_error, load_manifests
+from raymoe.deploy.kube_client import explain_api_error
+from raymoe.deploy.kube_manifests import load_manifests
 from raymoe.deploy.kube_status import FAILED, PROGRESSING, READY, SUSPENDED, readiness
 from tests.unit.fake_kube_api import ALL_CRDS, FakeKubeApi
 
@@ -619,7 +620,7 @@ def test_manifest_problems_fail_before_any_call(kube, manifests, tmp_path, capsy
 
 
 def test_a_plain_text_404_from_an_older_api_server_still_means_no_crd():
-    from raymoe.deploy.kube_client import KINDS
+    from raymoe.deploy.kube_manifests import KINDS
 
     err = explain_api_error(404, b"404 page not found\n", verb="patch", resource="rayjobs.ray.io",
                             ref="RayJob/train", namespace="raymoe", kind=KINDS[("ray.io/v1", "RayJob")])
@@ -686,7 +687,8 @@ def test_wait_on_a_terminal_draws_a_progress_bar(kube, manifests, tmp_path):
     import io
 
     from raymoe.deploy.deploy_cli import _wait
-    from raymoe.deploy.kube_client import KubeClient, connect, load_manifests
+    from raymoe.deploy.kube_client import KubeClient, connect
+    from raymoe.deploy.kube_manifests import load_manifests
 
     class Terminal(io.StringIO):
         def isatty(self):

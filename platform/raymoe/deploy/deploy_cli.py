@@ -107,7 +107,8 @@ def add_deploy_command(sub: argparse._SubParsersAction) -> None:
 # ---- verbs ----
 
 def _session(args: argparse.Namespace, need_manifests: bool = True):
-    from raymoe.deploy.kube_client import KubeClient, connect, load_manifests
+    from raymoe.deploy.kube_client import KubeClient, connect
+    from raymoe.deploy.kube_manifests import load_manifests
 
     manifests = load_manifests(args.paths) if need_manifests else []
     conn = connect(args.kubeconfig, args.context)
@@ -118,7 +119,7 @@ def _errors_to_exit_code(run):
     """Runs a verb; a KubeError becomes `raymoe deploy VERB: message` on stderr and its exit code."""
 
     def wrapped(args: argparse.Namespace) -> int:
-        from raymoe.deploy.kube_client import KubeError
+        from raymoe.deploy.kube_manifests import KubeError
 
         try:
             return run(args)
@@ -131,7 +132,8 @@ def _errors_to_exit_code(run):
 
 @_errors_to_exit_code
 def _run_apply(args: argparse.Namespace) -> int:
-    from raymoe.deploy.kube_client import FIELD_MANAGER, target_namespace
+    from raymoe.deploy.kube_client import FIELD_MANAGER
+    from raymoe.deploy.kube_manifests import target_namespace
     from raymoe.deploy.kube_status import READY
 
     manifests, conn, client = _session(args)
@@ -148,7 +150,7 @@ def _run_apply(args: argparse.Namespace) -> int:
 
 @_errors_to_exit_code
 def _run_status(args: argparse.Namespace) -> int:
-    from raymoe.deploy.kube_client import target_namespace
+    from raymoe.deploy.kube_manifests import target_namespace
     from raymoe.deploy.kube_status import readiness
 
     manifests, conn, client = _session(args)
@@ -165,7 +167,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 @_errors_to_exit_code
 def _run_delete(args: argparse.Namespace) -> int:
-    from raymoe.deploy.kube_client import target_namespace
+    from raymoe.deploy.kube_manifests import target_namespace
     from raymoe.deploy.kube_status import ABSENT
 
     manifests, conn, client = _session(args)
@@ -184,7 +186,7 @@ def _run_delete(args: argparse.Namespace) -> int:
 
 @_errors_to_exit_code
 def _run_logs(args: argparse.Namespace) -> int:
-    from raymoe.deploy.kube_client import KubeError, USER_ERROR, kind_named
+    from raymoe.deploy.kube_manifests import USER_ERROR, KubeError, kind_named
 
     kind_name, _, name = args.target.partition("/")
     if not name:
