@@ -193,6 +193,7 @@ REGISTRY: list[MetricSpec] = [
 ]
 
 _instances: dict[str, Any] = {}
+_instances_job: list[str] = [""]  # the Ray job the instances were made in
 
 # Ray's metrics agent stops exporting a process's metrics once that process has reported nothing
 # for RAY_WORKER_TIMEOUT_S (120 s by default, `ray/_private/metrics_agent.py`), so a gauge set once
@@ -244,6 +245,17 @@ def _start_refresher() -> None:
         _refresher[0].start()
 
 
+def _current_job() -> str:
+    """This process's Ray job on its node ("" without Ray): job ids restart at 1 in each new
+    cluster, node ids differ between clusters."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    context = ray.get_runtime_context()
+    return f"{context.get_node_id()}:{context.get_job_id()}"
+
+
 def prometheus_name(spec: MetricSpec) -> str:
     """The series name Prometheus scrapes for `spec` from a Ray metrics port (histograms add
     `_bucket`, `_sum` and `_count` to it)."""
@@ -255,6 +267,12 @@ def ray_metric(spec: MetricSpec) -> Any:
 
     Only call where Ray is initialised (a driver after `ray.init`, a task, an actor).
     """
+    # A process that joins another cluster (a new driver job) starts with fresh metrics: the
+    # gauges kept for the previous one must not be re-published into the new one.
+    job = _current_job()
+    if job != _instances_job[0]:
+        _instances.clear()
+        _instances_job[0] = job
     if spec.name not in _instances:
         from ray.util import metrics  # imported here: this module is read without Ray too
 
