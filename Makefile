@@ -31,7 +31,7 @@ demo: venv
 	$(PY) -m pipelines.demo --config pipelines/configs/demo.debug.yaml
 
 test: venv prometheus
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-unit: venv prometheus
 	$(PY) -m pytest -q tests/unit
