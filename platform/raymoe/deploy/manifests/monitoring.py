@@ -93,16 +93,8 @@ def dashboards_push_job(values: DeployValues) -> dict:
         "spec": {
             "backoffLimit": 3,
             "ttlSecondsAfterFinished": Note(3600, "Deleted an hour after it ends; re-apply to push again."),
-            "template": {
-                "metadata": {"labels": pods.labels(values, "monitoring")},
-                "spec": {
-                    "serviceAccountName": sa_name(values, WORKER_SA),
-                    "automountServiceAccountToken": False,
-                    "securityContext": pods.pod_security(),
-                    "restartPolicy": "Never",
-                    "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
-                },
-            },
+            "template": pods.one_shot_pod_template(values, container, component="monitoring",
+                                                   service_account=sa_name(values, WORKER_SA),
+                                                   volumes=[{"name": "tmp", "emptyDir": {}}]),
         },
     }

@@ -153,3 +153,19 @@ def pod_template(values: DeployValues, container: dict, *, component: str, servi
         spec["tolerations"] = [Note({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
                                     "GPU node pools are usually tainted so only GPU pods land there.")]
     return {"metadata": {"labels": labels(values, component)}, "spec": spec}
+
+
+def one_shot_pod_template(values: DeployValues, container: dict, *, component: str, service_account: str,
+                          volumes: list) -> dict:
+    """A pod that runs once and needs no Kubernetes API token (a Job's, a RayJob submitter's)."""
+    return {
+        "metadata": {"labels": labels(values, component)},
+        "spec": {
+            "serviceAccountName": service_account,
+            "automountServiceAccountToken": False,
+            "securityContext": pod_security(),
+            "restartPolicy": "Never",
+            "containers": [container],
+            "volumes": volumes,
+        },
+    }

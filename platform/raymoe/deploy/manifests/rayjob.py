@@ -39,17 +39,8 @@ def submitter_template(values: DeployValues) -> dict:
         "securityContext": pods.container_security(),
         "volumeMounts": mounts,
     }
-    return {
-        "metadata": {"labels": pods.labels(values, "job-submitter")},
-        "spec": {
-            "serviceAccountName": sa_name(values, WORKER_SA),
-            "automountServiceAccountToken": False,
-            "securityContext": pods.pod_security(),
-            "restartPolicy": "Never",
-            "containers": [container],
-            "volumes": volumes,
-        },
-    }
+    return pods.one_shot_pod_template(values, container, component="job-submitter",
+                                      service_account=sa_name(values, WORKER_SA), volumes=volumes)
 
 
 def rayjob_spec(values: DeployValues, name: str) -> dict:
