@@ -74,9 +74,12 @@ def run_forward_jobs(model, jobs: list[ForwardJob], cache: KVCache,
     h_list = [model.embed(j.ids_BT) for j in jobs]
     # Right padding of a group of prompts (positions after a row's last_B) is neither counted in
     # the routing statistics nor sent to an expert: the counts are the served tokens' load.
-    real_N = torch.cat([(torch.arange(j.ids_BT.shape[1], device=j.last_B.device)[None, :]
-                         <= j.last_B[:, None]).reshape(-1) for j in jobs]) if jobs else None
-    padded_moes = list(model.moe_layers()) if real_N is not None and not bool(real_N.all()) else []
+    # Decode-only steps (one token per row) have no padding: no mask is built on that hot path.
+    real_N, padded_moes = None, []
+    if any(j.ids_BT.shape[1] > 1 for j in jobs):
+        real_N = torch.cat([(torch.arange(j.ids_BT.shape[1], device=j.last_B.device)[None, :]
+                             <= j.last_B[:, None]).reshape(-1) for j in jobs])
+        padded_moes = [] if bool(real_N.all()) else list(model.moe_layers())
     for moe in padded_moes:
         moe.count_mask_T = real_N
     try:

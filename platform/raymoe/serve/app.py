@@ -168,28 +168,28 @@ def list_adapters(lora_dir: str) -> list[str]:
 def check_expert_slots(cfg: ServeConfig) -> None:
     """With ep > 1 and the artifact readable here, fails before any replica starts when the
     expert slots (num_experts + len(redundant_experts)) do not split evenly over ep."""
-    if cfg.ep == 1 or not (Path(cfg.model_path) / "config.json").is_file():
-        return  # a path only the cluster can read is checked when the shard workers start
-    from raymoe.models.hf_io import read_hf_config
-    from raymoe.parallel.layout import ExpertPlacement
-
-    model_cfg, _ = read_hf_config(cfg.model_path)
-    ExpertPlacement.with_redundant(model_cfg.moe.num_experts, cfg.ep, list(cfg.redundant_experts))
+    if cfg.ep > 1:
+        expert_copies(cfg)  # a path only the cluster can read is checked when the shard workers start
 
 
 def expert_copies(cfg: ServeConfig) -> list[int]:
     """Physical copies of each logical expert in the placement the replica serves with (1 each
-    with ep=1; EPLB's redundant copies with ep > 1); [] when the artifact is not readable here."""
+    with ep=1; EPLB's redundant copies with ep > 1); [] when the artifact is not readable here.
+
+    Raises:
+        ConfigError: the expert slots do not split evenly over ep (or name unknown experts).
+    """
     if not (Path(cfg.model_path) / "config.json").is_file():
         return []
     from raymoe.models.hf_io import read_hf_config
     from raymoe.parallel.layout import ExpertPlacement
+    from raymoe.serve.live_placement import expert_copies_of
 
     num_experts = read_hf_config(cfg.model_path)[0].moe.num_experts
     if cfg.ep == 1:
         return [1] * num_experts
-    slots = ExpertPlacement.with_redundant(num_experts, cfg.ep, list(cfg.redundant_experts)).slot_expert
-    return [sum(1 for e in slots if e == expert) for expert in range(num_experts)]
+    placement = ExpertPlacement.with_redundant(num_experts, cfg.ep, list(cfg.redundant_experts))
+    return expert_copies_of(placement.slot_expert, num_experts)
 
 
 def build_core(cfg: ServeConfig, adapters: list[str]) -> EngineCore:

@@ -18,11 +18,11 @@ NUM_REQUESTS = 48  # per window: enough rows for the tests to have power, a few 
 def corpus_prompts(kind: str, num: int, seed: int) -> list[str]:
     """`num` prompts cut from the shipped corpus (`code` or `prose`): a random stretch of 80 to 600
     characters from a random file, each drawn with its own seeded RNG."""
-    files = sorted((CORPUS / kind).iterdir())
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted((CORPUS / kind).iterdir())]
     rng = random.Random(seed)
     prompts = []
     for _ in range(num):
-        text = rng.choice(files).read_text(encoding="utf-8", errors="replace")
+        text = rng.choice(texts)
         length = rng.randint(80, 600)
         start = rng.randrange(max(1, len(text) - length))
         prompts.append(text[start:start + length])

@@ -84,9 +84,6 @@ class ServeMetrics:
             if delta > 0:
                 m.ray_metric(spec).inc(delta, tags)
             self._last[key] = stats.get(key, 0)
-        copies = m.ray_metric(m.SERVE_EXPERT_COPIES)
-        for expert, n in enumerate(self.expert_copies):
-            copies.set(n, {**tags, "expert": str(expert)})
         counts = engine.expert_counts()
         prev = self._last.get("experts")
         delta = counts - prev if prev is not None else counts
@@ -98,6 +95,8 @@ class ServeMetrics:
                     counter.inc(n, {**tags, "layer": str(layer), "expert": str(expert)})
 
     async def run(self, engine) -> None:
+        # The placement changes only through `set_expert_copies`; the gauge keeper re-reports it.
+        self.set_expert_copies(self.expert_copies)
         while True:
             self.sample_engine(engine)
             await asyncio.sleep(self.interval_s)
