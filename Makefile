@@ -8,7 +8,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv prometheus demo test test-unit test-integration bench clean
+.PHONY: venv prometheus demo lint test test-unit test-integration bench clean
 
 venv: $(STAMP)
 
@@ -27,10 +27,18 @@ $(STAMP): pyproject.toml constraints.txt
 	URLLIB3_NO_OVERRIDE=1 $(PY) -m pip install -q -c constraints.txt --no-binary urllib3-future -e '.[dev]'
 	touch $(STAMP)
 
+# ARGS passes options and overrides through, e.g. make demo ARGS=--keep-serving
 demo: venv
-	$(PY) -m pipelines.demo --config pipelines/configs/demo.debug.yaml
+	$(PY) -m pipelines.demo --config pipelines/configs/demo.debug.yaml $(ARGS)
 
-test: venv prometheus
+# ruff (lint + format check) and mypy over platform/, pipelines/, bench/, tests/ (config in pyproject.toml).
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+# Lint first: a finding fails the run before the slower tests start.
+test: venv prometheus lint
 	$(PY) -m pytest -q --durations=15 tests
 
 test-unit: venv prometheus
@@ -43,4 +51,4 @@ bench: venv
 	$(PY) -m bench.run_all
 
 clean:
-	rm -rf $(VENV) runs artifacts .pytest_cache
+	rm -rf $(VENV) runs artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -29,11 +29,18 @@ def decode_steps(model, prompts: list[list[int]], steps: int) -> tuple[float, li
     from raymoe.serve.request import GenerationRequest, SamplingParams
 
     longest = max(len(p) for p in prompts)
-    core = EngineCore(model, EngineConfig(num_slots=len(prompts), max_seq_len=longest + steps + 2,
-                                          max_tokens_per_step=sum(len(p) for p in prompts)))
+    core = EngineCore(
+        model,
+        EngineConfig(
+            num_slots=len(prompts), max_seq_len=longest + steps + 2, max_tokens_per_step=sum(len(p) for p in prompts)
+        ),
+    )
     for i, prompt in enumerate(prompts):
-        core.add_request(GenerationRequest(request_id=str(i), prompt_ids=prompt,
-                                           params=SamplingParams(temperature=0.0, max_tokens=steps + 1)))
+        core.add_request(
+            GenerationRequest(
+                request_id=str(i), prompt_ids=prompt, params=SamplingParams(temperature=0.0, max_tokens=steps + 1)
+            )
+        )
     tokens = [event.token_id for _, event in sorted(core.step(), key=lambda item: int(item[0]))]  # prefill
     times = []
     for _ in range(steps):
@@ -53,8 +60,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--expert-threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; each figure keeps its best")
     args = parser.parse_args(argv)
-    from raymoe.models import MoETransformer, attention
-    from raymoe.models.packed import pack_fp32
+    from raymoe.inference import fast_attention
+    from raymoe.inference.packed import pack_fp32
+    from raymoe.models import MoETransformer
     from raymoe.serve.debug_artifact import debug_config
 
     torch.set_num_threads(1)  # as the serving engine runs (one engine thread)
@@ -66,18 +74,18 @@ def main(argv: list[str]) -> int:
     model.init_weights(seed=0)
     pack_fp32(model, expert_threads=args.expert_threads)
     gen = torch.Generator().manual_seed(0)
-    threshold = attention.THREADED_DECODE_MIN_ROW_KEYS
+    threshold = fast_attention.THREADED_DECODE_MIN_ROW_KEYS
     best: dict = {}
     for _ in range(args.rounds):
         for context in contexts:
             prompts = [torch.randint(3, cfg.vocab_size, (context,), generator=gen).tolist() for _ in range(args.batch)]
             tokens = {}
             for name, minimum in (("one thread", 1 << 62), ("shared threads", threshold)):
-                attention.THREADED_DECODE_MIN_ROW_KEYS = minimum
+                fast_attention.THREADED_DECODE_MIN_ROW_KEYS = minimum
                 seconds, tokens[name] = decode_steps(model, prompts, steps)
                 key = (context, name)
                 best[key] = min(best.get(key, seconds), seconds)
-            attention.THREADED_DECODE_MIN_ROW_KEYS = threshold
+            fast_attention.THREADED_DECODE_MIN_ROW_KEYS = threshold
             if tokens["one thread"] != tokens["shared threads"]:
                 raise SystemExit(f"context {context}: greedy tokens differ between the two attention paths")
     rows, ratios = [], {}
@@ -86,16 +94,33 @@ def main(argv: list[str]) -> int:
         threaded = args.batch * context >= threshold
         ratios[f"context_{context}"] = one / shared
         rows.append([context, one * 1e3, shared * 1e3, one / shared, "yes" if threaded else "no (below threshold)"])
-    print_table(f"Decode step, batch {args.batch}, d{shape['dim']} x {shape['num_layers']} layers, packed fp32, "
-                f"expert_threads {args.expert_threads} (ms per step, fastest half of {steps} steps, best of "
-                f"{args.rounds})",
-                ["context tokens", "attention on one thread", "attention on shared threads",
-                 "speedup (one / shared)", "split at this size"], rows)
-    path = write_results("decode_attention", {"batch": args.batch, "expert_threads": args.expert_threads,
-                                              "model": shape, "contexts": contexts, "steps": steps,
-                                              "threshold_row_keys": threshold, "ratios": ratios,
-                                              "ms_per_step": {f"{c}/{n}": v * 1e3 for (c, n), v in best.items()},
-                                              "quick": args.quick})
+    print_table(
+        f"Decode step, batch {args.batch}, d{shape['dim']} x {shape['num_layers']} layers, packed fp32, "
+        f"expert_threads {args.expert_threads} (ms per step, fastest half of {steps} steps, best of "
+        f"{args.rounds})",
+        [
+            "context tokens",
+            "attention on one thread",
+            "attention on shared threads",
+            "speedup (one / shared)",
+            "split at this size",
+        ],
+        rows,
+    )
+    path = write_results(
+        "decode_attention",
+        {
+            "batch": args.batch,
+            "expert_threads": args.expert_threads,
+            "model": shape,
+            "contexts": contexts,
+            "steps": steps,
+            "threshold_row_keys": threshold,
+            "ratios": ratios,
+            "ms_per_step": {f"{c}/{n}": v * 1e3 for (c, n), v in best.items()},
+            "quick": args.quick,
+        },
+    )
     print(f"wrote {path}")
     return 0
 

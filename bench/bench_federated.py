@@ -57,8 +57,13 @@ def start_local_ray(resources: dict[str, float]) -> None:
 
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(address="local", resources=resources, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {k: os.environ[k] for k in LOCAL_ENV}})
+    ray.init(
+        address="local",
+        resources=resources,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {k: os.environ[k] for k in LOCAL_ENV}},
+    )
 
 
 def overhead_rows(history: list[dict]) -> list[dict]:
@@ -67,9 +72,16 @@ def overhead_rows(history: list[dict]) -> list[dict]:
     for record in history:
         train = max(record["train_seconds"].values())
         over = record["round_seconds"] - train
-        rows.append({"round": record["round"], "round_s": record["round_seconds"], "train_s": train,
-                     "overhead_s": over, "share": over / record["round_seconds"],
-                     "eval_loss": record.get("eval_loss")})
+        rows.append(
+            {
+                "round": record["round"],
+                "round_s": record["round_seconds"],
+                "train_s": train,
+                "overhead_s": over,
+                "share": over / record["round_seconds"],
+                "eval_loss": record.get("eval_loss"),
+            }
+        )
     return rows
 
 
@@ -105,13 +117,16 @@ def evaluate(model, tokenizer, records: list, max_seq_len: int, max_new_tokens: 
 
     model.eval()
     predictions = greedy_answers(model, tokenizer, records, max_new_tokens)
-    out = {"loss": answer_loss(model, tokenizer, records, max_seq_len),
-           "exact_match": score_exact_match(predictions, [m[-1]["content"] for m in records])}
+    out = {
+        "loss": answer_loss(model, tokenizer, records, max_seq_len),
+        "exact_match": score_exact_match(predictions, [m[-1]["content"] for m in records]),
+    }
     for domain in DOMAINS:
         idx = [i for i, m in enumerate(records) if domain_of(m) == domain]
         out[f"loss_{domain}"] = answer_loss(model, tokenizer, [records[i] for i in idx], max_seq_len)
-        out[f"exact_match_{domain}"] = score_exact_match([predictions[i] for i in idx],
-                                                         [records[i][-1]["content"] for i in idx])
+        out[f"exact_match_{domain}"] = score_exact_match(
+            [predictions[i] for i in idx], [records[i][-1]["content"] for i in idx]
+        )
     return out
 
 
@@ -135,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = tempfile.TemporaryDirectory(prefix="federated-bench-")
     tmp = Path(workdir.name)
-    overrides = [f"output_dir={tmp / 'run'}", f"base={tmp / 'base'}", "make_debug_base=true"]
+    overrides = [f"output_dir={tmp / 'run'}", f"base={tmp / 'base'}", f"debug_base={tmp / 'base'}"]
     if args.quick:
         overrides += ["rounds=2", "local_steps=3"]
     cfg = absolute(load_config(FederatedConfig, CONFIG, overrides))
@@ -153,42 +168,78 @@ def main(argv: list[str] | None = None) -> int:
     counts = {d: sum(domain_of(m) == d for m in records) for d in DOMAINS}
     if sorted(counts.values()) != [20, 20, 20]:
         raise SystemExit(f"expected 20 held-out records per domain, found {counts}")
-    dirs = {"base": cfg.base}
+    dirs: dict[str, str | Path] = {"base": cfg.base}
     for name, tensors in [("federated (FedAvg, MoE-aware)", None), *adapters.items()]:
-        adapter_dir = summary["adapter"] if tensors is None else write_peft_adapter(
-            tmp / name.replace(" ", "-"), cfg.lora, tensors)
+        adapter_dir = (
+            summary["adapter"]
+            if tensors is None
+            else write_peft_adapter(tmp / name.replace(" ", "-"), cfg.lora, tensors)
+        )
         dirs[name] = merge_adapter(cfg.base, adapter_dir, tmp / f"merged-{len(dirs)}")
-    results = {name: evaluate(load_hf(path), tokenizer, records, cfg.max_seq_len, args.max_new_tokens)
-               for name, path in dirs.items()}
+    results = {
+        name: evaluate(load_hf(path), tokenizer, records, cfg.max_seq_len, args.max_new_tokens)
+        for name, path in dirs.items()
+    }
 
     later = rounds[1:] or rounds
-    print_table(f"Federated round overhead ({len(cfg.silos)} silos, {cfg.local_steps} local steps, "
-                f"{cfg.num_threads_per_silo} thread / {cfg.num_cpus_per_silo} CPU per silo)",
-                ["round", "round s", "slowest silo training s", "overhead s", "overhead share", "eval loss"],
-                [[r["round"], f"{r['round_s']:.2f}", f"{r['train_s']:.2f}", f"{r['overhead_s']:.3f}",
-                  f"{100 * r['share']:.1f}%", f"{r['eval_loss']:.4f}"] for r in rounds])
+    print_table(
+        f"Federated round overhead ({len(cfg.silos)} silos, {cfg.local_steps} local steps, "
+        f"{cfg.num_threads_per_silo} thread / {cfg.num_cpus_per_silo} CPU per silo)",
+        ["round", "round s", "slowest silo training s", "overhead s", "overhead share", "eval loss"],
+        [
+            [
+                r["round"],
+                f"{r['round_s']:.2f}",
+                f"{r['train_s']:.2f}",
+                f"{r['overhead_s']:.3f}",
+                f"{100 * r['share']:.1f}%",
+                f"{r['eval_loss']:.4f}",
+            ]
+            for r in rounds
+        ],
+    )
     mean_over = statistics.mean(r["overhead_s"] for r in later)
     mean_share = statistics.mean(r["share"] for r in later)
-    print(f"rounds {later[0]['round']}-{later[-1]['round']}: overhead {mean_over:.3f} s per round, "
-          f"{100 * mean_share:.1f}% of the round (round 1: {rounds[0]['overhead_s']:.3f} s)")
-    print_table(f"Held-out ({len(records)} records, 20 per domain) after {cfg.rounds} rounds x "
-                f"{cfg.local_steps} local steps",
-                ["adapter", "held-out loss", "exact match", *[f"loss {d}" for d in DOMAINS],
-                 *[f"EM {d}" for d in DOMAINS]],
-                [[name, f"{r['loss']:.3f}", f"{r['exact_match']:.1%}", *[f"{r[f'loss_{d}']:.3f}" for d in DOMAINS],
-                  *[f"{r[f'exact_match_{d}']:.0%}" for d in DOMAINS]] for name, r in results.items()])
+    print(
+        f"rounds {later[0]['round']}-{later[-1]['round']}: overhead {mean_over:.3f} s per round, "
+        f"{100 * mean_share:.1f}% of the round (round 1: {rounds[0]['overhead_s']:.3f} s)"
+    )
+    print_table(
+        f"Held-out ({len(records)} records, 20 per domain) after {cfg.rounds} rounds x {cfg.local_steps} local steps",
+        ["adapter", "held-out loss", "exact match", *[f"loss {d}" for d in DOMAINS], *[f"EM {d}" for d in DOMAINS]],
+        [
+            [
+                name,
+                f"{r['loss']:.3f}",
+                f"{r['exact_match']:.1%}",
+                *[f"{r[f'loss_{d}']:.3f}" for d in DOMAINS],
+                *[f"{r[f'exact_match_{d}']:.0%}" for d in DOMAINS],
+            ]
+            for name, r in results.items()
+        ],
+    )
     fed = results["federated (FedAvg, MoE-aware)"]["loss"]
     beaten = [n for n in adapters if fed < results[n]["loss"]]
-    print(f"federated held-out loss {fed:.3f} beats {len(beaten)} of {len(adapters)} local-only adapters"
-          + ("" if len(beaten) == len(adapters) else f" (not: {sorted(set(adapters) - set(beaten))})"))
-    print(f"machine: {machine_line()}; torch {torch.__version__}, fp32; load average "
-          f"{os.getloadavg()[0]:.1f}")
-    write_results("federated", {
-        "config": CONFIG, "overrides": overrides[3:], "rounds": rounds, "mean_overhead_s": mean_over,
-        "mean_overhead_share": mean_share, "overhead_rounds": [later[0]["round"], later[-1]["round"]],
-        "heldout": results, "federated_beats_all_local": len(beaten) == len(adapters),
-        "machine_line": machine_line(), "load_average_1m": os.getloadavg()[0],
-    })
+    print(
+        f"federated held-out loss {fed:.3f} beats {len(beaten)} of {len(adapters)} local-only adapters"
+        + ("" if len(beaten) == len(adapters) else f" (not: {sorted(set(adapters) - set(beaten))})")
+    )
+    print(f"machine: {machine_line()}; torch {torch.__version__}, fp32; load average {os.getloadavg()[0]:.1f}")
+    write_results(
+        "federated",
+        {
+            "config": CONFIG,
+            "overrides": overrides[3:],
+            "rounds": rounds,
+            "mean_overhead_s": mean_over,
+            "mean_overhead_share": mean_share,
+            "overhead_rounds": [later[0]["round"], later[-1]["round"]],
+            "heldout": results,
+            "federated_beats_all_local": len(beaten) == len(adapters),
+            "machine_line": machine_line(),
+            "load_average_1m": os.getloadavg()[0],
+        },
+    )
     workdir.cleanup()
     return 0
 

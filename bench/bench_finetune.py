@@ -36,14 +36,18 @@ from bench.harness import cpu_model_and_flags, machine_line, print_table, write_
 TARGET = 1.3
 DATA = "data/sft/function_qa/train.jsonl"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 def make_artifact(path: Path, data_path: str, vocab_size: int, **shape) -> Path:
     """A random-weight Mixtral artifact of `shape` (debug_config fields) with a tokenizer trained
     on `data_path`'s lines (its vocabulary may be smaller than the model's)."""
     from raymoe.serve.debug_artifact import make_debug_artifact
 
-    texts = [line for line in open(data_path, encoding="utf-8") if line.strip()]
-    return make_debug_artifact(path, seed=0, vocab_size=min(vocab_size, 4096), corpus=texts,
-                               model_vocab_size=vocab_size, **shape)
+    with open(data_path, encoding="utf-8") as lines:
+        texts = [line for line in lines if line.strip()]
+    return make_debug_artifact(
+        path, seed=0, vocab_size=min(vocab_size, 4096), corpus=texts, model_vocab_size=vocab_size, **shape
+    )
 
 
 def load_steps(artifact: str, data_path: str, max_seq_len: int, batch: int, count: int, seed: int = 0) -> list[dict]:
@@ -60,8 +64,13 @@ def load_steps(artifact: str, data_path: str, max_seq_len: int, batch: int, coun
     steps = []
     for step in range(count):
         chosen = [examples[i] for i in batches.indices(step)]
-        steps.append({"micro": sft_micro_batch(chosen, pad), "answers": answer_tokens(chosen),
-                      "tokens": sum(len(e.input_ids) - 1 for e in chosen)})
+        steps.append(
+            {
+                "micro": sft_micro_batch(chosen, pad),
+                "answers": answer_tokens(chosen),
+                "tokens": sum(len(e.input_ids) - 1 for e in chosen),
+            }
+        )
     return steps
 
 
@@ -99,8 +108,10 @@ def peer_side(artifact: str, initial: dict[str, torch.Tensor], bf16: bool):
     base = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION, lora_dropout=0.0))
     loaded = set_peft_model_state_dict(model, initial)
-    if loaded.unexpected_keys:
-        raise RuntimeError(f"peft model has no module for {loaded.unexpected_keys[:3]}")
+    # peft returns torch's load_state_dict result, a namedtuple its types leave untyped.
+    unexpected = loaded.unexpected_keys  # type: ignore[attr-defined]
+    if unexpected:
+        raise RuntimeError(f"peft model has no module for {unexpected[:3]}")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     o = optim_config()
@@ -149,10 +160,15 @@ def profile_step(step, batch: dict, vocab_size: int, rows: int = 10) -> str:
     events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
     vocab = sum(e.self_cpu_time_total for e in events if any(vocab_size in s for s in e.input_shapes if s))
-    lines = [f"one raymoe step, input {tuple(batch['micro'][0].shape)}: {total / 1e3:.0f} ms self CPU, "
-             f"{100 * vocab / total:.0f}% on (tokens x vocab {vocab_size}) tensors; top ops:"]
-    lines += [f"{100 * e.self_cpu_time_total / total:5.1f}% {e.self_cpu_time_total / 1e3:7.1f} ms x{e.count:<4d} "
-              f"{e.key} {e.input_shapes}" for e in events[:rows]]
+    lines = [
+        f"one raymoe step, input {tuple(batch['micro'][0].shape)}: {total / 1e3:.0f} ms self CPU, "
+        f"{100 * vocab / total:.0f}% on (tokens x vocab {vocab_size}) tensors; top ops:"
+    ]
+    lines += [
+        f"{100 * e.self_cpu_time_total / total:5.1f}% {e.self_cpu_time_total / 1e3:7.1f} ms x{e.count:<4d} "
+        f"{e.key} {e.input_shapes}"
+        for e in events[:rows]
+    ]
     return "\n".join(lines)
 
 
@@ -182,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer, ours = raymoe_side(artifact)
     initial = {k: v.detach().clone() for k, v in trainer.local_tensors().items()}
     _, ours_routed = raymoe_side(artifact, routed_experts=True)
-    sides = {"raymoe fp32": ours, "raymoe fp32, + routed-expert adapters": ours_routed,
-             "peft + transformers fp32": peer_side(artifact, initial, bf16=False)[1]}
+    sides = {
+        "raymoe fp32": ours,
+        "raymoe fp32, + routed-expert adapters": ours_routed,
+        "peft + transformers fp32": peer_side(artifact, initial, bf16=False)[1],
+    }
     if cpu_model_and_flags()[1] & {"avx512_bf16", "amx_bf16"}:
         sides["peft + transformers bf16 autocast"] = peer_side(artifact, initial, bf16=True)[1]
     peers = [n for n in sides if n.startswith("peft")]
@@ -193,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         # Alternating rows, best round of each: a neighbour's burst hits one round, not the ratio.
         for name, step in sides.items():
-            warm = [step(b) for b in batches[:args.warmup]]
-            tps, _, timed_losses = timed(step, batches[args.warmup:])
+            warm = [step(b) for b in batches[: args.warmup]]
+            tps, _, timed_losses = timed(step, batches[args.warmup :])
             losses[name] += warm + timed_losses
             best[name] = max(best.get(name, 0.0), tps)
             print(f"round {r + 1}: {name}: {tps:.0f} tokens/s", flush=True)
@@ -204,30 +223,55 @@ def main(argv: list[str] | None = None) -> int:
     for name in peers:
         tol = 2e-2 if "bf16" in name else 1e-4
         if abs(first[name] - first["raymoe fp32"]) > tol * abs(first["raymoe fp32"]):
-            raise SystemExit(f"first-step losses differ: raymoe {first['raymoe fp32']:.6f}, {name} "
-                             f"{first[name]:.6f} (relative tolerance {tol}): the workloads do not match")
+            raise SystemExit(
+                f"first-step losses differ: raymoe {first['raymoe fp32']:.6f}, {name} "
+                f"{first[name]:.6f} (relative tolerance {tol}): the workloads do not match"
+            )
     drift = max(abs(a - b) for a, b in zip(losses["raymoe fp32"], losses["peft + transformers fp32"]))
-    peer_best = max(peers, key=best.get)
+    peer_best = max(peers, key=lambda name: best[name])
     ratio = best["raymoe fp32"] / best[peer_best]
-    tokens = sum(b["tokens"] for b in batches[args.warmup:])
+    tokens = sum(b["tokens"] for b in batches[args.warmup :])
     size = f"d{shape['dim']} x {shape['num_layers']} layers" if not args.artifact else args.artifact
-    rows = [[n, f"{best[n]:.0f}", f"{best[n] / best[peer_best]:.2f}", f"{first[n]:.4f}", f"{losses[n][-1]:.4f}"]
-            for n in sides]
-    print_table(f"LoRA fine-tuning ({size}, batch {args.batch}, max_seq_len {args.max_seq_len}, "
-                f"{steps} timed steps = {tokens} tokens, best of {args.rounds} rounds)",
-                ["setup", "tokens/s", "vs best peer", "first-step loss", "last loss"], rows)
-    print(f"machine: {machine_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32 unless the row says bf16; load average {os.getloadavg()[0]:.1f}")
-    print(f"ratio raymoe / {peer_best}: {ratio:.2f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}); "
-          f"fp32 loss trajectories differ by at most {drift:.2e} over {len(losses['raymoe fp32'])} steps")
+    rows = [
+        [n, f"{best[n]:.0f}", f"{best[n] / best[peer_best]:.2f}", f"{first[n]:.4f}", f"{losses[n][-1]:.4f}"]
+        for n in sides
+    ]
+    print_table(
+        f"LoRA fine-tuning ({size}, batch {args.batch}, max_seq_len {args.max_seq_len}, "
+        f"{steps} timed steps = {tokens} tokens, best of {args.rounds} rounds)",
+        ["setup", "tokens/s", "vs best peer", "first-step loss", "last loss"],
+        rows,
+    )
+    print(
+        f"machine: {machine_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"fp32 unless the row says bf16; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"ratio raymoe / {peer_best}: {ratio:.2f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}); "
+        f"fp32 loss trajectories differ by at most {drift:.2e} over {len(losses['raymoe fp32'])} steps"
+    )
     if args.profile:
         print(profile_step(ours, batches[0], trainer.model.cfg.vocab_size))
-    write_results("finetune", {
-        "model": size, "batch": args.batch, "max_seq_len": args.max_seq_len, "steps": steps,
-        "warmup": args.warmup, "rounds": args.rounds, "timed_tokens": tokens, "machine_line": machine_line(),
-        "tokens_per_s": best, "first_step_loss": first, "peer_best": peer_best, "ratio": ratio,
-        "target_ratio": TARGET, "fp32_loss_max_difference": drift, "load_average_1m": os.getloadavg()[0],
-    })
+    write_results(
+        "finetune",
+        {
+            "model": size,
+            "batch": args.batch,
+            "max_seq_len": args.max_seq_len,
+            "steps": steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "timed_tokens": tokens,
+            "machine_line": machine_line(),
+            "tokens_per_s": best,
+            "first_step_loss": first,
+            "peer_best": peer_best,
+            "ratio": ratio,
+            "target_ratio": TARGET,
+            "fp32_loss_max_difference": drift,
+            "load_average_1m": os.getloadavg()[0],
+        },
+    )
     workdir.cleanup()
     return 0
 

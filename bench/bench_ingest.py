@@ -38,7 +38,9 @@ import pyarrow.parquet as pq
 
 from bench.harness import best_seconds, print_table, write_results
 from raymoe.config import load_config
-from raymoe.data.ingest import IngestConfig, run_ingest
+from raymoe.data.corpus_bundle import read_bundle
+from raymoe.data.ingest import run_ingest
+from raymoe.data.ingest_config import IngestConfig
 from raymoe.data.tokenizer import load_tokenizer
 from raymoe.data.units import load_clean
 from raymoe.ray_runtime import init_ray
@@ -51,7 +53,7 @@ UNIT_BYTES = 1 << 20
 TARGET_RATIO = 0.8
 
 
-def _rotation(shift: int) -> dict[int, str]:
+def _rotation(shift: int) -> dict[int, int]:
     lower, upper = string.ascii_lowercase, string.ascii_uppercase
     rotated = lower[shift:] + lower[:shift] + upper[shift:] + upper[:shift]
     return str.maketrans(lower + upper, rotated)
@@ -65,9 +67,8 @@ def _corpus(tmp: Path) -> list[str]:
             table = _rotation(7 * i % 26)
             dst = tmp / f"{name}{i}"
             dst.mkdir()
-            for src in sorted((ROOT / "data/corpus" / name).iterdir()):
-                (dst / src.name).write_text(src.read_text(encoding="utf-8").translate(table),
-                                            encoding="utf-8")
+            for doc_id, text in read_bundle(ROOT / "data/corpus" / f"{name}.jsonl.gz").items():
+                (dst / doc_id).write_text(text.translate(table), encoding="utf-8")
             dirs.append(str(dst))
     return dirs
 
@@ -75,13 +76,17 @@ def _corpus(tmp: Path) -> list[str]:
 def _kept_texts(out: Path) -> list[str]:
     """The documents the run kept (not filtered, not duplicates): its token files name them by
     content hash, its cleaned units hold their text."""
-    by_hash = {}
+    by_hash: dict[str, str] = {}
     for unit_dir in sorted((out / "_work/clean").iterdir()):
         table = load_clean(unit_dir, columns=["reason", "text", "hash"])
-        by_hash.update((h, t) for r, t, h in zip(*(table.column(c).to_pylist()
-                                                    for c in ("reason", "text", "hash"))) if not r)
-    return [by_hash[h] for path in sorted((out / "_work/tokens").glob("*.parquet"))
-            for h in pq.read_table(path, columns=["hash"]).column("hash").to_pylist()]
+        by_hash.update(
+            (h, t) for r, t, h in zip(*(table.column(c).to_pylist() for c in ("reason", "text", "hash"))) if not r
+        )
+    return [
+        by_hash[h]
+        for path in sorted((out / "_work/tokens").glob("*.parquet"))
+        for h in pq.read_table(path, columns=["hash"]).column("hash").to_pylist()
+    ]
 
 
 def _raw_seconds(fn, warmup: int = 0) -> float:
@@ -109,8 +114,11 @@ def main() -> int:
         tmp = Path(tmp_name)
         paths = _corpus(tmp)
         out = tmp / "out"
-        cfg = load_config(IngestConfig, ROOT / "pipelines/configs/ingest.debug.yaml", [
-            f"output_dir={out}", "execution.progress=false", f"execution.unit_bytes={UNIT_BYTES}"])
+        cfg = load_config(
+            IngestConfig,
+            ROOT / "pipelines/configs/ingest.debug.yaml",
+            [f"output_dir={out}", "execution.progress=false", f"execution.unit_bytes={UNIT_BYTES}"],
+        )
         cfg.sources[0].paths = paths[:COPIES]
         cfg.sources[1].paths = paths[COPIES:]
         init_ray(num_cpus=cpus)  # workers: TOKENIZERS_PARALLELISM=false, one thread per task
@@ -120,19 +128,18 @@ def main() -> int:
         tok = load_tokenizer(tmp / "tokenizer")
         texts = _kept_texts(out)
         if len(texts) != manifest["counts"]["kept_docs"]:
-            print(f"kept documents differ: manifest {manifest['counts']['kept_docs']}, "
-                  f"token files {len(texts)}",
-                  file=sys.stderr)
+            print(
+                f"kept documents differ: manifest {manifest['counts']['kept_docs']}, token files {len(texts)}",
+                file=sys.stderr,
+            )
             return 1
         e2e_runs, stage_runs, raw_runs, fast_runs = [], [], [], []
         for i in range(REPEATS):
-            raw_runs.append(_raw_seconds(
-                lambda: tok.encode_batch(texts, add_special_tokens=False), warmup=int(i == 0)))
+            raw_runs.append(_raw_seconds(lambda: tok.encode_batch(texts, add_special_tokens=False), warmup=int(i == 0)))
             seconds, stats, _ = _run(cfg)
             e2e_runs.append(seconds)
             stage_runs.append(stats["seconds"]["tokenize"])
-            fast_runs.append(_raw_seconds(
-                lambda: tok.encode_batch_fast(texts, add_special_tokens=False)))
+            fast_runs.append(_raw_seconds(lambda: tok.encode_batch_fast(texts, add_special_tokens=False)))
         tokens = stats["tokenize_units"]["tokens"]
         raw_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
     if raw_tokens != tokens or first["tokenize_units"]["tokens"] != tokens:
@@ -152,27 +159,43 @@ def main() -> int:
         row("first run: cold workers + tokenizer training", f"{cpus} tasks", first_s),
     ]
     table = print_table(
-        f"Ingest tokens/s ({len(texts)} documents, {COPIES} variants of the shipped corpus, "
-        f"best of {REPEATS})", ["what", "cores", "tokens", "seconds", "tokens/s", "vs raw"], rows)
+        f"Ingest tokens/s ({len(texts)} documents, {COPIES} variants of the shipped corpus, best of {REPEATS})",
+        ["what", "cores", "tokens", "seconds", "tokens/s", "vs raw"],
+        rows,
+    )
     stage_ratio, e2e_ratio, e2e_fast_ratio = raw_s / stage_s, raw_s / e2e_s, fast_s / e2e_s
-    print(f"tokenize stage / raw encode_batch = {stage_ratio:.2f}; "
-          f"end to end / raw encode_batch = {e2e_ratio:.2f} (target >= {TARGET_RATIO}); "
-          f"end to end / raw encode_batch_fast = {e2e_fast_ratio:.2f}")
-    write_results("ingest", {
-        "documents": len(texts), "tokens": tokens, "cpus": cpus,
-        "raw_encode_batch": {"seconds": raw_s, "tokens_per_s": raw_tps,
-                             "all_runs_seconds": raw_runs},
-        "raw_encode_batch_fast": {"seconds": fast_s, "all_runs_seconds": fast_runs},
-        "pipeline_tokenize_stage": {"seconds": stage_s, "tokens_per_s": tokens / stage_s,
-                                    "all_runs_seconds": stage_runs},
-        "pipeline_end_to_end": {"seconds": e2e_s, "tokens_per_s": tokens / e2e_s,
-                                "all_runs_seconds": e2e_runs,
-                                "stage_seconds_last_run": stats["seconds"]},
-        "first_run": {"seconds": first_s, "stage_seconds": first["seconds"]},
-        "ratio_tokenize_stage_vs_raw": stage_ratio, "ratio_end_to_end_vs_raw": e2e_ratio,
-        "ratio_end_to_end_vs_raw_fast": e2e_fast_ratio,
-        "target_ratio": TARGET_RATIO, "table": table,
-    })
+    print(
+        f"tokenize stage / raw encode_batch = {stage_ratio:.2f}; "
+        f"end to end / raw encode_batch = {e2e_ratio:.2f} (target >= {TARGET_RATIO}); "
+        f"end to end / raw encode_batch_fast = {e2e_fast_ratio:.2f}"
+    )
+    write_results(
+        "ingest",
+        {
+            "documents": len(texts),
+            "tokens": tokens,
+            "cpus": cpus,
+            "raw_encode_batch": {"seconds": raw_s, "tokens_per_s": raw_tps, "all_runs_seconds": raw_runs},
+            "raw_encode_batch_fast": {"seconds": fast_s, "all_runs_seconds": fast_runs},
+            "pipeline_tokenize_stage": {
+                "seconds": stage_s,
+                "tokens_per_s": tokens / stage_s,
+                "all_runs_seconds": stage_runs,
+            },
+            "pipeline_end_to_end": {
+                "seconds": e2e_s,
+                "tokens_per_s": tokens / e2e_s,
+                "all_runs_seconds": e2e_runs,
+                "stage_seconds_last_run": stats["seconds"],
+            },
+            "first_run": {"seconds": first_s, "stage_seconds": first["seconds"]},
+            "ratio_tokenize_stage_vs_raw": stage_ratio,
+            "ratio_end_to_end_vs_raw": e2e_ratio,
+            "ratio_end_to_end_vs_raw_fast": e2e_fast_ratio,
+            "target_ratio": TARGET_RATIO,
+            "table": table,
+        },
+    )
     return 0
 
 

@@ -33,15 +33,34 @@ VOCAB, DIM = 32000, 512
 def model_pair(max_context: int):
     torch.manual_seed(0)
     cfg = DeepseekV3Config(
-        vocab_size=VOCAB, hidden_size=DIM, intermediate_size=1024, moe_intermediate_size=1024,
-        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
-        q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        max_position_embeddings=max_context, routed_scaling_factor=1.0, norm_topk_prob=True,
-        pad_token_id=0, bos_token_id=1, eos_token_id=None)
+        vocab_size=VOCAB,
+        hidden_size=DIM,
+        intermediate_size=1024,
+        moe_intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        max_position_embeddings=max_context,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
     reference = DeepseekV3ForCausalLM(cfg).eval()
     with torch.no_grad():
-        for name, p in reference.named_parameters():
+        for p in reference.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, p.shape[-1] ** -0.5)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,14 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.randint(2, VOCAB, (1, context), generator=torch.Generator().manual_seed(context))
         our_tokens, our_tps = raymoe_decode(ours, ids, new)
         ref_tokens, ref_tps = transformers_decode(reference, ids, new)
-        results[context] = {"raymoe_tok_s": our_tps, "transformers_tok_s": ref_tps,
-                            "same_greedy_tokens": our_tokens == ref_tokens}
+        results[context] = {
+            "raymoe_tok_s": our_tps,
+            "transformers_tok_s": ref_tps,
+            "same_greedy_tokens": our_tokens == ref_tokens,
+        }
         rows.append([context, our_tps, ref_tps, our_tps / ref_tps, our_tokens == ref_tokens])
-    print_table(f"MLA decode, batch 1, {new} greedy tokens, fp32, {torch.get_num_threads()} threads",
-                ["context", "raymoe tok/s", "transformers tok/s", "raymoe / transformers", "same tokens"], rows)
+    print_table(
+        f"MLA decode, batch 1, {new} greedy tokens, fp32, {torch.get_num_threads()} threads",
+        ["context", "raymoe tok/s", "transformers tok/s", "raymoe / transformers", "same tokens"],
+        rows,
+    )
     growth = results[long]["raymoe_tok_s"] / results[short]["raymoe_tok_s"]
-    print(f"raymoe tok/s at {long} over {short} context: {growth:.2f} (target >= 0.7); "
-          f"raymoe / transformers at {long}: {rows[1][3]:.2f} (target >= 2)")
+    print(
+        f"raymoe tok/s at {long} over {short} context: {growth:.2f} (target >= 0.7); "
+        f"raymoe / transformers at {long}: {rows[1][3]:.2f} (target >= 2)"
+    )
     write_results("mla_decode", {"contexts": results, "growth": growth, "cpu": machine_line()})
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import tempfile
 
 import torch
@@ -22,17 +23,27 @@ import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from bench.harness import best_seconds, gemm_peak_flops, print_table, write_results
+from raymoe.inference.packed import pack_fp32
 from raymoe.models import load_hf
 from raymoe.models.generate import generate
-from raymoe.models.packed import pack_fp32
 
 
 def mixtral_pair(num_layers: int, vocab: int, seq: int):
     """A transformers Mixtral and the raymoe model loaded from its saved weights."""
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1024, num_hidden_layers=num_layers,
-                        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=max(seq, 512) * 2, attn_implementation="sdpa")
+    # attn_implementation: a PreTrainedConfig keyword that MixtralConfig's dataclass fields do not list.
+    cfg = MixtralConfig(  # type: ignore[call-arg]
+        vocab_size=vocab,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=num_layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=max(seq, 512) * 2,
+        attn_implementation="sdpa",
+    )
     reference = MixtralForCausalLM(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
@@ -66,7 +77,7 @@ def bench_moe_layer(tokens: int) -> list:
     return ["MoE layer fwd+bwd (tokens/s)", tokens / our_s, tokens / ref_s, ref_s / our_s]
 
 
-def bench_train_step(batch: int, seq: int, num_layers: int, peak: float) -> tuple[list, float]:
+def bench_train_step(batch: int, seq: int, num_layers: int, peak: float) -> tuple[list, tuple[float, float, float]]:
     reference, ours = mixtral_pair(num_layers=num_layers, vocab=32000, seq=seq)
     ids = torch.randint(0, 32000, (batch, seq + 1))
     # The same optimizer for both (fused AdamW, as raymoe's trainer and transformers' Trainer
@@ -107,15 +118,20 @@ def bench_decode(batch: int, prompt: int, new: int, num_layers: int) -> tuple[li
     packed = pack_fp32(copy.deepcopy(ours))
     ids = torch.randint(3, 32000, (batch, prompt))
     ref_out = reference.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    agree = min((ref_out[:, prompt:] == generate(m, ids, max_new_tokens=new)).float().mean().item()
-                for m in (ours, packed))
-    ref_s = best_seconds(lambda: reference.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                                    pad_token_id=0), repeats=2)
+    agree = min(
+        (ref_out[:, prompt:] == generate(m, ids, max_new_tokens=new)).float().mean().item() for m in (ours, packed)
+    )
+    ref_s = best_seconds(
+        lambda: reference.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0),
+        repeats=2,
+    )
     tokens = batch * new
     rows = []
-    for label, model in ((f"decode batch {batch} (tokens/s)", ours),
-                         (f"decode batch {batch}, packed weights (tokens/s)", packed)):
-        our_s = best_seconds(lambda m=model: generate(m, ids, max_new_tokens=new), repeats=2)
+    for label, model in (
+        (f"decode batch {batch} (tokens/s)", ours),
+        (f"decode batch {batch}, packed weights (tokens/s)", packed),
+    ):
+        our_s = best_seconds(functools.partial(generate, model, ids, max_new_tokens=new), repeats=2)
         rows.append([label, tokens / our_s, tokens / ref_s, ref_s / our_s])
     return rows, agree
 
@@ -129,21 +145,32 @@ def main() -> None:
     q = args.quick
     peak = gemm_peak_flops()
     rows = [bench_moe_layer(tokens=1024 if q else 4096)]
-    train_row, (mfu, ref_mfu, peak) = bench_train_step(batch=2 if q else 8, seq=128 if q else 512, num_layers=2 if q else 8,
-                                                 peak=peak)
+    train_row, (mfu, ref_mfu, peak) = bench_train_step(
+        batch=2 if q else 8, seq=128 if q else 512, num_layers=2 if q else 8, peak=peak
+    )
     rows.append(train_row)
     agreement = {}
     for batch in (1, 8):
-        decode_rows, agreement[batch] = bench_decode(batch, prompt=128, new=32 if q else 128,
-                                                     num_layers=2 if q else 8)
+        decode_rows, agreement[batch] = bench_decode(batch, prompt=128, new=32 if q else 128, num_layers=2 if q else 8)
         rows += decode_rows
     header = ["measure", "raymoe", "transformers", "ratio (raymoe / transformers)"]
     table = print_table(f"Model core vs transformers ({args.threads} threads, fp32)", header, rows)
-    print(f"\nGEMM peak {peak / 1e9:.0f} GFLOP/s; train MFU raymoe {mfu:.1%}, transformers {ref_mfu:.1%}; "
-          f"greedy decode token agreement b1 {agreement[1]:.0%}, b8 {agreement[8]:.0%}")
-    write_results("model", {"quick": q, "rows": [dict(zip(header, r)) for r in rows], "table": table,
-                            "gemm_peak_gflops": peak / 1e9, "train_mfu": mfu, "transformers_train_mfu": ref_mfu,
-                            "decode_agreement": agreement})
+    print(
+        f"\nGEMM peak {peak / 1e9:.0f} GFLOP/s; train MFU raymoe {mfu:.1%}, transformers {ref_mfu:.1%}; "
+        f"greedy decode token agreement b1 {agreement[1]:.0%}, b8 {agreement[8]:.0%}"
+    )
+    write_results(
+        "model",
+        {
+            "quick": q,
+            "rows": [dict(zip(header, r)) for r in rows],
+            "table": table,
+            "gemm_peak_gflops": peak / 1e9,
+            "train_mfu": mfu,
+            "transformers_train_mfu": ref_mfu,
+            "decode_agreement": agreement,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ import torch
 from bench.harness import machine_line, print_table, write_results
 from raymoe.deploy.cpu_fleet import cpu_roofline, measure_cpu_fleet
 from raymoe.deploy.roofline import Layout, decode_step, model_sizes
+from raymoe.inference.packed import pack_fp32
 from raymoe.models import MoETransformer
 from raymoe.models.config import flavour
-from raymoe.models.packed import pack_fp32
 from raymoe.serve.engine import EngineConfig, EngineCore
 from raymoe.serve.request import GenerationRequest, SamplingParams
 
@@ -44,14 +44,20 @@ CASES = (("debug", 1), ("debug", 8), ("small", 1), ("small", 8), ("small", 32))
 def measure_decode(model, batch: int) -> tuple[float, float]:
     """(fastest decode step of `batch` rows in seconds, mean context) after one prefill step; the
     fastest, as the fleet's rates are the best of their repeats (least disturbed by the OS)."""
-    config = EngineConfig(num_slots=batch, max_seq_len=PROMPT_LEN + DECODE_STEPS + 2,
-                          max_tokens_per_step=batch * PROMPT_LEN)
+    config = EngineConfig(
+        num_slots=batch, max_seq_len=PROMPT_LEN + DECODE_STEPS + 2, max_tokens_per_step=batch * PROMPT_LEN
+    )
     core = EngineCore(model, config)
     gen = torch.Generator().manual_seed(batch)
     for b in range(batch):
         prompt = torch.randint(0, model.cfg.vocab_size, (PROMPT_LEN,), generator=gen).tolist()
-        core.add_request(GenerationRequest(request_id=f"r{b}", prompt_ids=prompt, params=SamplingParams(
-            temperature=0.0, max_tokens=DECODE_STEPS + 1)))  # no stop tokens: every step decodes all
+        core.add_request(
+            GenerationRequest(
+                request_id=f"r{b}",
+                prompt_ids=prompt,
+                params=SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 1),
+            )
+        )  # no stop tokens: every step decodes all
     assert len(core.step()) == batch  # the prefill step: every prompt samples its first token
     times = []
     for _ in range(DECODE_STEPS):
@@ -65,8 +71,10 @@ def measure_decode(model, batch: int) -> tuple[float, float]:
 def main() -> None:
     threads = torch.get_num_threads()
     fleet = measure_cpu_fleet()
-    rates = (f"fp32 GEMM {fleet.peak_flops('fp32') / 1e9:.0f} GFLOP/s, bf16 {fleet.peak_flops('bf16') / 1e9:.0f} "
-             f"GFLOP/s, read {fleet.hbm_tb_per_s * 1e3:.1f} GB/s")
+    rates = (
+        f"fp32 GEMM {fleet.peak_flops('fp32') / 1e9:.0f} GFLOP/s, bf16 {fleet.peak_flops('bf16') / 1e9:.0f} "
+        f"GFLOP/s, read {fleet.hbm_tb_per_s * 1e3:.1f} GB/s"
+    )
     print(f"{machine_line()}; {threads} torch threads; measured: {rates}", flush=True)
     rc = cpu_roofline("fp32")
     rows, results, models = [], [], {}
@@ -78,24 +86,68 @@ def main() -> None:
         # Three runs, the fastest step of all: other processes on a shared machine come and go.
         step_s, context = min(measure_decode(models[name], batch) for _ in range(3))
         sizes = model_sizes(flavour(name))
-        estimate = decode_step(sizes, fleet, Layout(ep=1, num_slots=sizes.cfg.moe.num_experts), rc,
-                               batch=batch, context=context)
+        estimate = decode_step(
+            sizes, fleet, Layout(ep=1, num_slots=sizes.cfg.moe.num_experts), rc, batch=batch, context=context
+        )
         measured = batch / step_s
         ratio = measured / estimate.tokens_per_s
         parts = {"dense": estimate.dense_s, "attention": estimate.attention_s, "experts": estimate.experts_s}
-        rows.append([name, f"{sizes.total_params / 1e6:.1f} M", batch, f"{context:.0f}", f"{step_s * 1e3:.2f}",
-                     f"{estimate.seconds * 1e3:.3f}", f"{measured:,.0f}", f"{estimate.tokens_per_s:,.0f}",
-                     f"{ratio:.3f}", "yes" if 1 / STATED_FACTOR <= ratio <= 1 else "no"])
-        results.append({"flavour": name, "batch": batch, "context": context, "measured_step_s": step_s,
-                        "estimate_step_s": estimate.seconds, "estimate_parts_s": parts,
-                        "measured_tokens_per_s": measured, "estimate_tokens_per_s": estimate.tokens_per_s,
-                        "measured_over_estimate": ratio})
-    print_table("Decode on this CPU: raymoe engine (packed fp32, ep=1) vs the planner's roofline",
-                ["flavour", "params", "batch", "mean context", "measured ms/step (fastest)", "estimate ms/step",
-                 "measured tok/s", "estimate tok/s", "measured / estimate", f"within 1/{STATED_FACTOR:g}..1"], rows)
-    write_results("planner_cpu", {"machine_line": machine_line(), "threads": threads, "fleet": {
-        "peak_tflops": fleet.peak_tflops, "read_tb_per_s": fleet.hbm_tb_per_s, "memory_gb": fleet.memory_gb},
-        "cases": results})
+        rows.append(
+            [
+                name,
+                f"{sizes.total_params / 1e6:.1f} M",
+                batch,
+                f"{context:.0f}",
+                f"{step_s * 1e3:.2f}",
+                f"{estimate.seconds * 1e3:.3f}",
+                f"{measured:,.0f}",
+                f"{estimate.tokens_per_s:,.0f}",
+                f"{ratio:.3f}",
+                "yes" if 1 / STATED_FACTOR <= ratio <= 1 else "no",
+            ]
+        )
+        results.append(
+            {
+                "flavour": name,
+                "batch": batch,
+                "context": context,
+                "measured_step_s": step_s,
+                "estimate_step_s": estimate.seconds,
+                "estimate_parts_s": parts,
+                "measured_tokens_per_s": measured,
+                "estimate_tokens_per_s": estimate.tokens_per_s,
+                "measured_over_estimate": ratio,
+            }
+        )
+    print_table(
+        "Decode on this CPU: raymoe engine (packed fp32, ep=1) vs the planner's roofline",
+        [
+            "flavour",
+            "params",
+            "batch",
+            "mean context",
+            "measured ms/step (fastest)",
+            "estimate ms/step",
+            "measured tok/s",
+            "estimate tok/s",
+            "measured / estimate",
+            f"within 1/{STATED_FACTOR:g}..1",
+        ],
+        rows,
+    )
+    write_results(
+        "planner_cpu",
+        {
+            "machine_line": machine_line(),
+            "threads": threads,
+            "fleet": {
+                "peak_tflops": fleet.peak_tflops,
+                "read_tb_per_s": fleet.hbm_tb_per_s,
+                "memory_gb": fleet.memory_gb,
+            },
+            "cases": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -28,11 +28,17 @@ from raymoe.train.step import build_optimizer, train_step
 
 
 def _cfg(args, ep: int) -> TrainConfig:
-    return from_dict(TrainConfig, {
-        "flavour": args.flavour, "steps": args.steps, "seed": 0, "layout": {"ep": ep, "dp": 1},
-        "data": {"path": ".", "seq_len": args.seq_len, "global_batch_size": args.batch},
-        "checkpoint": {"uri": "unused"},
-    })
+    return from_dict(
+        TrainConfig,
+        {
+            "flavour": args.flavour,
+            "steps": args.steps,
+            "seed": 0,
+            "layout": {"ep": ep, "dp": 1},
+            "data": {"path": ".", "seq_len": args.seq_len, "global_batch_size": args.batch},
+            "checkpoint": {"uri": "unused"},
+        },
+    )
 
 
 def _batch(cfg: TrainConfig, rank: int, world: int):
@@ -40,7 +46,7 @@ def _batch(cfg: TrainConfig, rank: int, world: int):
     gen = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, vocab, (cfg.data.global_batch_size, cfg.data.seq_len + 1), generator=gen)
     local = cfg.data.global_batch_size // world
-    rows = tokens[rank * local:(rank + 1) * local]
+    rows = tokens[rank * local : (rank + 1) * local]
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
@@ -79,13 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="global sequences per step")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="alternate the two setups this many times; the best round of each counts")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternate the two setups this many times; the best round of each counts"
+    )
     args = parser.parse_args(argv)
 
     # Alternating rounds, best of each: on a shared machine a neighbour's burst hits one round,
     # not the comparison.
-    best_single, best_ep = None, None
+    best_single: tuple[float, list[float]] | None = None  # (tokens/s, step seconds)
+    best_ep: tuple[float, list[float], float] | None = None  # (tokens/s, step seconds, all-to-all share)
     for _ in range(args.rounds):
         single = _single(_cfg(args, 1), args.warmup, threads=2)
         ep2 = spawn_gloo(_measure, 2, _cfg(args, 2).to_dict(), args.warmup, threads=1)
@@ -98,27 +106,42 @@ def main(argv: list[str] | None = None) -> int:
             best_single = (single_tps, single["step_s"])
         if best_ep is None or ep_tps > best_ep[0]:
             best_ep = (ep_tps, ep_step, a2a_share)
+    if best_single is None or best_ep is None:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     single_tps, single_steps = best_single
     ep_tps, ep_step, a2a_share = best_ep
     ratio = ep_tps / single_tps
     rows = [
         ["1 process, 2 threads, all 8 experts", f"{single_tps:.0f}", "1.00", "-"],
-        ["ep=2: 2 processes x 1 thread, 4 experts each", f"{ep_tps:.0f}", f"{ratio:.2f}",
-         f"{100 * a2a_share:.1f}%"],
+        ["ep=2: 2 processes x 1 thread, 4 experts each", f"{ep_tps:.0f}", f"{ratio:.2f}", f"{100 * a2a_share:.1f}%"],
     ]
-    print_table(f"Expert-parallel train step ({args.flavour}, batch {args.batch} x {args.seq_len}, "
-                f"{args.steps} steps)", ["setup", "tokens/s", "ratio", "all-to-all share (fwd)"], rows)
+    print_table(
+        f"Expert-parallel train step ({args.flavour}, batch {args.batch} x {args.seq_len}, {args.steps} steps)",
+        ["setup", "tokens/s", "ratio", "all-to-all share (fwd)"],
+        rows,
+    )
     # Both setups need the 2 cores to themselves; other load on the machine makes the slowest of
     # 2 barrier-synchronised workers set the pace, so the load average is part of the result.
     load = os.getloadavg()
-    print(f"ratio {ratio:.2f} (target >= 0.85); load average during the run {load[0]:.1f} "
-          f"on {os.cpu_count()} cores")
-    write_results("train_ep", {
-        "flavour": args.flavour, "global_batch": args.batch, "seq_len": args.seq_len,
-        "steps": args.steps, "single_tokens_per_s": single_tps, "ep2_tokens_per_s": ep_tps,
-        "ratio": ratio, "target_ratio": 0.85, "all_to_all_share_forward": a2a_share,
-        "rounds": args.rounds, "load_average_1m": load[0], "single_step_s": single_steps, "ep2_step_s": ep_step,
-    })
+    print(f"ratio {ratio:.2f} (target >= 0.85); load average during the run {load[0]:.1f} on {os.cpu_count()} cores")
+    write_results(
+        "train_ep",
+        {
+            "flavour": args.flavour,
+            "global_batch": args.batch,
+            "seq_len": args.seq_len,
+            "steps": args.steps,
+            "single_tokens_per_s": single_tps,
+            "ep2_tokens_per_s": ep_tps,
+            "ratio": ratio,
+            "target_ratio": 0.85,
+            "all_to_all_share_forward": a2a_share,
+            "rounds": args.rounds,
+            "load_average_1m": load[0],
+            "single_step_s": single_steps,
+            "ep2_step_s": ep_step,
+        },
+    )
     return 0
 
 

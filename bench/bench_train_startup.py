@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,18 +31,27 @@ from raymoe.config import from_dict
 from raymoe.parallel.launch import spawn_gloo
 from raymoe.train.config import TrainConfig
 
+if TYPE_CHECKING:
+    from raymoe.models import MoETransformer
+
 MIB = 1024**2
 
 
 def _cfg(flavour: str, ep: int, uri: str) -> TrainConfig:
-    return from_dict(TrainConfig, {
-        "flavour": flavour, "steps": 1, "seed": 0, "layout": {"ep": ep, "dp": 1},
-        "data": {"path": "unused", "seq_len": 32, "global_batch_size": 4},
-        "checkpoint": {"uri": uri},
-    })
+    return from_dict(
+        TrainConfig,
+        {
+            "flavour": flavour,
+            "steps": 1,
+            "seed": 0,
+            "layout": {"ep": ep, "dp": 1},
+            "data": {"path": "unused", "seq_len": 32, "global_batch_size": 4},
+            "checkpoint": {"uri": uri},
+        },
+    )
 
 
-def _full_then_slice(cfg: TrainConfig, groups) -> torch.nn.Module:
+def _full_then_slice(cfg: TrainConfig, groups) -> MoETransformer:
     """The peer: the whole model on the CPU, initialised twice, other ranks' experts dropped."""
     from raymoe.models import MoETransformer
     from raymoe.parallel.layout import shard_model_experts
@@ -76,15 +86,19 @@ def _worker(rank: int, cfg_dict: dict, mode: str, save: bool) -> dict:
     startup_s = time.perf_counter() - start
     startup_rss = peak_rss_bytes()
     vocab = cfg.model_config().vocab_size
-    tokens = torch.randint(0, vocab, (cfg.local_batch_size, cfg.data.seq_len + 1),
-                           generator=torch.Generator().manual_seed(rank))
+    tokens = torch.randint(
+        0, vocab, (cfg.local_batch_size, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(rank)
+    )
     train_step(model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], groups=groups, lr=1e-3, clip_norm=1.0)
     if save:
-        save_checkpoint(cfg.checkpoint.uri, step=1, data_position=1, model=model, optimizer=optimizer,
-                        groups=groups)
+        save_checkpoint(cfg.checkpoint.uri, step=1, data_position=1, model=model, optimizer=optimizer, groups=groups)
     held = shard_bytes(model)
-    return {"startup_s": startup_s, "startup_rss": startup_rss, "peak_rss": peak_rss_bytes(),
-            "held_bytes": held.total + optimizer_bytes(optimizer)}
+    return {
+        "startup_s": startup_s,
+        "startup_rss": startup_rss,
+        "peak_rss": peak_rss_bytes(),
+        "held_bytes": held.total + optimizer_bytes(optimizer),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,26 +118,44 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _cfg(args.flavour, ep, uri).to_dict()
             run = {mode: spawn_gloo(_worker, ep, cfg, mode, False) for mode in ("sharded", "resume", "peer")}
             results[f"ep{ep}"] = run
-            worst = {mode: {"startup_s": max(w["startup_s"] for w in workers),
-                            "startup_rss": max(w["startup_rss"] for w in workers),
-                            "peak_rss": max(w["peak_rss"] for w in workers),
-                            "held_bytes": max(w["held_bytes"] for w in workers)}
-                     for mode, workers in run.items()}
-            rows.append([
-                f"ep={ep} ({ep} worker{'s' if ep > 1 else ''})",
-                f"{worst['sharded']['startup_s']:.2f}", f"{worst['resume']['startup_s']:.2f}",
-                f"{worst['peer']['startup_s']:.2f}",
-                f"{worst['sharded']['startup_rss'] / MIB:.0f}", f"{worst['peer']['startup_rss'] / MIB:.0f}",
-                f"{worst['sharded']['held_bytes'] / MIB:.0f}",
-                f"{worst['sharded']['peak_rss'] / MIB:.0f}", f"{worst['peer']['peak_rss'] / MIB:.0f}",
-            ])
-    print_table(f"Training start-up per worker ({args.flavour}, fp32, 1 thread per worker)",
-                ["layout", "start-up s (sharded)", "start-up s (resume, reads its share)",
-                 "start-up s (peer: full model, sliced)", "RSS after start-up MiB (sharded)",
-                 "RSS after start-up MiB (peer)", "params + AdamW MiB (after 1 step)",
-                 "peak RSS MiB after 1 step (sharded)", "peak RSS MiB after 1 step (peer)"], rows)
-    write_results("train_startup", {"flavour": args.flavour, "machine_line": machine_line(),
-                                    "layouts": results})
+            worst = {
+                mode: {
+                    "startup_s": max(w["startup_s"] for w in workers),
+                    "startup_rss": max(w["startup_rss"] for w in workers),
+                    "peak_rss": max(w["peak_rss"] for w in workers),
+                    "held_bytes": max(w["held_bytes"] for w in workers),
+                }
+                for mode, workers in run.items()
+            }
+            rows.append(
+                [
+                    f"ep={ep} ({ep} worker{'s' if ep > 1 else ''})",
+                    f"{worst['sharded']['startup_s']:.2f}",
+                    f"{worst['resume']['startup_s']:.2f}",
+                    f"{worst['peer']['startup_s']:.2f}",
+                    f"{worst['sharded']['startup_rss'] / MIB:.0f}",
+                    f"{worst['peer']['startup_rss'] / MIB:.0f}",
+                    f"{worst['sharded']['held_bytes'] / MIB:.0f}",
+                    f"{worst['sharded']['peak_rss'] / MIB:.0f}",
+                    f"{worst['peer']['peak_rss'] / MIB:.0f}",
+                ]
+            )
+    print_table(
+        f"Training start-up per worker ({args.flavour}, fp32, 1 thread per worker)",
+        [
+            "layout",
+            "start-up s (sharded)",
+            "start-up s (resume, reads its share)",
+            "start-up s (peer: full model, sliced)",
+            "RSS after start-up MiB (sharded)",
+            "RSS after start-up MiB (peer)",
+            "params + AdamW MiB (after 1 step)",
+            "peak RSS MiB after 1 step (sharded)",
+            "peak RSS MiB after 1 step (peer)",
+        ],
+        rows,
+    )
+    write_results("train_startup", {"flavour": args.flavour, "machine_line": machine_line(), "layouts": results})
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -38,8 +38,9 @@ def gemm_peak_flops(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
     return 2 * n**3 / seconds
 
 
-def print_table(title: str, header: list[str], rows: list[list[object]]) -> str:
+def print_table(title: str, header: list[str], rows: Sequence[Sequence[object]]) -> str:
     """Prints a markdown table (also returned, for the README)."""
+
     def cell(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -53,9 +54,16 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> str:
 def write_results(name: str, data: dict) -> Path:
     """Writes bench/results/<name>.json atomically, with the machine it was measured on."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    data = {**data, "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                                "processor": platform.processor(), "torch": torch.__version__},
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    data = {
+        **data,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+        },
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return atomic_write_json(RESULTS_DIR / f"{name}.json", data)
 
 
@@ -66,13 +74,14 @@ CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 def cpu_model_and_flags() -> tuple[str, set[str]]:
     """The CPU's model name and flags as /proc/cpuinfo gives them (empty flags elsewhere)."""
-    model, flags = "unknown CPU", set()
+    model, flags = "unknown CPU", set[str]()
     if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     return model, flags
 
 

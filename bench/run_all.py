@@ -11,9 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["bench_model", "bench_decode_attention", "bench_mla_decode", "bench_ingest", "bench_train_ep",
-              "bench_train_startup", "bench_finetune",
-              "bench_federated", "bench_placement", "bench_planner_cpu", "serve_load"]
+BENCHMARKS = [
+    "bench_model",
+    "bench_decode_attention",
+    "bench_mla_decode",
+    "bench_ingest",
+    "bench_train_ep",
+    "bench_train_startup",
+    "bench_finetune",
+    "bench_federated",
+    "bench_placement",
+    "bench_planner_cpu",
+    "serve_load",
+]
 # The `make demo` run: when it is there, serve_load checks INT8 perplexity on its trained model.
 DEMO_MODEL, DEMO_HELDOUT = Path("runs/demo/model"), Path("runs/demo/data/val")
 

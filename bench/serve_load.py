@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,8 +50,15 @@ PROMPT_WORDS = "experts route tokens to workers and back again while the batch k
 def request_prompt(i: int) -> str:
     """The prompt of request i, at every load level, in the engine-alone rows and for the peer."""
     return f"{i} {PROMPT_WORDS}"
-TARGETS = {"c32_over_hf_b8": 3.0, "c32_int8_over_hf_b8": 3.0, "c1_over_hf_b1": 1.2, "int8_over_fp32_decode_b1": 1.6,
-           "int8_ppl_change": 0.01}
+
+
+TARGETS = {
+    "c32_over_hf_b8": 3.0,
+    "c32_int8_over_hf_b8": 3.0,
+    "c1_over_hf_b1": 1.2,
+    "int8_over_fp32_decode_b1": 1.6,
+    "int8_ppl_change": 0.01,
+}
 SERVED = {"fp32": "/", "int8": "/int8"}  # weights -> route prefix of that application
 
 
@@ -60,8 +69,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_request(http, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     sent = time.perf_counter()
     chunk_times, tokens = [], 0
     async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -100,10 +116,13 @@ async def load_level(url: str, model: str, concurrency: int, num_requests: int, 
     if len(ok) != num_requests:
         raise RuntimeError(f"{num_requests - len(ok)} requests failed: {[r['status'] for r in results]}")
     return {
-        "concurrency": concurrency, "requests": num_requests,
+        "concurrency": concurrency,
+        "requests": num_requests,
         "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
-        "ttft_p50": percentile([r["ttft"] for r in ok], 50), "ttft_p99": percentile([r["ttft"] for r in ok], 99),
-        "tpot_p50": percentile([r["tpot"] for r in ok], 50), "tpot_p99": percentile([r["tpot"] for r in ok], 99),
+        "ttft_p50": percentile([r["ttft"] for r in ok], 50),
+        "ttft_p99": percentile([r["ttft"] for r in ok], 99),
+        "tpot_p50": percentile([r["tpot"] for r in ok], 50),
+        "tpot_p99": percentile([r["tpot"] for r in ok], 99),
     }
 
 
@@ -115,8 +134,10 @@ def server_prompts(tokenizer, count: int) -> list[list[int]]:
 def left_padded(prompts: list[list[int]]) -> dict:
     """`generate` inputs for prompts of different lengths: pad id 0 on the left, masked out."""
     width = max(len(p) for p in prompts)
-    return {"input_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
-            "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
+    return {
+        "input_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
+        "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+    }
 
 
 def transformers_peer(artifact: str, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -133,23 +154,33 @@ def transformers_peer(artifact: str, prompts: list[list[int]], max_tokens: int) 
     kw = dict(**left_padded(prompts), do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         ttft = best_seconds(lambda: model.generate(max_new_tokens=1, **kw), repeats=2)
-        total = best_seconds(lambda: model.generate(max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw),
-                             repeats=2)
+        total = best_seconds(
+            lambda: model.generate(max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw), repeats=2
+        )
     batch = len(prompts)
-    return {"batch": batch, "distinct_prompts": len({tuple(p) for p in prompts}), "threads": torch.get_num_threads(),
-            "tokens_per_s": batch * max_tokens / total, "ttft": ttft, "tpot": (total - ttft) / (max_tokens - 1)}
+    return {
+        "batch": batch,
+        "distinct_prompts": len({tuple(p) for p in prompts}),
+        "threads": torch.get_num_threads(),
+        "tokens_per_s": batch * max_tokens / total,
+        "ttft": ttft,
+        "tpot": (total - ttft) / (max_tokens - 1),
+    }
 
 
 def engine_models(artifact: str, expert_threads: int) -> dict:
     """The artifact as the engine rows run it: PyTorch's default fp32 kernels, packed fp32 (the
     server's default) and INT8; built once for every round."""
+    from raymoe.inference.packed import pack_fp32
+    from raymoe.inference.quantize import quantize_int8
     from raymoe.models import load_hf
-    from raymoe.models.packed import pack_fp32
-    from raymoe.models.quantize import quantize_int8
 
     fp32 = load_hf(artifact).eval()
-    return {"fp32 default kernels": fp32, "fp32 packed": pack_fp32(copy.deepcopy(fp32), expert_threads),
-            "int8": quantize_int8(copy.deepcopy(fp32), expert_threads)}
+    return {
+        "fp32 default kernels": fp32,
+        "fp32 packed": pack_fp32(copy.deepcopy(fp32), expert_threads),
+        "int8": quantize_int8(copy.deepcopy(fp32), expert_threads),
+    }
 
 
 def engine_decode(models: dict, prompt_ids: list[int], max_tokens: int) -> dict:
@@ -158,8 +189,10 @@ def engine_decode(models: dict, prompt_ids: list[int], max_tokens: int) -> dict:
     from raymoe.serve.request import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    return {name: max_tokens / best_seconds(lambda m=m: generate_alone(m, prompt_ids, params), repeats=2)
-            for name, m in models.items()}
+    return {
+        name: max_tokens / best_seconds(functools.partial(generate_alone, m, prompt_ids, params), repeats=2)
+        for name, m in models.items()
+    }
 
 
 def engine_concurrent(models: dict, tokenizer, concurrency: int, num_requests: int, max_tokens: int) -> dict:
@@ -176,8 +209,9 @@ def engine_concurrent(models: dict, tokenizer, concurrency: int, num_requests: i
 
         def admit(core=core, pending=pending):
             i = pending.pop()
-            core.add_request(GenerationRequest(request_id=str(i), prompt_ids=tokenizer.encode(request_prompt(i)),
-                                               params=params))
+            core.add_request(
+                GenerationRequest(request_id=str(i), prompt_ids=tokenizer.encode(request_prompt(i)), params=params)
+            )
 
         for _ in range(min(concurrency, num_requests)):
             admit()
@@ -193,8 +227,8 @@ def engine_concurrent(models: dict, tokenizer, concurrency: int, num_requests: i
 
 def perplexities(artifact: str, rows: list[list[int]]) -> dict:
     """Held-out perplexity of the fp32 and the INT8 model over `rows` (each scored on its own)."""
+    from raymoe.inference.quantize import quantize_int8
     from raymoe.models import load_hf
-    from raymoe.models.quantize import quantize_int8
 
     fp32 = load_hf(artifact).eval()
     out = {}
@@ -236,32 +270,48 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="the peer runs at 1..THREADS torch threads (best kept)")
-    parser.add_argument("--engine-threads", type=int, default=1,
-                        help="torch threads of the serving engine (also the no-HTTP engine rows)")
-    parser.add_argument("--expert-threads", type=int, default=2,
-                        help="the engine's engine.expert_threads: a MoE layer's experts run on this many threads")
-    parser.add_argument("--stream-interval", type=int, default=8,
-                        help="server's stream_interval: SSE events per HTTP write after the first")
+    parser.add_argument(
+        "--engine-threads",
+        type=int,
+        default=1,
+        help="torch threads of the serving engine (also the no-HTTP engine rows)",
+    )
+    parser.add_argument(
+        "--expert-threads",
+        type=int,
+        default=2,
+        help="the engine's engine.expert_threads: a MoE layer's experts run on this many threads",
+    )
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=8,
+        help="server's stream_interval: SSE events per HTTP write after the first",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds; best kept")
     parser.add_argument("--artifact", default="", help="serve this HF-format artifact instead of a random one")
     parser.add_argument("--ppl-artifact", default="", help="trained artifact for the INT8 perplexity check")
-    parser.add_argument("--heldout-shards", default="", help="Parquet token shards (ingest val split) held out "
-                        "from the training of --ppl-artifact")
+    parser.add_argument(
+        "--heldout-shards",
+        default="",
+        help="Parquet token shards (ingest val split) held out from the training of --ppl-artifact",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shape = dict(dim=256, num_layers=4) if args.quick else dict(dim=512, num_layers=8)
+    shape: dict[str, Any] = dict(dim=256, num_layers=4) if args.quick else dict(dim=512, num_layers=8)
     max_tokens = 16 if args.quick else 64
     # (concurrency, requests): four waves at 8 and 32, so ramp-up and drain are a small part.
     levels = [(1, 2), (8, 8), (32, 32)] if args.quick else [(1, 4), (8, 32), (32, 128)]
 
+    from raymoe.data.chat_tokenizer import ChatTokenizer
     from raymoe.ray_runtime import init_ray
     from raymoe.serve.app import build_app
-    from raymoe.data.chat_tokenizer import ChatTokenizer
     from raymoe.serve.debug_artifact import CORPUS, make_debug_artifact
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    artifact = args.artifact or str(make_debug_artifact(tmp / "bench-moe", seed=0, vocab_size=2048,
-                                                         max_seq_len=1024, **shape))
+    artifact = args.artifact or str(
+        make_debug_artifact(tmp / "bench-moe", seed=0, vocab_size=2048, max_seq_len=1024, **shape)
+    )
     model_id = Path(artifact.rstrip("/")).name
     tokenizer = ChatTokenizer.from_dir(artifact)
     prompts = server_prompts(tokenizer, 8)
@@ -271,8 +321,9 @@ def main(argv: list[str]) -> int:
     if bool(args.ppl_artifact) != bool(args.heldout_shards):
         parser.error("--ppl-artifact and --heldout-shards go together")
     ppl_artifact = args.ppl_artifact or artifact
-    rows = (heldout_rows(args.heldout_shards) if args.heldout_shards
-            else [tokenizer.encode(" ".join(reversed(CORPUS[:6])))])  # word order unseen in training
+    rows = (
+        heldout_rows(args.heldout_shards) if args.heldout_shards else [tokenizer.encode(" ".join(reversed(CORPUS[:6])))]
+    )  # word order unseen in training
 
     # The replicas ask Ray for the cores their threads use; one application is measured at a time.
     replica_cpus = float(args.engine_threads + args.expert_threads - 1)
@@ -282,11 +333,21 @@ def main(argv: list[str]) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for weights, prefix in SERVED.items():
-        app_args = {"model_path": artifact, "num_cpus": replica_cpus, "max_ongoing_requests": 64,
-                    "max_queued_requests": -1, "api_key_env": "", "stream_interval": args.stream_interval,
-                    "int8": weights == "int8",
-                    "engine": {"num_slots": 32, "max_tokens_per_step": 256, "num_threads": args.engine_threads,
-                               "expert_threads": args.expert_threads}}
+        app_args = {
+            "model_path": artifact,
+            "num_cpus": replica_cpus,
+            "max_ongoing_requests": 64,
+            "max_queued_requests": -1,
+            "api_key_env": "",
+            "stream_interval": args.stream_interval,
+            "int8": weights == "int8",
+            "engine": {
+                "num_slots": 32,
+                "max_tokens_per_step": 256,
+                "num_threads": args.engine_threads,
+                "expert_threads": args.expert_threads,
+            },
+        }
         serve.run(build_app(app_args), name=f"bench-{weights}", route_prefix=prefix)
     url = f"http://127.0.0.1:{port}"
     # Rounds alternate the peers (while the server idles) and the load levels; each figure keeps
@@ -303,8 +364,11 @@ def main(argv: list[str]) -> int:
             for name, batch_prompts in peer_batches.items():
                 for threads in range(1, args.threads + 1):
                     torch.set_num_threads(threads)
-                    keep(("hf", name), {**transformers_peer(artifact, batch_prompts, max_tokens), "name": name},
-                         lambda r: r["tokens_per_s"])
+                    keep(
+                        ("hf", name),
+                        {**transformers_peer(artifact, batch_prompts, max_tokens), "name": name},
+                        lambda r: r["tokens_per_s"],
+                    )
             torch.set_num_threads(args.engine_threads)  # as the serving engine runs
             for name, tokens_per_s in engine_decode(models, prompt_ids, max_tokens).items():
                 keep(("engine", name), tokens_per_s, lambda r: r)
@@ -322,21 +386,46 @@ def main(argv: list[str]) -> int:
     peers = {name: best[("hf", name)] for name in peer_batches}
     engine = {name: best[("engine", name)] for name in ("fp32 default kernels", "fp32 packed", "int8")}
 
-    table = [[f"raymoe Serve HTTP {s['weights']}, {s['concurrency']} concurrent", s["tokens_per_s"], s["ttft_p50"] * 1e3,
-              s["ttft_p99"] * 1e3, s["tpot_p50"] * 1e3, s["tpot_p99"] * 1e3] for s in served]
-    table += [[f"transformers generate, {p['name']} ({p['threads']} threads)", p["tokens_per_s"],
-               p["ttft"] * 1e3, p["ttft"] * 1e3, p["tpot"] * 1e3, p["tpot"] * 1e3] for p in peers.values()]
+    table = [
+        [
+            f"raymoe Serve HTTP {s['weights']}, {s['concurrency']} concurrent",
+            s["tokens_per_s"],
+            s["ttft_p50"] * 1e3,
+            s["ttft_p99"] * 1e3,
+            s["tpot_p50"] * 1e3,
+            s["tpot_p99"] * 1e3,
+        ]
+        for s in served
+    ]
+    table += [
+        [
+            f"transformers generate, {p['name']} ({p['threads']} threads)",
+            p["tokens_per_s"],
+            p["ttft"] * 1e3,
+            p["ttft"] * 1e3,
+            p["tpot"] * 1e3,
+            p["tpot"] * 1e3,
+        ]
+        for p in peers.values()
+    ]
     table += [[f"raymoe engine {k} (no HTTP), batch 1", v, "", "", "", ""] for k, v in engine.items()]
     concurrent = {name: best[("engine concurrent", name)] for name in SERVED}
-    table += [[f"raymoe engine {k} (no HTTP), {levels[-1][0]} concurrent", v, "", "", "", ""]
-              for k, v in concurrent.items()]
+    table += [
+        [f"raymoe engine {k} (no HTTP), {levels[-1][0]} concurrent", v, "", "", "", ""] for k, v in concurrent.items()
+    ]
     what = args.artifact or f"random model d{shape['dim']} x {shape['num_layers']} layers, 8 experts top-2"
-    print_table(f"Serving {what}, {max_tokens} output tokens, engine {args.engine_threads} thread(s), "
-                f"experts on {args.expert_threads}",
-                ["system", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"], table)
-    print_table(f"Held-out perplexity of {ppl_artifact} ({ppl['tokens']} tokens"
-                f"{' of ' + args.heldout_shards if args.heldout_shards else ', reordered built-in sentences'})",
-                ["weights", "perplexity"], [["fp32", ppl["fp32"]], ["int8", ppl["int8"]]])
+    print_table(
+        f"Serving {what}, {max_tokens} output tokens, engine {args.engine_threads} thread(s), "
+        f"experts on {args.expert_threads}",
+        ["system", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"],
+        table,
+    )
+    print_table(
+        f"Held-out perplexity of {ppl_artifact} ({ppl['tokens']} tokens"
+        f"{' of ' + args.heldout_shards if args.heldout_shards else ', reordered built-in sentences'})",
+        ["weights", "perplexity"],
+        [["fp32", ppl["fp32"]], ["int8", ppl["int8"]]],
+    )
     by_c = {(s["weights"], s["concurrency"]): s["tokens_per_s"] for s in served}
     ratios = {
         "c32_over_hf_b8": by_c["fp32", 32] / peers["batch 8"]["tokens_per_s"],
@@ -347,17 +436,36 @@ def main(argv: list[str]) -> int:
         "int8_over_fp32_default_kernels_b1": engine["int8"] / engine["fp32 default kernels"],
         "int8_ppl_change": abs(ppl["int8"] / ppl["fp32"] - 1),
     }
-    print_table("Ratios against targets", ["ratio", "measured", "target"],
-                [[k, v, ("<= " if k == "int8_ppl_change" else ">= ") + str(TARGETS[k]) if k in TARGETS else ""]
-                 for k, v in ratios.items()])
-    path = write_results("serve", {"stream_interval": args.stream_interval, "engine_threads": args.engine_threads,
-                                   "expert_threads": args.expert_threads,
-                                   "model": {"artifact": args.artifact or "random debug artifact", **shape,
-                                             "vocab_size": tokenizer.tokenizer.get_vocab_size()},
-                                   "output_tokens": max_tokens, "served": served, "transformers": list(peers.values()),
-                                   "engine_decode_b1": engine, "engine_concurrent": concurrent, "perplexity": {**ppl, "artifact": ppl_artifact,
-                                                                              "heldout": args.heldout_shards},
-                                   "ratios": ratios, "targets": TARGETS, "quick": args.quick})
+    print_table(
+        "Ratios against targets",
+        ["ratio", "measured", "target"],
+        [
+            [k, v, ("<= " if k == "int8_ppl_change" else ">= ") + str(TARGETS[k]) if k in TARGETS else ""]
+            for k, v in ratios.items()
+        ],
+    )
+    path = write_results(
+        "serve",
+        {
+            "stream_interval": args.stream_interval,
+            "engine_threads": args.engine_threads,
+            "expert_threads": args.expert_threads,
+            "model": {
+                "artifact": args.artifact or "random debug artifact",
+                **shape,
+                "vocab_size": tokenizer.tokenizer.get_vocab_size(),
+            },
+            "output_tokens": max_tokens,
+            "served": served,
+            "transformers": list(peers.values()),
+            "engine_decode_b1": engine,
+            "engine_concurrent": concurrent,
+            "perplexity": {**ppl, "artifact": ppl_artifact, "heldout": args.heldout_shards},
+            "ratios": ratios,
+            "targets": TARGETS,
+            "quick": args.quick,
+        },
+    )
     print(f"wrote {path}")
     return 0
 

@@ -14,40 +14,38 @@ fine-tuning) run on drift and are logged to `actions.jsonl`.
 Exit status: 0 no drift, 3 drift or quality decay, 2 a config error (nothing written) or data that
 cannot be compared (e.g. a manifest of another tokenizer).
 With interval_s > 0 it checks every interval_s seconds until stopped.
+Windows, manifests, artifacts and output_dir resolve against the storage root (`--storage-root`,
+RAYMOE_STORAGE_ROOT; raymoe.storage); quality.eval_path is read from the working directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from pathlib import Path
 
-from raymoe.config import ConfigError, load_config
+from raymoe.config import exit_on_config_error, job_arg_parser, load_job_config
 from raymoe.monitor.drift_job_config import DriftJobConfig, check_before_launch
+from raymoe.storage import print_wrote
 
 EXIT_DRIFT = 3
 
 
 def _parse(argv: list[str] | None) -> tuple[DriftJobConfig, bool]:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.drift", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with a DriftJobConfig")
-    parser.add_argument("--eval", action="store_true",
-                        help="also evaluate held-out quality of quality.artifact")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. current.latest=2")
+    parser = job_arg_parser(DriftJobConfig, prog="python -m pipelines.drift", description=__doc__)
+    parser.add_argument("--eval", action="store_true", help="also evaluate held-out quality of quality.artifact")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(DriftJobConfig, args.config, args.overrides)
-        if cfg.make_debug_traffic:
+    with exit_on_config_error(args.debug):
+        cfg = load_job_config(DriftJobConfig, args)
+        check_before_launch(cfg, evaluate=args.eval)
+        debug = cfg.debug_traffic
+        if debug is not None and cfg.writes_debug_traffic:
             from raymoe.serve.debug_traffic import write_debug_traffic
 
-            write_debug_traffic(cfg.current.dir, cfg.quality.artifact)
-        check_before_launch(cfg, evaluate=args.eval)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+            if write_debug_traffic(debug.dir, debug.artifact):
+                print_wrote("debug traffic windows", debug.dir)
+                check_before_launch(cfg, evaluate=args.eval)
     return cfg, args.eval
 
 
@@ -62,8 +60,11 @@ def check_quality(cfg: DriftJobConfig) -> dict:
     history_path = Path(cfg.output_dir) / QUALITY_HISTORY_FILE
     history = read_history(history_path)
     scores = held_out_quality(q.artifact, q.adapter, q.eval_path, q.max_seq_len, q.max_new_tokens)
-    point = judge(history, {"time": time.time(), "model": Path(q.artifact).name,
-                            "adapter": q.adapter or None, **scores}, q.decay_threshold)
+    point = judge(
+        history,
+        {"time": time.time(), "model": Path(q.artifact).name, "adapter": q.adapter or None, **scores},
+        q.decay_threshold,
+    )
     append_jsonl(history_path, point)
     return point
 
@@ -84,17 +85,28 @@ def check_once(cfg: DriftJobConfig, evaluate: bool) -> bool:
             m.ray_metric(m.QUALITY_PERPLEXITY).set(quality["perplexity"], tags=tags)
             m.ray_metric(m.QUALITY_DECAY).set(quality["decay"], tags=tags)
     decayed = bool(quality and quality["decayed"])
-    act_on(cfg.actions, router_drift=result.router_drift, input_drift=result.input_drift,
-           quality_decay=decayed, drifted_features=result.summary["drifted_features"],
-           log_path=Path(cfg.output_dir) / "actions.jsonl")
-    verdict = (f"DRIFT in {', '.join(result.summary['drifted_features'])}" if result.drifted
-               else "no drift")
-    print(f"drift: {verdict} ({result.meta['current_requests']} requests vs {result.meta['reference']});"
-          f" report {paths['html']}")
+    act_on(
+        cfg.actions,
+        router_drift=result.router_drift,
+        input_drift=result.input_drift,
+        quality_decay=decayed,
+        drifted_features=result.summary["drifted_features"],
+        log_path=Path(cfg.output_dir) / "actions.jsonl",
+    )
+    verdict = f"DRIFT in {', '.join(result.summary['drifted_features'])}" if result.drifted else "no drift"
+    print(f"drift: {verdict} ({result.meta['current_requests']} requests vs {result.meta['reference']})")
     if quality is not None:
-        print(f"quality: perplexity {quality['perplexity']:.3f}, decay x{quality['decay']:.3f}"
-              + (f", exact match {quality['exact_match']:.1%}" if "exact_match" in quality else "")
-              + (" - DECAYED" if decayed else ""))
+        print(
+            f"quality: perplexity {quality['perplexity']:.3f}, decay x{quality['decay']:.3f}"
+            + (f", exact match {quality['exact_match']:.1%}" if "exact_match" in quality else "")
+            + (" - DECAYED" if decayed else "")
+        )
+    print_wrote("drift report", paths["html"])
+    print_wrote("drift summary", paths["json"])
+    if quality is not None:
+        from raymoe.monitor.run_report import QUALITY_HISTORY_FILE
+
+        print_wrote("quality history", Path(cfg.output_dir) / QUALITY_HISTORY_FILE)
     return result.drifted or decayed
 
 
@@ -104,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.publish_metrics:
         from raymoe.ray_runtime import init_ray
 
-        init_ray()
+        with exit_on_config_error():  # RAY_ADDRESS naming no reachable cluster
+            init_ray()
     while True:
         try:
             drifted = check_once(cfg, evaluate)

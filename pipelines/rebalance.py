@@ -12,7 +12,9 @@ to every replica of a running Serve app, live (`raymoe.deploy.rebalance_job`). T
 this on router-load drift (`actions.rebalance`); `interval_s` > 0 runs it on a schedule.
 
 Exit status: 0 done (or nothing to move), 2 a config error or load that cannot be used (nothing
-written), 1 the apply failed (placement.json is written).
+written), 1 the apply failed (placement.json is written). output_dir, windows.dir, trace.path,
+model_path and placement.current resolve against the storage root (`--storage-root`,
+RAYMOE_STORAGE_ROOT; raymoe.storage); the job ends with `wrote placement: <absolute path>`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from raymoe.deploy.rebalance_config import RebalanceJobConfig
 def main(argv: list[str] | None = None) -> int:
     from raymoe.deploy.rebalance_job import prepare, run
 
-    cfg = parse_job_args(RebalanceJobConfig, argv, prog="python -m pipelines.rebalance", description=__doc__,
-                         check=prepare)
+    cfg = parse_job_args(
+        RebalanceJobConfig, argv, prog="python -m pipelines.rebalance", description=__doc__, check=prepare
+    )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run(cfg)
 

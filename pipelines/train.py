@@ -8,21 +8,28 @@ it joins the cluster. `data.path` is an ingest output (`python -m pipelines.inge
 the layout, the data (manifest, rows, shard checksums) and, with `memory_per_worker_gb`, each
 worker's share of the model are checked before any worker starts. Rerunning with the same
 `checkpoint.uri` resumes from its newest valid checkpoint, at the same or another layout.
+data.path, checkpoint.uri, storage_path and history_path resolve against the storage root
+(`--storage-root`, RAYMOE_STORAGE_ROOT; raymoe.storage), so under `ray job submit` nothing lands
+in Ray's temporary copy of the working directory.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-from raymoe.config import parse_job_args
+from raymoe.config import exit_on_config_error, parse_job_args
 from raymoe.ray_runtime import init_ray
+from raymoe.storage import print_wrote
 from raymoe.train.config import TrainConfig, check_before_launch
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_args(TrainConfig, argv, prog="python -m pipelines.train", description=__doc__,
-                         check=check_before_launch)
-    init_ray()
+    cfg = parse_job_args(
+        TrainConfig, argv, prog="python -m pipelines.train", description=__doc__, check=check_before_launch
+    )
+    with exit_on_config_error():  # RAY_ADDRESS naming no reachable cluster
+        init_ray()
     # Imported after the checks: a bad config fails without paying for Ray Train's import.
     from raymoe.train.loop import run_training
 
@@ -31,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training failed: {result.error}", file=sys.stderr)
         return 1
     metrics = result.metrics or {}
-    print(f"done: step {metrics.get('step')} loss {metrics.get('loss', float('nan')):.4f}; "
-          f"checkpoints under {cfg.checkpoint.uri}")
+    print(f"done: step {metrics.get('step')} loss {metrics.get('loss', float('nan')):.4f}")
+    print_wrote("checkpoints", cfg.checkpoint.uri)
+    if cfg.history_path and os.path.isfile(cfg.history_path):
+        print_wrote("history", cfg.history_path)
     return 0
 
 

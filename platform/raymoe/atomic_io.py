@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Calls `write(tmp_path)`, fsyncs the result and renames it over `path`.
 
     The temporary file sits in the same directory (rename is atomic only within a filesystem)
@@ -16,7 +16,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
     Args:
         path: final location.
-        write: writes the complete file at the path it is given.
+        write: writes the complete file at the path it is given (what it returns is ignored).
 
     Returns:
         `path` as a Path.

@@ -8,19 +8,26 @@ gives plain data back: configs cross Ray process boundaries as dicts.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import math
+import os
+import re
+import sys
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+# Defined beside the model config (which must not import YAML) and re-exported here: one error
+# class for run and model configs, so `from_dict` reports the models' checks too.
+from raymoe.models.config_checks import ConfigError, require
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
 
 
 def _type_name(tp: Any) -> str:
@@ -36,20 +43,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message names the nested key that is wrong
+            return _coerce(value, options[0], key)
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -99,13 +106,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]  # cls is a dataclass
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]} for {cls.__name__}; known keys: {sorted(fields)}"
-        )
+        raise ConfigError(f"unknown key {where}{unknown[0]} for {cls.__name__}; known keys: {sorted(fields)}")
     kwargs = {}
     for name, field in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -116,9 +121,52 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        if prefix and not str(exc).startswith(prefix):
-            raise ConfigError(f"{prefix}.{exc}") from None
+        if prefix:
+            raise ConfigError(qualify(prefix, str(exc), fields)) from None
         raise
+
+
+_LEADING_KEY = re.compile(r"[A-Za-z_][\w\-]*(?:\[[^\]]*\])?(?:\.[A-Za-z_][\w\-]*(?:\[[^\]]*\])?)*")
+_KEY_PHRASES = ("unknown key ", "missing required key ")
+
+
+def _unindexed(part: str) -> str:
+    return part.split("[", 1)[0]
+
+
+def qualify(prefix: str, message: str, fields: Iterable[str] = ()) -> str:
+    """`message` from the dataclass at dotted `prefix`, with the key it starts with made complete.
+
+    A dataclass names its own fields either bare (`num_slots must be ...`) or under the section
+    it usually sits in (`engine.num_slots must be ...`); at `app.engine` both become
+    `app.engine.num_slots ...`, never `app.engine.engine.num_slots`. A section name that differs
+    from where the dataclass sits is replaced (`drift.seed` at `detectors` -> `detectors.seed`).
+    List indices match any index (`sources[code].weight` at `sources[0]` keeps its name); a key
+    named from further out than `prefix` (`app.traffic.x` at `traffic`) is left as it is.
+
+    Args:
+        prefix: dotted key of the dataclass inside the whole config.
+        message: the ConfigError message its `__post_init__` raised.
+        fields: the dataclass's field names (a message starting with one is relative to it).
+    """
+    for phrase in _KEY_PHRASES:
+        if message.startswith(phrase):
+            return phrase + qualify(prefix, message[len(phrase) :], fields)
+    parts = prefix.split(".")
+    match = _LEADING_KEY.match(message)
+    if not match:
+        return f"{prefix}: {message}"
+    lead = match.group(0).split(".")
+    if _unindexed(lead[0]) in set(fields):
+        return f"{prefix}.{message}"
+    for k in range(min(len(parts), len(lead)), 0, -1):
+        if [_unindexed(p) for p in parts[-k:]] == [_unindexed(p) for p in lead[:k]]:
+            return ".".join([*parts[:-k], message]) if len(parts) > k else message
+    if _unindexed(parts[-1]) in [_unindexed(p) for p in lead[:-1]]:
+        return message  # already named from further out (`app.traffic.x` at `traffic`)
+    if len(lead) > 1:  # named under a section other than where it sits
+        return f"{prefix}.{message[len(lead[0]) + 1 :]}"
+    return f"{prefix}.{message}"
 
 
 def to_dict(obj: Any) -> Any:
@@ -135,59 +183,175 @@ def to_dict(obj: Any) -> Any:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Applies `key.sub=value` overrides (values parsed as YAML) to a nested mapping in place."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        node = data
+        dotted, sep, raw = item.partition("=")
         parts = dotted.strip().split(".")
-        for part in parts[:-1]:
+        if not sep or not all(part.strip() for part in parts):
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc})"
+            ) from None
+        node = data
+        for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {dotted}: {part} is not a mapping")
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping, got {child!r}")
             node = child
         node[parts[-1]] = value
     return data
 
 
-def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Reads a YAML run config, applies dotted overrides and validates it into `cls`."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own construct_mapping names an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's data; a missing file or bad YAML is a ConfigError naming the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    with path.open() as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r}{where}: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
+
+
+def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Reads a YAML run config, applies dotted overrides and validates it into `cls`."""
+    data = read_yaml(path)
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
     return from_dict(cls, apply_overrides(data, list(overrides or [])))
 
 
-def require(condition: bool, message: str) -> None:
-    """Raises ConfigError(message) unless `condition`; for `__post_init__` checks."""
-    if not condition:
-        raise ConfigError(message)
+def require_at_least(section: str, cfg: Any, **bounds: float) -> None:
+    """Checks numeric fields of `cfg` against lower bounds, in the order given.
 
+    Args:
+        section: dotted key `cfg` usually sits at ("" = top level); names the field in messages.
+        cfg: the dataclass being checked (from its `__post_init__`).
+        **bounds: field name -> the smallest value it may take.
 
-def parse_job_args(cls: type[T], argv: list[str] | None, *, prog: str, description: str,
-                   check=None) -> T:
-    """The command line every pipeline shares: `--config FILE [key.sub=value ...]`.
-
-    Loads and validates the config (and runs `check(cfg)` if given); on a ConfigError prints
-    `config error: ...` to stderr and exits with status 2, before anything is started.
+    Raises:
+        ConfigError: `<section.field> must be >= <bound>, got <value>` for the first field below
+            its bound (or not finite).
     """
-    import argparse
-    import sys
+    for name, low in bounds.items():
+        value = getattr(cfg, name)
+        key = f"{section}.{name}" if section else name
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number >= {low}, got {value!r}")
+        require(value >= low, f"{key} must be >= {low}, got {value!r}")
 
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def require_positive(section: str, cfg: Any, *names: str) -> None:
+    """Like `require_at_least`, for fields that must be finite and > 0 (durations, rates, sizes)."""
+    for name in names:
+        value = getattr(cfg, name)
+        key = f"{section}.{name}" if section else name
+        require(math.isfinite(value) and value > 0, f"{key} must be > 0, got {value!r}")
+
+
+def require_resource(key: str, value: float, *, gpus: bool = False) -> None:
+    """A Ray resource quantity (num_cpus, num_gpus, memory): finite, >= 0, at most 4 decimals
+    (Ray's resource unit) and, for GPUs, a fraction of one GPU or a whole number of them."""
+    require(math.isfinite(value) and value >= 0, f"{key} must be >= 0, got {value!r}")
+    require(value == 0 or value >= 1e-4, f"{key}={value!r}: expected 0 or at least 0.0001 (Ray's resource unit)")
+    require(
+        not gpus or value <= 1 or float(value).is_integer(),
+        f"{key}={value!r}: expected a fraction of one GPU or a whole number of GPUs",
+    )
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """True when two local paths name the same place (relative ones from the working directory)."""
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`prog: message (see --help)`), exit status 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def job_arg_parser(cls: type, *, prog: str, description: str):
+    """The command line every pipeline shares:
+    `--config FILE [--storage-root ROOT] [--debug] [key.sub=value ...]`."""
+    parser = _ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=f"YAML file with a {cls.__name__}")
+    parser.add_argument(
+        "--storage-root",
+        metavar="ROOT",
+        default=None,
+        help="where relative output paths (runs/...) go: a local directory or a pyarrow "
+        "filesystem URI (default: $RAYMOE_STORAGE_ROOT, else the working directory "
+        "unless it is Ray's temporary copy under `ray job submit`, else ~/raymoe)",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of a config error too (it is one line otherwise)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def load_job_config(cls: type[T], args: argparse.Namespace) -> T:
+    """The job's config from its parsed command line (`job_arg_parser`), with its output and
+    run-artifact paths resolved against the storage root (`raymoe.storage`), so the checks
+    that follow see absolute paths."""
+    from raymoe.storage import resolve_job_config
+
+    return resolve_job_config(load_config(cls, args.config, args.overrides), args.storage_root)
+
+
+@contextlib.contextmanager
+def exit_on_config_error(debug: bool = False):
+    """Runs a job's checks before anything starts: a ConfigError inside prints one line,
+    `config error: ...`, to stderr and exits with status 2 (after the traceback, with `debug`)."""
     try:
-        cfg = load_config(cls, args.config, args.overrides)
-        if check is not None:
-            check(cfg)
+        yield
     except ConfigError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def parse_job_args(cls: type[T], argv: list[str] | None, *, prog: str, description: str, check=None) -> T:
+    """Parses the shared command line, loads and validates the config, resolves its storage paths
+    (`load_job_config`) and runs `check(cfg)`.
+
+    A ConfigError from either is reported as one line, `config error: ...`, with exit status 2,
+    before anything is started (`--debug` adds the traceback).
+    """
+    args = job_arg_parser(cls, prog=prog, description=description).parse_args(argv)
+    with exit_on_config_error(args.debug):
+        cfg = load_job_config(cls, args)
+        if check is not None:
+            check(cfg)
     return cfg

@@ -39,17 +39,21 @@ def test_bf16_autocast_close_to_fp32_and_decode_runs():
 
 
 def test_one_pass_step_on_cuda_matches_cpu_and_packing_is_skipped():
-    from raymoe.models.forward_jobs import ForwardJob, run_forward_jobs
-    from raymoe.models.packed import wants_packed_weights
+    from raymoe.inference.forward_jobs import ForwardJob, run_forward_jobs
+    from raymoe.inference.packed import wants_packed_weights
 
     torch.manual_seed(0)
     cpu = MoETransformer(flavour("debug")).eval()
     gpu = MoETransformer(flavour("debug")).eval().cuda()
     gpu.load_state_dict(cpu.state_dict())
     assert not wants_packed_weights("onednn", gpu)  # oneDNN packing is a CPU path
-    jobs = [ForwardJob(torch.randint(0, 2048, (2, 5)), torch.arange(5).expand(2, 5), torch.tensor([0, 1]),
-                       torch.tensor([4, 2]))]
+    jobs = [
+        ForwardJob(
+            torch.randint(0, 2048, (2, 5)), torch.arange(5).expand(2, 5), torch.tensor([0, 1]), torch.tensor([4, 2])
+        )
+    ]
     expected = run_forward_jobs(cpu, jobs, KVCache(cpu.cfg, 2, 16))[0]
-    got = run_forward_jobs(gpu, [j.to(torch.device("cuda")) for j in jobs],
-                           KVCache(gpu.cfg, 2, 16, device=torch.device("cuda")))[0]
+    got = run_forward_jobs(
+        gpu, [j.to(torch.device("cuda")) for j in jobs], KVCache(gpu.cfg, 2, 16, device=torch.device("cuda"))
+    )[0]
     assert (got.cpu() - expected).abs().max() <= 1e-3

@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+from tests.integration.local_processes import free_port as _free_port
 
 PROMETHEUS = shutil.which("prometheus")
 SKIP_REASON = "prometheus not found on PATH: `make test` installs it (apt-get install prometheus)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_service_discovery_file(timeout_s: float = 30.0) -> Path:
@@ -45,13 +41,18 @@ def ray_service_discovery_file(timeout_s: float = 30.0) -> Path:
     import ray
     from ray._private import ray_constants
 
-    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+    node = ray._private.worker._global_node
+    if node is None:
+        raise RuntimeError("Ray is not initialised in this process")
+    session_dir = Path(node.get_session_dir_path())
     path = session_dir / ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear in {timeout_s:.0f} s; was Ray started with "
-                               "include_dashboard=True (the dashboard writes it)?")
+            raise TimeoutError(
+                f"{path} did not appear in {timeout_s:.0f} s; was Ray started with "
+                "include_dashboard=True (the dashboard writes it)?"
+            )
         time.sleep(0.5)
     return path
 
@@ -73,7 +74,7 @@ class PrometheusServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_timeout_s: float = 30.0) -> "PrometheusServer":
+    def start(self, ready_timeout_s: float = 30.0) -> PrometheusServer:
         """Writes the config, starts the binary and waits for `/-/ready`.
 
         Raises:
@@ -86,26 +87,41 @@ class PrometheusServer:
         # The file SD list is re-read when the file changes; refresh_interval is the fallback poll.
         config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
-            "scrape_configs": [{
-                "job_name": "ray",
-                "file_sd_configs": [{"files": [str(self.sd_file)], "refresh_interval": "5s"}],
-                # Ray lists its metrics ports at the machine's network address; they listen on
-                # every interface, so scrape them over loopback (tests talk to 127.0.0.1 only).
-                # The instance label keeps Ray's address, as a cluster's Prometheus would see it.
-                "relabel_configs": [{"source_labels": ["__address__"], "regex": "[^:]+:(\\d+)",
-                                     "target_label": "__address__", "replacement": "127.0.0.1:$1"}],
-            }],
+            "scrape_configs": [
+                {
+                    "job_name": "ray",
+                    "file_sd_configs": [{"files": [str(self.sd_file)], "refresh_interval": "5s"}],
+                    # Ray lists its metrics ports at the machine's network address; they listen on
+                    # every interface, so scrape them over loopback (tests talk to 127.0.0.1 only).
+                    # The instance label keeps Ray's address, as a cluster's Prometheus would see it.
+                    "relabel_configs": [
+                        {
+                            "source_labels": ["__address__"],
+                            "regex": "[^:]+:(\\d+)",
+                            "target_label": "__address__",
+                            "replacement": "127.0.0.1:$1",
+                        }
+                    ],
+                }
+            ],
         }
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         self.port = _free_port()
-        log = open(self.workdir / "prometheus.log", "wb")
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config_path}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d",
-             "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        with open(self.workdir / "prometheus.log", "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [
+                    PROMETHEUS,
+                    f"--config.file={config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--storage.tsdb.retention.time=1d",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -124,7 +140,7 @@ class PrometheusServer:
         path = self.workdir / "prometheus.log"
         return path.read_text(errors="replace")[-num_chars:] if path.exists() else ""
 
-    def _get(self, path: str, params: dict[str, str]) -> dict:
+    def _get(self, path: str, params: dict[str, str]) -> Any:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         try:
             with urllib.request.urlopen(url, timeout=30) as r:
@@ -151,8 +167,10 @@ class PrometheusServer:
         if data["resultType"] in ("scalar", "string"):
             return [{"metric": {}, "value": float(data["result"][1])}]
         if data["resultType"] == "matrix":
-            return [{"metric": s["metric"], "values": [(float(t), float(v)) for t, v in s["values"]]}
-                    for s in data["result"]]
+            return [
+                {"metric": s["metric"], "values": [(float(t), float(v)) for t, v in s["values"]]}
+                for s in data["result"]
+            ]
         return [{"metric": s["metric"], "value": float(s["value"][1])} for s in data["result"]]
 
     def label_values(self, label: str, match: str | None = None) -> list[str]:
@@ -164,8 +182,9 @@ class PrometheusServer:
         """Active scrape targets with their health (`up`, `down`, `unknown`) and last error."""
         return self._get("/api/v1/targets", {"state": "active"})["activeTargets"]
 
-    def wait_for(self, expr: str, timeout_s: float = 90.0, check=lambda series: bool(series),
-                 poll_s: float = 1.0) -> list[dict]:
+    def wait_for(
+        self, expr: str, timeout_s: float = 90.0, check=lambda series: bool(series), poll_s: float = 1.0
+    ) -> list[dict]:
         """Polls `query(expr)` until `check(series)` holds; returns those series.
 
         Raises:
@@ -191,7 +210,7 @@ class PrometheusServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
-    def __enter__(self) -> "PrometheusServer":
+    def __enter__(self) -> PrometheusServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,18 +40,13 @@ from raymoe.deploy.manifests.raycluster import raycluster
 from raymoe.deploy.manifests.rayservice import rayservice
 from raymoe.deploy.manifests.values import DeployValues, PodResources
 from raymoe.deploy.manifests.yaml_text import plain
+from tests.integration.local_processes import free_port, marked_pids, stop_marked
 
 pytestmark = pytest.mark.slow
 
 IDLE_TIMEOUT_S = 10
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 FAKE_HEAD_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, check, timeout_s: float = 180.0, every_s: float = 1.0):
@@ -78,10 +71,16 @@ def autoscaling_config(ray_cr: dict, gcs_address: str) -> dict:
         node_type["resources"].pop("memory", None)
         node_type["resources"]["object_store_memory"] = 100 * 2**20
     config["head_node_type"] = "ray.head.default"
-    config["provider"] = {"type": "external", "module": FAKE_PROVIDER, "gcs_address": gcs_address,
-                          "head_node_id": FAKE_HEAD_ID, "launch_multiple": True,
-                          "use_node_id_as_ip": True, "disable_node_updaters": True,
-                          "disable_launch_config_check": True}
+    config["provider"] = {
+        "type": "external",
+        "module": FAKE_PROVIDER,
+        "gcs_address": gcs_address,
+        "head_node_id": FAKE_HEAD_ID,
+        "launch_multiple": True,
+        "use_node_id_as_ip": True,
+        "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+    }
     return config
 
 
@@ -100,50 +99,64 @@ class FakeKubeRayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="rmas-", dir="/tmp")
 
     def start(self) -> None:
-        env = dict(os.environ, RAYMOE_TEST_CLUSTER=self.marker, AUTOSCALER_UPDATE_INTERVAL_S="1",
-                   RAY_FAKE_CLUSTER="1", RAY_enable_autoscaler_v2="1", RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_ID,
-                   RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_ID, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                   RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            RAYMOE_TEST_CLUSTER=self.marker,
+            AUTOSCALER_UPDATE_INTERVAL_S="1",
+            RAY_FAKE_CLUSTER="1",
+            RAY_enable_autoscaler_v2="1",
+            RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_ID,
+            RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_ID,
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            RAY_AUTH_MODE="disabled",
+            RAY_USAGE_STATS_ENABLED="0",
+            OMP_NUM_THREADS="1",
+        )
         head_cpus = self.config["available_node_types"]["ray.head.default"]["resources"]["CPU"]
         started = subprocess.run(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={self.port}",
-             f"--autoscaling-config={self.config_path}", f"--num-cpus={head_cpus}",
-             "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-             "--object-store-memory=100000000", f"--ray-client-server-port={free_port()}",
-             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-             f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             f"--metrics-export-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0"],
-            env=env, capture_output=True, text=True, timeout=120)
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "start",
+                "--head",
+                f"--port={self.port}",
+                f"--autoscaling-config={self.config_path}",
+                f"--num-cpus={head_cpus}",
+                "--node-ip-address=127.0.0.1",
+                f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=false",
+                "--object-store-memory=100000000",
+                f"--ray-client-server-port={free_port()}",
+                f"--node-manager-port={free_port()}",
+                f"--object-manager-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+                "--min-worker-port=0",
+                "--max-worker-port=0",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert started.returncode == 0, f"ray start failed:\n{started.stdout[-2000:]}\n{started.stderr[-3000:]}"
 
     def own_pids(self) -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                if f"RAYMOE_TEST_CLUSTER={self.marker}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-        return pids
+        return marked_pids(self.marker)
 
     def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in self.own_pids():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
+        stop_marked(self.marker)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def workers(self, cpus: float) -> int:
         """Alive worker nodes with `cpus` CPUs (the head has 0)."""
         import ray
 
-        return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) == cpus
-                   and n["NodeID"] != FAKE_HEAD_ID)
+        return sum(
+            1
+            for n in ray.nodes()
+            if n["Alive"] and n["Resources"].get("CPU", 0) == cpus and n["NodeID"] != FAKE_HEAD_ID
+        )
 
 
 @pytest.fixture
@@ -213,8 +226,11 @@ def serve_values(tmp_path: Path) -> DeployValues:
     values.serve.worker = PodResources(cpu="1", memory="4Gi")
     values.serve.scaling.upscale_delay_s = 2.0
     values.serve.scaling.downscale_delay_s = 4.0
-    values.serve.app.update(model_path=str(tmp_path / "model"), traffic={"enabled": False},
-                            engine={"num_slots": 2, "max_tokens_per_step": 64, "max_waiting": 64, "num_threads": 1})
+    values.serve.app.update(
+        model_path=str(tmp_path / "model"),
+        traffic={"enabled": False},
+        engine={"num_slots": 2, "max_tokens_per_step": 64, "max_waiting": 64, "num_threads": 1},
+    )
     return values
 
 
@@ -241,8 +257,10 @@ def test_serve_replicas_and_serving_pods_follow_a_burst(tmp_path, connect):
     scaling = args["autoscaling"]
     group = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert (group["minReplicas"], group["maxReplicas"]) == (scaling["min_replicas"], scaling["max_replicas"]) == (1, 2)
-    ray_cr = {"metadata": {"name": manifest["metadata"]["name"], "namespace": "test"},
-              "spec": manifest["spec"]["rayClusterConfig"]}
+    ray_cr = {
+        "metadata": {"name": manifest["metadata"]["name"], "namespace": "test"},
+        "spec": manifest["spec"]["rayClusterConfig"],
+    }
     cluster = FakeKubeRayCluster(ray_cr, tmp_path)
     connect(cluster)
     port = free_port()
@@ -253,37 +271,47 @@ def test_serve_replicas_and_serving_pods_follow_a_burst(tmp_path, connect):
 
     # Execute: a burst of long generations, kept up until Serve reports the maximum.
     stop = threading.Event()
-    body = json.dumps({"model": args["model_id"], "prompt": "The quick brown fox", "max_tokens": 64,
-                       "ignore_eos": True}).encode()
+    body = json.dumps(
+        {"model": args["model_id"], "prompt": "The quick brown fox", "max_tokens": 16, "ignore_eos": True}
+    ).encode()
 
     def client():
         while not stop.is_set():
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json",
-                                                      "Authorization": f"Bearer {os.environ.get('RAYMOE_API_KEY', '')}"})
+            api_key = os.environ.get("RAYMOE_API_KEY", "")
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions",
+                data=body,
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+            )
             try:
                 urllib.request.urlopen(request, timeout=120).read()
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
 
-    threads = [threading.Thread(target=client, daemon=True)
-               for _ in range(int(3 * scaling["target_ongoing_requests"]))]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(int(3 * scaling["target_ongoing_requests"]))]
     for t in threads:
         t.start()
     try:
-        wait_for("Serve to reach max_replicas",
-                 lambda: replicas("raymoe").get("RUNNING") == scaling["max_replicas"], timeout_s=240)
+        wait_for(
+            "Serve to reach max_replicas",
+            lambda: replicas("raymoe").get("RUNNING") == scaling["max_replicas"],
+            timeout_s=240,
+        )
         # Assert: the Ray autoscaler gave the second replica its pod, within the group's bounds.
         assert cluster.workers(1.0) == group["maxReplicas"]
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=150)
-    wait_for("Serve to go back to min_replicas",
-             lambda: replicas("raymoe").get("RUNNING") == scaling["min_replicas"]
-             and sum(replicas("raymoe").values()) == scaling["min_replicas"], timeout_s=240)
-    wait_for("the idle serving pod to be removed", lambda: cluster.workers(1.0) == group["minReplicas"],
-             timeout_s=120)
+    wait_for(
+        "Serve to go back to min_replicas",
+        lambda: (
+            replicas("raymoe").get("RUNNING") == scaling["min_replicas"]
+            and sum(replicas("raymoe").values()) == scaling["min_replicas"]
+        ),
+        timeout_s=240,
+    )
+    wait_for("the idle serving pod to be removed", lambda: cluster.workers(1.0) == group["minReplicas"], timeout_s=120)
     serve.shutdown()
 
 
@@ -293,5 +321,7 @@ def test_serve_defaults_are_ray_serves_own():
 
     ray_defaults = AutoscalingConfig()
     ours = DeployValues().serve.scaling
-    assert (ours.upscale_delay_s, ours.downscale_delay_s) == (ray_defaults.upscale_delay_s,
-                                                             ray_defaults.downscale_delay_s)
+    assert (ours.upscale_delay_s, ours.downscale_delay_s) == (
+        ray_defaults.upscale_delay_s,
+        ray_defaults.downscale_delay_s,
+    )

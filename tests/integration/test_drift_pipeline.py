@@ -13,9 +13,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipelines.drift", "--config", "pipelines/configs/drift.debug.yaml",
-           f"output_dir={out}", f"current.dir={out / 'traffic'}", f"quality.artifact={out / 'model'}",
-           "quality.max_new_tokens=4", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.drift",
+        "--config",
+        "pipelines/configs/drift.debug.yaml",
+        f"output_dir={out}",
+        f"current.dir={out / 'traffic'}",
+        f"quality.artifact={out / 'model'}",
+        f"debug_traffic.dir={out / 'traffic'}",
+        f"debug_traffic.artifact={out / 'model'}",
+        "quality.max_new_tokens=4",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

@@ -47,10 +47,14 @@ def cluster():
     # loopback address to the machine's network address, where nothing listens.
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
-    nodes = {name: c.add_node(num_cpus=1, resources={f"silo_{name}": 1}, node_ip_address="127.0.0.1")
-             for name in SILO_DATA}
-    ray.init(address=c.address, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
+    nodes = {
+        name: c.add_node(num_cpus=1, resources={f"silo_{name}": 1}, node_ip_address="127.0.0.1") for name in SILO_DATA
+    }
+    ray.init(
+        address=c.address,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}},
+    )
     yield c, nodes
     ray.shutdown()
     c.shutdown()
@@ -66,12 +70,21 @@ def base(tmp_path_factory):
 
 
 def _cfg(base, out, silos=None, **over):
-    data = {"name": f"fed-{out.name}", "base": str(base), "eval_path": str(HELDOUT), "rounds": 2,
-            "local_steps": 2, "local_batch_size": 4, "seed": 3, "output_dir": str(out),
-            "silos": [{"name": n, "data_path": str(p)} for n, p in (silos or SILO_DATA).items()],
-            "lora": {"rank": 4, "alpha": 8, "routed_experts": True},
-            "optim": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0},
-            "num_cpus_per_silo": 0.5, "faults": {"round_deadline_s": 120, "quorum": 2}}
+    data = {
+        "name": f"fed-{out.name}",
+        "base": str(base),
+        "eval_path": str(HELDOUT),
+        "rounds": 2,
+        "local_steps": 2,
+        "local_batch_size": 4,
+        "seed": 3,
+        "output_dir": str(out),
+        "silos": [{"name": n, "data_path": str(p)} for n, p in (silos or SILO_DATA).items()],
+        "lora": {"rank": 4, "alpha": 8, "routed_experts": True},
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0},
+        "num_cpus_per_silo": 0.5,
+        "faults": {"round_deadline_s": 120, "quorum": 2},
+    }
     for key, value in over.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
     return from_dict(FederatedConfig, data)
@@ -91,8 +104,13 @@ def test_silos_on_their_nodes_and_data_stays_home(cluster, base, tmp_path):
     _, nodes = cluster
     opened = []
     watched = {str(p.resolve()) for p in SILO_DATA.values()}
-    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and args
-                     and isinstance(args[0], str) and os.path.abspath(args[0]) in watched else None)
+    sys.addaudithook(
+        lambda event, args: (
+            opened.append(str(args[0]))
+            if event == "open" and args and isinstance(args[0], str) and os.path.abspath(args[0]) in watched
+            else None
+        )
+    )
     summary = run_federated(_cfg(base, tmp_path / "home"))
     # Assert: each silo on its own node, the driver opened no silo file, two rounds done.
     for name, node in nodes.items():
@@ -104,12 +122,25 @@ def test_silos_on_their_nodes_and_data_stays_home(cluster, base, tmp_path):
     from raymoe.federated.silo import SiloClient
     from raymoe.federated.strategies import FitInstructions
 
-    initial = {k: v for k, v in _adapter(tmp_path / "home").items()}
-    actor = ray.remote(SiloClient).options(resources={"silo_code": 1}, num_cpus=0.5).remote(
-        "code", str(SILO_DATA["code"]), str(base), {"rank": 4, "alpha": 8, "routed_experts": True},
-        {"lr": 1e-3}, 256, 4, 0, 1)
-    result = ray.get(actor.fit.remote(FitInstructions(round=1, params=initial, proximal_mu=0.0,
-                                                      local_steps=1, lr=1e-3)))
+    initial = dict(_adapter(tmp_path / "home").items())
+    actor = (
+        ray.remote(SiloClient)
+        .options(resources={"silo_code": 1}, num_cpus=0.5)
+        .remote(
+            "code",
+            str(SILO_DATA["code"]),
+            str(base),
+            {"rank": 4, "alpha": 8, "routed_experts": True},
+            {"lr": 1e-3},
+            256,
+            4,
+            0,
+            1,
+        )
+    )
+    result = ray.get(
+        actor.fit.remote(FitInstructions(round=1, params=initial, proximal_mu=0.0, local_steps=1, lr=1e-3))
+    )
     ray.kill(actor)
     assert set(result.params) == set(initial)
     assert all(t.dtype == torch.float32 for t in result.params.values())
@@ -142,12 +173,21 @@ def test_fedavg_of_identical_silos_equals_centralised(cluster, base, tmp_path):
     from raymoe.train.finetune_config import FinetuneConfig
     from raymoe.train.finetune_worker import run_finetune_worker
 
-    same = {n: SILO_DATA["code"] for n in ("code", "prose", "chat")}
+    same = dict.fromkeys(("code", "prose", "chat"), SILO_DATA["code"])
     run_federated(_cfg(base, tmp_path / "same", silos=same, rounds=3, local_optimizer_state="keep"))
-    central = from_dict(FinetuneConfig, {
-        "base": str(base), "data": {"path": str(SILO_DATA["code"])}, "steps": 6, "global_batch_size": 4,
-        "seed": 3, "output_dir": str(tmp_path / "central"), "lora": {"rank": 4, "alpha": 8, "routed_experts": True},
-        "optim": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0}})
+    central = from_dict(
+        FinetuneConfig,
+        {
+            "base": str(base),
+            "data": {"path": str(SILO_DATA["code"])},
+            "steps": 6,
+            "global_batch_size": 4,
+            "seed": 3,
+            "output_dir": str(tmp_path / "central"),
+            "lora": {"rank": 4, "alpha": 8, "routed_experts": True},
+            "optim": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0},
+        },
+    )
     torch.set_num_threads(1)
     run_finetune_worker(central)
     fed, ref = _adapter(tmp_path / "same"), _adapter(tmp_path / "central")
@@ -175,16 +215,17 @@ def test_secure_aggregation_equals_plain_and_survives_a_dropout(cluster, base, t
         if "prose" in selected:
             ray.kill(ray.get_actor("fed-dropout-silo-prose"))
 
-    summary = run_federated(_cfg(base, tmp_path / "dropout", rounds=1, privacy={"secure_aggregation": True}),
-                            on_round_start=kill_prose_after_keys)
+    summary = run_federated(
+        _cfg(base, tmp_path / "dropout", rounds=1, privacy={"secure_aggregation": True}),
+        on_round_start=kill_prose_after_keys,
+    )
     assert sorted(summary["history"][0]["participants"]) == ["chat", "code"]
 
 
 def test_dp_rounds_report_growing_epsilon(cluster, base, tmp_path):
     from raymoe.federated.job import run_federated
 
-    summary = run_federated(_cfg(base, tmp_path / "dp", rounds=2,
-                                 privacy={"clip_norm": 0.5, "noise_multiplier": 1.0}))
+    summary = run_federated(_cfg(base, tmp_path / "dp", rounds=2, privacy={"clip_norm": 0.5, "noise_multiplier": 1.0}))
     eps = [r["epsilon"] for r in summary["history"]]
     assert 0 < eps[0] < eps[1]
 
@@ -192,8 +233,12 @@ def test_dp_rounds_report_growing_epsilon(cluster, base, tmp_path):
 def test_sigkilled_server_resumes_to_the_same_adapter(cluster, base, tmp_path):
     c, _ = cluster
     # The same loopback setting as the fixture, for the driver process (read at Ray's import).
-    env = {**os.environ, "RAY_ADDRESS": c.address, "RAY_AUTH_MODE": "disabled",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": c.address,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
 
     def job(out, rounds=3):
         cfg = _cfg(base, out, rounds=rounds)
@@ -233,7 +278,8 @@ def test_rounds_past_their_deadline_stop_the_job_and_keep_the_last_round(cluster
     run_federated(_cfg(base, out, rounds=1))
     # Round 2 with a deadline no silo can meet: every silo is late, twice, then the job stops.
     with pytest.raises(FederatedJobFailed, match="round 2 missed its quorum of 2 accepted updates in 2 attempts"):
-        run_federated(_cfg(base, out, name="late-again", rounds=2,
-                           faults={"round_deadline_s": 0.01, "max_round_retries": 1}))
+        run_federated(
+            _cfg(base, out, name="late-again", rounds=2, faults={"round_deadline_s": 0.01, "max_round_retries": 1})
+        )
     kept = load_latest_round_state(out)
     assert kept.round == 1 and len(kept.history) == 1

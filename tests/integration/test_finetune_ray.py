@@ -22,17 +22,32 @@ from raymoe.train.finetune_worker import run_finetune_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = ROOT / "data" / "sft" / "function_qa" / "train.jsonl"
-BAD_LINES = ['{"messages": [{"role": "user", "content": "hi"}]', '{"prompt": "q"}',
-             '{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}']
+BAD_LINES = [
+    '{"messages": [{"role": "user", "content": "hi"}]',
+    '{"prompt": "q"}',
+    '{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+]
 
 
 def _cfg(tmp_path, base, name, data, **over):
-    return from_dict(FinetuneConfig, {
-        "name": name, "base": str(base), "data": {"path": str(data), "max_seq_len": 256}, "steps": 3,
-        "global_batch_size": 4, "seed": 5, "output_dir": str(tmp_path / name),
-        "lora": {"rank": 4, "alpha": 8, "routed_experts": True}, "layout": {"ep": 2, "dp": 1},
-        "optim": {"lr": 3e-3, "warmup_steps": 0}, "num_cpus_per_worker": 0.5,
-        "storage_path": str(tmp_path / "ray"), **over})
+    return from_dict(
+        FinetuneConfig,
+        {
+            "name": name,
+            "base": str(base),
+            "data": {"path": str(data), "max_seq_len": 256},
+            "steps": 3,
+            "global_batch_size": 4,
+            "seed": 5,
+            "output_dir": str(tmp_path / name),
+            "lora": {"rank": 4, "alpha": 8, "routed_experts": True},
+            "layout": {"ep": 2, "dp": 1},
+            "optim": {"lr": 3e-3, "warmup_steps": 0},
+            "num_cpus_per_worker": 0.5,
+            "storage_path": str(tmp_path / "ray"),
+            **over,
+        },
+    )
 
 
 def test_ep2_adapter_equals_single_process_and_bad_records_are_quarantined(ray_cluster, tmp_path):
@@ -56,11 +71,18 @@ def test_ep2_adapter_equals_single_process_and_bad_records_are_quarantined(ray_c
     # its last bits: atol 5e-5 is 1.7% of one lr step (3e-3); everything else agrees to 1e-4.
     for key in single:
         torch.testing.assert_close(ep2[key], single[key], rtol=1e-4, atol=5e-5)
-    assert summary["data"] == {"examples": 40, "quarantined": {"bad_json": 1, "bad_role": 1, "missing_field": 1},
-                               "answer_tokens": summary["data"]["answer_tokens"]}
-    quarantine = [json.loads(x) for x in (tmp_path / "ep2" / "quarantine" / "quarantine.jsonl").read_text().splitlines()]
+    assert summary["data"] == {
+        "examples": 40,
+        "quarantined": {"bad_json": 1, "bad_role": 1, "missing_field": 1},
+        "answer_tokens": summary["data"]["answer_tokens"],
+    }
+    quarantine_file = tmp_path / "ep2" / "quarantine" / "quarantine.jsonl"
+    quarantine = [json.loads(x) for x in quarantine_file.read_text().splitlines()]
     assert sorted((q["location"].rsplit(":", 1)[1], q["reason"]) for q in quarantine) == [
-        ("11", "bad_json"), ("12", "missing_field"), ("13", "bad_role")]
+        ("11", "bad_json"),
+        ("12", "missing_field"),
+        ("13", "bad_role"),
+    ]
     config = json.loads((tmp_path / "ep2" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
 
@@ -68,16 +90,28 @@ def test_ep2_adapter_equals_single_process_and_bad_records_are_quarantined(ray_c
 def test_pipeline_refuses_user_errors_before_anything_starts(tmp_path):
     out = tmp_path / "out"
     cases = [
-        (["base=" + str(tmp_path / "missing"), "make_debug_base=false"], "base="),
+        (["base=" + str(tmp_path / "missing")], "base="),
         (["lora.rank=0"], "lora.rank"),
         (["data.path=" + str(tmp_path / "none.jsonl")], "data.path="),
         (["layout.ep=3"], "layout"),
         (["strange_key=1"], "strange_key"),
     ]
     for overrides, key in cases:
-        run = subprocess.run([sys.executable, "-m", "pipelines.finetune", "--config",
-                              "pipelines/configs/finetune.debug.yaml", f"output_dir={out}", *overrides],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.finetune",
+                "--config",
+                "pipelines/configs/finetune.debug.yaml",
+                f"output_dir={out}",
+                *overrides,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 2, (overrides, run.stderr)
         assert key in run.stderr and "Traceback" not in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1

@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
 import shlex
-import socket
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.integration.local_processes import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +41,14 @@ MOUNT = "/mnt/raymoe"
 API_KEY = "test-key-for-the-serve-secret"
 # Appended to the committed command lines: a tiny run of each pipeline.
 TINY = {
-    "ingest": ["sources=[{name: prose, paths: [data/corpus/prose]}]", "pack.rows_per_shard=256"],
+    "ingest": ["sources=[{name: prose, paths: [data/corpus/prose.jsonl.gz], id_field: id}]", "pack.rows_per_shard=256"],
     "train": ["steps=3", "checkpoint.every_steps=3", "log_every=1"],
     "finetune": ["steps=2", "log_every=1", "eval_path="],
     "federated": ["rounds=1", "local_steps=1"],
-    "drift": ["make_debug_traffic=true", "linger_s=0"],
+    # Debug windows into the job's current.dir, served by the trained artifact it evaluates.
+    "drift": [f"debug_traffic.dir={MOUNT}/traffic", f"debug_traffic.artifact={MOUNT}/models/train", "linger_s=0"],
 }
 EXIT_DRIFT = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +66,25 @@ def cluster(tmp_path_factory):
     # The Serve secret, as the container env carries it; loopback addresses for the job drivers
     # (they reach the GCS through RAY_ADDRESS, which Ray would otherwise rewrite to the host's IP);
     # `python` and `raymoe` of this environment first on PATH, as the image's are.
-    os.environ.update(RAYMOE_API_KEY=API_KEY, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    os.environ.update(
+        RAYMOE_API_KEY=API_KEY,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     cwd = os.getcwd()
     os.chdir(app_dir)  # raylet, workers and job drivers inherit it, as /opt/raymoe in the image
     dashboard_port = free_port()
     try:
-        ray.init(address="local", num_cpus=4, resources={"silo_code": 1, "silo_prose": 1, "silo_chat": 1},
-                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            resources={"silo_code": 1, "silo_prose": 1, "silo_chat": 1},
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+        )
         yield {"app_dir": app_dir, "mount": mount, "dashboard": f"http://127.0.0.1:{dashboard_port}"}
     finally:
         ray.shutdown()
@@ -101,14 +107,14 @@ def run_job(cluster, name: str, timeout_s: float = 600) -> tuple[str, int | None
     spec = committed_job(name)
     assert MOUNT in spec["entrypoint"], "the entrypoint should write under the shared volume"
     commands = spec["entrypoint"].replace(MOUNT, str(cluster["mount"])).split(" && ")
-    commands[0] += " " + " ".join(shlex.quote(o) for o in TINY[name])
+    commands[0] += " " + " ".join(shlex.quote(o.replace(MOUNT, str(cluster["mount"]))) for o in TINY[name])
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     client = JobSubmissionClient(cluster["dashboard"])
-    job_id = client.submit_job(entrypoint=" && ".join(commands), runtime_env=runtime_env,
-                               entrypoint_num_cpus=spec.get("entrypointNumCpus", 0))
+    job_id = client.submit_job(
+        entrypoint=" && ".join(commands), runtime_env=runtime_env, entrypoint_num_cpus=spec.get("entrypointNumCpus", 0)
+    )
     deadline = time.monotonic() + timeout_s
-    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                              JobStatus.STOPPED):
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.monotonic() < deadline, f"{name} still {status} after {timeout_s} s"
         time.sleep(2)
     info = client.get_job_info(job_id)
@@ -116,8 +122,9 @@ def run_job(cluster, name: str, timeout_s: float = 600) -> tuple[str, int | None
 
 
 def assert_app_dir_untouched(cluster) -> None:
-    assert sorted(p.name for p in cluster["app_dir"].iterdir()) == ["data", "pipelines"], \
+    assert sorted(p.name for p in cluster["app_dir"].iterdir()) == ["data", "pipelines"], (
         "a job wrote into its working directory (read-only in the image): use the mount path"
+    )
 
 
 def test_ingest_job(cluster):
@@ -177,8 +184,12 @@ def test_serve_config_serves_the_exported_model(exported):
     app = config["applications"][0]
     assert app["import_path"] == "raymoe.serve.app:build_app"
     # Execute: deploy through the dashboard's Serve REST API, as the KubeRay operator does.
-    request = urllib.request.Request(f"{exported['dashboard']}/api/serve/applications/", method="PUT",
-                                     data=json.dumps(config).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{exported['dashboard']}/api/serve/applications/",
+        method="PUT",
+        data=json.dumps(config).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200
     try:
@@ -190,16 +201,19 @@ def test_serve_config_serves_the_exported_model(exported):
                 break
             assert state not in ("DEPLOY_FAILED", "UNHEALTHY") and time.monotonic() < deadline, state
             time.sleep(2)
-        body = {"model": app["args"]["model_id"], "messages": [{"role": "user", "content": "Hello!"}],
-                "max_tokens": 8}
-        chat = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
-                                      headers={"Content-Type": "application/json",
-                                               "Authorization": f"Bearer {API_KEY}"})
+        body = {"model": app["args"]["model_id"], "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8}
+        chat = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        )
         with urllib.request.urlopen(chat, timeout=120) as r:
             reply = json.loads(r.read())
         # Assert: an OpenAI-style answer, behind the key from the Secret, traffic sampled to the volume.
         assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] >= 1
-        unauthorised = urllib.request.Request(chat.full_url, data=chat.data, headers={"Content-Type": "application/json"})
+        unauthorised = urllib.request.Request(
+            chat.full_url, data=chat.data, headers={"Content-Type": "application/json"}
+        )
         with pytest.raises(urllib.error.HTTPError, match="401"):
             urllib.request.urlopen(unauthorised, timeout=60)
     finally:

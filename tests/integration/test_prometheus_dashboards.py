@@ -28,7 +28,6 @@ queries are evaluated against it through Prometheus' HTTP API.
 import json
 import math
 import re
-import socket
 import threading
 import time
 from pathlib import Path
@@ -39,9 +38,12 @@ from raymoe.config import from_dict
 from raymoe.monitor.dashboards import DASHBOARDS
 from raymoe.monitor.dashboards.panels import Dashboard
 from raymoe.train.config import TrainConfig
-
+from tests.integration.local_processes import free_port as _free_port
 from tests.integration.prometheus_server import (
-    PROMETHEUS, SKIP_REASON, PrometheusServer, ray_service_discovery_file,
+    PROMETHEUS,
+    SKIP_REASON,
+    PrometheusServer,
+    ray_service_discovery_file,
 )
 
 pytestmark = pytest.mark.slow
@@ -67,12 +69,6 @@ COVERED = {
 }
 NOT_COVERED: dict[str, str] = {}
 # The ingest counters (raymoe_ingest_*) are on no dashboard, so nothing here depends on them.
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +111,29 @@ def trained(prom, tmp_path_factory):
     from tests.integration.corpus_ingest import ingest_corpus
 
     tmp = tmp_path_factory.mktemp("train")
-    cfg = from_dict(TrainConfig, {
-        "name": RUN, "flavour": "debug", "steps": STEPS, "seed": 11,
-        "layout": {"ep": 2, "dp": 1},
-        "optim": {"lr": 3e-3, "warmup_steps": 0, "clip_norm": 1.0},
-        "data": {"path": ingest_corpus(tmp / "ingest", seq_len=SEQ_LEN), "seq_len": SEQ_LEN,
-                 "global_batch_size": GLOBAL_BATCH},
-        "checkpoint": {"uri": str(tmp / "ckpt"), "every_steps": 3},
-        "num_cpus_per_worker": 0.5, "storage_path": str(tmp / "ray"), "log_every": 1,
-        # Any positive peak makes rank 0 emit MFU (the panel is empty without it).
-        "peak_tflops_per_worker": 1.0,
-        "history_path": str(tmp / "train-history.jsonl"),
-    })
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "name": RUN,
+            "flavour": "debug",
+            "steps": STEPS,
+            "seed": 11,
+            "layout": {"ep": 2, "dp": 1},
+            "optim": {"lr": 3e-3, "warmup_steps": 0, "clip_norm": 1.0},
+            "data": {
+                "path": ingest_corpus(tmp / "ingest", seq_len=SEQ_LEN),
+                "seq_len": SEQ_LEN,
+                "global_batch_size": GLOBAL_BATCH,
+            },
+            "checkpoint": {"uri": str(tmp / "ckpt"), "every_steps": 3},
+            "num_cpus_per_worker": 0.5,
+            "storage_path": str(tmp / "ray"),
+            "log_every": 1,
+            # Any positive peak makes rank 0 emit MFU (the panel is empty without it).
+            "peak_tflops_per_worker": 1.0,
+            "history_path": str(tmp / "train-history.jsonl"),
+        },
+    )
     result = run_training(cfg)
     assert result.error is None, result.error
     assert result.metrics["step"] == STEPS
@@ -142,9 +149,11 @@ def trained(prom, tmp_path_factory):
     # The moments (1 s apart) at which Prometheus held the final step together with both ranks'
     # all-to-all counters and the checkpoint histogram: each worker process flushes its own metrics,
     # and rank 0's gauges leave Ray's exporter ~20 s after the worker exits.
-    complete = (f'(ray_raymoe_train_step{{run="{RUN}"}} == {STEPS})'
-                f' and on () (count(ray_raymoe_train_all_to_all_bytes_total{{run="{RUN}"}}) == 2)'
-                f' and on () ray_raymoe_train_checkpoint_seconds_count{{run="{RUN}"}}')
+    complete = (
+        f'(ray_raymoe_train_step{{run="{RUN}"}} == {STEPS})'
+        f' and on () (count(ray_raymoe_train_all_to_all_bytes_total{{run="{RUN}"}}) == 2)'
+        f' and on () ray_raymoe_train_checkpoint_seconds_count{{run="{RUN}"}}'
+    )
     samples = prom.wait_for(f"({complete})[10m:1s]", WAIT_S)
     return sorted({t for s in samples for t, _ in s["values"]}, reverse=True)
 
@@ -170,18 +179,30 @@ def federated(prom, tmp_path_factory):
     sft = Path(__file__).resolve().parents[2] / "data" / "sft" / "silos"
     tmp = tmp_path_factory.mktemp("federated")
     texts = [line for line in (sft / "heldout.jsonl").read_text().splitlines() if line.strip()]
-    base = make_debug_artifact(tmp / "base", seed=0, vocab_size=512, corpus=texts, dim=64,
-                               num_layers=2, max_seq_len=256)
+    base = make_debug_artifact(
+        tmp / "base", seed=0, vocab_size=512, corpus=texts, dim=64, num_layers=2, max_seq_len=256
+    )
 
     def cfg(name, rounds, **over):
-        return from_dict(FederatedConfig, {
-            "name": name, "base": str(base), "eval_path": str(sft / "heldout.jsonl"),
-            "rounds": rounds, "local_steps": 2, "local_batch_size": 4, "seed": 3,
-            "output_dir": str(tmp / name),
-            "silos": [{"name": n, "data_path": str(sft / n / "train.jsonl")} for n in SILOS],
-            "lora": {"rank": 4, "alpha": 8},
-            "optim": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0},
-            "num_cpus_per_silo": 0.25, "faults": {"round_deadline_s": 120, "quorum": 2}, **over})
+        return from_dict(
+            FederatedConfig,
+            {
+                "name": name,
+                "base": str(base),
+                "eval_path": str(sft / "heldout.jsonl"),
+                "rounds": rounds,
+                "local_steps": 2,
+                "local_batch_size": 4,
+                "seed": 3,
+                "output_dir": str(tmp / name),
+                "silos": [{"name": n, "data_path": str(sft / n / "train.jsonl")} for n in SILOS],
+                "lora": {"rank": 4, "alpha": 8},
+                "optim": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0},
+                "num_cpus_per_silo": 0.25,
+                "faults": {"round_deadline_s": 120, "quorum": 2},
+                **over,
+            },
+        )
 
     def kill_chat(round, selected):
         if round == 2:
@@ -197,7 +218,8 @@ class Load:
     """Client threads sending completions (every other one streamed) until stopped."""
 
     def __init__(self, url: str, num_threads: int = 4):
-        self.url, self.ok, self.other = url, 0, []
+        self.url, self.ok = url, 0
+        self.other: list[tuple[int, str]] = []  # (status, body start) of every failed request
         self._stop, self._lock = threading.Event(), threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(num_threads)]
         for t in self._threads:
@@ -210,8 +232,14 @@ class Load:
             i = 0
             while not self._stop.is_set():
                 # ignore_eos: every request generates exactly MAX_TOKENS tokens.
-                body = {"model": MODEL, "prompt": f"request {worker} {i}", "max_tokens": MAX_TOKENS,
-                        "temperature": 0, "ignore_eos": True, "stream": i % 2 == 1}
+                body = {
+                    "model": MODEL,
+                    "prompt": f"request {worker} {i}",
+                    "max_tokens": MAX_TOKENS,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": i % 2 == 1,
+                }
                 r = http.post(f"{self.url}/v1/completions", json=body)
                 with self._lock:
                     if r.status_code == 200:
@@ -248,13 +276,20 @@ def served(prom, tmp_path_factory):
     try:
         # 12 blocks of 4 tokens hold 48 tokens; 4 running sequences of a ~5-token prompt + 24
         # tokens need ~116, so decodes run out of blocks and the newest sequence is preempted.
-        serve.run(build_app({"model_path": str(artifact), "num_cpus": 0.25, "api_key_env": "",
-                             "engine": {"num_slots": 4, "num_threads": 1, "block_size": 4,
-                                        "num_kv_blocks": 12},
-                             # Sampled traffic for the drift job: a window per 8 requests.
-                             "traffic": {"enabled": True, "output_dir": str(traffic),
-                                         "window_requests": 8}}),
-                  name="prom", route_prefix="/")
+        serve.run(
+            build_app(
+                {
+                    "model_path": str(artifact),
+                    "num_cpus": 0.25,
+                    "api_key_env": "",
+                    "engine": {"num_slots": 4, "num_threads": 1, "block_size": 4, "num_kv_blocks": 12},
+                    # Sampled traffic for the drift job: a window per 8 requests.
+                    "traffic": {"enabled": True, "output_dir": str(traffic), "window_requests": 8},
+                }
+            ),
+            name="prom",
+            route_prefix="/",
+        )
         load = Load(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + WAIT_S
         while load.answered() < MIN_REQUESTS and time.monotonic() < deadline:
@@ -283,9 +318,15 @@ def drift_checked(served, tmp_path_factory):
     while len(list_windows(served.traffic)) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     out = tmp_path_factory.mktemp("drift")
-    cfg = from_dict(DriftJobConfig, {
-        "name": DRIFT_RUN, "output_dir": str(out), "current": {"dir": str(served.traffic)},
-        "quality": {"artifact": str(served.artifact), "max_new_tokens": 0}})
+    cfg = from_dict(
+        DriftJobConfig,
+        {
+            "name": DRIFT_RUN,
+            "output_dir": str(out),
+            "current": {"dir": str(served.traffic)},
+            "quality": {"artifact": str(served.artifact), "max_new_tokens": 0},
+        },
+    )
     check_once(cfg, evaluate=True)
     assert (out / "report.html").is_file()
     return [json.loads(line) for line in (out / "quality-history.jsonl").read_text().splitlines()]
@@ -294,9 +335,14 @@ def drift_checked(served, tmp_path_factory):
 def _substitute(expr: str, layer: str = "0", run: str = RUN) -> str:
     """A panel query as Grafana sends it with All clusters, this module's run / model, one layer
     (what a repeated panel's copy holds) and the rate interval."""
-    out = (expr.replace("$__rate_interval", RATE_INTERVAL).replace("$cluster", ".*")
-           .replace("$run", run).replace("$model", MODEL)
-           .replace("$train_layer", layer).replace("$serve_layer", layer))
+    out = (
+        expr.replace("$__rate_interval", RATE_INTERVAL)
+        .replace("$cluster", ".*")
+        .replace("$run", run)
+        .replace("$model", MODEL)
+        .replace("$train_layer", layer)
+        .replace("$serve_layer", layer)
+    )
     assert "$" not in out, out
     return out
 
@@ -304,10 +350,16 @@ def _substitute(expr: str, layer: str = "0", run: str = RUN) -> str:
 def _panel_queries(name: str, phase: str, run: str = RUN) -> list[tuple[str, str]]:
     """(panel title, query) of every target in the rows of dashboard `name` fed by `phase`."""
     dashboard: Dashboard = DASHBOARDS[name]
-    return [(f"{name} / {row.title} / {panel.title}",
-             _substitute(target.expr.replace("{filters}", dashboard.label_filter), run=run))
-            for row in dashboard.rows if COVERED[name][row.title] == phase
-            for panel in row.panels for target in panel.targets]
+    return [
+        (
+            f"{name} / {row.title} / {panel.title}",
+            _substitute(target.expr.replace("{filters}", dashboard.label_filter), run=run),
+        )
+        for row in dashboard.rows
+        if COVERED[name][row.title] == phase
+        for panel in row.panels
+        for target in panel.targets
+    ]
 
 
 def _empty_queries(prom, queries, at=None, deadline=None) -> list[tuple[str, str]]:
@@ -343,7 +395,8 @@ def test_training_metric_values_in_prometheus(prom, trained):
     # 8 sequences x 64 tokens x 2 = 1024 per layer; the debug flavour has 4 layers, the first dense.
     routed = prom.query(f'sum by (layer) (ray_raymoe_train_tokens_per_expert{{run="{RUN}"}})', at=at)
     assert {s["metric"]["layer"]: s["value"] for s in routed} == {
-        str(layer): GLOBAL_BATCH * SEQ_LEN * 2 for layer in range(3)}
+        str(layer): GLOBAL_BATCH * SEQ_LEN * 2 for layer in range(3)
+    }
     experts = prom.query(f'count by (layer) (ray_raymoe_train_tokens_per_expert{{run="{RUN}"}})', at=at)
     assert {s["value"] for s in experts} == {8}
     sent = prom.query(f'sum by (rank) (ray_raymoe_train_all_to_all_bytes_total{{run="{RUN}"}})', at=at)
@@ -374,11 +427,10 @@ def test_serving_metric_values_in_prometheus(prom, served):
     n = served.answered()
     selector = f'model="{MODEL}", route="/v1/completions"'
     prom.wait_for(f'sum(ray_raymoe_serve_requests_total{{{selector}, status="200"}}) >= {n}', WAIT_S)
-    prom.wait_for(f'sum(ray_raymoe_serve_ttft_seconds_count{{{selector}}}) >= {n}', WAIT_S)
-    prom.wait_for(f'sum(ray_raymoe_serve_e2e_seconds_count{{{selector}}}) >= {n}', WAIT_S)
+    prom.wait_for(f"sum(ray_raymoe_serve_ttft_seconds_count{{{selector}}}) >= {n}", WAIT_S)
+    prom.wait_for(f"sum(ray_raymoe_serve_e2e_seconds_count{{{selector}}}) >= {n}", WAIT_S)
     # ignore_eos: every answered request generated exactly MAX_TOKENS tokens.
-    prom.wait_for(f'sum(ray_raymoe_serve_generated_tokens_total{{model="{MODEL}"}}) >= {n * MAX_TOKENS}',
-                  WAIT_S)
+    prom.wait_for(f'sum(ray_raymoe_serve_generated_tokens_total{{model="{MODEL}"}}) >= {n * MAX_TOKENS}', WAIT_S)
     prom.wait_for(f'sum(ray_raymoe_serve_preemptions_total{{model="{MODEL}"}}) > 0', WAIT_S)
     # ep=1: one copy of each of the debug model's 8 experts.
     copies = prom.wait_for(f'ray_raymoe_serve_expert_copies{{model="{MODEL}"}}', WAIT_S)
@@ -423,10 +475,14 @@ def test_federated_panels_return_series(prom, federated):
 def test_drift_metric_values_in_prometheus(prom, drift_checked):
     run = f'run="{DRIFT_RUN}"'
     # Every (feature, detector) of the check has a score, a threshold and an alarm; tests a p-value.
-    alarms = prom.wait_for(f"ray_raymoe_drift_alarm{{{run}}}", WAIT_S,
-                           check=lambda series: len(series) >= 10)
-    assert {s["metric"]["feature"] for s in alarms} >= {"prompt_length", "token_histogram", "expert_load",
-                                                         "embedding", "mean_logprob"}
+    alarms = prom.wait_for(f"ray_raymoe_drift_alarm{{{run}}}", WAIT_S, check=lambda series: len(series) >= 10)
+    assert {s["metric"]["feature"] for s in alarms} >= {
+        "prompt_length",
+        "token_histogram",
+        "expert_load",
+        "embedding",
+        "mean_logprob",
+    }
     p_values = prom.wait_for(f"ray_raymoe_drift_p_value{{{run}}}", WAIT_S)
     assert {s["metric"]["detector"] for s in p_values} <= {"chi2", "ks", "mmd"}
     ppl = prom.wait_for(f'ray_raymoe_quality_perplexity{{{run}, model="{MODEL}"}}', WAIT_S)
@@ -446,12 +502,22 @@ def test_drift_panels_return_series(prom, drift_checked):
 def test_variables_list_this_run_and_model(prom, trained, served, federated, drift_checked):
     # `$cluster` reads `ray_io_cluster` on any series: without KubeRay no series has it, so the
     # variable lists nothing and only its "All" value (`.*`, used by the panel queries) remains.
-    expected = {("training", "cluster"): [], ("training", "run"): [RUN],
-                ("serving", "cluster"): [], ("serving", "model"): [MODEL],
-                ("experts", "cluster"): [], ("experts", "run"): [RUN], ("experts", "model"): [MODEL],
-                ("experts", "train_layer"): ["0", "1", "2"], ("experts", "serve_layer"): ["0", "1", "2", "3"],
-                ("federated", "cluster"): [], ("federated", "run"): [FED_RUN, FED_DP_RUN],
-                ("drift", "cluster"): [], ("drift", "run"): [DRIFT_RUN], ("drift", "model"): [MODEL]}
+    expected = {
+        ("training", "cluster"): [],
+        ("training", "run"): [RUN],
+        ("serving", "cluster"): [],
+        ("serving", "model"): [MODEL],
+        ("experts", "cluster"): [],
+        ("experts", "run"): [RUN],
+        ("experts", "model"): [MODEL],
+        ("experts", "train_layer"): ["0", "1", "2"],
+        ("experts", "serve_layer"): ["0", "1", "2", "3"],
+        ("federated", "cluster"): [],
+        ("federated", "run"): [FED_RUN, FED_DP_RUN],
+        ("drift", "cluster"): [],
+        ("drift", "run"): [DRIFT_RUN],
+        ("drift", "model"): [MODEL],
+    }
     # The federated and drift gauges are this driver's: polled until their first scrape.
     deadline = time.monotonic() + WAIT_S
     while True:

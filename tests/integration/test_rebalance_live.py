@@ -31,14 +31,17 @@ HAND_MADE = [0, 5, 2, 6, 4, 1, 3, 6]
 
 
 def complete(client, port, prompt):
-    return client.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                       json={"model": "moe7", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+    return client.post(
+        f"http://127.0.0.1:{port}/v1/completions",
+        timeout=60,
+        json={"model": "moe7", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0},
+    )
 
 
 class Load:
     """Client threads sending greedy completions back to back, recording every answer."""
 
-    def __init__(self, port, num_threads=3):
+    def __init__(self, port, num_threads=3) -> None:
         self.port, self.stop = port, threading.Event()
         self.answers: list[tuple[int, int, str, float, float]] = []  # prompt, status, text, start, end
         self.lock = threading.Lock()
@@ -82,11 +85,23 @@ def test_placement_switches_under_load_without_changing_a_response(ray_cluster, 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     load = None
     try:
-        serve.run(build_app({"model_path": artifact, "num_cpus": 0.25, "api_key_env": "", "ep": 2,
-                             "redundant_experts": [0], "shard_num_cpus": 0.25, "shard_num_threads": 1,
-                             "engine": {"num_slots": 4, "num_threads": 1},
-                             "traffic": {"enabled": True, "output_dir": str(traffic), "window_requests": 4}}),
-                  name=APP, route_prefix="/")
+        serve.run(
+            build_app(
+                {
+                    "model_path": artifact,
+                    "num_cpus": 0.25,
+                    "api_key_env": "",
+                    "ep": 2,
+                    "redundant_experts": [0],
+                    "shard_num_cpus": 0.25,
+                    "shard_num_threads": 1,
+                    "engine": {"num_slots": 4, "num_threads": 1},
+                    "traffic": {"enabled": True, "output_dir": str(traffic), "window_requests": 4},
+                }
+            ),
+            name=APP,
+            route_prefix="/",
+        )
         with httpx.Client() as client:
             reference = {}
             for i, prompt in enumerate(PROMPTS):
@@ -110,10 +125,20 @@ def test_placement_switches_under_load_without_changing_a_response(ray_cluster, 
         while not list_windows(traffic) and time.monotonic() < deadline:
             time.sleep(0.5)
         job_started = time.monotonic()
-        status = rebalance_main(["--config", "pipelines/configs/rebalance.debug.yaml", "make_debug_traffic=false",
-                                 f"windows.dir={traffic}", f"model_path={artifact}", f"output_dir={tmp_path / 'out'}",
-                                 "placement.num_workers=0", "placement.num_redundant_experts=-1",
-                                 "placement.target_imbalance=1.0", "apply.enabled=true", f"apply.app_name={APP}"])
+        status = rebalance_main(
+            [
+                "--config",
+                "pipelines/configs/rebalance.debug.yaml",
+                f"windows.dir={traffic}",
+                f"model_path={artifact}",
+                f"output_dir={tmp_path / 'out'}",
+                "placement.num_workers=0",
+                "placement.num_redundant_experts=-1",
+                "placement.target_imbalance=1.0",
+                "apply.enabled=true",
+                f"apply.app_name={APP}",
+            ]
+        )
         job_ended = time.monotonic()
         after_job = app_placement(APP, DEPLOYMENT)
         time.sleep(2)
@@ -139,8 +164,9 @@ def test_placement_switches_under_load_without_changing_a_response(ray_cluster, 
     assert after_job["slot_expert"] == written["serving"]["slot_expert"]
     # Every request answered 200 with its prompt's greedy text, requests were in flight at the
     # switches, and requests started after the last switch too.
-    assert load.answers and all(code == 200 for _, code, *_ in load.answers), \
-        [a for a in load.answers if a[1] != 200][:3]
+    assert load.answers and all(code == 200 for _, code, *_ in load.answers), [a for a in load.answers if a[1] != 200][
+        :3
+    ]
     wrong = [(i, text) for i, _, text, *_ in load.answers if text != reference[i]]
     assert not wrong, wrong[:3]
     assert load.in_flight_at(applied_at) > 0

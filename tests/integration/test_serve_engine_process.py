@@ -45,8 +45,19 @@ def served(ray_cluster, tmp_path_factory):
         port = s.getsockname()[1]
     before = engine_processes()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_path": artifact, "num_cpus": 0.25, "api_key_env": "", "health_check_period_s": 1.0,
-                         "engine": {"num_slots": 2, "num_threads": 1}}), name="proc", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "model_path": artifact,
+                "num_cpus": 0.25,
+                "api_key_env": "",
+                "health_check_period_s": 1.0,
+                "engine": {"num_slots": 2, "num_threads": 1},
+            }
+        ),
+        name="proc",
+        route_prefix="/",
+    )
     yield f"http://127.0.0.1:{port}", before
     serve.shutdown()
 

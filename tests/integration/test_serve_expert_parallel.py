@@ -28,9 +28,15 @@ def engine_config():
 
 def run_batch(core):
     """Three requests start together; the fourth arrives after two steps (continuous batching)."""
+
     def add(i):
-        core.add_request(GenerationRequest(request_id=f"r{i}", prompt_ids=PROMPTS[i],
-                                           params=SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i])))
+        core.add_request(
+            GenerationRequest(
+                request_id=f"r{i}",
+                prompt_ids=PROMPTS[i],
+                params=SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i]),
+            )
+        )
 
     for i in range(3):
         add(i)
@@ -87,10 +93,14 @@ def test_two_shard_workers_match_in_process_engine(ray_cluster, artifact8):
         model.check_health()
         model.check_health()
         ray_cluster.kill(model.workers[1])
-        with pytest.raises(ray_cluster.exceptions.RayActorError):
+
+        def poll_health():
             for _ in range(100):
                 model.check_health()
                 time.sleep(0.1)
+
+        with pytest.raises(ray_cluster.exceptions.RayActorError):
+            poll_health()
     finally:
         model.shutdown()
 
@@ -130,14 +140,27 @@ def test_http_app_with_two_shard_workers(ray_cluster, artifact8):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         # The shard workers also run their experts on two threads (expert_threads): same tokens.
-        serve.run(build_app({"model_path": artifact8, "num_cpus": 0.25, "api_key_env": "", "ep": 2,
-                             "shard_num_cpus": 0.25, "shard_num_threads": 1,
-                             "engine": {"num_slots": 4, "num_threads": 1, "expert_threads": 2}}),
-                  name="ep", route_prefix="/")
+        serve.run(
+            build_app(
+                {
+                    "model_path": artifact8,
+                    "num_cpus": 0.25,
+                    "api_key_env": "",
+                    "ep": 2,
+                    "shard_num_cpus": 0.25,
+                    "shard_num_threads": 1,
+                    "engine": {"num_slots": 4, "num_threads": 1, "expert_threads": 2},
+                }
+            ),
+            name="ep",
+            route_prefix="/",
+        )
         # Execute: token ids as the prompt, so the comparison needs no tokenizer round trip.
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                           json={"model": "moe8", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS[0],
-                                 "temperature": 0})
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            timeout=60,
+            json={"model": "moe8", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS[0], "temperature": 0},
+        )
         # Assert
         assert reply.status_code == 200, reply.text
         body = reply.json()
@@ -155,7 +178,8 @@ def decode(path, ids):
 
 
 def test_config_errors_name_the_fields(artifact8):
-    from raymoe.serve.app import ServeConfig, build_app
+    from raymoe.serve.app import build_app
+    from raymoe.serve.serve_config import ServeConfig
 
     # 8 experts + 1 copy = 9 slots cannot split over 2 workers: refused before any replica starts.
     with pytest.raises(ConfigError, match=r"8 \+ 1 = 9 expert slots do not split evenly over ep=2"):

@@ -5,7 +5,6 @@ reference for greedy output.
 """
 
 import asyncio
-import socket
 
 import httpx
 import pytest
@@ -13,14 +12,9 @@ import torch
 
 from raymoe.data.chat_tokenizer import ChatTokenizer
 from raymoe.serve.debug_artifact import make_debug_artifact
+from tests.integration.local_processes import free_port
 
 API_KEY = "test-key-123"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +55,23 @@ def server(ray_cluster, artifact, lora, tmp_path_factory):
     key_file.write_text(API_KEY + "\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"model_path": artifact, "num_cpus": 0.25, "api_key_env": "", "api_key_file": str(key_file),
-              "engine": {"num_slots": 4, "num_threads": 1}}
+    common = {
+        "model_path": artifact,
+        "num_cpus": 0.25,
+        "api_key_env": "",
+        "api_key_file": str(key_file),
+        "engine": {"num_slots": 4, "num_threads": 1},
+    }
     serve.run(build_app({**common, "lora_dir": lora[0]}), name="main", route_prefix="/")
     # A second app whose replica takes one request at a time and queues one more.
-    busy = {**common, "max_ongoing_requests": 1, "max_queued_requests": 1, "backpressure_status": 503,
-            "retry_after_s": 2, "name": "Busy"}
+    busy = {
+        **common,
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 1,
+        "backpressure_status": 503,
+        "retry_after_s": 2,
+        "name": "Busy",
+    }
     serve.run(build_app(busy), name="busy", route_prefix="/busy")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -97,7 +102,7 @@ def test_greedy_completion_equals_transformers_generate(client, artifact, tokeni
     ids = tokenizer.encode(prompt)
     reference = AutoModelForCausalLM.from_pretrained(artifact).eval()
     with torch.no_grad():
-        hf = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids):].tolist()
+        hf = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids) :].tolist()
     stops = [i for i, t in enumerate(hf) if t in tokenizer.stop_token_ids]
     expected_ids = hf[: stops[0]] if stops else hf
     # Execute
@@ -113,15 +118,24 @@ def test_greedy_completion_equals_transformers_generate(client, artifact, tokeni
 def test_chat_streaming_matches_non_streaming_and_usage(client, tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about experts."}]
     full = client.chat.completions.create(model="tiny-moe", messages=messages, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(
-        model="tiny-moe", messages=messages, max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-moe",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
-    prompt_tokens = len(tokenizer.encode(
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nTell me about experts.<|im_end|>\n"
-        "<|im_start|>assistant\n"))
+    prompt_tokens = len(
+        tokenizer.encode(
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nTell me about experts.<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+    )
     assert full.usage.prompt_tokens == prompt_tokens
     assert chunks[-1].usage.prompt_tokens == prompt_tokens
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
@@ -139,8 +153,9 @@ def test_stop_string_is_honoured_streaming_and_not(client):
     cut = base[: base.index(stop)]
     r = client.completions.create(model="tiny-moe", prompt=prompt, max_tokens=30, temperature=0, stop=[stop])
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model="tiny-moe", prompt=prompt, max_tokens=30, temperature=0,
-                                            stop=stop, stream=True))
+    chunks = list(
+        client.completions.create(model="tiny-moe", prompt=prompt, max_tokens=30, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == cut
 
 
@@ -156,10 +171,10 @@ def test_bad_input_is_400(client):
 
 def test_overload_is_refused_quickly_while_admitted_requests_complete(server):
     async def one(http, i):
-        body = {"model": "tiny-moe", "prompt": f"request {i}", "max_tokens": 40, "temperature": 0,
-                "stream": True}
-        async with http.stream("POST", f"{server}/busy/v1/completions", json=body,
-                               headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        body = {"model": "tiny-moe", "prompt": f"request {i}", "max_tokens": 40, "temperature": 0, "stream": True}
+        async with http.stream(
+            "POST", f"{server}/busy/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as r:
             text = "".join([chunk async for chunk in r.aiter_text()])
             return r.status_code, r.headers.get("retry-after"), text, asyncio.get_running_loop().time()
 
@@ -190,7 +205,8 @@ def test_lora_adapter_is_selected_by_model_name(client, artifact, lora, tokenize
         for name in ("q_proj", "v_proj"):
             key = f"base_model.model.model.layers.0.self_attn.{name}"
             getattr(merged.layers[0].attn, name).weight += LORA_SCALE * (
-                tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"])
+                tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"]
+            )
     prompt = "Hello world! How are"
     ids = generate_alone(merged, tokenizer.encode(prompt), SamplingParams(temperature=0.0, max_tokens=12))
     stops = [i for i, t in enumerate(ids) if t in tokenizer.stop_token_ids]

@@ -12,9 +12,19 @@ def test_serve_pipeline_deploys_and_answers(ray_cluster, tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    rc = main(["--config", "pipelines/configs/serve.debug.yaml", "block=false", f"http.port={port}",
-               f"app.model_path={tmp_path / 'tiny-moe'}", "app.num_cpus=0.25", "app.api_key_env=",
-               "app.engine.num_slots=2"])
+    rc = main(
+        [
+            "--config",
+            "pipelines/configs/serve.debug.yaml",
+            "block=false",
+            f"http.port={port}",
+            f"app.model_path={tmp_path / 'tiny-moe'}",
+            f"debug_artifact={tmp_path / 'tiny-moe'}",
+            "app.num_cpus=0.25",
+            "app.api_key_env=",
+            "app.engine.num_slots=2",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert f"serving 'tiny-moe' at http://127.0.0.1:{port}/v1" in out

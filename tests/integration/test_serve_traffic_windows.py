@@ -14,8 +14,12 @@ from raymoe.monitor.traffic_windows import list_windows, merge_windows, read_win
 from raymoe.serve.debug_artifact import make_debug_artifact
 
 # (prompt, max_tokens); the fourth is streamed.
-REQUESTS = [("The quick brown fox", 4), ("Mixture of experts models route", 6), ("Hello world!", 3),
-            ("Ray Serve runs an OpenAI", 5)]
+REQUESTS = [
+    ("The quick brown fox", 4),
+    ("Mixture of experts models route", 6),
+    ("Hello world!", 3),
+    ("Ray Serve runs an OpenAI", 5),
+]
 TOP_K = 2  # the debug artifact routes each token to 2 experts
 
 
@@ -42,8 +46,13 @@ def test_completions_become_window_files(ray_cluster, artifact, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model_path": artifact, "num_cpus": 0.25, "api_key_env": "", "engine": {"num_slots": 4, "num_threads": 1},
-            "traffic": {"enabled": True, "output_dir": str(out), "window_requests": 3, "window_seconds": 600}}
+    args = {
+        "model_path": artifact,
+        "num_cpus": 0.25,
+        "api_key_env": "",
+        "engine": {"num_slots": 4, "num_threads": 1},
+        "traffic": {"enabled": True, "output_dir": str(out), "window_requests": 3, "window_seconds": 600},
+    }
     try:
         serve.run(build_app(args), name="traffic", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/completions"

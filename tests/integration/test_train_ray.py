@@ -22,7 +22,8 @@ import torch
 
 from raymoe.config import from_dict
 from raymoe.models import MoETransformer
-from raymoe.train.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
+from raymoe.train.checkpoint import load_checkpoint
+from raymoe.train.checkpoint_format import list_checkpoints, verify_checkpoint
 from raymoe.train.config import TrainConfig
 from raymoe.train.loop import run_training
 from raymoe.train.worker import run_worker
@@ -36,12 +37,17 @@ def corpus(ray_cluster, tmp_path_factory):
 
 def _cfg(tmp_path, corpus, name, **over):
     data = {
-        "name": name, "flavour": "debug", "steps": 1, "seed": 11,
+        "name": name,
+        "flavour": "debug",
+        "steps": 1,
+        "seed": 11,
         "layout": {"ep": 2, "dp": 1},
         "optim": {"lr": 3e-3, "warmup_steps": 0, "clip_norm": 1.0},
         "data": {"path": corpus, "seq_len": 64, "global_batch_size": 8},
         "checkpoint": {"uri": str(tmp_path / name), "every_steps": 1},
-        "num_cpus_per_worker": 0.5, "storage_path": str(tmp_path / "ray"), "log_every": 50,
+        "num_cpus_per_worker": 0.5,
+        "storage_path": str(tmp_path / "ray"),
+        "log_every": 50,
     }
     for key, value in over.items():
         if isinstance(value, dict):
@@ -116,10 +122,17 @@ def _train_workers() -> list[int]:
     return pids
 
 
-def test_sigkill_worker_resumes_from_checkpoint_and_loss_falls(ray_cluster, corpus, tmp_path):
+def test_sigkill_worker_resumes_from_checkpoint_and_loss_falls(ray_cluster, corpus, tmp_path) -> None:
     # Prepare: 200 steps, a checkpoint every 50, one restart allowed.
-    cfg = _cfg(tmp_path, corpus, "killed", steps=200, checkpoint={"every_steps": 50},
-               failure={"max_failures": 1}, optim={"lr": 3e-3, "warmup_steps": 10})
+    cfg = _cfg(
+        tmp_path,
+        corpus,
+        "killed",
+        steps=200,
+        checkpoint={"every_steps": 50},
+        failure={"max_failures": 1},
+        optim={"lr": 3e-3, "warmup_steps": 10},
+    )
     first = Path(cfg.checkpoint.uri) / "step-00000050" / "manifest.json"
     killed: list[int] = []
     finished = threading.Event()

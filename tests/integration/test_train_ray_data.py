@@ -26,17 +26,30 @@ def test_driver_reads_no_tokens(ray_cluster, tmp_path, monkeypatch):
     import raymoe.data.loader
     import raymoe.data.shards
 
-    for module, name in ((raymoe.data.shards, "read_shard"), (raymoe.data.shards, "read_row_group"),
-                         (raymoe.data.loader, "read_row_group"), (pyarrow.parquet, "read_table"),
-                         (pyarrow.parquet.ParquetFile, "read_row_group")):
+    for module, name in (
+        (raymoe.data.shards, "read_shard"),
+        (raymoe.data.shards, "read_row_group"),
+        (raymoe.data.loader, "read_row_group"),
+        (pyarrow.parquet, "read_table"),
+        (pyarrow.parquet.ParquetFile, "read_row_group"),
+    ):
         monkeypatch.setattr(module, name, refuse)
-    cfg = from_dict(TrainConfig, {
-        "name": "no-driver-tokens", "flavour": "debug", "steps": 2, "seed": 1,
-        "layout": {"ep": 2, "dp": 1}, "optim": {"warmup_steps": 0},
-        "data": {"path": str(data), "seq_len": 32, "global_batch_size": 4},
-        "checkpoint": {"uri": str(tmp_path / "ckpt"), "every_steps": 2},
-        "num_cpus_per_worker": 0.5, "storage_path": str(tmp_path / "ray"), "log_every": 1,
-    })
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "name": "no-driver-tokens",
+            "flavour": "debug",
+            "steps": 2,
+            "seed": 1,
+            "layout": {"ep": 2, "dp": 1},
+            "optim": {"warmup_steps": 0},
+            "data": {"path": str(data), "seq_len": 32, "global_batch_size": 4},
+            "checkpoint": {"uri": str(tmp_path / "ckpt"), "every_steps": 2},
+            "num_cpus_per_worker": 0.5,
+            "storage_path": str(tmp_path / "ray"),
+            "log_every": 1,
+        },
+    )
     # Execute
     result = run_training(cfg)
     # Assert: both steps ran on rows the workers read.

@@ -8,6 +8,7 @@ from raymoe.data.tokenizer import save_tokenizer, train_tokenizer
 from raymoe.serve.request import (
     EngineOverloadedError,
     EngineStoppedError,
+    FinishReason,
     GenerationRequest,
     InvalidRequestError,
     TokenEvent,
@@ -33,8 +34,14 @@ class FakeEngine:
     records every request it accepted.
     """
 
-    def __init__(self, reply_ids: list[int], max_seq_len: int = 128, capacity: int = 1000, eos_after: int | None = None,
-                 stopped: bool = False):
+    def __init__(
+        self,
+        reply_ids: list[int],
+        max_seq_len: int = 128,
+        capacity: int = 1000,
+        eos_after: int | None = None,
+        stopped: bool = False,
+    ):
         self.stopped = stopped  # as an engine whose thread or process has died
         self.reply_ids = reply_ids
         self.max_seq_len = max_seq_len
@@ -61,6 +68,7 @@ class FakeEngine:
                 if self.gate is not None:
                     await self.gate.wait()
                 await asyncio.sleep(0)
+                reason: FinishReason | None
                 if self.eos_after is not None and i == self.eos_after:
                     token, reason = p.stop_token_ids[0], "stop"
                 else:
@@ -68,7 +76,9 @@ class FakeEngine:
                     reason = "length" if i == p.max_tokens - 1 else None
                 done = reason is not None
                 yield TokenEvent(
-                    token_id=token, finish_reason=reason, num_prompt_tokens=len(request.prompt_ids),
+                    token_id=token,
+                    finish_reason=reason,
+                    num_prompt_tokens=len(request.prompt_ids),
                     logprob=-0.5 if p.logprobs is not None else None,
                     top_logprobs={token: -0.5} if p.logprobs else ({} if p.logprobs is not None else None),
                 )

@@ -37,7 +37,7 @@ import json
 import re
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -67,21 +67,32 @@ RESOURCES = {
 ALL_CRDS = frozenset(f"{p}.{g}" for p, (g, _, _, crd) in RESOURCES.items() if crd)
 CLUSTER_SCOPED = frozenset({"namespaces"})
 APPLY_PATCH = "application/apply-patch+yaml"
-_PATH = re.compile(r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)"
-                   r"/(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?")
-_CLUSTER_PATH = re.compile(r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
-                           r"/(?P<plural>[^/]+)/(?P<name>[^/]+)")
+_PATH = re.compile(
+    r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)"
+    r"/(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?"
+)
+_CLUSTER_PATH = re.compile(
+    r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"/(?P<plural>[^/]+)/(?P<name>[^/]+)"
+)
 _SKIP = ("apiVersion", "kind", "metadata", "status")  # not "fields" of the object's content
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def status_body(code: int, reason: str, message: str, details: dict | None = None) -> dict:
     """A metav1.Status as the API server writes it for a failed request."""
-    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
     if details is not None:
         body["details"] = details
     return body
@@ -99,8 +110,15 @@ class FakeKubeApi:
         field_manager: the fieldManager every apply must use.
     """
 
-    def __init__(self, *, token: str = "test-token", user: str = "system:serviceaccount:raymoe:raymoe-deployer",
-                 namespaces=("raymoe", "default"), crds=ALL_CRDS, field_manager: str = "raymoe"):
+    def __init__(
+        self,
+        *,
+        token: str = "test-token",
+        user: str = "system:serviceaccount:raymoe:raymoe-deployer",
+        namespaces=("raymoe", "default"),
+        crds=ALL_CRDS,
+        field_manager: str = "raymoe",
+    ):
         self.token, self.user, self.field_manager = token, user, field_manager
         self.crds = set(crds)
         # (plural, namespace, name) -> object; namespace "" for a cluster-scoped object
@@ -116,8 +134,13 @@ class FakeKubeApi:
         self._rv = 1000
         self._lock = threading.Lock()
         for name in namespaces:
-            self._store_new("namespaces", "", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
-                            "kubectl-create", "Update")
+            self._store_new(
+                "namespaces",
+                "",
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+                "kubectl-create",
+                "Update",
+            )
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -159,11 +182,12 @@ class FakeKubeApi:
     def kubeconfig(self, path: Path, *, namespace: str = "raymoe", server: str | None = None) -> Path:
         """Writes a kubeconfig whose current context (`fake`) points at this server."""
         config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
             "clusters": [{"name": "fake", "cluster": {"server": server or self.url}}],
             "users": [{"name": "deployer", "user": {"token": self.token}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "deployer",
-                                                      "namespace": namespace}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "deployer", "namespace": namespace}}],
         }
         path.write_text(yaml.safe_dump(config))
         return path
@@ -178,7 +202,8 @@ class FakeKubeApi:
     def reject(self, plural: str, name: str, field: str, message: str) -> None:
         """Validation rejects applies of `name` with 422 naming `field`."""
         self.invalid.setdefault((plural, name), []).append(
-            {"reason": "FieldValueInvalid", "message": message, "field": field})
+            {"reason": "FieldValueInvalid", "message": message, "field": field}
+        )
 
     def seed(self, plural: str, namespace: str, obj: dict, manager: str = "kubectl-client-side-apply") -> dict:
         """Stores `obj` as if `manager` had written it with an Update (owning its top-level fields)."""
@@ -195,10 +220,19 @@ class FakeKubeApi:
 
     def add_pod(self, namespace: str, name: str, labels: dict, containers=("ray-head",), log: str = "") -> None:
         with self._lock:
-            self._store_new("pods", namespace, {"apiVersion": "v1", "kind": "Pod",
-                                                "metadata": {"name": name, "labels": labels},
-                                                "spec": {"containers": [{"name": c} for c in containers]},
-                                                "status": {"phase": "Running"}}, "kubelet", "Update")
+            self._store_new(
+                "pods",
+                namespace,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": name, "labels": labels},
+                    "spec": {"containers": [{"name": c} for c in containers]},
+                    "status": {"phase": "Running"},
+                },
+                "kubelet",
+                "Update",
+            )
             self.logs[(namespace, name)] = log
 
     def calls(self, method: str | None = None) -> list[tuple[str, str, dict]]:
@@ -225,11 +259,18 @@ class FakeKubeApi:
         plural, name = m["plural"], m["name"]
         ns, sub = ("", None) if cluster_scoped else (m["ns"], m["sub"])
         known = RESOURCES.get(plural)
-        if known is None or known[:2] != (group, version) or (known[3] and f"{plural}.{group}" not in self.crds) \
-                or cluster_scoped != (plural in CLUSTER_SCOPED):
+        if (
+            known is None
+            or known[:2] != (group, version)
+            or (known[3] and f"{plural}.{group}" not in self.crds)
+            or cluster_scoped != (plural in CLUSTER_SCOPED)
+        ):
             # What kube-apiserver's final not-found handler answers for a path nothing serves.
-            return 404, "application/json", status_body(404, "NotFound",
-                                                        "the server could not find the requested resource")
+            return (
+                404,
+                "application/json",
+                status_body(404, "NotFound", "the server could not find the requested resource"),
+            )
         verb = {"GET": "get" if name else "list", "PATCH": "patch", "DELETE": "delete"}.get(method)
         if sub == "log" and plural == "pods" and method == "GET":
             verb, resource = "get", "pods/log"
@@ -255,17 +296,27 @@ class FakeKubeApi:
 
     def _forbidden(self, verb, resource, group, plural, name, ns):
         what = f"{plural}.{group}" if group else plural
-        where = f"{what} \"{name}\" is forbidden" if name else f"{what} is forbidden"
+        where = f'{what} "{name}" is forbidden' if name else f"{what} is forbidden"
         scope = f'in the namespace "{ns}"' if ns else "at the cluster scope"
-        return 403, "application/json", status_body(
-            403, "Forbidden", f'{where}: User "{self.user}" cannot {verb} resource "{resource}" in API group '
-            f'"{group}" {scope}', {"name": name or "", "group": group, "kind": plural})
+        return (
+            403,
+            "application/json",
+            status_body(
+                403,
+                "Forbidden",
+                f'{where}: User "{self.user}" cannot {verb} resource "{resource}" in API group "{group}" {scope}',
+                {"name": name or "", "group": group, "kind": plural},
+            ),
+        )
 
     def _not_found(self, key, group):
         plural, _, name = key
         what = f"{plural}.{group}" if group else plural
-        return 404, "application/json", status_body(404, "NotFound", f'{what} "{name}" not found',
-                                                    {"name": name, "group": group, "kind": plural})
+        return (
+            404,
+            "application/json",
+            status_body(404, "NotFound", f'{what} "{name}" not found', {"name": name, "group": group, "kind": plural}),
+        )
 
     def _unexpected_query(self, query: dict, allowed: set[str]):
         extra = set(query) - allowed
@@ -305,18 +356,32 @@ class FakeKubeApi:
             return self._violation(f"apply body is not YAML: {exc}")
         api_version = f"{group}/{version}" if group else version
         meta = body.get("metadata") if isinstance(body, dict) else None
-        if not isinstance(meta, dict) or (body.get("apiVersion"), body.get("kind")) != (api_version, kind) \
-                or meta.get("name") != name or meta.get("namespace", ns) != ns:
+        if (
+            not isinstance(meta, dict)
+            or (body.get("apiVersion"), body.get("kind")) != (api_version, kind)
+            or meta.get("name") != name
+            or meta.get("namespace", ns) != ns
+        ):
             return self._violation(f"apply body for {api_version} {kind} {ns}/{name} names another object")
         if ns and ns not in self.namespaces:
-            return 404, "application/json", status_body(404, "NotFound", f'namespaces "{ns}" not found',
-                                                        {"name": ns, "kind": "namespaces"})
+            return (
+                404,
+                "application/json",
+                status_body(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"}),
+            )
         if causes := self.invalid.get((plural, name)):
             what = f"{kind}.{group}" if group else kind
             listing = ", ".join(f"{c['field']}: {c['message']}" for c in causes)
-            return 422, "application/json", status_body(
-                422, "Invalid", f'{what} "{name}" is invalid: {listing}',
-                {"name": name, "group": group, "kind": kind, "causes": causes})
+            return (
+                422,
+                "application/json",
+                status_body(
+                    422,
+                    "Invalid",
+                    f'{what} "{name}" is invalid: {listing}',
+                    {"name": name, "group": group, "kind": kind, "causes": causes},
+                ),
+            )
         existing = self.objects.get(key)
         if existing is None:
             return 201, "application/json", self._store_new(plural, ns, body, self.field_manager, "Apply")
@@ -337,24 +402,43 @@ class FakeKubeApi:
 
     @staticmethod
     def _entry(manager, operation, api_version, fields) -> dict:
-        return {"manager": manager, "operation": operation, "apiVersion": api_version, "time": _now(),
-                "fieldsType": "FieldsV1", "fieldsV1": {f"f:{f}": {} for f in sorted(fields)}}
+        return {
+            "manager": manager,
+            "operation": operation,
+            "apiVersion": api_version,
+            "time": _now(),
+            "fieldsType": "FieldsV1",
+            "fieldsV1": {f"f:{f}": {} for f in sorted(fields)},
+        }
 
-    def _merge(self, obj, body, api_version, *, force):
+    def _merge(self, obj, body, api_version, *, force) -> tuple[int, str, dict]:
         owners: dict[str, list[str]] = {}
         for entry in obj["metadata"].get("managedFields", []):
             for f in entry["fieldsV1"]:
                 owners.setdefault(f[2:], []).append(entry["manager"])
         applied = _fields(body)
-        conflicts = [f for f in sorted(applied) if _value(obj, f) != _value(body, f)
-                     and any(m != self.field_manager for m in owners.get(f, []))]
+        conflicts = [
+            f
+            for f in sorted(applied)
+            if _value(obj, f) != _value(body, f) and any(m != self.field_manager for m in owners.get(f, []))
+        ]
         if conflicts and not force:
             others = sorted({m for f in conflicts for m in owners[f] if m != self.field_manager})
-            causes = [{"reason": "FieldManagerConflict", "message": f'conflict with "{others[0]}"',
-                       "field": f".{f}"} for f in conflicts]
-            return 409, "application/json", status_body(
-                409, "Conflict", f"Apply failed with {len(conflicts)} conflict(s): conflict with "
-                f"\"{others[0]}\": {', '.join('.' + f for f in conflicts)}", {"causes": causes})
+            causes = [
+                {"reason": "FieldManagerConflict", "message": f'conflict with "{others[0]}"', "field": f".{f}"}
+                for f in conflicts
+            ]
+            return (
+                409,
+                "application/json",
+                status_body(
+                    409,
+                    "Conflict",
+                    f"Apply failed with {len(conflicts)} conflict(s): conflict with "
+                    f'"{others[0]}": {", ".join("." + f for f in conflicts)}',
+                    {"causes": causes},
+                ),
+            )
         mine_before = {f for f, ms in owners.items() if self.field_manager in ms}
         dropped = {f for f in mine_before - applied if owners[f] == [self.field_manager]}
         new = copy.deepcopy(obj)
@@ -362,8 +446,11 @@ class FakeKubeApi:
             _set(new, f, copy.deepcopy(_value(body, f)))
         for f in dropped:
             _set(new, f, None)
-        if _content(new) != _content(obj) or new["metadata"].get("labels") != obj["metadata"].get("labels") \
-                or new["metadata"].get("annotations") != obj["metadata"].get("annotations"):
+        if (
+            _content(new) != _content(obj)
+            or new["metadata"].get("labels") != obj["metadata"].get("labels")
+            or new["metadata"].get("annotations") != obj["metadata"].get("annotations")
+        ):
             self._rv += 1
             new["metadata"]["resourceVersion"] = str(self._rv)
             if _content(new) != _content(obj):
@@ -372,10 +459,19 @@ class FakeKubeApi:
         for entry in obj["metadata"].get("managedFields", []):
             kept = {f for f in (k[2:] for k in entry["fieldsV1"]) if not (force and f in conflicts)}
             if entry["manager"] != self.field_manager and kept:
-                entries.append(entry if len(kept) == len(entry["fieldsV1"]) else
-                               {**entry, "fieldsV1": {f"f:{f}": {} for f in sorted(kept)}})
-        mine = next((e for e in obj["metadata"].get("managedFields", []) if e["manager"] == self.field_manager
-                     and set(k[2:] for k in e["fieldsV1"]) == applied), None)
+                entries.append(
+                    entry
+                    if len(kept) == len(entry["fieldsV1"])
+                    else {**entry, "fieldsV1": {f"f:{f}": {} for f in sorted(kept)}}
+                )
+        mine = next(
+            (
+                e
+                for e in obj["metadata"].get("managedFields", [])
+                if e["manager"] == self.field_manager and {k[2:] for k in e["fieldsV1"]} == applied
+            ),
+            None,
+        )
         entries.append(mine or self._entry(self.field_manager, "Apply", api_version, applied))
         new["metadata"]["managedFields"] = entries
         self.objects[(_plural_of(new), new["metadata"].get("namespace", ""), new["metadata"]["name"])] = new
@@ -397,8 +493,9 @@ class FakeKubeApi:
             return self._not_found(key, group)
         if not obj["metadata"].get("deletionTimestamp"):
             self._rv += 1
-            obj["metadata"].update(deletionTimestamp=_now(), finalizers=["foregroundDeletion"],
-                                   resourceVersion=str(self._rv))
+            obj["metadata"].update(
+                deletionTimestamp=_now(), finalizers=["foregroundDeletion"], resourceVersion=str(self._rv)
+            )
             if key[0] == "namespaces":
                 obj["status"] = {"phase": "Terminating"}
             self._gone_after[key] = self.delete_after_gets
@@ -420,10 +517,16 @@ class FakeKubeApi:
         if not query.get("labelSelector"):
             return self._violation("pods listed without a labelSelector")
         want = dict(term.split("=", 1) for term in query["labelSelector"].split(","))
-        items = [o for (p, n, _), o in sorted(self.objects.items()) if p == "pods" and n == ns
-                 and all(o["metadata"].get("labels", {}).get(k) == v for k, v in want.items())]
-        return 200, "application/json", {"kind": "PodList", "apiVersion": "v1",
-                                         "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+        items = [
+            o
+            for (p, n, _), o in sorted(self.objects.items())
+            if p == "pods" and n == ns and all(o["metadata"].get("labels", {}).get(k) == v for k, v in want.items())
+        ]
+        return (
+            200,
+            "application/json",
+            {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": str(self._rv)}, "items": items},
+        )
 
     def _log(self, ns, name, query):
         if bad := self._unexpected_query(query, {"container", "follow", "tailLines"}):
@@ -435,7 +538,7 @@ class FakeKubeApi:
             return self._violation(f"log of pod {name} for container {query.get('container')!r}")
         lines = self.logs.get((ns, name), "").splitlines(keepends=True)
         if "tailLines" in query:
-            lines = lines[-int(query["tailLines"]):]
+            lines = lines[-int(query["tailLines"]) :]
         return 200, "text/plain", "".join(lines).encode()
 
 
@@ -465,5 +568,6 @@ def _content(obj: dict) -> dict:
 
 
 def _plural_of(obj: dict) -> str:
-    return next(p for p, (g, v, k, _) in RESOURCES.items()
-                if k == obj["kind"] and (f"{g}/{v}" if g else v) == obj["apiVersion"])
+    return next(
+        p for p, (g, v, k, _) in RESOURCES.items() if k == obj["kind"] and (f"{g}/{v}" if g else v) == obj["apiVersion"]
+    )

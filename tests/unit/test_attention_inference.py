@@ -9,18 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.inference import fast_attention as attention_module
+from raymoe.inference.cpu_threads import SharedThreads
+from raymoe.inference.fast_attention import ThreadedDecodeAttention, fuse_qkv
+from raymoe.inference.packed import pack_fp32
 from raymoe.models import KVCache, MoETransformer
-from raymoe.models import attention as attention_module
-from raymoe.models.attention import GQAttention, _attend, _decode_attend
-from raymoe.models.cpu_threads import SharedThreads
+from raymoe.models.attention import GQAttention, decode_attend
 from raymoe.models.lora import LoRALinear, lora_context
-from raymoe.models.packed import pack_fp32
 from raymoe.models.rope import RotaryEmbedding
 from raymoe.serve.debug_artifact import debug_config
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "v_dim"), [(4, 2, 16), (4, 4, 16), (3, 3, 8)],
-                         ids=["gqa", "mha", "mla-shaped"])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "v_dim"), [(4, 2, 16), (4, 4, 16), (3, 3, 8)], ids=["gqa", "mha", "mla-shaped"]
+)
 @pytest.mark.parametrize("masked", [False, True])
 def test_decode_attention_equals_sdpa(heads, kv_heads, v_dim, masked):
     gen = torch.Generator().manual_seed(0)
@@ -32,9 +34,8 @@ def test_decode_attention_equals_sdpa(heads, kv_heads, v_dim, masked):
     if masked:  # row b sees keys 0..positions[b]: rows at different lengths in one batch
         positions = torch.tensor([10, 0, 4, 7, 10])
         mask = (torch.arange(S)[None, :] <= positions[:, None])[:, None, None, :]
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
-                                              enable_gqa=heads != kv_heads)
-    torch.testing.assert_close(_decode_attend(q, k, v, mask, 0.3), expected, rtol=1e-5, atol=1e-6)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(decode_attend(q, k, v, mask, 0.3), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", [{}, {"qkv_bias": True}, {"qk_norm": True}], ids=["plain", "qkv-bias", "qk-norm"])
@@ -48,8 +49,9 @@ def test_fused_qkv_gives_the_same_attention_output(variant):
     rope = RotaryEmbedding(cfg.rope, cfg.rope_head_dim)(torch.arange(6).expand(2, 6))
     with torch.no_grad():
         expected = attn(x, rope, None)
-        attn.fuse_qkv()
-        assert attn.q_proj is None and attn.qkv_proj.out_features == (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        fuse_qkv(attn)
+        assert attn.q_proj is None
+        assert attn.qkv_proj.linear.out_features == (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         torch.testing.assert_close(attn(x, rope, None), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -61,8 +63,8 @@ def test_packing_fuses_plain_projections_and_leaves_lora_wrapped_ones():
     first, second = model.layers[0].attn, model.layers[1].attn
     assert first.qkv_proj is None and isinstance(first.q_proj, LoRALinear)
     assert second.qkv_proj is not None and second.q_proj is None
-    with pytest.raises(ValueError, match="plain nn.Linear"):
-        first.fuse_qkv()
+    with pytest.raises(ValueError, match=r"plain nn\.Linear"):
+        fuse_qkv(first)
 
 
 def test_decode_through_the_cache_equals_full_recompute_with_fused_projections():
@@ -73,7 +75,7 @@ def test_decode_through_the_cache_equals_full_recompute_with_fused_projections()
     with torch.no_grad():
         full = model(ids)[:, -1]
         for layer in model.layers:
-            layer.attn.fuse_qkv()
+            fuse_qkv(layer.attn)
         cache = KVCache(model.cfg, num_slots=4, max_seq_len=32)
         slots = torch.tensor([2, 0, 3])
         positions = torch.arange(8).expand(3, 8)
@@ -96,8 +98,8 @@ def test_decode_attention_over_threads_equals_one_call(heads, kv_heads, v_dim, g
     cache = type("View", (), {"causal": False, "mask_B1TS": mask})()
     threads = SharedThreads.start(3)
     with grad_mode():  # the pool threads follow the caller's mode (writes into an inference tensor)
-        threaded = _attend(q, k, v, cache, 0.3, heads != kv_heads, threads)
-        serial = _decode_attend(q, k, v, mask, 0.3)
+        threaded = ThreadedDecodeAttention(threads)(q, k, v, cache, 0.3, heads != kv_heads)
+        serial = decode_attend(q, k, v, mask, 0.3)
     assert torch.equal(threaded, serial)
 
 
@@ -109,7 +111,7 @@ def test_packed_model_with_threads_decodes_long_contexts_exactly_as_with_one(mon
         model = MoETransformer(cfg)
         model.init_weights(seed=5)
         pack_fp32(model, expert_threads=expert_threads)
-        assert all(layer.attn.decode_threads.count == expert_threads for layer in model.layers)
+        assert all(layer.attn.attend_fn.threads.count == expert_threads for layer in model.layers)
         ids = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(6))
         cache = KVCache(model.cfg, num_slots=4, max_seq_len=32)
         slots = torch.arange(4)

@@ -16,8 +16,11 @@ from bench.bench_finetune import DATA, load_steps, make_artifact, peer_loss, pee
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-layer Mixtral artifact and the benchmark's first five batches on it (batch 4)."""
-    artifact = str(make_artifact(tmp_path_factory.mktemp("ft") / "base", DATA, vocab_size=600,
-                                 dim=64, num_layers=2, max_seq_len=128))
+    artifact = str(
+        make_artifact(
+            tmp_path_factory.mktemp("ft") / "base", DATA, vocab_size=600, dim=64, num_layers=2, max_seq_len=128
+        )
+    )
     return artifact, load_steps(artifact, DATA, max_seq_len=128, batch=4, count=5)
 
 

@@ -14,7 +14,9 @@ def test_server_prompts_are_the_requests_prompts_and_differ(tmp_path):
     tokenizer = ChatTokenizer.from_dir(str(artifact))
     prompts = server_prompts(tokenizer, 8)
     assert len({tuple(p) for p in prompts}) == 8
-    assert prompts[3] == tokenizer.encode("3 experts route tokens to workers and back again while the batch keeps decoding")
+    assert prompts[3] == tokenizer.encode(
+        "3 experts route tokens to workers and back again while the batch keeps decoding"
+    )
 
 
 def test_left_padded_batch_generates_each_prompt_as_alone(tmp_path):
@@ -29,7 +31,7 @@ def test_left_padded_batch_generates_each_prompt_as_alone(tmp_path):
     with torch.inference_mode():
         inputs = left_padded(prompts)
         assert inputs["attention_mask"].sum(1).tolist() == [7, 2, 4]
-        batched = model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
+        batched = model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1] :]
         for row, prompt in zip(batched.tolist(), prompts):
-            alone = model.generate(torch.tensor([prompt]), **kw)[0, len(prompt):].tolist()
+            alone = model.generate(torch.tensor([prompt]), **kw)[0, len(prompt) :].tolist()
             assert row == alone

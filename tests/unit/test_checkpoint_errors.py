@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from raymoe.models import CheckpointError, MoETransformer, flavour, load_hf, save_hf
 
 
-@pytest.fixture()
+@pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
     save_hf(MoETransformer(flavour("debug")), tmp_path)
@@ -52,7 +52,7 @@ def test_unsupported_architecture_is_named(saved):
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_hf(tmp_path)
 
 

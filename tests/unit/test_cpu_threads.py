@@ -6,11 +6,12 @@ import time
 import pytest
 import torch
 
-from raymoe.models.cpu_threads import SharedThreads
+from raymoe.inference.cpu_threads import SharedThreads
 
 
-@pytest.mark.parametrize(("count", "items", "max_threads"), [(1, 5, None), (3, 7, None), (3, 7, 2), (4, 2, None),
-                                                              (3, 0, None)])
+@pytest.mark.parametrize(
+    ("count", "items", "max_threads"), [(1, 5, None), (3, 7, None), (3, 7, 2), (4, 2, None), (3, 0, None)]
+)
 def test_each_item_runs_once_on_at_most_the_allowed_threads(count, items, max_threads):
     threads = SharedThreads.start(count)
     seen, names = [], set()

@@ -29,7 +29,7 @@ def test_invalid_utf8_policies():
 
 
 def test_bad_policy_names_field_and_value():
-    with pytest.raises(ConfigError, match="decode.errors.*'strict'"):
+    with pytest.raises(ConfigError, match=r"decode\.errors.*'strict'"):
         DecodeConfig(errors="strict")
 
 

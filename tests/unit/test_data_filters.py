@@ -4,7 +4,11 @@ import pytest
 
 from raymoe.config import ConfigError
 from raymoe.data.filters import (
-    FilterConfig, filter_batch, filter_reason, non_text_ratio, repeated_line_ratio,
+    FilterConfig,
+    filter_batch,
+    filter_reason,
+    non_text_ratio,
+    repeated_line_ratio,
 )
 
 
@@ -34,22 +38,20 @@ def test_repeated_line_ratio():
     ],
 )
 def test_filter_reason(text, reason):
-    cfg = FilterConfig(min_chars=10, max_chars=100, max_non_text_ratio=0.3,
-                       max_repeated_line_ratio=0.5)
+    cfg = FilterConfig(min_chars=10, max_chars=100, max_non_text_ratio=0.3, max_repeated_line_ratio=0.5)
     assert filter_reason(text, cfg) == reason
 
 
 def test_boundaries_are_inclusive():
-    cfg = FilterConfig(min_chars=4, max_chars=4, max_non_text_ratio=0.5,
-                       max_repeated_line_ratio=1.0)
+    cfg = FilterConfig(min_chars=4, max_chars=4, max_non_text_ratio=0.5, max_repeated_line_ratio=1.0)
     assert filter_reason("abcd", cfg) == ""
     assert filter_reason("ab\u00a4\u00a4", cfg) == ""  # exactly 0.5
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match="filter.max_chars=1 must be >= filter.min_chars=5"):
+    with pytest.raises(ConfigError, match=r"filter\.max_chars=1 must be >= filter\.min_chars=5"):
         FilterConfig(min_chars=5, max_chars=1)
-    with pytest.raises(ConfigError, match="filter.max_non_text_ratio"):
+    with pytest.raises(ConfigError, match=r"filter\.max_non_text_ratio"):
         FilterConfig(max_non_text_ratio=1.5)
 
 

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 
 from raymoe.data.chat_tokenizer import ChatTokenizer
+from raymoe.data.corpus_bundle import build_bundle
 from raymoe.data.function_qa import (
-    find_functions, function_answers, function_qa_splits, jsonl_bytes, qa_record,
+    find_functions,
+    function_answers,
+    function_qa_splits,
+    jsonl_bytes,
+    qa_record,
 )
 from raymoe.data.sft import load_sft_examples
 from raymoe.data.silo_tasks import chat_records, plain_sentences, silo_splits
@@ -32,7 +37,7 @@ SCALE = '''def scale(self, x, /, y=2, *args, z, **kwargs):
 
 @pytest.fixture(scope="module")
 def splits():
-    return function_qa_splits(CORPUS_DIR / "code")
+    return function_qa_splits(CORPUS_DIR / "code.jsonl.gz")
 
 
 @pytest.fixture(scope="module")
@@ -52,43 +57,52 @@ def test_answers_of_a_hand_written_function():
     assert function_answers(SCALE) == {"name": "scale", "argcount": "4", "return": "x * y"}
     assert function_answers("def f():\n    pass")["return"] == "None"
     assert function_answers("def g(a, b):\n    if a:\n        return\n    return b") == {
-        "name": "g", "argcount": "2", "return": "None"}
+        "name": "g",
+        "argcount": "2",
+        "return": "None",
+    }
 
 
 def test_qa_record_is_a_messages_record():
     # Execute
     record = qa_record(SCALE, "argcount")
     # Assert
-    assert record == {"messages": [
-        {"role": "system", "content": "Answer with the exact answer only."},
-        {"role": "user", "content": "How many arguments does this function take?\n```python\n"
-                                    + SCALE + "\n```"},
-        {"role": "assistant", "content": "4"}]}
+    assert record == {
+        "messages": [
+            {"role": "system", "content": "Answer with the exact answer only."},
+            {"role": "user", "content": "How many arguments does this function take?\n```python\n" + SCALE + "\n```"},
+            {"role": "assistant", "content": "4"},
+        ]
+    }
 
 
 def test_find_functions_keeps_short_plain_functions_once(tmp_path):
     # Prepare: line numbers in the comments.
     (tmp_path / "a.py").write_text(
-        "def kept(a):\n"                        # 1
+        "def kept(a):\n"  # 1
         "    return a\n"
-        "@staticmethod\n"                       # 3: decorated
+        "@staticmethod\n"  # 3: decorated
         "def decorated():\n"
         "    return 1\n"
-        "def nested():\n"                       # 6: nested def
+        "def nested():\n"  # 6: nested def
         "    def inner():\n"
         "        return 2\n"
         "    return inner\n"
-        "def gen():\n"                          # 10: generator
+        "def gen():\n"  # 10: generator
         "    yield 1\n"
         "class C:\n"
-        "    def method(self, b):\n"            # 13: method, dedented
+        "    def method(self, b):\n"  # 13: method, dedented
         "        return b\n"
-        "def long():\n" + "    x = 1\n" * 10   # 15: 11 lines
-        + "def kept(a):\n"                      # 26: same source again
-        "    return a\n")
+        "def long():\n"
+        + "    x = 1\n"
+        * 10  # 15: 11 lines
+        + "def kept(a):\n"  # 26: same source again
+        "    return a\n"
+    )
     (tmp_path / "b.py").write_text("def other():\n    return 'b'\n")
+    bundle = build_bundle(tmp_path, tmp_path / "out" / "code.jsonl.gz", license="MIT", glob="*.py")
     # Execute
-    found = find_functions(tmp_path)
+    found = find_functions(bundle.path)
     # Assert
     assert [(f.path, f.lineno, f.source) for f in found] == [
         ("a.py", 1, "def kept(a):\n    return a"),
@@ -111,7 +125,7 @@ def test_splits_are_sized_balanced_and_disjoint_by_function(splits):
 
 
 def test_generation_is_deterministic(splits):
-    assert function_qa_splits(CORPUS_DIR / "code") == splits
+    assert function_qa_splits(CORPUS_DIR / "code.jsonl.gz") == splits
 
 
 def test_shipped_files_equal_a_fresh_generation(splits, silos):
@@ -159,10 +173,11 @@ def test_plain_sentences_skip_code_and_punctuation(tmp_path):
     # Prepare
     (tmp_path / "t.txt").write_text(
         "Plain words are here\ntoday. Use the f() call for this.\nShort one. Also, this is a plain "
-        "sentence.\n\n   indented lines are grammar or code here.\n")
+        "sentence.\n\n   indented lines are grammar or code here.\n"
+    )
+    bundle = build_bundle(tmp_path, tmp_path / "out" / "prose.jsonl.gz", license="MIT", glob="*.txt")
     # Execute / Assert
-    assert plain_sentences(tmp_path) == ["Plain words are here today.",
-                                         "Also, this is a plain sentence."]
+    assert plain_sentences(bundle.path) == ["Plain words are here today.", "Also, this is a plain sentence."]
 
 
 def test_every_shipped_record_fits_the_debug_tokenizer(tmp_path):

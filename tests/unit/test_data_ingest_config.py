@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from raymoe.config import ConfigError, from_dict, load_config, to_dict
-from raymoe.data.ingest import IngestConfig, output_config
+from raymoe.data.ingest_config import IngestConfig, output_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG = ROOT / "pipelines/configs/ingest.debug.yaml"
@@ -19,7 +19,8 @@ def test_debug_config_matches_the_debug_model():
     assert cfg.tokenizer.vocab_size == model.vocab_size == 2048
     assert cfg.pack.seq_len <= model.max_seq_len
     assert [s.name for s in cfg.sources] == ["code", "prose"]
-    assert all((ROOT / p).is_dir() for s in cfg.sources for p in s.paths)
+    # Each source is one checksummed bundle (data/corpus/README.md).
+    assert all((ROOT / p).is_file() and (ROOT / f"{p}.sha256").is_file() for s in cfg.sources for p in s.paths)
 
 
 def test_round_trip_and_overrides():
@@ -49,9 +50,8 @@ def test_bad_values_are_named(override, message):
 
 
 def test_duplicate_source_names():
-    data = {"sources": [{"name": "a", "paths": ["x"]}, {"name": "a", "paths": ["y"]}],
-            "pack": {"seq_len": 8}}
-    with pytest.raises(ConfigError, match="sources\\[\\].name must be unique"):
+    data = {"sources": [{"name": "a", "paths": ["x"]}, {"name": "a", "paths": ["y"]}], "pack": {"seq_len": 8}}
+    with pytest.raises(ConfigError, match=r"sources\[\]\.name must be unique"):
         from_dict(IngestConfig, data)
 
 
@@ -68,5 +68,50 @@ def test_given_tokenizer_is_reused_not_trained(tmp_path):
     assert trained is False and tok_dir == tmp_path / "out/tokenizer"
     assert tokenizer_hash(tok_dir) == tokenizer_hash(given)
     small = load_config(IngestConfig, DEBUG, [f"tokenizer.path={given}", "tokenizer.vocab_size=270"])
-    with pytest.raises(ValueError, match="more than tokenizer.vocab_size=270"):
+    with pytest.raises(ValueError, match=r"more than tokenizer\.vocab_size=270"):
         ingest._tokenizer(small, [], [], tmp_path / "out2", tmp_path / "work")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("execution.num_cpus=0", "execution.num_cpus must be null (all cores) or >= 1, got 0"),
+        ("execution.cpus_per_task=-1", "execution.cpus_per_task must be >= 0, got -1.0"),
+        ("tokenizer.min_frequency=0", "tokenizer.min_frequency must be >= 1, got 0"),
+        ("sources=[{name: web, paths: [x], weight: .inf}]", "sources[web].weight must be >= 0 and finite, got inf"),
+    ],
+)
+def test_numeric_bounds_are_named(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(IngestConfig, DEBUG, [override])
+    assert str(err.value) == message
+
+
+def test_missing_inputs_are_named_before_anything_runs(tmp_path):
+    from raymoe.data.ingest_config import check_before_launch
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "image.png").write_bytes(b"\x89PNG")
+    for paths, needle in [
+        ([str(tmp_path / "nope")], "nope"),
+        ([str(tmp_path / "docs")], "docs"),
+        ([str(tmp_path / "*.jsonl")], "*.jsonl"),
+    ]:
+        cfg = load_config(
+            IngestConfig, DEBUG, [f"sources=[{{name: web, paths: {paths}}}]", f"output_dir={tmp_path / 'out'}"]
+        )
+        with pytest.raises(ConfigError, match=r"sources\[web\].paths: .* matches no input file") as err:
+            check_before_launch(cfg)
+        assert needle in str(err.value)
+    cfg = load_config(
+        IngestConfig,
+        DEBUG,
+        [
+            f"tokenizer.path={tmp_path / 'tok'}",
+            f"output_dir={tmp_path / 'out'}",
+            f"sources=[{{name: docs, paths: [{ROOT / 'data/corpus/README.md'}]}}]",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"tokenizer.path=.*tok' holds no tokenizer.json"):
+        check_before_launch(cfg)
+    assert not (tmp_path / "out").exists()

@@ -23,9 +23,17 @@ def data_dir(tmp_path):
         info.pop("written")
         shards.append({"path": f"train/shard-{n:05d}.parquet", "split": "train", **info})
         start += size
-    write_manifest(tmp_path, {"format_version": 1, "tokenizer": {"hash": "sha256:t"},
-                              "seq_len": ROW_LEN - 1, "row_len": ROW_LEN, "counts": {},
-                              "shards": shards})
+    write_manifest(
+        tmp_path,
+        {
+            "format_version": 1,
+            "tokenizer": {"hash": "sha256:t"},
+            "seq_len": ROW_LEN - 1,
+            "row_len": ROW_LEN,
+            "counts": {},
+            "shards": shards,
+        },
+    )
     return tmp_path
 
 
@@ -81,8 +89,7 @@ def test_errors(data_dir):
     with pytest.raises(ValueError, match="rank must be in \\[0, 2\\), got 2"):
         TokenLoader(LoaderConfig(data_dir=str(data_dir), batch_size=1), 2, 2)
     with pytest.raises(ValueError, match="expected sha256:other"):
-        TokenLoader(LoaderConfig(data_dir=str(data_dir), batch_size=1),
-                    expected_tokenizer_hash="sha256:other")
+        TokenLoader(LoaderConfig(data_dir=str(data_dir), batch_size=1), expected_tokenizer_hash="sha256:other")
     state = TokenLoader(LoaderConfig(data_dir=str(data_dir), batch_size=2)).state_dict()
     with pytest.raises(ValueError, match="global_batch=2"):
         TokenLoader(LoaderConfig(data_dir=str(data_dir), batch_size=1)).load_state_dict(state)
@@ -93,5 +100,5 @@ def test_corrupt_shard_is_refused(data_dir):
     data = bytearray(path.read_bytes())
     data[20] ^= 1
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="shard train/shard-00001.parquet: sha256"):
+    with pytest.raises(ValueError, match=r"shard train/shard-00001\.parquet: sha256"):
         TokenLoader(LoaderConfig(data_dir=str(data_dir), batch_size=1))

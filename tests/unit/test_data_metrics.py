@@ -6,8 +6,14 @@ from raymoe.monitor import metrics as M
 def test_ingest_metrics_registered_with_unique_names():
     names = [m.name for m in M.REGISTRY]
     assert len(names) == len(set(names))
-    ingest = [M.INGEST_RECORDS, M.INGEST_BYTES, M.INGEST_TOKENS, M.INGEST_QUARANTINED,
-              M.INGEST_FILTERED, M.INGEST_DUPLICATES]
+    ingest = [
+        M.INGEST_RECORDS,
+        M.INGEST_BYTES,
+        M.INGEST_TOKENS,
+        M.INGEST_QUARANTINED,
+        M.INGEST_FILTERED,
+        M.INGEST_DUPLICATES,
+    ]
     assert all(m in M.REGISTRY for m in ingest)
     assert all(m.name.startswith("raymoe_ingest_") and m.kind == "counter" for m in ingest)
     assert M.INGEST_QUARANTINED.tag_keys == ("reason",)

@@ -31,7 +31,7 @@ def test_indentation_is_kept_inside_the_document():
 
 
 def test_bad_config_is_named():
-    with pytest.raises(ConfigError, match="normalize.max_blank_lines"):
+    with pytest.raises(ConfigError, match=r"normalize\.max_blank_lines"):
         NormalizeConfig(max_blank_lines=-1)
 
 

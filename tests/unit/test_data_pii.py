@@ -49,15 +49,12 @@ def test_emails_on_several_lines_and_at_line_edges():
     # "@", and a line with no "@" at all (scrubbing works line by line around each "@").
     text = "a@b.io first\nplain line\nx @ y\nmid c.d@e.org and f@g.net\nlast h@i.dev"
     # Execute / Assert: the 4 addresses replaced, everything else untouched.
-    assert scrub_pii(text, ON) == (
-        "<EMAIL> first\nplain line\nx @ y\nmid <EMAIL> and <EMAIL>\nlast <EMAIL>", 4, 0)
+    assert scrub_pii(text, ON) == ("<EMAIL> first\nplain line\nx @ y\nmid <EMAIL> and <EMAIL>\nlast <EMAIL>", 4, 0)
 
 
 def test_assigned_secret_is_case_insensitive_and_found_in_non_ascii_text():
     # Upper-case keyword (ASCII text) and a keyword in a text that also holds a non-ASCII letter.
     assert scrub_pii("API_KEY: abcdefghijklmnop1234", ON) == ("API_KEY: <KEY>", 0, 1)
-    assert scrub_pii("clé\nPassword = 'abcdefghijklmnop1234'", ON) == (
-        "clé\nPassword = '<KEY>'", 0, 1)
+    assert scrub_pii("clé\nPassword = 'abcdefghijklmnop1234'", ON) == ("clé\nPassword = '<KEY>'", 0, 1)
     # A keyword without an assignment, and a value too short (15 < 16 characters), stay.
-    assert scrub_pii("the secret of it; token=abcdefghijklmno", ON) == (
-        "the secret of it; token=abcdefghijklmno", 0, 0)
+    assert scrub_pii("the secret of it; token=abcdefghijklmno", ON) == ("the secret of it; token=abcdefghijklmno", 0, 0)

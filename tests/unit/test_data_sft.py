@@ -8,8 +8,14 @@ import torch
 from raymoe.config import ConfigError
 from raymoe.data.chat_tokenizer import ChatTokenizer
 from raymoe.data.sft import (
-    SFTBatches, SFTDataConfig, SFTExample, collate, load_sft_examples, quarantine_counts,
-    score_exact_match, tokenize_messages,
+    SFTBatches,
+    SFTDataConfig,
+    SFTExample,
+    collate,
+    load_sft_examples,
+    quarantine_counts,
+    score_exact_match,
+    tokenize_messages,
 )
 from raymoe.data.tokenizer import save_tokenizer, train_tokenizer
 from raymoe.serve.debug_artifact import CORPUS
@@ -18,8 +24,10 @@ SYSTEM = {"role": "system", "content": "Answer with the exact answer only."}
 USER = {"role": "user", "content": "What is 3 + 4?"}
 ANSWER = {"role": "assistant", "content": "7"}
 # ChatML written out by hand: the prompt ends with the opened assistant turn.
-PROMPT_TEXT = ("<|im_start|>system\nAnswer with the exact answer only.<|im_end|>\n"
-               "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n")
+PROMPT_TEXT = (
+    "<|im_start|>system\nAnswer with the exact answer only.<|im_end|>\n"
+    "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +66,12 @@ def test_labels_train_only_the_answer_and_end_of_turn(tok):
 def test_prompt_completion_form_equals_messages_form(tmp_path, tok):
     # Prepare
     path = tmp_path / "two.jsonl"
-    path.write_text(json.dumps({"prompt": "What is 3 + 4?", "completion": "7"}) + "\n"
-                    + json.dumps({"messages": [USER, ANSWER]}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "What is 3 + 4?", "completion": "7"})
+        + "\n"
+        + json.dumps({"messages": [USER, ANSWER]})
+        + "\n"
+    )
     # Execute
     examples, entries = load_sft_examples(path, tok, 256, "drop")
     # Assert
@@ -70,23 +82,23 @@ def test_prompt_completion_form_equals_messages_form(tmp_path, tok):
 def test_every_bad_record_is_quarantined_with_reason_and_line(tmp_path, tok):
     # Prepare: one crafted line per reason, two good records and a blank line (not a record).
     lines = [
-        json.dumps({"messages": [SYSTEM, USER, ANSWER]}).encode(),                   # 1 good
-        b'{"messages": [',                                                             # 2
-        b"[1, 2]",                                                                     # 3
-        json.dumps({"text": "hello"}).encode(),                                        # 4
-        json.dumps({"prompt": "hi", "completion": 7}).encode(),                        # 5
-        json.dumps({"messages": "hi"}).encode(),                                       # 6
+        json.dumps({"messages": [SYSTEM, USER, ANSWER]}).encode(),  # 1 good
+        b'{"messages": [',  # 2
+        b"[1, 2]",  # 3
+        json.dumps({"text": "hello"}).encode(),  # 4
+        json.dumps({"prompt": "hi", "completion": 7}).encode(),  # 5
+        json.dumps({"messages": "hi"}).encode(),  # 6
         json.dumps({"messages": [{"role": "robot", "content": "x"}, ANSWER]}).encode(),  # 7
-        json.dumps({"messages": [ANSWER, USER]}).encode(),                             # 8
-        json.dumps({"messages": [{"content": "x"}, ANSWER]}).encode(),                 # 9
-        json.dumps({"prompt": "hi", "completion": "  "}).encode(),                     # 10
-        json.dumps({"prompt": "hi", "completion": "word " * 100}).encode(),            # 11
+        json.dumps({"messages": [ANSWER, USER]}).encode(),  # 8
+        json.dumps({"messages": [{"content": "x"}, ANSWER]}).encode(),  # 9
+        json.dumps({"prompt": "hi", "completion": "  "}).encode(),  # 10
+        json.dumps({"prompt": "hi", "completion": "word " * 100}).encode(),  # 11
         # 12: "assistant\n" + four spaces pre-tokenize as one "\n   " piece (then " return"),
         # which this BPE merges (its corpus has "\n    return"): no prompt/answer token boundary.
-        json.dumps({"prompt": "add", "completion": "    return a + b"}).encode(),      # 12
-        b"",                                                                           # 13
-        b'{"prompt": "caf\xff", "completion": "x"}',                                   # 14
-        json.dumps({"prompt": "What is 3 + 4?", "completion": "7"}).encode(),          # 15 good
+        json.dumps({"prompt": "add", "completion": "    return a + b"}).encode(),  # 12
+        b"",  # 13
+        b'{"prompt": "caf\xff", "completion": "x"}',  # 14
+        json.dumps({"prompt": "What is 3 + 4?", "completion": "7"}).encode(),  # 15 good
     ]
     path = tmp_path / "records.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -95,16 +107,30 @@ def test_every_bad_record_is_quarantined_with_reason_and_line(tmp_path, tok):
     # Assert
     assert len(examples) == 2
     assert [(e["location"], e["reason"]) for e in entries] == [
-        (f"{path}:2", "bad_json"), (f"{path}:3", "missing_field"), (f"{path}:4", "missing_field"),
-        (f"{path}:5", "wrong_field_type"), (f"{path}:6", "wrong_field_type"),
-        (f"{path}:7", "bad_role"), (f"{path}:8", "bad_role"), (f"{path}:9", "bad_role"),
-        (f"{path}:10", "empty_answer"), (f"{path}:11", "too_long"),
-        (f"{path}:12", "template_mismatch"), (f"{path}:14", "undecodable"),
+        (f"{path}:2", "bad_json"),
+        (f"{path}:3", "missing_field"),
+        (f"{path}:4", "missing_field"),
+        (f"{path}:5", "wrong_field_type"),
+        (f"{path}:6", "wrong_field_type"),
+        (f"{path}:7", "bad_role"),
+        (f"{path}:8", "bad_role"),
+        (f"{path}:9", "bad_role"),
+        (f"{path}:10", "empty_answer"),
+        (f"{path}:11", "too_long"),
+        (f"{path}:12", "template_mismatch"),
+        (f"{path}:14", "undecodable"),
     ]
     assert entries[0]["sample"] == '{"messages": [' and entries[0]["source"] == "sft"
     assert quarantine_counts(entries) == {
-        "bad_json": 1, "bad_role": 3, "empty_answer": 1, "missing_field": 2,
-        "template_mismatch": 1, "too_long": 1, "undecodable": 1, "wrong_field_type": 2}
+        "bad_json": 1,
+        "bad_role": 3,
+        "empty_answer": 1,
+        "missing_field": 2,
+        "template_mismatch": 1,
+        "too_long": 1,
+        "undecodable": 1,
+        "wrong_field_type": 2,
+    }
 
 
 def test_left_truncation_keeps_the_answer_and_cuts_the_prompt_from_the_left(tok):
@@ -168,15 +194,18 @@ def test_sft_batches_are_deterministic_and_split_by_rank():
 
 def test_score_exact_match_strips_whitespace():
     assert score_exact_match(["7", " Hello, Ada! ", "x"], ["7", "Hello, Ada!", "y"]) == 2 / 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need as many predictions as answers"):
         score_exact_match(["7"], [])
 
 
-@pytest.mark.parametrize(("overrides", "match"), [
-    ({"max_seq_len": 1}, "data.max_seq_len.*1"),
-    ({"truncation": "right"}, "data.truncation.*'right'"),
-    ({"path": ""}, "data.path"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"max_seq_len": 1}, "data.max_seq_len.*1"),
+        ({"truncation": "right"}, "data.truncation.*'right'"),
+        ({"path": ""}, "data.path"),
+    ],
+)
 def test_config_errors_name_the_field(overrides, match):
     with pytest.raises(ConfigError, match=match):
         SFTDataConfig(**{"path": "train.jsonl", **overrides})

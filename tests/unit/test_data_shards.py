@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +25,14 @@ def test_round_trip_and_row_groups(tmp_path):
     assert row_group_sizes(tmp_path / "s.parquet") == [4, 4, 2]
     assert np.array_equal(read_row_group(tmp_path / "s.parquet", 2), rows[8:])
     data = (tmp_path / "s.parquet").read_bytes()
-    assert info == {"rows": 10, "tokens": 50, "bytes": len(data), "row_groups": 3,
-                    "sha256": "sha256:" + hashlib.sha256(data).hexdigest(), "written": True}
+    assert info == {
+        "rows": 10,
+        "tokens": 50,
+        "bytes": len(data),
+        "row_groups": 3,
+        "sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
+        "written": True,
+    }
 
 
 def test_same_rows_same_bytes_and_no_rewrite(tmp_path):
@@ -45,7 +52,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     (tmp_path / "x").write_bytes(b"old")
 
     def broken(tmp):
-        open(tmp, "wb").write(b"half")
+        Path(tmp).write_bytes(b"half")
         raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
@@ -64,9 +71,15 @@ def test_stale_temps_are_removed(tmp_path):
 def _manifest(tmp_path):
     info = write_shard(tmp_path / "train/shard-00000.parquet", _rows(4), 2)
     info.pop("written")
-    manifest = {"format_version": 1, "created_at": "t", "tokenizer": {}, "seq_len": 4,
-                "row_len": 5, "counts": {},
-                "shards": [{"path": "train/shard-00000.parquet", "split": "train", **info}]}
+    manifest = {
+        "format_version": 1,
+        "created_at": "t",
+        "tokenizer": {},
+        "seq_len": 4,
+        "row_len": 5,
+        "counts": {},
+        "shards": [{"path": "train/shard-00000.parquet", "split": "train", **info}],
+    }
     write_manifest(tmp_path, manifest)
     return manifest
 
@@ -84,10 +97,10 @@ def test_verify_names_the_bad_shard(tmp_path):
     data = bytearray(path.read_bytes())
     data[10] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="shard train/shard-00000.parquet: sha256"):
+    with pytest.raises(ValueError, match=r"shard train/shard-00000\.parquet: sha256"):
         verify_shards(tmp_path, manifest)
     path.unlink()
-    with pytest.raises(ValueError, match="train/shard-00000.parquet listed in the manifest is missing"):
+    with pytest.raises(ValueError, match=r"train/shard-00000\.parquet listed in the manifest is missing"):
         verify_shards(tmp_path, manifest)
 
 
@@ -100,8 +113,10 @@ def test_read_manifest_errors(tmp_path):
 
 
 def test_quarantine_file_sorted_and_reasons_checked(tmp_path):
-    entries = [quarantine_entry("s", "b.jsonl:3", "bad_json", "x", b"{bad\xff"),
-               quarantine_entry("s", "a.txt", "empty_file", "0 bytes", None)]
+    entries = [
+        quarantine_entry("s", "b.jsonl:3", "bad_json", "x", b"{bad\xff"),
+        quarantine_entry("s", "a.txt", "empty_file", "0 bytes", None),
+    ]
     write_quarantine(tmp_path, entries)
     got = read_quarantine(tmp_path)
     assert [e["location"] for e in got] == ["a.txt", "b.jsonl:3"]

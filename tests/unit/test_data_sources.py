@@ -1,15 +1,24 @@
-"""Listing sources and reading files into records, including every damaged-file case."""
+"""Listing sources and reading files into records, including every damaged-file case and bundles."""
 
 import gzip
+import hashlib
 import io
 import json
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from raymoe.config import ConfigError
+from raymoe.data.corpus_bundle import ChecksumError
+from raymoe.data.decode import DecodeConfig
+from raymoe.data.dedup import DedupConfig
+from raymoe.data.filters import FilterConfig
+from raymoe.data.normalize import NormalizeConfig
+from raymoe.data.pii import PIIConfig
 from raymoe.data.sources import SourceConfig, file_format, list_files, read_file
+from raymoe.data.units import clean_unit
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -53,12 +62,12 @@ def test_listing_walks_dirs_globs_and_uris_sorted(tmp_path):
 
 
 def test_missing_path_is_an_error_naming_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="sources\\[s\\].paths: .*nope"):
+    with pytest.raises(FileNotFoundError, match=r"sources\[s\]\.paths: .*nope"):
         list_files(SourceConfig(name="s", paths=[str(tmp_path / "nope")]))
 
 
 def test_source_config_checks():
-    with pytest.raises(ConfigError, match="sources\\[s\\].weight"):
+    with pytest.raises(ConfigError, match=r"sources\[s\]\.weight"):
         SourceConfig(name="s", paths=["x"], weight=-1)
     with pytest.raises(ConfigError, match="paths"):
         SourceConfig(name="s", paths=[])
@@ -85,8 +94,7 @@ def test_jsonl_lines_keep_their_line_numbers(tmp_path):
 
 
 def test_gzip_good_truncated_and_corrupt(tmp_path):
-    payload = gzip.compress(b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n"
-                                     for i in range(200)))
+    payload = gzip.compress(b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(200)))
     (tmp_path / "good.jsonl.gz").write_bytes(payload)
     (tmp_path / "trunc.jsonl.gz").write_bytes(payload[: len(payload) // 2])
     (tmp_path / "junk.jsonl.gz").write_bytes(b"not gzip at all")
@@ -120,3 +128,73 @@ def test_unreadable_file(tmp_path):
     (tmp_path / "a.txt").unlink()  # gone between listing and reading
     [row] = read_file(ref)
     assert row["reason"] == "unreadable_file"
+
+
+def _bundle(tmp_path, lines: list[bytes], *, sidecar: bool = True):
+    """Writes `lines` as a gzip JSONL bundle (with a correct sidecar); returns its FileRef."""
+    data = gzip.compress(b"".join(line + b"\n" for line in lines), mtime=0)
+    path = tmp_path / "corpus.jsonl.gz"
+    path.write_bytes(data)
+    if sidecar:
+        (tmp_path / "corpus.jsonl.gz.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  corpus.jsonl.gz\n")
+    [ref] = list_files(SourceConfig(name="s", paths=[str(path)], id_field="id"))
+    return ref
+
+
+def test_bundle_records_are_named_by_id_and_bad_lines_by_line(tmp_path):
+    # Prepare: two good documents, then one line of each kind of damage.
+    ref = _bundle(
+        tmp_path,
+        [
+            json.dumps({"id": "pkg/a.py", "text": "caf\u00e9\n", "license": "MIT"}, ensure_ascii=False).encode(),
+            json.dumps({"id": "b.txt", "text": "second"}).encode(),
+            b'{"id": "c.txt", "text": "unterminated',  # line 3: bad_json
+            json.dumps({"text": "no id"}).encode(),  # line 4: missing_field (id)
+            json.dumps({"id": ["x"], "text": "list id"}).encode(),  # line 5: wrong_field_type
+            json.dumps({"id": "d.txt", "text": 7}).encode(),  # wrong_field_type (text)
+            b'{"id": "e.txt", "text": "bad \xc3\x28 utf8"}',  # line 7: undecodable
+        ],
+    )
+    # Execute
+    rows = read_file(ref)
+    cleaned = clean_unit(
+        [asdict(ref)],
+        DecodeConfig(),
+        NormalizeConfig(),
+        PIIConfig(),
+        FilterConfig(min_chars=1),
+        DedupConfig(near=False),
+    ).to_pylist()
+    # Assert: good records carry the text's own UTF-8 bytes, located by id.
+    assert [(r["location"], r["kind"], r["raw"]) for r in rows[:2]] == [
+        (f"{ref.path}#pkg/a.py", "text", "caf\u00e9\n".encode()),
+        (f"{ref.path}#b.txt", "text", b"second"),
+    ]
+    assert [(c["location"].removeprefix(ref.path), c["reason"]) for c in cleaned] == [
+        ("#pkg/a.py", ""),
+        ("#b.txt", ""),
+        (":3", "bad_json"),
+        (":4", "missing_field"),
+        (":5", "wrong_field_type"),
+        ("#d.txt", "wrong_field_type"),
+        (":7", "undecodable"),
+    ]
+    assert cleaned[3]["detail"] == "no field 'id'"
+
+
+def test_listing_checks_a_bundles_sidecar(tmp_path):
+    # Prepare
+    ref = _bundle(tmp_path, [b'{"id": "a", "text": "x"}'])
+    assert ref.id_field == "id"
+    # Execute: the bundle changes after its checksum was written.
+    (tmp_path / "corpus.jsonl.gz").write_bytes(gzip.compress(b'{"id": "a", "text": "y"}\n'))
+    # Assert
+    with pytest.raises(ChecksumError, match=r"corpus\.jsonl\.gz: sha256 [0-9a-f]{64} does not"):
+        list_files(SourceConfig(name="s", paths=[str(tmp_path)]))
+    (tmp_path / "corpus.jsonl.gz.sha256").unlink()  # no sidecar: nothing to check
+    assert len(list_files(SourceConfig(name="s", paths=[str(tmp_path)]))) == 1
+
+
+def test_id_field_must_not_be_empty():
+    with pytest.raises(ConfigError, match=r"sources\[s\]\.id_field"):
+        SourceConfig(name="s", paths=["x"], id_field="")

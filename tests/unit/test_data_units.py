@@ -27,7 +27,7 @@ def test_plan_groups_files_in_order_by_bytes():
     assert [u["key"] for u in units] == [u["key"] for u in again]
     other = plan_units(files, unit_bytes=100, settings_hash="other settings")
     assert all(a["key"] != b["key"] for a, b in zip(units, other))
-    changed = plan_units([_ref("a", 61)] + files[1:], unit_bytes=100, settings_hash="h")
+    changed = plan_units([_ref("a", 61), *files[1:]], unit_bytes=100, settings_hash="h")
     assert changed[0]["key"] != units[0]["key"] and changed[1]["key"] == units[1]["key"]
 
 
@@ -43,8 +43,9 @@ def test_clean_unit_keeps_reasons_and_fingerprints_kept_rows(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(line + b"\n[1\n")
     files = [asdict(r) for r in list_files(SourceConfig(name="s", paths=[str(tmp_path)]))]
     # Execute
-    table = clean_unit(files, DecodeConfig(), NormalizeConfig(), PIIConfig(enabled=True),
-                       FilterConfig(min_chars=10), DedupConfig())
+    table = clean_unit(
+        files, DecodeConfig(), NormalizeConfig(), PIIConfig(enabled=True), FilterConfig(min_chars=10), DedupConfig()
+    )
     rows = table.to_pylist()
     # Assert
     assert [r["reason"] for r in rows] == ["", "too_short", "undecodable", "", "bad_json"]
@@ -64,8 +65,9 @@ def test_tokenize_unit_encodes_selected_rows(tmp_path):
     (tmp_path / "a.txt").write_text("first document text")
     (tmp_path / "b.txt").write_text("second document text")
     files = [asdict(r) for r in list_files(SourceConfig(name="s", paths=[str(tmp_path)]))]
-    clean = clean_unit(files, DecodeConfig(), NormalizeConfig(), PIIConfig(),
-                       FilterConfig(min_chars=1), DedupConfig(near=False))
+    clean = clean_unit(
+        files, DecodeConfig(), NormalizeConfig(), PIIConfig(), FilterConfig(min_chars=1), DedupConfig(near=False)
+    )
     tok = train_tokenizer(["first second document text"] * 10, 280)
     # Execute: keep only row 1, in the validation split.
     out = tokenize_unit(clean, [(1, "val")], tok)
@@ -83,28 +85,40 @@ def test_each_source_uses_its_own_text_field(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "a/x.jsonl").write_text('{"body": "document under body key"}\n')
     (tmp_path / "b/y.jsonl").write_text('{"text": "document under text key"}\n')
-    files = [asdict(r) for r in list_files(SourceConfig(name="a", paths=[str(tmp_path / "a")],
-                                                        text_field="body"))]
+    files = [asdict(r) for r in list_files(SourceConfig(name="a", paths=[str(tmp_path / "a")], text_field="body"))]
     files += [asdict(r) for r in list_files(SourceConfig(name="b", paths=[str(tmp_path / "b")]))]
     # Execute
-    rows = clean_unit(files, DecodeConfig(), NormalizeConfig(), PIIConfig(),
-                      FilterConfig(min_chars=1), DedupConfig(near=False)).to_pylist()
+    rows = clean_unit(
+        files, DecodeConfig(), NormalizeConfig(), PIIConfig(), FilterConfig(min_chars=1), DedupConfig(near=False)
+    ).to_pylist()
     # Assert
     assert [(r["source"], r["reason"], r["text"]) for r in rows] == [
-        ("a", "", "document under body key"), ("b", "", "document under text key")]
+        ("a", "", "document under body key"),
+        ("b", "", "document under text key"),
+    ]
 
 
 def test_parts_commit_resume_and_reload(tmp_path):
     # Prepare: a unit of 3 one-line files, cleaned through the stage chain.
     from raymoe.data.units import (
-        CLEAN_STAGES, commit_parts, load_clean, read_records, reset_unit, unit_done,
+        CLEAN_STAGES,
+        commit_parts,
+        load_clean,
+        read_records,
+        reset_unit,
+        unit_done,
     )
 
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.txt").write_text(f"document {name} with enough characters")
     files = [asdict(r) for r in list_files(SourceConfig(name="s", paths=[str(tmp_path)]))]
-    cfgs = {"decode": DecodeConfig(), "normalize": NormalizeConfig(), "pii": PIIConfig(),
-            "filter": FilterConfig(min_chars=1), "dedup": DedupConfig()}
+    cfgs = {
+        "decode": DecodeConfig(),
+        "normalize": NormalizeConfig(),
+        "pii": PIIConfig(),
+        "filter": FilterConfig(min_chars=1),
+        "dedup": DedupConfig(),
+    }
     records = read_records("u1", files)
     for name, stage, _ in CLEAN_STAGES:
         records = stage(records, cfgs[name])
@@ -115,12 +129,10 @@ def test_parts_commit_resume_and_reload(tmp_path):
     summary = commit_parts(records.slice(0, 2), clean_dir)
     # Assert
     assert partial is False and unit_done(clean_dir / "u1") is True
-    assert summary == [{"unit": "u1", "records": 2,
-                        "bytes": sum(f["size"] for f in files[:2])}]
+    assert summary == [{"unit": "u1", "records": 2, "bytes": sum(f["size"] for f in files[:2])}]
     loaded = load_clean(clean_dir / "u1")
     assert loaded.column("idx").to_pylist() == [0, 1, 2]
-    assert loaded.column("text").to_pylist() == [
-        f"document {n} with enough characters" for n in "abc"]
+    assert loaded.column("text").to_pylist() == [f"document {n} with enough characters" for n in "abc"]
     assert loaded.equals(clean_unit(files, *cfgs.values()))
     reset_unit(clean_dir / "u1")
     assert unit_done(clean_dir / "u1") is False

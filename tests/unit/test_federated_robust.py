@@ -12,15 +12,21 @@ COUNTS_SHAPE = (1, 2)
 
 
 def _update(silo, params, num_examples=1) -> ClientUpdate:
-    return ClientUpdate(silo=silo, params=params, num_examples=num_examples,
-                        tokens_per_expert_LE=torch.zeros(COUNTS_SHAPE, dtype=torch.int64))
+    return ClientUpdate(
+        silo=silo,
+        params=params,
+        num_examples=num_examples,
+        tokens_per_expert_LE=torch.zeros(COUNTS_SHAPE, dtype=torch.int64),
+    )
 
 
 def _updates(values, num_examples=None):
     """One silo per value; param "x" holds that value, "y" two zeros (so flattening is exercised)."""
     num_examples = num_examples or [1] * len(values)
-    return [_update(f"s{i}", {"x": torch.tensor([v]), "y": torch.zeros(2)}, n)
-            for i, (v, n) in enumerate(zip(values, num_examples))]
+    return [
+        _update(f"s{i}", {"x": torch.tensor([v]), "y": torch.zeros(2)}, n)
+        for i, (v, n) in enumerate(zip(values, num_examples))
+    ]
 
 
 GLOBAL = {"x": torch.zeros(1), "y": torch.zeros(2)}
@@ -35,8 +41,10 @@ def test_median_odd_count_is_the_middle_value():
 def test_median_even_count_averages_the_two_middle_values_like_numpy():
     # (1, 10, 2, 4) -> sorted 1, 2, 4, 10 -> (2 + 4) / 2 = 3; torch.median would say 2.
     # (0, 0, 1, 1) -> (0 + 1) / 2 = 0.5.
-    updates = [_update(f"s{i}", {"x": torch.tensor([a, b])}) for i, (a, b) in
-               enumerate([(1.0, 0.0), (10.0, 0.0), (2.0, 1.0), (4.0, 1.0)])]
+    updates = [
+        _update(f"s{i}", {"x": torch.tensor([a, b])})
+        for i, (a, b) in enumerate([(1.0, 0.0), (10.0, 0.0), (2.0, 1.0), (4.0, 1.0)])
+    ]
     out = FedMedian().aggregate_fit(1, {"x": torch.zeros(2)}, updates)
     assert out["x"].tolist() == [3.0, 0.5]
 
@@ -107,15 +115,22 @@ def _byzantine_round(attack: str):
         bad = {k: global_params[k] + 100 * (would_be[k] - global_params[k]) for k in global_params}
     else:
         bad = {k: torch.full_like(t, float("nan")) for k, t in global_params.items()}
-    updates = honest[:2] + [_update("byzantine", bad)] + honest[2:]  # not last, so order does not help
+    updates = [*honest[:2], _update("byzantine", bad), *honest[2:]]  # not last, so order does not help
     honest_avg = FedAvg().aggregate_fit(1, global_params, honest)
     return global_params, updates, honest_avg
 
 
 @pytest.mark.parametrize("attack", ["scaled", "nan"])
-@pytest.mark.parametrize("strategy", [FedMedian(), FedTrimmedAvg(beta=0.2), Krum(num_malicious_clients=1),
-                                      Krum(num_malicious_clients=1, num_clients_to_keep=3)],
-                         ids=["median", "trimmed_mean", "krum", "multi_krum"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        FedMedian(),
+        FedTrimmedAvg(beta=0.2),
+        Krum(num_malicious_clients=1),
+        Krum(num_malicious_clients=1, num_clients_to_keep=3),
+    ],
+    ids=["median", "trimmed_mean", "krum", "multi_krum"],
+)
 def test_robust_strategies_stay_near_honest_fedavg(strategy, attack):
     # Prepare: the server always filters first; without a norm bound only NaN is caught there.
     global_params, updates, honest_avg = _byzantine_round(attack)

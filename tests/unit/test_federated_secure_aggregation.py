@@ -8,18 +8,25 @@ import pytest
 from scipy import stats
 
 from raymoe.federated.secure_aggregation import (
-    DEFAULT_FRAC_BITS, SecureAggregationAborted, SecureAggregationRound, SiloKeys,
-    decode_fixed_point, encode_fixed_point, mask_from_seed, mask_vector, max_abs_value,
-    pairwise_seed, unmask_sum,
+    DEFAULT_FRAC_BITS,
+    SecureAggregationAborted,
+    SecureAggregationRound,
+    SiloKeys,
+    decode_fixed_point,
+    encode_fixed_point,
+    mask_from_seed,
+    mask_vector,
+    max_abs_value,
+    pairwise_seed,
+    unmask_sum,
 )
 
-LSB = 2.0 ** -DEFAULT_FRAC_BITS
+LSB = 2.0**-DEFAULT_FRAC_BITS
 
 
 def _keys(ids, salt="attempt-1"):
     # Deterministic X25519 keys so every statistic below is a fixed, reproducible number.
-    return {i: SiloKeys.from_private_bytes(hashlib.sha256(f"{salt}/{i}".encode()).digest())
-            for i in ids}
+    return {i: SiloKeys.from_private_bytes(hashlib.sha256(f"{salt}/{i}".encode()).digest()) for i in ids}
 
 
 def _mask_all(values, keys, round):
@@ -58,13 +65,10 @@ def test_masks_follow_the_sign_convention_and_cancel_exactly():
     zeros = {i: np.zeros(2000) for i in ids}
     # Execute
     masked = _mask_all(zeros, keys, round=5)
-    seed_ab = pairwise_seed(keys["a"].private_key, keys["b"].public_bytes, round=5,
-                            silo_id="a", peer_id="b")
-    seed_ac = pairwise_seed(keys["a"].private_key, keys["c"].public_bytes, round=5,
-                            silo_id="a", peer_id="c")
+    seed_ab = pairwise_seed(keys["a"].private_key, keys["b"].public_bytes, round=5, silo_id="a", peer_id="b")
+    seed_ac = pairwise_seed(keys["a"].private_key, keys["c"].public_bytes, round=5, silo_id="a", peer_id="c")
     # Assert: "a" is the smaller id of both its pairs, so it adds m_ab + m_ac ...
-    assert np.array_equal(masked["a"],
-                          mask_from_seed(seed_ab, 2000) + mask_from_seed(seed_ac, 2000))
+    assert np.array_equal(masked["a"], mask_from_seed(seed_ab, 2000) + mask_from_seed(seed_ac, 2000))
     # ... and the three vectors sum to exactly 0 mod 2^64 although none of them is 0.
     assert all(np.count_nonzero(m) > 1990 for m in masked.values())
     assert not np.any(masked["a"] + masked["b"] + masked["c"])
@@ -74,12 +78,9 @@ def test_both_sides_derive_the_seed_and_rounds_differ():
     # Prepare
     keys = _keys(["a", "b"])
     # Execute
-    a_side = pairwise_seed(keys["a"].private_key, keys["b"].public_bytes, round=1,
-                           silo_id="a", peer_id="b")
-    b_side = pairwise_seed(keys["b"].private_key, keys["a"].public_bytes, round=1,
-                           silo_id="b", peer_id="a")
-    next_round = pairwise_seed(keys["a"].private_key, keys["b"].public_bytes, round=2,
-                               silo_id="a", peer_id="b")
+    a_side = pairwise_seed(keys["a"].private_key, keys["b"].public_bytes, round=1, silo_id="a", peer_id="b")
+    b_side = pairwise_seed(keys["b"].private_key, keys["a"].public_bytes, round=1, silo_id="b", peer_id="a")
+    next_round = pairwise_seed(keys["a"].private_key, keys["b"].public_bytes, round=2, silo_id="a", peer_id="b")
     # Assert: equal seeds on both sides; a new round gives a new seed and unrelated masks
     # (two independent uniform uint64 vectors agree nowhere, barring a 1000 * 2^-64 chance).
     assert len(a_side) == 32 and a_side == b_side
@@ -89,8 +90,7 @@ def test_both_sides_derive_the_seed_and_rounds_differ():
 
 def _uniformity_and_correlation(vector_u64, values):
     u = vector_u64.astype(np.float64) / 2.0**64
-    return (stats.kstest(u, "uniform").pvalue, stats.pearsonr(u, values)[0],
-            stats.spearmanr(u, values)[0])
+    return (stats.kstest(u, "uniform").pvalue, stats.pearsonr(u, values)[0], stats.spearmanr(u, values)[0])
 
 
 def test_one_masked_vector_looks_uniform_and_uncorrelated():
@@ -181,7 +181,7 @@ def test_values_outside_the_safe_range_raise():
     public = {i: k.public_bytes for i, k in keys.items()}
     near = np.array([0.999 * bound, -0.999 * bound])
     # Execute: just inside the range three parties' sum still decodes.
-    total = unmask_sum(_mask_all({i: near for i in keys}, keys, round=1), ["a", "b", "c"])
+    total = unmask_sum(_mask_all(dict.fromkeys(keys, near), keys, round=1), ["a", "b", "c"])
     # Assert
     assert np.allclose(total, 3 * near, rtol=0, atol=3 * LSB)
     for bad in (bound, -2 * bound, np.nan, np.inf):

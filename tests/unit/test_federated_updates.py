@@ -28,17 +28,24 @@ def _global() -> dict[str, torch.Tensor]:
 
 
 def _update(silo="a", params=None, num_examples=5, counts=None) -> ClientUpdate:
-    return ClientUpdate(silo=silo, params=_global() if params is None else params, num_examples=num_examples,
-                        tokens_per_expert_LE=torch.zeros(COUNTS_SHAPE, dtype=torch.int64) if counts is None else counts)
+    return ClientUpdate(
+        silo=silo,
+        params=_global() if params is None else params,
+        num_examples=num_examples,
+        tokens_per_expert_LE=torch.zeros(COUNTS_SHAPE, dtype=torch.int64) if counts is None else counts,
+    )
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    (EXPERT, (1, 3)),
-    ("base_model.model.model.layers.12.mlp.experts.0.down_proj.lora_B.weight", (12, 0)),  # DeepSeek naming
-    (ATTN, None),
-    ("base_model.model.model.layers.0.mlp.shared_experts.gate_proj.lora_A.weight", None),  # shared, not routed
-    ("base_model.model.model.layers.2.block_sparse_moe.gate.lora_A.weight", None),  # the router
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (EXPERT, (1, 3)),
+        ("base_model.model.model.layers.12.mlp.experts.0.down_proj.lora_B.weight", (12, 0)),  # DeepSeek naming
+        (ATTN, None),
+        ("base_model.model.model.layers.0.mlp.shared_experts.gate_proj.lora_A.weight", None),  # shared, not routed
+        ("base_model.model.model.layers.2.block_sparse_moe.gate.lora_A.weight", None),  # the router
+    ],
+)
 def test_expert_of(name, expected):
     assert expert_of(name) == expected
 
@@ -69,21 +76,37 @@ def test_good_update_passes():
     assert check_update(_update(params=params, counts=counts), _global(), 1.0, COUNTS_SHAPE) is None
 
 
-@pytest.mark.parametrize(("make", "reason"), [
-    (lambda: _update(params={ATTN: torch.zeros(2, 3)}), REJECT_MISSING_TENSOR),
-    (lambda: _update(params={**_global(), "extra.lora_A.weight": torch.zeros(1)}), REJECT_MISSING_TENSOR),
-    (lambda: _update(params={ATTN: torch.zeros(3, 2), EXPERT: torch.zeros(4)}), REJECT_WRONG_SHAPE),
-    (lambda: _update(params={ATTN: torch.zeros(2, 3), EXPERT: torch.tensor([0.0, float("nan"), 0, 0])}),
-     REJECT_NON_FINITE),
-    (lambda: _update(params={ATTN: torch.full((2, 3), float("inf")), EXPERT: torch.zeros(4)}), REJECT_NON_FINITE),
-    (lambda: _update(num_examples=0), REJECT_BAD_COUNTS),
-    (lambda: _update(counts=torch.tensor([[0, 0, 0, 0], [0, -1, 0, 0]])), REJECT_BAD_COUNTS),
-    (lambda: _update(counts=torch.zeros(2, 3, dtype=torch.int64)), REJECT_BAD_COUNTS),
-    (lambda: _update(counts=torch.zeros(COUNTS_SHAPE)), REJECT_BAD_COUNTS),  # float32, not int64 counts
-    # Delta norm sqrt(6 * 1^2 + 4 * 1^2) = sqrt(10) ~ 3.16 > 3.
-    (lambda: _update(params={ATTN: torch.ones(2, 3), EXPERT: torch.ones(4)}), REJECT_NORM),
-], ids=["missing", "extra", "shape", "nan", "inf", "no-examples", "negative-count", "counts-shape",
-        "counts-dtype", "norm"])
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: _update(params={ATTN: torch.zeros(2, 3)}), REJECT_MISSING_TENSOR),
+        (lambda: _update(params={**_global(), "extra.lora_A.weight": torch.zeros(1)}), REJECT_MISSING_TENSOR),
+        (lambda: _update(params={ATTN: torch.zeros(3, 2), EXPERT: torch.zeros(4)}), REJECT_WRONG_SHAPE),
+        (
+            lambda: _update(params={ATTN: torch.zeros(2, 3), EXPERT: torch.tensor([0.0, float("nan"), 0, 0])}),
+            REJECT_NON_FINITE,
+        ),
+        (lambda: _update(params={ATTN: torch.full((2, 3), float("inf")), EXPERT: torch.zeros(4)}), REJECT_NON_FINITE),
+        (lambda: _update(num_examples=0), REJECT_BAD_COUNTS),
+        (lambda: _update(counts=torch.tensor([[0, 0, 0, 0], [0, -1, 0, 0]])), REJECT_BAD_COUNTS),
+        (lambda: _update(counts=torch.zeros(2, 3, dtype=torch.int64)), REJECT_BAD_COUNTS),
+        (lambda: _update(counts=torch.zeros(COUNTS_SHAPE)), REJECT_BAD_COUNTS),  # float32, not int64 counts
+        # Delta norm sqrt(6 * 1^2 + 4 * 1^2) = sqrt(10) ~ 3.16 > 3.
+        (lambda: _update(params={ATTN: torch.ones(2, 3), EXPERT: torch.ones(4)}), REJECT_NORM),
+    ],
+    ids=[
+        "missing",
+        "extra",
+        "shape",
+        "nan",
+        "inf",
+        "no-examples",
+        "negative-count",
+        "counts-shape",
+        "counts-dtype",
+        "norm",
+    ],
+)
 def test_each_rejection_reason(make, reason):
     assert check_update(make(), _global(), 3.0, COUNTS_SHAPE) == reason
 

@@ -1,11 +1,10 @@
 """One pass over a step's forward jobs (decodes + prompt chunks) against one pass per job."""
 
-
 import pytest
 import torch
 
+from raymoe.inference.forward_jobs import ForwardJob, run_forward_jobs
 from raymoe.models import KVCache, MoETransformer, flavour
-from raymoe.models.forward_jobs import ForwardJob, run_forward_jobs
 
 
 def make_model(capacity_factor=None):
@@ -20,12 +19,21 @@ def step_jobs(vocab):
     """A step as the engine makes it: 3 decodes at different positions, 2 fresh prompts padded
     into one group, and the second chunk of a longer prompt (slot 5, from position 6)."""
     g = torch.Generator().manual_seed(0)
-    decode = ForwardJob(torch.randint(0, vocab, (3, 1), generator=g), torch.tensor([[7], [4], [9]]),
-                        torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long))
-    fresh = ForwardJob(torch.randint(0, vocab, (2, 5), generator=g), torch.arange(5).expand(2, 5),
-                       torch.tensor([3, 4]), torch.tensor([4, 2]))
-    chunk = ForwardJob(torch.randint(0, vocab, (1, 4), generator=g), torch.arange(6, 10)[None],
-                       torch.tensor([5]), torch.tensor([3]))
+    decode = ForwardJob(
+        torch.randint(0, vocab, (3, 1), generator=g),
+        torch.tensor([[7], [4], [9]]),
+        torch.tensor([0, 1, 2]),
+        torch.zeros(3, dtype=torch.long),
+    )
+    fresh = ForwardJob(
+        torch.randint(0, vocab, (2, 5), generator=g),
+        torch.arange(5).expand(2, 5),
+        torch.tensor([3, 4]),
+        torch.tensor([4, 2]),
+    )
+    chunk = ForwardJob(
+        torch.randint(0, vocab, (1, 4), generator=g), torch.arange(6, 10)[None], torch.tensor([5]), torch.tensor([3])
+    )
     return [decode, fresh, chunk]
 
 

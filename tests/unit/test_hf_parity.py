@@ -6,6 +6,7 @@ are far from uniform, and DeepSeek's correction bias is random, so a wrong mappi
 """
 
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -25,33 +26,87 @@ from raymoe.models import KVCache, load_hf, save_hf
 from raymoe.models.generate import decode_step, generate, prefill
 
 VOCAB = 96
-BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256,
-            pad_token_id=0, bos_token_id=1, eos_token_id=None)  # no EOS: generate never stops early
+# eos_token_id=None: no EOS, so generate never stops early.
+BASE: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,
+)
 
 
 def _deepseek(q_lora_rank, yarn):
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if yarn:
-        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
-                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.7}
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.7,
+        }
     return DeepseekV3ForCausalLM, DeepseekV3Config(
-        **BASE, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
-        n_shared_experts=1, n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1,
-        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=q_lora_rank, kv_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_parameters=rope,
+        **BASE,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        rope_parameters=rope,
     )
 
 
 CASES = {
-    "mixtral": lambda: (MixtralForCausalLM, MixtralConfig(
-        **BASE, num_key_value_heads=2, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2)),
-    "qwen2_moe": lambda: (Qwen2MoeForCausalLM, Qwen2MoeConfig(
-        **BASE, num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32,
-        shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
-        norm_topk_prob=False)),
-    "qwen3_moe": lambda: (Qwen3MoeForCausalLM, Qwen3MoeConfig(
-        **BASE, num_key_value_heads=2, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
-        num_experts=6, num_experts_per_tok=2, norm_topk_prob=True)),
+    "mixtral": lambda: (
+        MixtralForCausalLM,
+        MixtralConfig(**BASE, num_key_value_heads=2, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2),
+    ),
+    "qwen2_moe": lambda: (
+        Qwen2MoeForCausalLM,
+        Qwen2MoeConfig(
+            **BASE,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=40,
+            num_experts=6,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
+    ),
+    # head_dim: a config attribute Qwen3 attention reads that the dataclass's fields do not list.
+    "qwen3_moe": lambda: (
+        Qwen3MoeForCausalLM,
+        Qwen3MoeConfig(  # type: ignore[call-arg]
+            **BASE,
+            num_key_value_heads=2,
+            head_dim=24,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=6,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+        ),
+    ),
     "deepseek_v3_q_lora_yarn": lambda: _deepseek(q_lora_rank=24, yarn=True),
     "deepseek_v3_no_q_lora": lambda: _deepseek(q_lora_rank=None, yarn=False),
 }
@@ -131,7 +186,7 @@ def test_greedy_generation_matches_transformers_generate(checkpoint):
 
 
 def test_save_hf_round_trip_loads_in_transformers(checkpoint, tmp_path):
-    name, reference, path = checkpoint
+    _name, reference, path = checkpoint
     model = load_hf(path)
     save_hf(model, tmp_path)
     reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)

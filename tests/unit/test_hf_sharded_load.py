@@ -3,11 +3,11 @@ workers: fine-tuning ranks, serving shards), and matches the full model on what 
 
 import torch
 
-from raymoe.models import MoETransformer, flavour, load_hf, save_hf
+from raymoe.models import MoE, MoETransformer, flavour, load_hf, save_hf
 from raymoe.parallel.layout import ParallelLayout, shard_model_experts
 
 
-def test_sharded_load_reads_only_held_experts(tmp_path, monkeypatch):
+def test_sharded_load_reads_only_held_experts(tmp_path, monkeypatch) -> None:
     # Prepare: a debug artifact; every tensor read through safe_open is recorded.
     full = MoETransformer(flavour("debug"))
     full.init_weights(seed=7)
@@ -49,6 +49,8 @@ def test_sharded_load_reads_only_held_experts(tmp_path, monkeypatch):
         else:
             torch.testing.assert_close(tensor, want[name], rtol=0, atol=0)
     # Sharding a model that already holds its rank's experts keeps the same tensors.
-    before = part.layers[1].ffn.experts.w_gate_EFD
+    moe = part.layers[1].ffn
+    assert isinstance(moe, MoE)
+    before = moe.experts.w_gate_EFD
     shard_model_experts(part, ParallelLayout(ep=4), rank=1, ep_group=object())
-    assert part.layers[1].ffn.experts.w_gate_EFD is before
+    assert moe.experts.w_gate_EFD is before

@@ -50,7 +50,7 @@ def all_docs() -> list[tuple[str, dict]]:
     """(path, document) for every rendered resource, the drift RayJob inside its ConfigMap too."""
     out = []
     for path, text in sorted(RENDERED.items()):
-        if path.endswith("kustomization.yaml") or path.endswith(".patch.yaml"):
+        if path.endswith(("kustomization.yaml", ".patch.yaml")):
             continue
         doc = yaml.safe_load(text)
         out.append((path, doc))
@@ -64,6 +64,7 @@ DOCS = all_docs()
 
 # --- CRD schema -> JSON Schema --------------------------------------------------------------
 
+
 def to_json_schema(node):
     """An openAPIV3Schema as a strict JSON Schema: `additionalProperties: false` wherever the
     schema lists properties and does not say x-kubernetes-preserve-unknown-fields."""
@@ -75,8 +76,11 @@ def to_json_schema(node):
     if node.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if ("properties" in node and not node.get("x-kubernetes-preserve-unknown-fields")
-            and "additionalProperties" not in node):
+    if (
+        "properties" in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+        and "additionalProperties" not in node
+    ):
         out["additionalProperties"] = False
     if "(?i)" in out.get("pattern", "")[1:]:
         # Go's regexp allows inline flags anywhere; Python's only at the start.
@@ -129,21 +133,28 @@ def test_the_converted_schema_rejects_unknown_fields(crd_validators):
         crd_validators[("ray.io/v1", "RayJob")].validate(rayjob)
 
 
-@pytest.mark.parametrize("path,doc", [(p, d) for p, d in DOCS if d["apiVersion"].split("/")[0] in CUSTOM_GROUPS],
-                         ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "path,doc",
+    [(p, d) for p, d in DOCS if d["apiVersion"].split("/")[0] in CUSTOM_GROUPS],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
 def test_custom_resources_match_their_crd(path, doc, crd_validators):
     validator = crd_validators.get((doc["apiVersion"], doc["kind"]))
     assert validator is not None, f"{path}: no CRD for {doc['apiVersion']} {doc['kind']}"
     validator.validate(doc)
 
 
-@pytest.mark.parametrize("path,doc", [(p, d) for p, d in DOCS if d["apiVersion"].split("/")[0] not in CUSTOM_GROUPS],
-                         ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "path,doc",
+    [(p, d) for p, d in DOCS if d["apiVersion"].split("/")[0] not in CUSTOM_GROUPS],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
 def test_core_kinds_validate_strictly(path, doc):
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 # --- currentness, determinism, the YAML writer -----------------------------------------------
+
 
 def test_committed_files_are_the_render_of_the_defaults():
     assert stale_files(RENDERED, K8S) == [], "k8s/ is stale: run `raymoe manifests render --out k8s`"
@@ -161,9 +172,16 @@ def test_comments_never_change_the_data(preset):
 
 
 def test_writer_handles_blocks_notes_and_awkward_scalars():
-    tree = {"a": Note({"b": ["x", Note({"k": "0", "v": True}, "why\ntwo lines")]}, "top"),
-            "script": "set -e\necho hi\n", "json": "{\n  \"a\": 1\n}", "empty": {}, "none": [],
-            "num": "1.0", "colon": "a: b", "slash/key": "on"}
+    tree = {
+        "a": Note({"b": ["x", Note({"k": "0", "v": True}, "why\ntwo lines")]}, "top"),
+        "script": "set -e\necho hi\n",
+        "json": '{\n  "a": 1\n}',
+        "empty": {},
+        "none": [],
+        "num": "1.0",
+        "colon": "a: b",
+        "slash/key": "on",
+    }
     text = emit(tree, "head")
     assert yaml.safe_load(text) == plain(tree)
     assert "    # why\n    # two lines\n    - k: '0'\n      v: true\n" in text
@@ -176,6 +194,7 @@ def test_every_resource_file_says_what_it_is():
 
 
 # --- overlays ---------------------------------------------------------------------------------
+
 
 def test_json_patch_round_trips():
     old = {"a": [1, 2], "b": {"c/d": 1, "e": 2}, "f": "x"}
@@ -207,6 +226,7 @@ def test_overlay_jobs_are_rendered_with_the_overlay_values():
 
 
 # --- KubeRay admission rules (validation.go) and the autoscaling plan -------------------------
+
 
 def cluster_specs():
     for path, doc in DOCS:
@@ -271,9 +291,9 @@ def test_rayservice_upgrades_and_scales_as_planned():
 
 
 def test_serve_args_are_a_valid_serve_config():
-    from raymoe.serve.app import ServeConfig
+    from raymoe.serve.serve_config import ServeConfig
 
-    for path, doc in DOCS:
+    for _path, doc in DOCS:
         if doc["kind"] == "RayService":
             args = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
             from_dict(ServeConfig, args)
@@ -305,25 +325,33 @@ def test_serving_group_bounds_fit_the_replicas():
     assert (plan.nodes_per_replica, plan.min_nodes, plan.max_nodes) == (3, 3, 12)
     # Without shard workers a replica must fit in one pod.
     serve.app.update(ep=1, num_gpus=1.0)
-    with pytest.raises(ConfigError, match="serve.worker offers 4 CPU and 0 GPU"):
+    with pytest.raises(ConfigError, match=r"serve\.worker offers 4 CPU and 0 GPU"):
         plan_serving(serve)
     assert math.isclose(PodResources(cpu="1500m", memory="1Gi").num_cpus(), 2)
 
 
 def test_values_fail_at_the_edge_with_the_key_named():
-    with pytest.raises(ConfigError, match="unknown key jobs.train.step"):
+    with pytest.raises(ConfigError, match=r"unknown key jobs\.train\.step"):
         from_dict(DeployValues, {"jobs": {"train": {"config": "x", "step": 1}}})
     with pytest.raises(ConfigError, match="max_replicas"):
-        from_dict(DeployValues, {"worker_groups": [{"name": "cpu", "min_replicas": 3, "max_replicas": 1,
-                                                     "resources": {"cpu": "1", "memory": "1Gi"}}]})
+        from_dict(
+            DeployValues,
+            {
+                "worker_groups": [
+                    {"name": "cpu", "min_replicas": 3, "max_replicas": 1, "resources": {"cpu": "1", "memory": "1Gi"}}
+                ]
+            },
+        )
     with pytest.raises(ConfigError, match="Kubernetes quantity"):
         PodResources(cpu="two", memory="1Gi")
 
 
 # --- security ---------------------------------------------------------------------------------
 
+
 def pod_specs():
     """(where, pod spec) for every pod template in every document."""
+
     def walk(node, where):
         if isinstance(node, dict):
             if "containers" in node and isinstance(node["containers"], list):
@@ -333,6 +361,7 @@ def pod_specs():
         elif isinstance(node, list):
             for i, v in enumerate(node):
                 yield from walk(v, f"{where}[{i}]")
+
     for path, doc in DOCS:
         yield from walk(doc, path)
 
@@ -420,8 +449,14 @@ def test_only_the_head_and_the_scheduler_get_an_api_token():
         if token:
             assert pod["serviceAccountName"] in ("raymoe-head", "raymoe-drift-scheduler"), where
     roles = {d["metadata"]["name"]: d["rules"] for _, d in DOCS if d["kind"] == "Role"}
-    verbs = {(g, r, v) for rules in roles.values() for rule in rules for g in rule["apiGroups"]
-             for r in rule["resources"] for v in rule["verbs"]}
+    verbs = {
+        (g, r, v)
+        for rules in roles.values()
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
     assert not any(v in ("*", "escalate", "bind", "impersonate") or r in ("*", "secrets") for _, r, v in verbs)
 
 
@@ -437,21 +472,28 @@ fi
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
-@pytest.mark.parametrize("state,calls", [
-    (None, ["get rayjob raymoe-drift-scheduled", "create -f"]),
-    ("Complete", ["get rayjob", "delete rayjob raymoe-drift-scheduled --wait=true", "create -f"]),
-    ("Failed", ["get rayjob", "delete rayjob", "create -f"]),
-    ("Running", ["get rayjob"]),
-    ("", ["get rayjob"]),
-])
+@pytest.mark.parametrize(
+    "state,calls",
+    [
+        (None, ["get rayjob raymoe-drift-scheduled", "create -f"]),
+        ("Complete", ["get rayjob", "delete rayjob raymoe-drift-scheduled --wait=true", "create -f"]),
+        ("Failed", ["get rayjob", "delete rayjob", "create -f"]),
+        ("Running", ["get rayjob"]),
+        ("", ["get rayjob"]),
+    ],
+)
 def test_schedule_script_replaces_only_a_finished_check(tmp_path, state, calls):
     # Prepare: a fake kubectl that logs its arguments and reports the RayJob's state.
     kubectl = tmp_path / "kubectl"
     kubectl.write_text(FAKE_KUBECTL)
     kubectl.chmod(0o755)
     log = tmp_path / "log"
-    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "LOG": str(log), "RAYJOB_NAME": "raymoe-drift-scheduled",
-           "MANIFEST": "/etc/raymoe/rayjob.yaml"}
+    env = {
+        "PATH": f"{tmp_path}:/usr/bin:/bin",
+        "LOG": str(log),
+        "RAYJOB_NAME": "raymoe-drift-scheduled",
+        "MANIFEST": "/etc/raymoe/rayjob.yaml",
+    }
     if state is not None:
         env["STATE"] = state
     # Execute
@@ -462,6 +504,7 @@ def test_schedule_script_replaces_only_a_finished_check(tmp_path, state, calls):
 
 
 # --- `raymoe manifests render` ----------------------------------------------------------------
+
 
 def manifests_cli(argv: list[str]) -> int:
     import argparse
@@ -499,8 +542,9 @@ def test_cli_fills_the_serving_layout_from_the_planner(tmp_path):
     expected = plan(PlanConfig(model="deepseek-v3", fleet="h100-80g")).to_dict()
     out = tmp_path / "k8s"
     # Execute
-    assert manifests_cli(["manifests", "render", "--out", str(out), "--model", "deepseek-v3",
-                          "--fleet", "h100-80g"]) == 0
+    assert (
+        manifests_cli(["manifests", "render", "--out", str(out), "--model", "deepseek-v3", "--fleet", "h100-80g"]) == 0
+    )
     # Assert: one replica = ep shard workers with a GPU each, on whole 8-GPU nodes.
     service = yaml.safe_load((out / "base/rayservice.serve.yaml").read_text())["spec"]
     args = yaml.safe_load(service["serveConfigV2"])["applications"][0]["args"]

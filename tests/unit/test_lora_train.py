@@ -32,11 +32,24 @@ def _random_adapter(model, seed):
 @pytest.fixture(scope="module")
 def qwen_artifact(tmp_path_factory):
     """A Qwen2-MoE artifact (shared experts, one dense layer) written by transformers itself."""
-    cfg = Qwen2MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32,
-                         shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
-                         mlp_only_layers=[1], norm_topk_prob=False, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    cfg = Qwen2MoeConfig(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=40,
+        num_experts=6,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
     torch.manual_seed(0)
     model = Qwen2MoeForCausalLM(cfg)
     with torch.no_grad():
@@ -61,7 +74,7 @@ def test_fresh_adapter_leaves_the_model_unchanged_and_only_adapters_train():
 
 def test_unknown_attention_module_is_refused():
     model = MoETransformer(debug_config(96, dim=64, num_layers=1, max_seq_len=64))
-    with pytest.raises(ValueError, match="lora.attention_modules"):
+    with pytest.raises(ValueError, match=r"lora\.attention_modules"):
         add_trainable_lora(model, LoRAConfig(attention_modules=["query"]), seed=0)
 
 
@@ -136,7 +149,7 @@ def test_merge_refuses_adapter_for_a_module_the_artifact_lacks(qwen_artifact, tm
     add_trainable_lora(model, cfg, seed=0)
     tensors = {k.replace("layers.0.", "layers.9."): v for k, v in lora_state(model).items()}
     write_peft_adapter(tmp_path / "adapter", cfg, tensors)
-    with pytest.raises(ValueError, match="layers.9"):
+    with pytest.raises(ValueError, match=r"layers\.9"):
         merge_adapter(qwen_artifact, tmp_path / "adapter", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
@@ -200,6 +213,6 @@ def test_all_attention_targets_every_projection_of_gqa_and_mla_and_bad_names_fai
     adapted = {k.split(".self_attn.")[1].split(".lora_")[0] for k in lora_state(model) if ".self_attn." in k}
     assert adapted == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
     # A GQA name on an MLA model is refused from the config alone (meta-device model, no weights).
-    with pytest.raises(ConfigError, match="lora.attention_modules: \\['k_proj'\\]"):
+    with pytest.raises(ConfigError, match=r"lora\.attention_modules: \['k_proj'\]"):
         check_lora_fits(mla, LoRAConfig(attention_modules=["q_a_proj", "k_proj"]))
     check_lora_fits(debug_config(96), LoRAConfig(attention_modules=["q_proj", "v_proj"]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raymoe.models.config import MoEConfig
-from raymoe.models.moe import MoE, LocalDispatcher, Router, capacity_drop
+from raymoe.models.moe import LocalDispatcher, MoE, Router, capacity_drop
 
 
 def _router(cfg: MoEConfig, weight_ED: torch.Tensor) -> Router:
@@ -31,13 +31,22 @@ def test_softmax_topk_renormalised_by_hand():
 
 def test_sigmoid_group_limited_routing_uses_bias_for_choice_only():
     # 4 experts in 2 groups; one group may be used, 2 experts per token.
-    cfg = MoEConfig(num_experts=4, num_experts_per_tok=2, expert_hidden_dim=4, score_func="sigmoid",
-                    num_groups=2, topk_groups=1, norm_topk_prob=False, routed_scaling_factor=2.0, balance_bias=True)
+    cfg = MoEConfig(
+        num_experts=4,
+        num_experts_per_tok=2,
+        expert_hidden_dim=4,
+        score_func="sigmoid",
+        num_groups=2,
+        topk_groups=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=2.0,
+        balance_bias=True,
+    )
     router = _router(cfg, torch.eye(4))
     # sigmoid scores ~ (0.88, 0.12, 0.73, 0.73): group 0 sums to 1.00, group 1 to 1.46 -> group 1 wins
     # even though expert 0 is the single best expert.
     x = torch.tensor([[2.0, -2.0, 1.0, 1.0]])
-    weights, ids, scores, _ = router(x)
+    weights, ids, _scores, _ = router(x)
     assert sorted(ids[0].tolist()) == [2, 3]
     expected = 2.0 * torch.sigmoid(torch.tensor([1.0, 1.0]))  # scaled, not renormalised
     assert torch.allclose(weights[0].sort().values, expected, atol=1e-6)
@@ -90,8 +99,15 @@ def _naive_moe(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("score_func,groups", [("softmax", 1), ("sigmoid", 2)])
 def test_moe_matches_naive_reference_and_counts_tokens(score_func, groups):
     torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=6, num_experts_per_tok=2, expert_hidden_dim=8, num_shared_experts=1,
-                    score_func=score_func, num_groups=groups, topk_groups=1 if groups > 1 else 1)
+    cfg = MoEConfig(
+        num_experts=6,
+        num_experts_per_tok=2,
+        expert_hidden_dim=8,
+        num_shared_experts=1,
+        score_func=score_func,
+        num_groups=groups,
+        topk_groups=1,
+    )
     moe = MoE(16, cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)

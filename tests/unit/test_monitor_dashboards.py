@@ -23,8 +23,13 @@ from raymoe.monitor.dashboards.panels import Dashboard, Panel, Row, Target, chec
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = 'ray_io_cluster=~"$cluster"'
-UIDS = {"training": "raymoe-training", "serving": "raymoe-serving", "experts": "raymoe-experts",
-        "drift": "raymoe-drift", "federated": "raymoe-federated"}
+UIDS = {
+    "training": "raymoe-training",
+    "serving": "raymoe-serving",
+    "experts": "raymoe-experts",
+    "drift": "raymoe-drift",
+    "federated": "raymoe-federated",
+}
 
 
 def _targets(model):
@@ -34,18 +39,21 @@ def _targets(model):
 def test_dashboards_have_stable_uids_and_variables():
     models = rendered()
     assert {n: m["uid"] for n, m in models.items()} == UIDS
-    for name, model in models.items():
+    for model in models.values():
         assert model["schemaVersion"] == 39 and model["id"] is None
         variables = {v["name"]: v for v in model["templating"]["list"]}
         assert variables["datasource"]["type"] == "datasource"
         assert variables["datasource"]["query"] == "prometheus"
         assert variables["cluster"]["query"]["query"] == "label_values(ray_io_cluster)"
     serving = {v["name"]: v for v in models["serving"]["templating"]["list"]}
-    assert serving["model"]["definition"] == \
-        'label_values(ray_raymoe_serve_requests_total{ray_io_cluster=~"$cluster"}, model)'
+    assert (
+        serving["model"]["definition"]
+        == 'label_values(ray_raymoe_serve_requests_total{ray_io_cluster=~"$cluster"}, model)'
+    )
     assert serving["model"]["includeAll"] and serving["model"]["allValue"] == ".*"
     assert {"run", "model", "train_layer", "serve_layer"} <= {
-        v["name"] for v in models["experts"]["templating"]["list"]}
+        v["name"] for v in models["experts"]["templating"]["list"]
+    }
 
 
 def test_every_panel_has_a_datasource_and_a_target():
@@ -67,9 +75,13 @@ def test_every_query_names_registry_series_and_carries_the_shared_filter():
     exported = set()
     for spec in M.REGISTRY:
         base = f"ray_{spec.name}"
-        exported |= ({base + "_total"} if spec.kind == "counter" else
-                     {base + s for s in ("_bucket", "_sum", "_count")} if spec.kind == "histogram"
-                     else {base})
+        exported |= (
+            {base + "_total"}
+            if spec.kind == "counter"
+            else {base + s for s in ("_bucket", "_sum", "_count")}
+            if spec.kind == "histogram"
+            else {base}
+        )
     check_queries_reference_registry()
     for name, model in rendered().items():
         dashboard_filter = DASHBOARDS[name].label_filter
@@ -82,12 +94,23 @@ def test_every_query_names_registry_series_and_carries_the_shared_filter():
 
 
 def test_registry_check_names_foreign_metrics_labels_and_missing_filters():
-    bad = Dashboard("bad", "bad", "", (), (Row("r", (
-        Panel("a", "", "none", (Target("sum(" + sel(M.SERVE_RUNNING_SEQS, 'deployment=~"x"') + ")"),)),
-        Panel("b", "", "none", (Target("sum(ray_serve_num_http_requests_total{{filters}})"),)),
-        Panel("c", "", "none", (Target("sum(ray_raymoe_serve_running_seqs) / sum(up)"),)),
-        Panel("d", "", "none", (Target("sum(" + sel(M.SERVE_RUNNING_SEQS, 'model=~"$model"') + ")"),)),
-    )),))
+    bad = Dashboard(
+        "bad",
+        "bad",
+        "",
+        (),
+        (
+            Row(
+                "r",
+                (
+                    Panel("a", "", "none", (Target("sum(" + sel(M.SERVE_RUNNING_SEQS, 'deployment=~"x"') + ")"),)),
+                    Panel("b", "", "none", (Target("sum(ray_serve_num_http_requests_total{{filters}})"),)),
+                    Panel("c", "", "none", (Target("sum(ray_raymoe_serve_running_seqs) / sum(up)"),)),
+                    Panel("d", "", "none", (Target("sum(" + sel(M.SERVE_RUNNING_SEQS, 'model=~"$model"') + ")"),)),
+                ),
+            ),
+        ),
+    )
     problems = "\n".join(check_dashboard(bad))
     assert "has no label 'deployment'" in problems
     assert "'ray_serve_num_http_requests_total' is not a series" in problems
@@ -109,11 +132,15 @@ needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="pr
 
 @needs_promtool
 def test_every_query_parses(tmp_path):
-    rules = [{"record": f"check:{n}:{i}", "expr": _promql(d, r.title, p.title, i)}
-             for n, d in DASHBOARDS.items() for r in d.rows for p in r.panels for i in range(len(p.targets))]
+    rules = [
+        {"record": f"check:{n}:{i}", "expr": _promql(d, r.title, p.title, i)}
+        for n, d in DASHBOARDS.items()
+        for r in d.rows
+        for p in r.panels
+        for i in range(len(p.targets))
+    ]
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "all", "rules": rules}]}))
-    out = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yaml")],
-                         capture_output=True, text=True)
+    out = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yaml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -126,23 +153,38 @@ def test_expert_turnover_imbalance_and_error_ratio_hand_worked(tmp_path):
     s = 'ray_raymoe_serve_tokens_per_expert_total{model="m", layer="0", expert="%d"}'
     series = [{"series": s % 0, "values": "0+100x120"}, {"series": s % 1, "values": "0+10x60 700+100x59"}]
     series += [{"series": s % e, "values": "0+10x60 600+0x59"} for e in range(2, 8)]
-    series.append({"series": 'ray_raymoe_serve_requests_total{model="m", route="/v1/completions", '
-                             'status="200"}', "values": "0+60x120"})
+    series.append(
+        {
+            "series": 'ray_raymoe_serve_requests_total{model="m", route="/v1/completions", status="200"}',
+            "values": "0+60x120",
+        }
+    )
     experts, serving, at = DASHBOARDS["experts"], DASHBOARDS["serving"], "120m"
     layer = [{"labels": '{model="m", layer="0"}'}]
     tests = [
-        {"expr": _promql(experts, "Serving routing", "Hot-expert turnover"), "eval_time": at,
-         "exp_samples": [layer[0] | {"value": 0.5}]},
-        {"expr": _promql(experts, "Serving routing", "Load imbalance"), "eval_time": at,
-         "exp_samples": [layer[0] | {"value": 4}]},
-        {"expr": _promql(serving, "Traffic", "Error ratio"), "eval_time": at,
-         "exp_samples": [{"labels": '{model="m"}', "value": 0}]},
+        {
+            "expr": _promql(experts, "Serving routing", "Hot-expert turnover"),
+            "eval_time": at,
+            "exp_samples": [layer[0] | {"value": 0.5}],
+        },
+        {
+            "expr": _promql(experts, "Serving routing", "Load imbalance"),
+            "eval_time": at,
+            "exp_samples": [layer[0] | {"value": 4}],
+        },
+        {
+            "expr": _promql(serving, "Traffic", "Error ratio"),
+            "eval_time": at,
+            "exp_samples": [{"labels": '{model="m"}', "value": 0}],
+        },
     ]
-    spec = {"rule_files": [], "evaluation_interval": "1m",
-            "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}]}
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}],
+    }
     (tmp_path / "test.yaml").write_text(yaml.safe_dump(spec))
-    out = subprocess.run(["promtool", "test", "rules", str(tmp_path / "test.yaml")],
-                         capture_output=True, text=True)
+    out = subprocess.run(["promtool", "test", "rules", str(tmp_path / "test.yaml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -196,10 +238,21 @@ class FakeGrafana:
 
     def _folder(self, uid):
         folder = self.folders[uid]
-        return {"id": folder["id"], "uid": uid, "title": folder["title"], "url": f"/dashboards/f/{uid}/",
-                "hasAcl": False, "canSave": True, "canEdit": True, "canAdmin": True,
-                "createdBy": "sa", "created": "2026-01-01T00:00:00Z", "updatedBy": "sa",
-                "updated": "2026-01-01T00:00:00Z", "version": 1}
+        return {
+            "id": folder["id"],
+            "uid": uid,
+            "title": folder["title"],
+            "url": f"/dashboards/f/{uid}/",
+            "hasAcl": False,
+            "canSave": True,
+            "canEdit": True,
+            "canAdmin": True,
+            "createdBy": "sa",
+            "created": "2026-01-01T00:00:00Z",
+            "updatedBy": "sa",
+            "updated": "2026-01-01T00:00:00Z",
+            "version": 1,
+        }
 
     def handle(self, method, path, headers, raw):
         body = json.loads(raw) if raw else None
@@ -235,20 +288,30 @@ class FakeGrafana:
         uid, title = dash.get("uid"), dash.get("title")
         if not isinstance(title, str) or not title or not isinstance(uid, str) or not 0 < len(uid) <= 40:
             return 400, {"message": "dashboard needs a title and a uid of 1 to 40 characters"}
-        if "folderId" in body and "folderUid" in body or body.get("folderUid") not in self.folders:
+        if ("folderId" in body and "folderUid" in body) or body.get("folderUid") not in self.folders:
             return 400, {"message": "folder not found"}
         old = self.dashboards.get(uid)
         if old is not None and not body.get("overwrite"):
             return 412, {"message": "A dashboard with the same uid already exists", "status": "name-exists"}
         if dash.get("id") is not None and (old is None or dash["id"] != old["id"]):
             return 404, {"message": "Dashboard not found"}
-        record = {"id": old["id"] if old else len(self.dashboards) + 1,
-                  "version": old["version"] + 1 if old else 1,
-                  "folderUid": body["folderUid"], "title": title, "dashboard": dash}
+        record = {
+            "id": old["id"] if old else len(self.dashboards) + 1,
+            "version": old["version"] + 1 if old else 1,
+            "folderUid": body["folderUid"],
+            "title": title,
+            "dashboard": dash,
+        }
         self.dashboards[uid] = record
         slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-        return 200, {"id": record["id"], "uid": uid, "url": f"/d/{uid}/{slug}", "status": "success",
-                     "version": record["version"], "slug": slug}
+        return 200, {
+            "id": record["id"],
+            "uid": uid,
+            "url": f"/d/{uid}/{slug}",
+            "status": "success",
+            "version": record["version"],
+            "slug": slug,
+        }
 
 
 @pytest.fixture

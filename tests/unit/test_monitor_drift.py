@@ -18,7 +18,13 @@ from scipy import stats
 
 from raymoe.config import ConfigError
 from raymoe.monitor.drift import (
-    DETECTORS, DriftConfig, DriftResult, compare_windows, js_max_over_layers, psi, summary,
+    DETECTORS,
+    DriftConfig,
+    DriftResult,
+    compare_windows,
+    js_max_over_layers,
+    psi,
+    summary,
 )
 
 VOCAB, NUM_LAYERS, NUM_EXPERTS, DIM = 2000, 4, 8, 16
@@ -56,8 +62,9 @@ def _window(rng, n, *, prompt_scale=1.0, corpus_mix=0.0, hot_share=0.0, embed_sh
     return {
         "prompt_length": prompt_length,
         # As the drift job bins prompts against a manifest profile: power-of-two length bins.
-        "prompt_length_binned": np.bincount(np.searchsorted(LENGTH_EDGES, prompt_length, side="right") - 1,
-                                            minlength=len(LENGTH_EDGES)),
+        "prompt_length_binned": np.bincount(
+            np.searchsorted(LENGTH_EDGES, prompt_length, side="right") - 1, minlength=len(LENGTH_EDGES)
+        ),
         "output_length": np.maximum(1, np.rint(rng.lognormal(math.log(150), 0.7, n))).astype(int),
         "mean_logprob": rng.normal(-1.2, 0.3, n),
         "token_histogram": rng.multinomial(TOKENS_PER_WINDOW, tokens_V),
@@ -79,6 +86,7 @@ def _alarm_rates(rng, cfg, shift=None, feature=None):
 
 
 # --- hand-worked values -----------------------------------------------------------------------
+
 
 def test_psi_hand_worked():
     # Prepare: shares r = (.5, .3, .2), c = (.4, .4, .2).
@@ -121,8 +129,7 @@ def test_js_hand_worked_max_over_layers():
     [result] = compare_windows(reference, current, DriftConfig())
     # Assert
     assert expected == pytest.approx(0.4645015, abs=1e-7)
-    assert result == DriftResult("expert_load", "js", pytest.approx(expected, rel=1e-12), 0.1,
-                                 True, None)
+    assert result == DriftResult("expert_load", "js", pytest.approx(expected, rel=1e-12), 0.1, True, None)
     assert js_max_over_layers(reference["expert_load"][:1], current["expert_load"][:1]) == 0.0
 
 
@@ -134,7 +141,8 @@ def test_identical_windows_score_zero_and_raise_no_alarm():
     results = compare_windows(window, window, cfg)
     # Assert
     assert [(r.feature, r.detector) for r in results] == [
-        (f, d) for f, detectors in DETECTORS.items() if f in window for d in detectors]
+        (f, d) for f, detectors in DETECTORS.items() if f in window for d in detectors
+    ]
     assert not any(r.drifted for r in results)
     for r in results:
         if r.detector in ("psi", "wasserstein", "js", "ks", "chi2"):
@@ -149,6 +157,7 @@ def test_identical_windows_score_zero_and_raise_no_alarm():
 
 # --- windows and config -----------------------------------------------------------------------
 
+
 def test_features_missing_from_either_window_are_skipped():
     # Prepare
     window = _window(np.random.default_rng(1), N_CUR)
@@ -160,36 +169,53 @@ def test_features_missing_from_either_window_are_skipped():
     assert {r.feature for r in results} == {"prompt_length"}
 
 
-@pytest.mark.parametrize("feature, reference, current", [
-    ("expert_load", np.ones((4, 8)), np.ones((4, 6))),
-    ("token_histogram", np.ones(2000), np.ones(1000)),
-    ("embedding", np.zeros((5, 16)), np.zeros((5, 8))),
-])
+@pytest.mark.parametrize(
+    "feature, reference, current",
+    [
+        ("expert_load", np.ones((4, 8)), np.ones((4, 6))),
+        ("token_histogram", np.ones(2000), np.ones(1000)),
+        ("embedding", np.zeros((5, 16)), np.zeros((5, 8))),
+    ],
+)
 def test_shape_mismatch_names_the_feature(feature, reference, current):
     with pytest.raises(ValueError, match=feature):
         compare_windows({feature: reference}, {feature: current}, DriftConfig())
 
 
-@pytest.mark.parametrize("window, message", [
-    ({"prompt_lengths": np.ones(3)}, "unknown feature prompt_lengths"),
-    ({"prompt_length": np.ones((3, 2))}, "prompt_length must be a non-empty 1-D"),
-    ({"mean_logprob": np.array([-1.0, np.nan])}, "mean_logprob has non-finite"),
-    ({"expert_load": np.array([[1, 1], [0, 0]])}, "expert_load layer 1 has no routed tokens"),
-    ({"token_histogram": np.array([3, -1])}, "token_histogram must be non-negative"),
-])
+@pytest.mark.parametrize(
+    "window, message",
+    [
+        ({"prompt_lengths": np.ones(3)}, "unknown feature prompt_lengths"),
+        ({"prompt_length": np.ones((3, 2))}, "prompt_length must be a non-empty 1-D"),
+        ({"mean_logprob": np.array([-1.0, np.nan])}, "mean_logprob has non-finite"),
+        ({"expert_load": np.array([[1, 1], [0, 0]])}, "expert_load layer 1 has no routed tokens"),
+        ({"token_histogram": np.array([3, -1])}, "token_histogram must be non-negative"),
+    ],
+)
 def test_malformed_window_names_the_feature(window, message):
-    good = {"prompt_length": np.ones(3), "mean_logprob": np.ones(2),
-            "expert_load": np.ones((2, 2)), "token_histogram": np.ones(2)}
+    good = {
+        "prompt_length": np.ones(3),
+        "mean_logprob": np.ones(2),
+        "expert_load": np.ones((2, 2)),
+        "token_histogram": np.ones(2),
+    }
     with pytest.raises(ValueError, match=message):
         compare_windows(good, window, DriftConfig())
 
 
-@pytest.mark.parametrize("key, value", [
-    ("psi_threshold", 0.0), ("wasserstein_threshold", -0.1), ("js_threshold", 0.0),
-    ("chi2_p_value", 0.0), ("ks_p_value", 1.0), ("mmd_p_value", 1.5),
-    ("mmd_permutations", 10),  # 1 / (10 + 1) > 0.05: the test could never alarm
-    ("seed", -1),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("psi_threshold", 0.0),
+        ("wasserstein_threshold", -0.1),
+        ("js_threshold", 0.0),
+        ("chi2_p_value", 0.0),
+        ("ks_p_value", 1.0),
+        ("mmd_p_value", 1.5),
+        ("mmd_permutations", 10),  # 1 / (10 + 1) > 0.05: the test could never alarm
+        ("seed", -1),
+    ],
+)
 def test_config_errors_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"drift.{key}"):
         DriftConfig(**{key: value})
@@ -197,19 +223,24 @@ def test_config_errors_name_the_key(key, value):
 
 def test_summary_is_json_and_flags_drifted_features():
     # Prepare
-    results = [DriftResult("prompt_length", "ks", 0.3, 0.05, True, 1e-9),
-               DriftResult("prompt_length", "wasserstein", 0.02, 0.1, False),
-               DriftResult("expert_load", "js", 0.01, 0.1, False)]
+    results = [
+        DriftResult("prompt_length", "ks", 0.3, 0.05, True, 1e-9),
+        DriftResult("prompt_length", "wasserstein", 0.02, 0.1, False),
+        DriftResult("expert_load", "js", 0.01, 0.1, False),
+    ]
     # Execute
     digest = json.loads(json.dumps(summary(results)))
     # Assert
     assert digest["drifted"] is True and digest["drifted_features"] == ["prompt_length"]
-    assert digest["features"]["expert_load"] == {"drifted": False, "detectors": {"js": {
-        "score": 0.01, "threshold": 0.1, "drifted": False, "p_value": None}}}
+    assert digest["features"]["expert_load"] == {
+        "drifted": False,
+        "detectors": {"js": {"score": 0.01, "threshold": 0.1, "drifted": False, "p_value": None}},
+    }
     assert digest["features"]["prompt_length"]["detectors"]["ks"]["p_value"] == 1e-9
 
 
 # --- false-alarm rate and power ---------------------------------------------------------------
+
 
 def test_same_distribution_windows_alarm_at_most_at_the_nominal_rate():
     # Prepare: a correctly calibrated alpha = 0.05 test alarms Binomial(50, 0.05) times in 50
@@ -235,6 +266,5 @@ def test_injected_shift_is_detected_with_power_at_least_0_9(name):
     # Execute
     rates = _alarm_rates(np.random.default_rng(7), DriftConfig(), shift, feature)
     # Assert
-    print(f"\npower over {TRIALS} pairs, {name}: "
-          + ", ".join(f"{d} {rate:.2f}" for (_, d), rate in rates.items()))
+    print(f"\npower over {TRIALS} pairs, {name}: " + ", ".join(f"{d} {rate:.2f}" for (_, d), rate in rates.items()))
     assert all(rates[(feature, d)] >= 0.9 for d in meant_for), rates

@@ -69,8 +69,7 @@ def _window(rng, n, *, prompt_scale=1.0, hot_share=0.0):
     routing_LE[0] *= 1 - hot_share
     routing_LE[0, 0] += hot_share
     return {
-        "prompt_length": np.maximum(1, np.rint(rng.lognormal(math.log(200 * prompt_scale), 0.8, n)))
-        .astype(int),
+        "prompt_length": np.maximum(1, np.rint(rng.lognormal(math.log(200 * prompt_scale), 0.8, n))).astype(int),
         "output_length": np.maximum(1, np.rint(rng.lognormal(math.log(150), 0.7, n))).astype(int),
         "mean_logprob": rng.normal(-1.2, 0.3, n),
         "token_histogram": rng.multinomial(50_000, np.full(300, 1 / 300)),
@@ -87,8 +86,11 @@ def drifted():
     reference = _window(rng, 1500)
     current = _window(rng, 1200, prompt_scale=1.5, hot_share=0.3)
     digest = summary(compare_windows(reference, current, DriftConfig()))
-    meta = {"current window": "traffic/<script>alert('x')</script>.jsonl",
-            "reference": "ingestion profile", "time (UTC)": "2026-11-30T19:00:00Z"}
+    meta = {
+        "current window": "traffic/<script>alert('x')</script>.jsonl",
+        "reference": "ingestion profile",
+        "time (UTC)": "2026-11-30T19:00:00Z",
+    }
     html = render_drift_html(digest, reference, current, title="Drift <b>weekly</b> & more", meta=meta)
     return digest, meta, html
 
@@ -97,7 +99,7 @@ def test_the_page_nests_and_references_nothing_outside_itself(drifted):
     _, _, html = drifted
     page = _parse(html)
     lowered = html.lower()
-    for needle in ('src="http', "href=\"http", "<script", "<link", "url(", "@import"):
+    for needle in ('src="http', 'href="http', "<script", "<link", "url(", "@import"):
         assert needle not in lowered
     assert all(not str(attrs.get("src", "")).startswith(("http", "//")) for _, attrs in page.tags)
 
@@ -109,7 +111,7 @@ def test_every_image_is_an_inline_png_that_decodes(drifted):
     for img in page.imgs:
         prefix = "data:image/png;base64,"
         assert img["src"].startswith(prefix)
-        data = base64.b64decode(img["src"][len(prefix):], validate=True)
+        data = base64.b64decode(img["src"][len(prefix) :], validate=True)
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(io.BytesIO(data)) as image:
             image.verify()  # every chunk's CRC, through IEND: a truncated file fails here
@@ -120,9 +122,11 @@ def test_every_image_is_an_inline_png_that_decodes(drifted):
 
 def test_table_has_one_row_per_result_with_its_drifted_state(drifted):
     digest, _, html = drifted
-    expected = [(feature, detector, "drifted" if r["drifted"] else "ok")
-                for feature, entry in digest["features"].items()
-                for detector, r in entry["detectors"].items()]
+    expected = [
+        (feature, detector, "drifted" if r["drifted"] else "ok")
+        for feature, entry in digest["features"].items()
+        for detector, r in entry["detectors"].items()
+    ]
     states = {state for *_, state in expected}
     assert states == {"drifted", "ok"}  # the fixture exercises both colours
     assert ("prompt_length", "ks", "drifted") in expected and ("embedding", "mmd", "ok") in expected
@@ -133,7 +137,8 @@ def test_table_has_one_row_per_result_with_its_drifted_state(drifted):
     assert [r["cells"][5] for r in rows] == ["yes" if s == "drifted" else "no" for *_, s in expected]
     ks = next(r for r in rows if r["cells"][:2] == ["prompt_length", "ks"])
     assert float(ks["cells"][4]) == pytest.approx(
-        digest["features"]["prompt_length"]["detectors"]["ks"]["p_value"], rel=1e-3)
+        digest["features"]["prompt_length"]["detectors"]["ks"]["p_value"], rel=1e-3
+    )
 
 
 def test_title_and_meta_are_escaped_and_shown_verbatim(drifted):
@@ -153,8 +158,11 @@ def test_meta_time_is_shown_as_utc_and_file_lists_joined():
     window = {"prompt_length": np.arange(1, 40)}
     digest = summary(compare_windows(window, window, DriftConfig()))
 
-    page = _parse(render_drift_html(digest, window, window, title="t",
-                                    meta={"time": 86400.0, "current_files": ["a.npz", "b.npz"]}))
+    page = _parse(
+        render_drift_html(
+            digest, window, window, title="t", meta={"time": 86400.0, "current_files": ["a.npz", "b.npz"]}
+        )
+    )
 
     assert page.dd == ["1970-01-02T00:00:00Z (86400 unix s)", "a.npz, b.npz"]
 

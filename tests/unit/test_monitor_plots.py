@@ -15,8 +15,13 @@ from PIL import Image
 
 from raymoe.monitor import plots
 from raymoe.monitor.run_report import (
-    CHECKPOINT_MANIFEST_GLOBS, DRIFT_HISTORY_FILE, FEDERATED_METRICS_FILE, QUALITY_HISTORY_FILE,
-    TRAIN_HISTORY_FILE, run_report_figures, write_run_report,
+    CHECKPOINT_MANIFEST_GLOBS,
+    DRIFT_HISTORY_FILE,
+    FEDERATED_METRICS_FILE,
+    QUALITY_HISTORY_FILE,
+    TRAIN_HISTORY_FILE,
+    run_report_figures,
+    write_run_report,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,21 +42,23 @@ def _result(score, threshold, drifted, p_value=None):
 
 def _drift_summary(psi_score, ks_p):
     """A `drift.summary()`-shaped digest with prompt_length psi (distance) and ks (test)."""
-    detectors = {"psi": _result(psi_score, 0.1, psi_score >= 0.1),
-                 "ks": _result(0.3, 0.05, ks_p < 0.05, p_value=ks_p)}
+    detectors = {"psi": _result(psi_score, 0.1, psi_score >= 0.1), "ks": _result(0.3, 0.05, ks_p < 0.05, p_value=ks_p)}
     drifted = any(r["drifted"] for r in detectors.values())
-    return {"drifted": drifted, "drifted_features": ["prompt_length"] if drifted else [],
-            "features": {"prompt_length": {"drifted": drifted, "detectors": detectors}}}
+    return {
+        "drifted": drifted,
+        "drifted_features": ["prompt_length"] if drifted else [],
+        "features": {"prompt_length": {"drifted": drifted, "detectors": detectors}},
+    }
 
 
 # --- figures ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dpi", [50, 120])
 def test_png_is_figure_size_times_dpi(dpi):
     # Prepare
     figures = [
-        plots.line_figure({"loss (nats/token)": {"train": ([1, 2, 3], [3.0, 2.5, 2.2])}},
-                          title="loss", xlabel="step"),
+        plots.line_figure({"loss (nats/token)": {"train": ([1, 2, 3], [3.0, 2.5, 2.2])}}, title="loss", xlabel="step"),
         plots.expert_load_figure(np.ones((3, 5)), title="load"),
     ]
     for fig in figures:
@@ -85,8 +92,10 @@ def test_expert_load_heatmap_holds_the_counts_layers_down_experts_across():
 def test_drift_scores_plot_p_values_for_tests_scores_for_distances_and_mark_alarms():
     # Prepare: out of time order on purpose; the second window drifts on both detectors and its
     # KS p-value underflowed to 0.
-    history = [{"time": 2000.0, "window": "b", "summary": _drift_summary(0.25, 0.0)},
-               {"time": 1000.0, "window": "a", "summary": _drift_summary(0.05, 0.5)}]
+    history = [
+        {"time": 2000.0, "window": "b", "summary": _drift_summary(0.25, 0.0)},
+        {"time": 1000.0, "window": "a", "summary": _drift_summary(0.05, 0.5)},
+    ]
 
     # Execute
     fig = plots.drift_scores_figure(history)
@@ -125,11 +134,11 @@ def test_pca_projects_on_the_axis_of_largest_variance():
 
 
 def test_shared_bins_are_one_per_integer_over_both_windows():
-    np.testing.assert_array_equal(plots.shared_bin_edges(np.array([1, 2, 2]), np.array([3])),
-                                  [0.5, 1.5, 2.5, 3.5])
+    np.testing.assert_array_equal(plots.shared_bin_edges(np.array([1, 2, 2]), np.array([3])), [0.5, 1.5, 2.5, 3.5])
 
 
 # --- run report -------------------------------------------------------------------------------
+
 
 def _write_jsonl(path, records, torn_tail=""):
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + torn_tail)
@@ -141,15 +150,22 @@ def test_report_reads_loss_from_real_checkpoint_manifests(tmp_path):
     from raymoe.models import MoETransformer, flavour
     from raymoe.parallel.groups import build_groups
     from raymoe.parallel.layout import ParallelLayout
-    from raymoe.train.checkpoint import save_checkpoint, step_dir_name
+    from raymoe.train.checkpoint import save_checkpoint
+    from raymoe.train.checkpoint_format import step_dir_name
 
     model = MoETransformer(flavour("debug"))
     optimizer = torch.optim.AdamW(model.parameters())
     groups = build_groups(ParallelLayout(ep=1, dp=1))
     for step, loss in ((10, 6.5), (20, 5.25)):
-        save_checkpoint(str(tmp_path / "checkpoints"), step=step, data_position=step, model=model,
-                        optimizer=optimizer, groups=groups,
-                        extra={"metrics": {"loss": loss, "grad_norm": 1.0}})
+        save_checkpoint(
+            str(tmp_path / "checkpoints"),
+            step=step,
+            data_position=step,
+            model=model,
+            optimizer=optimizer,
+            groups=groups,
+            extra={"metrics": {"loss": loss, "grad_norm": 1.0}},
+        )
     step_glob = CHECKPOINT_MANIFEST_GLOBS[0].split("/")[0]
     assert (tmp_path / "checkpoints" / step_dir_name(10)).match(step_glob)
 
@@ -168,21 +184,52 @@ def test_report_writes_every_plot_of_a_full_run_dir(tmp_path, caplog):
     # Prepare. train-history.jsonl is the proposed format (nothing writes it yet; see run_report's
     # docstring): step 20 was logged twice (a resume redid it), the last line wins.
     load_LE = [[5, 0, 3, 8], [1, 1, 9, 5]]
-    _write_jsonl(tmp_path / TRAIN_HISTORY_FILE, [
-        {"time": 1.0, "step": 10, "loss": 7.0, "tokens_per_s": 900.0, "tokens_per_expert": [[1] * 4] * 2},
-        {"time": 2.0, "step": 20, "loss": 9.9, "tokens_per_s": 100.0},
-        {"time": 3.0, "step": 20, "loss": 6.0, "tokens_per_s": 1000.0, "tokens_per_expert": load_LE},
-    ], torn_tail='{"time": 4.0, "step": 30, "lo')
+    _write_jsonl(
+        tmp_path / TRAIN_HISTORY_FILE,
+        [
+            {"time": 1.0, "step": 10, "loss": 7.0, "tokens_per_s": 900.0, "tokens_per_expert": [[1] * 4] * 2},
+            {"time": 2.0, "step": 20, "loss": 9.9, "tokens_per_s": 100.0},
+            {"time": 3.0, "step": 20, "loss": 6.0, "tokens_per_s": 1000.0, "tokens_per_expert": load_LE},
+        ],
+        torn_tail='{"time": 4.0, "step": 30, "lo',
+    )
     # The drift job's histories (the lead's writer): {"time", "window", "summary"} per window.
-    _write_jsonl(tmp_path / DRIFT_HISTORY_FILE, [
-        {"time": 1.7e9, "window": "w1", "summary": _drift_summary(0.05, 0.5)},
-        {"time": 1.7e9 + 3600, "window": "w2", "summary": _drift_summary(0.3, 0.01)}])
+    _write_jsonl(
+        tmp_path / DRIFT_HISTORY_FILE,
+        [
+            {"time": 1.7e9, "window": "w1", "summary": _drift_summary(0.05, 0.5)},
+            {"time": 1.7e9 + 3600, "window": "w2", "summary": _drift_summary(0.3, 0.01)},
+        ],
+    )
     # pipelines/drift.py check_quality: judge()'s point; exact_match only with generation on.
-    _write_jsonl(tmp_path / QUALITY_HISTORY_FILE, [
-        {"time": 1.7e9, "model": "m", "adapter": None, "loss": 2.48, "perplexity": 12.0,
-         "examples": 10, "exact_match": 0.5, "decay": 1.0, "decayed": False, "baseline_time": 1.7e9},
-        {"time": 1.7e9 + 3600, "model": "m", "adapter": None, "loss": 2.64, "perplexity": 14.0,
-         "examples": 10, "decay": 14 / 12, "decayed": True, "baseline_time": 1.7e9}])
+    _write_jsonl(
+        tmp_path / QUALITY_HISTORY_FILE,
+        [
+            {
+                "time": 1.7e9,
+                "model": "m",
+                "adapter": None,
+                "loss": 2.48,
+                "perplexity": 12.0,
+                "examples": 10,
+                "exact_match": 0.5,
+                "decay": 1.0,
+                "decayed": False,
+                "baseline_time": 1.7e9,
+            },
+            {
+                "time": 1.7e9 + 3600,
+                "model": "m",
+                "adapter": None,
+                "loss": 2.64,
+                "perplexity": 14.0,
+                "examples": 10,
+                "decay": 14 / 12,
+                "decayed": True,
+                "baseline_time": 1.7e9,
+            },
+        ],
+    )
     out = tmp_path / "report"
     out.mkdir()
     (out / "loss.png").write_bytes(b"stale")
@@ -193,8 +240,13 @@ def test_report_writes_every_plot_of_a_full_run_dir(tmp_path, caplog):
         figures = run_report_figures(tmp_path)
 
     # Assert
-    assert [p.name for p in written] == ["loss.png", "tokens_per_s.png", "expert_load.png",
-                                         "drift_scores.png", "quality.png"]
+    assert [p.name for p in written] == [
+        "loss.png",
+        "tokens_per_s.png",
+        "expert_load.png",
+        "drift_scores.png",
+        "quality.png",
+    ]
     for path in written:
         _png_size(path.read_bytes())
     assert sorted(os.listdir(out)) == sorted(p.name for p in written)  # no temp file left
@@ -248,23 +300,44 @@ def test_report_plots_federated_rounds(tmp_path):
     metrics_path = output_paths(SimpleNamespace(output_dir="x"))["metrics"]
     assert os.path.basename(metrics_path) == FEDERATED_METRICS_FILE
     history = [
-        {"round": 1, "participants": ["a", "b"], "dropped": [], "rejected": {},
-         "silo_loss": {"a": 5.0, "b": 6.0, "c": None}, "train_seconds": {"a": 1.0, "b": 1.0},
-         "round_seconds": 2.0, "eval_loss": 4.5},
-        {"round": 2, "participants": ["a"], "dropped": ["b"], "rejected": {},
-         "silo_loss": {"a": 4.0}, "train_seconds": {"a": 1.0}, "round_seconds": 2.0, "eval_loss": 4.0},
+        {
+            "round": 1,
+            "participants": ["a", "b"],
+            "dropped": [],
+            "rejected": {},
+            "silo_loss": {"a": 5.0, "b": 6.0, "c": None},
+            "train_seconds": {"a": 1.0, "b": 1.0},
+            "round_seconds": 2.0,
+            "eval_loss": 4.5,
+        },
+        {
+            "round": 2,
+            "participants": ["a"],
+            "dropped": ["b"],
+            "rejected": {},
+            "silo_loss": {"a": 4.0},
+            "train_seconds": {"a": 1.0},
+            "round_seconds": 2.0,
+            "eval_loss": 4.0,
+        },
     ]
-    (tmp_path / FEDERATED_METRICS_FILE).write_text(json.dumps(
-        {"adapter": "adapter", "rounds": 2, "history": history, "silos": {}}))
+    (tmp_path / FEDERATED_METRICS_FILE).write_text(
+        json.dumps({"adapter": "adapter", "rounds": 2, "history": history, "silos": {}})
+    )
 
     # Execute
     figures = run_report_figures(tmp_path)
 
     # Assert
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
-             for line in figures["loss"].axes[0].get_lines()}
-    assert lines == {"server eval": ([1, 2], [4.5, 4.0]), "silo a (local)": ([1, 2], [5.0, 4.0]),
-                     "silo b (local)": ([1], [6.0])}
+    lines = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for line in figures["loss"].axes[0].get_lines()
+    }
+    assert lines == {
+        "server eval": ([1, 2], [4.5, 4.0]),
+        "silo a (local)": ([1, 2], [5.0, 4.0]),
+        "silo b (local)": ([1], [6.0]),
+    }
 
 
 def test_nothing_to_plot_names_the_directory(tmp_path):

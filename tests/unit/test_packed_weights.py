@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from raymoe.config import ConfigError
+from raymoe.inference.packed import PackedGroupedExperts, PackedLinear, onednn_available, pack_fp32
+from raymoe.inference.quantize import quantize_int8
 from raymoe.models import MoETransformer
 from raymoe.models.config import flavour
 from raymoe.models.lora import LoRALinear, lora_context, set_row_adapters
 from raymoe.models.moe import GroupedExperts
-from raymoe.models.packed import PackedGroupedExperts, PackedLinear, onednn_available, pack_fp32
-from raymoe.models.quantize import quantize_int8
 from raymoe.serve.debug_artifact import debug_config
 from raymoe.serve.engine import EngineConfig, generate_alone
 from raymoe.serve.request import SamplingParams
@@ -49,8 +49,11 @@ def test_packed_experts_equal_grouped_experts_with_empty_experts():
         assert packed(torch.randn(0, 64), [0, 0, 0, 0]).shape == (0, 64)
 
 
-@pytest.mark.parametrize("cfg", [debug_config(160, dim=64, num_layers=2, max_seq_len=64), flavour("debug")],
-                         ids=["gqa-mixtral", "mla-deepseek"])
+@pytest.mark.parametrize(
+    "cfg",
+    [debug_config(160, dim=64, num_layers=2, max_seq_len=64), flavour("debug")],
+    ids=["gqa-mixtral", "mla-deepseek"],
+)
 def test_packed_model_gives_the_same_logits_and_greedy_tokens(cfg):
     model = MoETransformer(cfg)
     model.init_weights(seed=4)
@@ -94,12 +97,16 @@ def test_engine_config_names_a_bad_cpu_kernels_value():
 
 
 def test_serve_engine_packs_fp32_cpu_weights_unless_told_not_to(tmp_path):
-    from raymoe.serve.app import ServeConfig, load_model
+    from raymoe.serve.app import load_model
     from raymoe.serve.debug_artifact import make_debug_artifact
+    from raymoe.serve.serve_config import ServeConfig
 
     artifact = str(make_debug_artifact(tmp_path / "tiny", vocab_size=300, dim=64, num_layers=1, max_seq_len=64))
-    configs = [ServeConfig(model_path=artifact), ServeConfig(model_path=artifact, engine=EngineConfig(cpu_kernels="default")),
-               ServeConfig(model_path=artifact, int8=True)]
+    configs = [
+        ServeConfig(model_path=artifact),
+        ServeConfig(model_path=artifact, engine=EngineConfig(cpu_kernels="default")),
+        ServeConfig(model_path=artifact, int8=True),
+    ]
     kinds = [{type(m).__name__ for m in load_model(cfg, []).modules()} for cfg in configs]
     assert "PackedGroupedExperts" in kinds[0] and "Linear" not in kinds[0]
     assert "GroupedExperts" in kinds[1] and "PackedLinear" not in kinds[1]

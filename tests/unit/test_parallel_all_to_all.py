@@ -54,17 +54,16 @@ def _worker(rank, sizes, K, routed):
         x_SD, counts, state = dispatcher.dispatch(x_TD, ids_TK)
         # Grouped compute like GroupedExperts: one matmul per local expert, empty ones skipped.
         pieces, start = [], 0
-        for l, n in enumerate(counts):
+        for e, n in enumerate(counts):
             if n:
-                pieces.append(x_SD[start:start + n] @ W_local[l])
+                pieces.append(x_SD[start : start + n] @ W_local[e])
             start += n
         y_SD = torch.cat(pieces) if pieces else x_SD.new_zeros(0, D)
         y_TKD = dispatcher.combine(y_SD, state)
         # A loss weighing every output differently, so a permuted row would change the grads.
         weight = torch.arange(y_TKD.numel(), dtype=torch.float32).reshape(y_TKD.shape) / 100
         (y_TKD * weight).sum().backward()
-    return {"y": y_TKD.detach(), "x_grad": x_TD.grad, "w_grad": W_local.grad, "counts": counts,
-            "local": local}
+    return {"y": y_TKD.detach(), "x_grad": x_TD.grad, "w_grad": W_local.grad, "counts": counts, "local": local}
 
 
 def _run(world, sizes, K, routed):

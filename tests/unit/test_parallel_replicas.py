@@ -77,7 +77,7 @@ def _worker(rank):
     W_local = _weights()[placement.experts_of(rank)]
     x_TD, ids_TK = _inputs(rank)
     x_SD, counts, state = dispatcher.dispatch(x_TD, ids_TK)
-    pieces = [rows @ W_local[l] for l, rows in enumerate(torch.split(x_SD, counts)) if rows.shape[0]]
+    pieces = [rows @ W_local[e] for e, rows in enumerate(torch.split(x_SD, counts)) if rows.shape[0]]
     y_SD = torch.cat(pieces) if pieces else x_SD.new_zeros(0, D)
     return {"y": dispatcher.combine(y_SD, state), "counts": counts}
 

@@ -146,8 +146,10 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(model, monkey
     monkeypatch.setattr(engine.core, "_forward", forward_failing_once)
 
     async def collect(rid, prompt, n):
-        return [ev.token_id async for ev in engine.generate(GenerationRequest(request_id=rid, prompt_ids=prompt,
-                                                                              params=greedy(n)))]
+        return [
+            ev.token_id
+            async for ev in engine.generate(GenerationRequest(request_id=rid, prompt_ids=prompt, params=greedy(n)))
+        ]
 
     async def main():
         first = await asyncio.gather(collect("a", [1, 2], 5), collect("b", [3, 4], 5), return_exceptions=True)
@@ -165,11 +167,14 @@ class Chunk:
         self.token_ids = list(range(n))
 
 
-@pytest.mark.parametrize("lengths, expected", [
-    ([10, 9, 2], [[10, 9, 2]]),  # 30 padded <= 1.5 * 21 real
-    ([10, 1], [[10], [1]]),  # 20 padded > 1.5 * 11 real
-    ([3, 8, 8, 1], [[8, 8, 3], [1]]),  # longest first; 32 > 1.5 * 20 with the 1
-])
+@pytest.mark.parametrize(
+    "lengths, expected",
+    [
+        ([10, 9, 2], [[10, 9, 2]]),  # 30 padded <= 1.5 * 21 real
+        ([10, 1], [[10], [1]]),  # 20 padded > 1.5 * 11 real
+        ([3, 8, 8, 1], [[8, 8, 3], [1]]),  # longest first; 32 > 1.5 * 20 with the 1
+    ],
+)
 def test_padding_groups_bound_the_wasted_tokens(lengths, expected):
     groups = padding_groups([Chunk(n) for n in lengths])
     assert [[len(c.token_ids) for c in g] for g in groups] == expected
@@ -188,8 +193,10 @@ def test_engine_built_in_its_own_thread_serves_and_reports_build_errors(model):
     assert where == ["raymoe-engine"]
 
     async def collect():
-        return [ev.token_id async for ev in engine.generate(GenerationRequest(request_id="a", prompt_ids=[1, 2],
-                                                                              params=greedy(3)))]
+        return [
+            ev.token_id
+            async for ev in engine.generate(GenerationRequest(request_id="a", prompt_ids=[1, 2], params=greedy(3)))
+        ]
 
     assert asyncio.run(collect()) == generate_alone(model, [1, 2], greedy(3))
 

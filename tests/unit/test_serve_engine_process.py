@@ -8,18 +8,20 @@ import time
 
 import pytest
 
-from raymoe.serve.app import ServeConfig, build_core, load_model
+from raymoe.serve.app import build_core, load_model
 from raymoe.serve.debug_artifact import make_debug_artifact
 from raymoe.serve.engine import EngineConfig, generate_alone
 from raymoe.serve.engine_process import ProcessEngine
 from raymoe.serve.request import EngineOverloadedError, EngineStoppedError, InvalidRequestError
+from raymoe.serve.serve_config import ServeConfig
 from tests.unit.engine_streams import collect, greedy
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> ServeConfig:
-    artifact = make_debug_artifact(tmp_path_factory.mktemp("art") / "tiny", vocab_size=300, dim=64, num_layers=2,
-                                   max_seq_len=64)
+    artifact = make_debug_artifact(
+        tmp_path_factory.mktemp("art") / "tiny", vocab_size=300, dim=64, num_layers=2, max_seq_len=64
+    )
     return ServeConfig(model_path=str(artifact), engine=EngineConfig(num_slots=2, max_waiting=2))
 
 
@@ -45,8 +47,7 @@ def test_refusals_reach_the_request_and_the_engine_goes_on(engine):
         with pytest.raises(InvalidRequestError, match="outside vocabulary") as bad:
             await collect(engine, "bad", [1, 10_000], 3)
         # 2 slots and 2 waiting places: of 6 requests sent at once, some are refused
-        burst = await asyncio.gather(*(collect(engine, f"r{i}", [1, 2], 20) for i in range(6)),
-                                     return_exceptions=True)
+        burst = await asyncio.gather(*(collect(engine, f"r{i}", [1, 2], 20) for i in range(6)), return_exceptions=True)
         return bad.value, burst, await collect(engine, "after", [1, 2], 4)
 
     bad, burst, after = asyncio.run(main())

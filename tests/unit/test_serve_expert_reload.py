@@ -5,9 +5,9 @@ experts compute. No Ray: the functions run on a model sliced as a shard worker s
 import pytest
 import torch
 
+from raymoe.inference.packed import pack_fp32
 from raymoe.models import load_hf
 from raymoe.models.hf_config import CheckpointError
-from raymoe.models.packed import pack_fp32
 from raymoe.parallel.layout import slice_grouped_experts
 from raymoe.serve.debug_artifact import make_debug_artifact
 from raymoe.serve.expert_reload import ExpertReader, experts_for_slots
@@ -83,6 +83,8 @@ def test_packed_experts_reuse_packed_weights_and_compute_the_same(artifact):
 def test_missing_tensor_is_named(artifact, tmp_path):
     worker = worker_model(artifact, [0, 1, 2, 3])
     moe = worker.layers[0].ffn
-    with ExpertReader(artifact, worker.hf_architecture) as reader:
-        with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.9\.block_sparse_moe"):
-            reader.read(9, [5], moe.experts)
+    with (
+        ExpertReader(artifact, worker.hf_architecture) as reader,
+        pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.9\.block_sparse_moe"),
+    ):
+        reader.read(9, [5], moe.experts)

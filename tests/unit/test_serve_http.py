@@ -31,10 +31,10 @@ def client(tokenizer):
 
 
 def sse_events(text):
-    lines = [l for l in text.split("\n\n") if l]
-    assert all(l.startswith("data: ") for l in lines)
-    assert lines[-1] == "data: [DONE]"
-    return [json.loads(l[len("data: "):]) for l in lines[:-1]]
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: ") :]) for e in events[:-1]]
 
 
 def test_models_lists_base_and_adapters(client):
@@ -71,10 +71,16 @@ def test_stop_string_cuts_the_text_and_ends_the_request(tokenizer):
 def test_chat_uses_the_template_and_streams_chunks(client, tokenizer):
     c, engine = client
     n = len(tokenizer.encode(REPLY))
-    r = c.post("/v1/chat/completions", json={
-        "model": "moe:sql", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": n,
-        "stream": True, "stream_options": {"include_usage": True},
-    })
+    r = c.post(
+        "/v1/chat/completions",
+        json={
+            "model": "moe:sql",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": n,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -109,10 +115,16 @@ def test_completion_stream_ends_with_done(client):
 
 def test_logprobs_in_chat_response(client):
     c, _ = client
-    r = c.post("/v1/chat/completions", json={
-        "model": "moe", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
-        "logprobs": True, "top_logprobs": 1,
-    })
+    r = c.post(
+        "/v1/chat/completions",
+        json={
+            "model": "moe",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2,
+            "logprobs": True,
+            "top_logprobs": 1,
+        },
+    )
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert [c_["logprob"] for c_ in content] == [-0.5, -0.5]
     assert all(len(c_["top_logprobs"]) == 1 for c_ in content)
@@ -121,24 +133,27 @@ def test_logprobs_in_chat_response(client):
 CHAT = {"model": "moe", "messages": [{"role": "user", "content": "Hi"}]}
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"model": "moe"}, 400, "messages"),
-    ({"model": "moe", "messages": "hi"}, 400, "messages"),
-    ({"model": "moe", "messages": []}, 400, "messages"),
-    ({"model": "moe", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
-    ({"model": "moe", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
-    ({**CHAT, "max_tokens": 0}, 400, "max_tokens"),
-    ({**CHAT, "max_tokens": "5"}, 400, "max_tokens"),
-    ({**CHAT, "max_tokens": 10_000}, 400, "max_tokens"),
-    ({**CHAT, "temperature": -0.1}, 400, "temperature"),
-    ({**CHAT, "top_p": 0}, 400, "top_p"),
-    ({**CHAT, "n": 2}, 400, "n"),
-    ({**CHAT, "stream": "yes"}, 400, "stream"),
-    ({**CHAT, "seed": 2**70}, 400, "seed"),
-    ({**CHAT, "messages": [{"role": "user", "content": "word " * 200}]}, 400, "messages"),
-    ({**CHAT, "model": "gpt-4"}, 404, "model"),
-    ({**CHAT, "model": "moe:nope"}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"model": "moe"}, 400, "messages"),
+        ({"model": "moe", "messages": "hi"}, 400, "messages"),
+        ({"model": "moe", "messages": []}, 400, "messages"),
+        ({"model": "moe", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+        ({"model": "moe", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+        ({**CHAT, "max_tokens": 0}, 400, "max_tokens"),
+        ({**CHAT, "max_tokens": "5"}, 400, "max_tokens"),
+        ({**CHAT, "max_tokens": 10_000}, 400, "max_tokens"),
+        ({**CHAT, "temperature": -0.1}, 400, "temperature"),
+        ({**CHAT, "top_p": 0}, 400, "top_p"),
+        ({**CHAT, "n": 2}, 400, "n"),
+        ({**CHAT, "stream": "yes"}, 400, "stream"),
+        ({**CHAT, "seed": 2**70}, 400, "seed"),
+        ({**CHAT, "messages": [{"role": "user", "content": "word " * 200}]}, 400, "messages"),
+        ({**CHAT, "model": "gpt-4"}, 404, "model"),
+        ({**CHAT, "model": "moe:nope"}, 404, "model"),
+    ],
+)
 def test_bad_chat_input_is_a_client_error_naming_the_field(client, body, status, param):
     c, _ = client
     r = c.post("/v1/chat/completions", json=body)
@@ -148,20 +163,34 @@ def test_bad_chat_input_is_a_client_error_naming_the_field(client, body, status,
     assert err["message"]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"model": "moe"}, "prompt"),
-    ({"model": "moe", "prompt": 5}, "prompt"),
-    ({"model": "moe", "prompt": "x " * 300}, "prompt"),
-    ({"model": "moe", "prompt": [1, 99999]}, "prompt"),
-    ({"model": "moe", "prompt": "x", "logprobs": 9}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "moe"}, "prompt"),
+        ({"model": "moe", "prompt": 5}, "prompt"),
+        ({"model": "moe", "prompt": "x " * 300}, "prompt"),
+        ({"model": "moe", "prompt": [1, 99999]}, "prompt"),
+        ({"model": "moe", "prompt": "x", "logprobs": 9}, "logprobs"),
+    ],
+)
 def test_bad_completion_input_is_400(client, body, param):
     c, _ = client
     r = c.post("/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"", b"[]", b'"text"', b"null", b'{"model": NaN}', b'{"model": "moe", "messages": [], "temperature": Infinity}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"",
+        b"[]",
+        b'"text"',
+        b"null",
+        b'{"model": NaN}',
+        b'{"model": "moe", "messages": [], "temperature": Infinity}',
+    ],
+)
 def test_unparseable_or_non_object_body_is_400(client, raw):
     c, _ = client
     r = c.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
@@ -190,6 +219,68 @@ def test_engine_queue_full_is_429_with_retry_after(tokenizer):
         assert r.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+@pytest.mark.parametrize(
+    "status, type_, code",
+    [(503, "server_error", "server_overloaded"), (429, "rate_limit_error", "rate_limit_exceeded")],
+)
+def test_requests_beyond_what_the_replica_admits_are_refused_at_once_as_openai_json(tokenizer, status, type_, code):
+    import asyncio
+
+    import httpx
+
+    from raymoe.serve.admission import Admission
+
+    # Prepare: 1 running + 2 queued; the engine holds every token until the gate opens
+    engine = FakeEngine(tokenizer.encode(REPLY))
+    admission = Admission(max_ongoing=1, max_queued=2)
+    server = OpenAIServer(
+        engine=engine,
+        tokenizer=tokenizer,
+        model_id="moe",
+        admission=admission,
+        backpressure_status=status,
+        retry_after_s=2,
+    )
+    counted = []
+    server.count = lambda path, code_: counted.append((path, code_))
+    body = {"model": "moe", "prompt": "Ray Serve runs", "max_tokens": 3}
+
+    async def main():
+        engine.gate = asyncio.Event()
+        transport = httpx.ASGITransport(app=create_app(server))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            held = [
+                asyncio.create_task(http.post("/v1/completions", json={**body, "stream": i == 0})) for i in range(3)
+            ]
+            while admission.admitted < 3:
+                await asyncio.sleep(0.001)
+            # Execute: a fourth request, and the routes that are never refused
+            refused = await http.post("/v1/chat/completions", json=CHAT)
+            health = await http.get("/health")
+            running_in_engine = len(engine.requests)
+            engine.gate.set()
+            return refused, health, running_in_engine, await asyncio.gather(*held)
+
+    refused, health, running_in_engine, held = asyncio.run(main())
+    # Assert: refused with the app's own error JSON while the admitted ones ran one at a time
+    assert refused.status_code == status and refused.headers["retry-after"] == "2"
+    error = refused.json()["error"]
+    assert error["type"] == type_ and error["code"] == code
+    assert "3 requests admitted" in error["message"] and "1 running + 2 queued" in error["message"]
+    assert health.status_code == 200 and running_in_engine == 1
+    assert [r.status_code for r in held] == [200, 200, 200] and held[0].text.endswith("data: [DONE]\n\n")
+    assert admission.admitted == 0
+    assert sorted(counted) == [("/health", 200), ("/v1/chat/completions", status)] + [("/v1/completions", 200)] * 3
+
+
+def test_an_unbounded_queue_admits_every_request():
+    from raymoe.serve.admission import Admission
+
+    admission = Admission(max_ongoing=2, max_queued=-1)
+    assert all(admission.try_admit() for _ in range(1000))
+    assert admission.limit is None and admission.waiting == 998
+
+
 def test_a_dead_engine_is_503_with_retry_after_not_500(tokenizer):
     c, _ = make_client(tokenizer, stopped=True)
     for stream in (False, True):
@@ -199,14 +290,34 @@ def test_a_dead_engine_is_503_with_retry_after_not_500(tokenizer):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-fields = st.sampled_from([
-    "model", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stop",
-    "seed", "logprobs", "top_logprobs", "stream_options", "max_completion_tokens", "echo",
-])
+fields = st.sampled_from(
+    [
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "n",
+        "stream",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "stream_options",
+        "max_completion_tokens",
+        "echo",
+    ]
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -267,14 +378,17 @@ def test_stream_interval_groups_writes_but_keeps_every_event(tokenizer):
     def stream_body(interval):
         engine = FakeEngine(tokenizer.encode(REPLY))
         server = OpenAIServer(engine=engine, tokenizer=tokenizer, model_id="moe", stream_interval=interval)
-        with TestClient(create_app(server)) as c, c.stream(
-                "POST", "/v1/completions", json={"model": "moe", "prompt": "hi", "max_tokens": 32, "stream": True}) as r:
+        body = {"model": "moe", "prompt": "hi", "max_tokens": 32, "stream": True}
+        with TestClient(create_app(server)) as c, c.stream("POST", "/v1/completions", json=body) as r:
             return list(r.iter_raw())
 
     # Execute
     one, four = stream_body(1), stream_body(4)
+
     # Assert: identical events (ids aside), fewer writes; the first write carries only the first token.
-    strip = lambda events: [{k: v for k, v in e.items() if k not in ("id", "created")} for e in events]
+    def strip(events):
+        return [{k: v for k, v in e.items() if k not in ("id", "created")} for e in events]
+
     assert strip(sse_events(b"".join(four).decode())) == strip(sse_events(b"".join(one).decode()))
     assert len(four) < len(one)
     assert four[0].count(b"data: ") == 1

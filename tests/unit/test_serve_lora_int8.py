@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from raymoe.inference.quantize import Int8GroupedExperts, Int8Linear, quantize_int8, quantize_rows
 from raymoe.models import MoETransformer
 from raymoe.models.lora import attach_adapters, load_peft_adapter, save_peft_adapter, set_row_adapters
-from raymoe.models.quantize import Int8GroupedExperts, Int8Linear, quantize_int8, quantize_rows
 from raymoe.serve.debug_artifact import debug_config
 from raymoe.serve.engine import EngineConfig, EngineCore, generate_alone
 from raymoe.serve.request import GenerationRequest, SamplingParams
@@ -40,8 +40,9 @@ def adapter_dir(tmp_path_factory, base):
     path = tmp_path_factory.mktemp("adapter") / "sql"
     path.mkdir()
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": ["q_proj", "v_proj"]}))
+    (path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": ["q_proj", "v_proj"]})
+    )
     return path, tensors
 
 
@@ -105,11 +106,15 @@ def test_saved_adapter_loads_back_identically(base, adapter_dir, tmp_path):
 
 
 def test_adapter_for_a_module_the_model_lacks_is_refused(base, tmp_path):
-    save_file({"base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64),
-               "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2)},
-              str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64),
+            "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2),
+        },
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    with pytest.raises(ValueError, match="layers.7.self_attn.q_proj"):
+    with pytest.raises(ValueError, match=r"layers\.7\.self_attn\.q_proj"):
         load_peft_adapter(copy.deepcopy(base), "bad", tmp_path)
 
 
@@ -156,12 +161,14 @@ def test_served_int8_model_with_adapters(base, adapter_dir, tmp_path):
     fp32 model as closely as INT8 follows fp32."""
     from raymoe.models import save_hf
     from raymoe.models.lora import LoRALinear
-    from raymoe.serve.app import ServeConfig, load_model
+    from raymoe.serve.app import load_model
+    from raymoe.serve.serve_config import ServeConfig
 
     path, tensors = adapter_dir
     save_hf(base, tmp_path / "artifact")
-    served = load_model(ServeConfig(model_path=str(tmp_path / "artifact"), int8=True, lora_dir=str(path.parent)),
-                        ["sql"])
+    served = load_model(
+        ServeConfig(model_path=str(tmp_path / "artifact"), int8=True, lora_dir=str(path.parent)), ["sql"]
+    )
     q_proj = served.layers[0].attn.q_proj
     assert isinstance(q_proj, LoRALinear) and isinstance(q_proj.base, Int8Linear)
     assert served.layers[0].attn.qkv_proj is None

@@ -30,14 +30,21 @@ class FakeEngine:
         return self.counts.clone()
 
     def stats(self):
-        return {"running": 2, "waiting": 1, "kv_usage": 0.25, "batch_size": 3, "generated_tokens": self.generated,
-                "preemptions": 0}
+        return {
+            "running": 2,
+            "waiting": 1,
+            "kv_usage": 0.25,
+            "batch_size": 3,
+            "generated_tokens": self.generated,
+            "preemptions": 0,
+        }
 
 
 def test_metrics_record_requests_gauges_and_counter_deltas(monkeypatch):
     recorders = {}
-    monkeypatch.setattr(serve_metrics.m, "ray_metric",
-                        lambda spec: recorders.setdefault(spec.name, Recorder(spec.name)))
+    monkeypatch.setattr(
+        serve_metrics.m, "ray_metric", lambda spec: recorders.setdefault(spec.name, Recorder(spec.name))
+    )
     metrics = ServeMetrics(model="moe", enabled=True)
     metrics.count_request("/v1/chat/completions", 200)
     metrics.count_request("/v1/../../etc", 404)
@@ -52,7 +59,8 @@ def test_metrics_record_requests_gauges_and_counter_deltas(monkeypatch):
     assert [c[2]["route"] for c in requests] == ["/v1/chat/completions", "other"]
     assert requests[1][2]["status"] == "404"
     assert recorders[m.SERVE_TTFT_SECONDS.name].calls == [
-        ("observe", 0.05, {"model": "moe", "route": "/v1/chat/completions"})]
+        ("observe", 0.05, {"model": "moe", "route": "/v1/chat/completions"})
+    ]
     assert recorders[m.SERVE_RUNNING_SEQS.name].calls[-1] == ("set", 2, {"model": "moe"})
     assert recorders[m.SERVE_KV_CACHE_USAGE.name].calls[-1] == ("set", 0.25, {"model": "moe"})
     # counters get deltas: 10 then 25 - 10

@@ -65,9 +65,7 @@ def test_same_seed_same_tokens_regardless_of_batch_neighbours():
 
 
 def test_logprobs_are_those_of_the_model_distribution():
-    out = sample(
-        log_probs(0.5, 0.3, 0.2), [SamplingParams(temperature=0.0, logprobs=2)], [None]
-    )
+    out = sample(log_probs(0.5, 0.3, 0.2), [SamplingParams(temperature=0.0, logprobs=2)], [None])
     assert out.tokens_B.tolist() == [0]
     assert out.logprobs_B[0].item() == pytest.approx(math.log(0.5), abs=1e-6)
     assert out.top_logprobs[0] == pytest.approx({0: math.log(0.5), 1: math.log(0.3)}, abs=1e-6)
@@ -138,8 +136,14 @@ def test_plain_temperature_frequencies_match_the_exact_softmax():
 
 def test_different_seeds_give_different_samples():
     logits = torch.zeros(1, 1000)  # uniform over 1000 tokens: 32 equal draws by chance is 1e-96
-    draw = lambda seed: [sample(logits, [SamplingParams(temperature=1.0)], [g]).tokens_B.item()
-                         for g in [make_generator(seed)] for _ in range(32)]
+
+    def draw(seed):
+        return [
+            sample(logits, [SamplingParams(temperature=1.0)], [g]).tokens_B.item()
+            for g in [make_generator(seed)]
+            for _ in range(32)
+        ]
+
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
 

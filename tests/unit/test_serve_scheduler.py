@@ -71,10 +71,7 @@ def test_chunked_prefill_does_not_stall_running_decode():
         sched.commit(plan, sampled)
     # Assert: a decodes in every step; b's prompt goes in chunks of 3, 3, 3, then 1 (+ sample)
     assert all([c.seq.seq_id for c in p.decodes][:1] == ["a"] for p in plans)
-    b_chunks = [
-        (c.start, len(c.token_ids))
-        for p in plans for c in p.decodes + p.prefills if c.seq.seq_id == "b"
-    ]
+    b_chunks = [(c.start, len(c.token_ids)) for p in plans for c in p.decodes + p.prefills if c.seq.seq_id == "b"]
     assert b_chunks == [(0, 3), (3, 3), (6, 3), (9, 1)]
     assert all(p.num_tokens <= 4 for p in plans)
     assert sched._seqs["b"].output_ids == [9]
@@ -107,9 +104,7 @@ def test_finish_frees_the_slot_for_the_waiting_request():
 
 def test_preemption_frees_blocks_and_readmits_with_recompute():
     # Prepare: 4 blocks of 2 tokens. a and b (3-token prompts) each reserve blocks_for(3+1)=2.
-    cfg = SchedulerConfig(
-        num_slots=2, max_seq_len=8, max_tokens_per_step=8, block_size=2, num_kv_blocks=4
-    )
+    cfg = SchedulerConfig(num_slots=2, max_seq_len=8, max_tokens_per_step=8, block_size=2, num_kv_blocks=4)
     sched = Scheduler(cfg)
     sched.add("a", [1, 2, 3], max_new_tokens=3)
     sched.add("b", [4, 5, 6], max_new_tokens=3)
@@ -125,9 +120,7 @@ def test_preemption_frees_blocks_and_readmits_with_recompute():
     assert [s.seq_id for s in finished] == ["a"]
     # b comes back with its prompt and both tokens it had produced, from position 0
     plan = sched.schedule()
-    assert [(c.seq.seq_id, c.start, c.token_ids) for c in plan.prefills] == [
-        ("b", 0, [4, 5, 6, 20, 21])
-    ]
+    assert [(c.seq.seq_id, c.start, c.token_ids) for c in plan.prefills] == [("b", 0, [4, 5, 6, 20, 21])]
     assert plan.prefills[0].samples
     finished = sched.commit(plan, {"b": 22})
     assert [(s.seq_id, s.output_ids) for s in finished] == [("b", [20, 21, 22])]
@@ -153,9 +146,7 @@ def test_add_rejects_requests_that_can_never_run(prompt, max_new, match):
 
 
 def test_add_rejects_request_larger_than_the_kv_budget():
-    cfg = SchedulerConfig(
-        num_slots=2, max_seq_len=64, max_tokens_per_step=8, block_size=4, num_kv_blocks=3
-    )
+    cfg = SchedulerConfig(num_slots=2, max_seq_len=64, max_tokens_per_step=8, block_size=4, num_kv_blocks=3)
     with pytest.raises(ValueError, match="needs 4 KV blocks, the budget is 3"):
         Scheduler(cfg).add("x", [1] * 10, 5)
 
@@ -173,7 +164,7 @@ def test_late_request_gets_first_token_before_earlier_ones_finish():
     for _ in range(3):
         run_step(sched, kv, toy_next_token)
     sched.add("late", [1, 2, 3, 4], 3)
-    plan, _ = run_step(sched, kv, toy_next_token)
+    _plan, _ = run_step(sched, kv, toy_next_token)
     assert sched._seqs["late"].output_ids  # first token in the very step after it arrived
     assert len(sched._seqs["early1"].output_ids) < 20 and len(sched._seqs["early2"].output_ids) < 20
 
@@ -194,16 +185,17 @@ def test_late_request_gets_first_token_before_earlier_ones_finish():
     block_size=st.integers(1, 4),
     tight=st.booleans(),
 )
-def test_any_workload_gives_each_request_its_solo_output(
-    requests, num_slots, budget_extra, block_size, tight
-):
+def test_any_workload_gives_each_request_its_solo_output(requests, num_slots, budget_extra, block_size, tight):
     # Prepare: a KV budget that is either full-size or just enough for the largest request
     max_seq_len = 20
     largest = max(len(p) + n for p, n, _ in requests)
     blocks = max(-(-largest // block_size), -(-2 // block_size)) if tight else 0
     cfg = SchedulerConfig(
-        num_slots=num_slots, max_seq_len=max_seq_len, max_tokens_per_step=num_slots + budget_extra,
-        block_size=block_size, num_kv_blocks=blocks,
+        num_slots=num_slots,
+        max_seq_len=max_seq_len,
+        max_tokens_per_step=num_slots + budget_extra,
+        block_size=block_size,
+        num_kv_blocks=blocks,
     )
     sched = Scheduler(cfg)
     kv, results = {}, {}

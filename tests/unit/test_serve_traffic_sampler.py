@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from raymoe.config import ConfigError, from_dict
 from raymoe.data.chat_tokenizer import ChatTokenizer
 from raymoe.models import MoETransformer, flavour
-from raymoe.serve.app import ServeConfig
 from raymoe.serve.engine import EngineConfig, EngineCore
 from raymoe.serve.http_app import OpenAIServer, create_app
 from raymoe.serve.request import GenerationRequest, SamplingParams, TokenEvent
+from raymoe.serve.serve_config import ServeConfig
 from raymoe.serve.traffic_sampler import RequestFeatures, TrafficConfig, TrafficSampler
 from tests.unit.engine_streams import greedy
 from tests.unit.fake_engine import FakeEngine, write_tokenizer
@@ -41,8 +41,15 @@ class Clock:
 
 def make_sampler(tmp_path, counts, clock=None, **cfg):
     config = TrafficConfig(enabled=True, output_dir=str(tmp_path), **cfg)
-    return TrafficSampler(config, model_id="tiny", vocab_size=10, expert_counts=lambda: counts,
-                          replica_tag="r0", clock=clock or Clock(1000.0), background=False)
+    return TrafficSampler(
+        config,
+        model_id="tiny",
+        vocab_size=10,
+        expert_counts=lambda: counts,
+        replica_tag="r0",
+        clock=clock or Clock(1000.0),
+        background=False,
+    )
 
 
 def features(prompt, logprobs, embedding=None, adapter=None, sampled=True, text=None):
@@ -68,8 +75,10 @@ def test_recorded_requests_carry_the_model_logprob_and_last_prompt_hidden_state(
     # Prepare: two recorded prompts of different lengths prefilled together (one padded group)
     # beside an unrecorded one, so the embedding rows must be picked per request.
     prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [100, 3, 42], "plain": [17, 18, 19, 20]}
-    requests = [GenerationRequest(request_id=rid, prompt_ids=p, params=greedy(5), record_features=rid != "plain")
-                for rid, p in prompts.items()]
+    requests = [
+        GenerationRequest(request_id=rid, prompt_ids=p, params=greedy(5), record_features=rid != "plain")
+        for rid, p in prompts.items()
+    ]
     # Execute
     events = run_engine(model, requests)
     # Assert: reference by running the model on the whole sequence at every step
@@ -90,7 +99,7 @@ def test_recorded_requests_carry_the_model_logprob_and_last_prompt_hidden_state(
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])  # one pass over all jobs; a pass per job
 def test_forward_jobs_keep_the_final_norm_hidden_state_of_each_returned_row(capacity_factor):
-    from raymoe.models.forward_jobs import run_forward_jobs
+    from raymoe.inference.forward_jobs import run_forward_jobs
     from tests.unit.test_forward_jobs import filled_cache, make_model, step_jobs
 
     model = make_model(capacity_factor)
@@ -99,8 +108,12 @@ def test_forward_jobs_keep_the_final_norm_hidden_state_of_each_returned_row(capa
     run_forward_jobs(model, jobs, cache, keep_hidden=True)
     hidden_ND = model.last_hidden_ND
     with torch.no_grad():
-        expected = [model.hidden_states(j.ids_BT, j.positions_BT, plain_cache, j.slot_ids_B)[
-            torch.arange(j.ids_BT.shape[0]), j.last_B] for j in jobs]
+        expected = [
+            model.hidden_states(j.ids_BT, j.positions_BT, plain_cache, j.slot_ids_B)[
+                torch.arange(j.ids_BT.shape[0]), j.last_B
+            ]
+            for j in jobs
+        ]
     torch.testing.assert_close(hidden_ND, torch.cat(expected), rtol=1e-4, atol=1e-4)
     run_forward_jobs(model, jobs, filled_cache(model))
     assert model.last_hidden_ND is None  # not asked: nothing kept
@@ -110,24 +123,30 @@ def test_recording_does_not_change_the_tokens(model):
     params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     plain = run_engine(model, [GenerationRequest(request_id="x", prompt_ids=prompt, params=params)])
-    recorded = run_engine(model, [GenerationRequest(request_id="x", prompt_ids=prompt, params=params,
-                                                    record_features=True)])
+    recorded = run_engine(
+        model, [GenerationRequest(request_id="x", prompt_ids=prompt, params=params, record_features=True)]
+    )
     assert [e.token_id for e in recorded["x"]] == [e.token_id for e in plain["x"]]
 
 
 def test_window_mean_logprob_is_the_engine_runs_log_softmax_mean(model, tmp_path):
     # Prepare: a greedy run of the debug model, its events fed to the sampler as the HTTP layer does
     prompt = [11, 12, 13, 14]
-    events = run_engine(model, [GenerationRequest(request_id="r", prompt_ids=prompt, params=greedy(6),
-                                                  record_features=True)])["r"]
+    events = run_engine(
+        model, [GenerationRequest(request_id="r", prompt_ids=prompt, params=greedy(6), record_features=True)]
+    )["r"]
     with torch.no_grad():
         ids, expected = list(prompt), []
         for e in events:
             expected.append(float(model(torch.tensor([ids]))[0, -1].log_softmax(-1)[e.token_id]))
             ids.append(e.token_id)
-    sampler = TrafficSampler(TrafficConfig(enabled=True, output_dir=str(tmp_path)), model_id="debug",
-                             vocab_size=model.cfg.vocab_size, expert_counts=lambda: np.zeros((3, 8)),
-                             background=False)
+    sampler = TrafficSampler(
+        TrafficConfig(enabled=True, output_dir=str(tmp_path)),
+        model_id="debug",
+        vocab_size=model.cfg.vocab_size,
+        expert_counts=lambda: np.zeros((3, 8)),
+        background=False,
+    )
     request = sampler.start(prompt)
     for e in events:
         request.add("", e)
@@ -160,11 +179,25 @@ def test_window_columns_and_metadata_equal_hand_computed_values(tmp_path):
     # Assert
     assert path.name == "window-1700000060123-r0.parquet"
     table = pq.read_table(path)
-    assert table.column_names == ["prompt_length", "output_length", "mean_logprob", "prompt_token_buckets",
-                                  "embedding", "adapter", "finished_at"]
+    assert table.column_names == [
+        "prompt_length",
+        "output_length",
+        "mean_logprob",
+        "prompt_token_buckets",
+        "embedding",
+        "adapter",
+        "finished_at",
+    ]
     # (Parquet names a list's items "element" where pyarrow says "item".)
     assert [str(f.type).replace("element:", "item:") for f in table.schema] == [
-        "int32", "int32", "double", "list<item: int32>", "list<item: float>", "string", "double"]
+        "int32",
+        "int32",
+        "double",
+        "list<item: int32>",
+        "list<item: float>",
+        "string",
+        "double",
+    ]
     assert table.column("prompt_length").to_pylist() == [5, 3]
     assert table.column("output_length").to_pylist() == [3, 1]
     assert table.column("mean_logprob").to_pylist() == pytest.approx([-3.5 / 3, -0.25])
@@ -173,9 +206,18 @@ def test_window_columns_and_metadata_equal_hand_computed_values(tmp_path):
     assert table.column("adapter").to_pylist() == [None, "sql"]
     assert table.column("finished_at").to_pylist() == [1700000002.5] * 2
     meta = json.loads(table.schema.metadata[b"raymoe.window"])
-    assert meta == {"format": 1, "start": 1700000000.0, "end": 1700000060.123, "model": "tiny", "vocab_size": 10,
-                    "token_buckets": 4, "sample_rate": 1.0, "num_requests_seen": 3, "num_sampled": 2,
-                    "expert_load": [[3, 0], [0, 5]]}
+    assert meta == {
+        "format": 1,
+        "start": 1700000000.0,
+        "end": 1700000060.123,
+        "model": "tiny",
+        "vocab_size": 10,
+        "token_buckets": 4,
+        "sample_rate": 1.0,
+        "num_requests_seen": 3,
+        "num_sampled": 2,
+        "expert_load": [[3, 0], [0, 5]],
+    }
 
 
 def test_text_columns_only_with_store_text(tmp_path):
@@ -246,8 +288,9 @@ def test_windows_ending_in_the_same_millisecond_get_distinct_names(tmp_path):
 
 def test_background_thread_flushes_on_request_count_and_time_and_close_writes_the_rest(tmp_path):
     config = TrafficConfig(enabled=True, output_dir=str(tmp_path / "n"), window_requests=2, window_seconds=60)
-    sampler = TrafficSampler(config, model_id="m", vocab_size=10, expert_counts=lambda: [[0, 0]],
-                             replica_tag="replica/1")
+    sampler = TrafficSampler(
+        config, model_id="m", vocab_size=10, expert_counts=lambda: [[0, 0]], replica_tag="replica/1"
+    )
     for prompt in ([1], [2], [3]):
         sampler.record(features(prompt, [-1.0]))
     deadline = time.monotonic() + 10
@@ -273,17 +316,24 @@ def test_http_layer_records_finished_requests_streamed_or_not(tmp_path):
     tokenizer = ChatTokenizer.from_dir(write_tokenizer(tmp_path / "tok"))
     engine = FakeEngine(tokenizer.encode("Hello world! The quick brown fox"))
     vocab = tokenizer.tokenizer.get_vocab_size()
-    sampler = TrafficSampler(TrafficConfig(enabled=True, output_dir=str(tmp_path / "w"), token_buckets=8),
-                             model_id="moe", vocab_size=vocab, expert_counts=lambda: [[1, 2]],
-                             background=False)
+    sampler = TrafficSampler(
+        TrafficConfig(enabled=True, output_dir=str(tmp_path / "w"), token_buckets=8),
+        model_id="moe",
+        vocab_size=vocab,
+        expert_counts=lambda: [[1, 2]],
+        background=False,
+    )
     server = OpenAIServer(engine=engine, tokenizer=tokenizer, model_id="moe", adapters=["sql"], traffic=sampler)
     client = TestClient(create_app(server))
     # Execute: a plain and a streamed completion, a streamed chat, and a refused request
     plain = client.post("/v1/completions", json={"model": "moe", "prompt": "Ray Serve runs", "max_tokens": 3})
-    streamed = client.post("/v1/completions", json={"model": "moe:sql", "prompt": [5, 6, 7], "max_tokens": 2,
-                                                    "stream": True})
-    chat = client.post("/v1/chat/completions", json={"model": "moe", "max_tokens": 4, "stream": True,
-                                                     "messages": [{"role": "user", "content": "hi"}]})
+    streamed = client.post(
+        "/v1/completions", json={"model": "moe:sql", "prompt": [5, 6, 7], "max_tokens": 2, "stream": True}
+    )
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": "moe", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    )
     refused = client.post("/v1/completions", json={"model": "moe", "prompt": "x", "max_tokens": 1000})
     # Assert
     assert [r.status_code for r in (plain, streamed, chat, refused)] == [200, 200, 200, 400]
@@ -293,8 +343,10 @@ def test_http_layer_records_finished_requests_streamed_or_not(tmp_path):
     assert table.column("prompt_length").to_pylist() == [plain.json()["usage"]["prompt_tokens"], 3, len(chat_ids)]
     assert table.column("output_length").to_pylist() == [3, 2, 4]
     assert table.column("adapter").to_pylist() == [None, "sql", None]
-    assert table.column("prompt_token_buckets").to_pylist()[1] == np.bincount(
-        np.array([5, 6, 7]) * 8 // vocab, minlength=8).tolist()
+    assert (
+        table.column("prompt_token_buckets").to_pylist()[1]
+        == np.bincount(np.array([5, 6, 7]) * 8 // vocab, minlength=8).tolist()
+    )
     # The fake engine reports no chosen-token logprobs or embeddings: nulls, not zeros
     assert table.column("mean_logprob").to_pylist() == [None] * 3
     assert table.column("embedding").to_pylist() == [None] * 3
@@ -305,9 +357,13 @@ def test_http_layer_records_finished_requests_streamed_or_not(tmp_path):
 def test_http_layer_writes_text_only_with_store_text(tmp_path):
     tokenizer = ChatTokenizer.from_dir(write_tokenizer(tmp_path / "tok"))
     engine = FakeEngine(tokenizer.encode("Hello world!"))
-    sampler = TrafficSampler(TrafficConfig(enabled=True, output_dir=str(tmp_path / "w"), store_text=True),
-                             model_id="moe", vocab_size=tokenizer.tokenizer.get_vocab_size(),
-                             expert_counts=lambda: [[0]], background=False)
+    sampler = TrafficSampler(
+        TrafficConfig(enabled=True, output_dir=str(tmp_path / "w"), store_text=True),
+        model_id="moe",
+        vocab_size=tokenizer.tokenizer.get_vocab_size(),
+        expert_counts=lambda: [[0]],
+        background=False,
+    )
     client = TestClient(create_app(OpenAIServer(engine=engine, tokenizer=tokenizer, model_id="moe", traffic=sampler)))
     r = client.post("/v1/completions", json={"model": "moe", "prompt": "Ray Serve runs", "max_tokens": 3})
     table = pq.read_table(sampler.flush()[0])
@@ -316,15 +372,18 @@ def test_http_layer_writes_text_only_with_store_text(tmp_path):
 
 
 # -- config ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("traffic, match", [
-    ({"enabled": True}, "app.traffic.output_dir"),
-    ({"sample_rate": 0.0}, "app.traffic.sample_rate"),
-    ({"sample_rate": 1.5}, "app.traffic.sample_rate"),
-    ({"window_seconds": 0}, "app.traffic.window_seconds"),
-    ({"window_requests": 0}, "app.traffic.window_requests"),
-    ({"token_buckets": 0}, "app.traffic.token_buckets"),
-    ({"sample_rat": 0.5}, "traffic.sample_rat"),
-])
+@pytest.mark.parametrize(
+    "traffic, match",
+    [
+        ({"enabled": True}, "app.traffic.output_dir"),
+        ({"sample_rate": 0.0}, "app.traffic.sample_rate"),
+        ({"sample_rate": 1.5}, "app.traffic.sample_rate"),
+        ({"window_seconds": 0}, "app.traffic.window_seconds"),
+        ({"window_requests": 0}, "app.traffic.window_requests"),
+        ({"token_buckets": 0}, "app.traffic.token_buckets"),
+        ({"sample_rat": 0.5}, "traffic.sample_rat"),
+    ],
+)
 def test_bad_traffic_config_names_the_key(traffic, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(ServeConfig, {"model_path": "/m", "traffic": traffic})
@@ -335,4 +394,5 @@ def test_token_buckets_are_capped_at_the_vocabulary(tmp_path):
     assert sampler.num_buckets == 10
     sampler.record(features([0, 9, 9], [-1.0]))
     assert pq.read_table(sampler.flush()[0]).column("prompt_token_buckets").to_pylist() == [
-        [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]]
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+    ]

@@ -12,12 +12,8 @@ from raymoe.cli import main as cli_main
 from raymoe.config import from_dict
 from raymoe.models import MoETransformer, load_hf
 from raymoe.parallel.launch import spawn_gloo
-from raymoe.train.checkpoint import (
-    latest_valid_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    verify_checkpoint,
-)
+from raymoe.train.checkpoint import load_checkpoint
+from raymoe.train.checkpoint_format import latest_valid_checkpoint, list_checkpoints, verify_checkpoint
 from raymoe.train.config import TrainConfig
 from raymoe.train.worker import run_worker
 from tests.unit.ingest_output import write_ingest_output
@@ -30,12 +26,18 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(uri, data_dir, *, steps, every=1, keep=0, ep=1, dp=1):
-    return from_dict(TrainConfig, {
-        "flavour": "debug", "steps": steps, "seed": 5, "layout": {"ep": ep, "dp": dp},
-        "optim": {"lr": 3e-3, "warmup_steps": 1},
-        "data": {"path": data_dir, "seq_len": 32, "global_batch_size": 4},
-        "checkpoint": {"uri": str(uri), "every_steps": every, "keep": keep},
-    })
+    return from_dict(
+        TrainConfig,
+        {
+            "flavour": "debug",
+            "steps": steps,
+            "seed": 5,
+            "layout": {"ep": ep, "dp": dp},
+            "optim": {"lr": 3e-3, "warmup_steps": 1},
+            "data": {"path": data_dir, "seq_len": 32, "global_batch_size": 4},
+            "checkpoint": {"uri": str(uri), "every_steps": every, "keep": keep},
+        },
+    )
 
 
 def _run(rank, cfg_dict):
@@ -84,8 +86,7 @@ def test_bad_checksum_is_skipped_with_warning(tmp_path, data_dir, caplog):
     # The redone step 2 replaced the corrupt one; nothing was left aside.
     verify_checkpoint(str(tmp_path / "c"), 2)
     assert latest_valid_checkpoint(str(tmp_path / "c")) == 3
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
-        "step-00000001", "step-00000002", "step-00000003"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["step-00000001", "step-00000002", "step-00000003"]
 
 
 def test_a_share_corrupt_on_one_worker_makes_every_worker_fall_back(tmp_path, data_dir):

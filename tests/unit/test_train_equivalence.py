@@ -8,9 +8,10 @@ micro-batches of 4 and activation checkpointing (the all-to-alls rerun in backwa
 loss over the global batch and every updated weight (compared per expert through the sharded
 checkpoints each run writes) must agree to a relative 1e-5 in fp32: the layouts sum in other
 orders, and fused AdamW's vectorised loop rounds an element differently depending on where it
-falls in a tensor (observed: loss ~1e-7, gradient norm ~5e-9, the worst tensor ~2e-6). Clipping is on with a max norm below the actual
-norm, so the global norm across shards matters. AdamW is blind to a wrong gradient scale, so the
-global gradient norm is compared too: it is what catches a mis-scaled expert or dense reduction.
+falls in a tensor (observed: loss ~1e-7, gradient norm ~5e-9, the worst tensor ~2e-6). Clipping is
+on with a max norm below the actual norm, so the global norm across shards matters. AdamW is blind
+to a wrong gradient scale, so the global gradient norm is compared too: it is what catches a
+mis-scaled expert or dense reduction.
 """
 
 import numpy as np
@@ -27,17 +28,23 @@ from tests.unit.ingest_output import write_ingest_output
 
 
 def _config(data, tmp_path, name, ep, dp, accum=1, recompute=False):
-    return from_dict(TrainConfig, {
-        "flavour": "debug", "steps": 1, "seed": 3, "layout": {"ep": ep, "dp": dp},
-        # lr 1e-3: Adam's first update is ~lr * sign(g), so for gradients near eps the fp32
-        # summation-order noise of a different layout is amplified by lr / |weight|; at 1e-2 that
-        # alone reaches ~3e-5 relative on a few weights.
-        "optim": {"lr": 1e-3, "warmup_steps": 0, "clip_norm": 0.5, "grad_accum_steps": accum},
-        # Micro-batch g holds rows perm[g*B:(g+1)*B]: two micro-batches of 4 are the same 8 rows.
-        "data": {"path": str(data), "seq_len": 32, "global_batch_size": 8 // accum},
-        "checkpoint": {"uri": str(tmp_path / name), "every_steps": 1},
-        "activation_checkpointing": recompute,
-    })
+    return from_dict(
+        TrainConfig,
+        {
+            "flavour": "debug",
+            "steps": 1,
+            "seed": 3,
+            "layout": {"ep": ep, "dp": dp},
+            # lr 1e-3: Adam's first update is ~lr * sign(g), so for gradients near eps the fp32
+            # summation-order noise of a different layout is amplified by lr / |weight|; at 1e-2 that
+            # alone reaches ~3e-5 relative on a few weights.
+            "optim": {"lr": 1e-3, "warmup_steps": 0, "clip_norm": 0.5, "grad_accum_steps": accum},
+            # Micro-batch g holds rows perm[g*B:(g+1)*B]: two micro-batches of 4 are the same 8 rows.
+            "data": {"path": str(data), "seq_len": 32, "global_batch_size": 8 // accum},
+            "checkpoint": {"uri": str(tmp_path / name), "every_steps": 1},
+            "activation_checkpointing": recompute,
+        },
+    )
 
 
 def _worker(rank, cfg_dict):
@@ -62,8 +69,7 @@ def runs(tmp_path_factory):
         ("ep2", _config(data, tmp_path, "ep2", 2, 1)),
         ("dp2", _config(data, tmp_path, "dp2", 1, 2)),
         ("ep2dp2", _config(data, tmp_path, "ep2dp2", 2, 2)),
-        ("ep2_accum_recompute", _config(data, tmp_path, "ep2_accum_recompute", 2, 1, accum=2,
-                                        recompute=True)),
+        ("ep2_accum_recompute", _config(data, tmp_path, "ep2_accum_recompute", 2, 1, accum=2, recompute=True)),
     ):
         out[name] = (cfg, spawn_gloo(_worker, cfg.world_size, cfg.to_dict()))
     return out

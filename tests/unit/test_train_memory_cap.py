@@ -40,8 +40,12 @@ def _capped_run(rank, cfg_dict, cap_bytes):
         return {"error": str(exc)}
     with open("/proc/self/status") as fh:
         peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmPeak:"))
-    return {"final_step": summary.final_step, "checkpoints": summary.checkpoints,
-            "peak_rss": summary.peak_rss_bytes, "address_space_used": peak - mapped}
+    return {
+        "final_step": summary.final_step,
+        "checkpoints": summary.checkpoints,
+        "peak_rss": summary.peak_rss_bytes,
+        "address_space_used": peak - mapped,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +55,18 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(tmp_path, data_dir, ep, **extra):
-    return from_dict(TrainConfig, {
-        "flavour": "small", "steps": 2, "seed": 0, "layout": {"ep": ep, "dp": 1},
-        "data": {"path": data_dir, "seq_len": 16, "global_batch_size": 4},
-        "checkpoint": {"uri": str(tmp_path / f"ep{ep}"), "every_steps": 2},
-        **extra,
-    })
+    return from_dict(
+        TrainConfig,
+        {
+            "flavour": "small",
+            "steps": 2,
+            "seed": 0,
+            "layout": {"ep": ep, "dp": 1},
+            "data": {"path": data_dir, "seq_len": 16, "global_batch_size": 4},
+            "checkpoint": {"uri": str(tmp_path / f"ep{ep}"), "every_steps": 2},
+            **extra,
+        },
+    )
 
 
 def test_capped_workers_train_at_ep4_and_ep1_fails_cleanly(tmp_path, data_dir):
@@ -74,8 +84,10 @@ def test_capped_workers_train_at_ep4_and_ep1_fails_cleanly(tmp_path, data_dir):
     for rank, worker in enumerate(ep4):
         assert "error" not in worker, worker
         assert worker["final_step"] == 2 and worker["checkpoints"] == [2]
-        print(f"ep=4 rank {rank} under the cap: peak RSS {worker['peak_rss'] / 2**20:.0f} MiB, "
-              f"address space used {worker['address_space_used'] / 2**20:.0f} of {cap / 2**20:.0f} MiB")
+        print(
+            f"ep=4 rank {rank} under the cap: peak RSS {worker['peak_rss'] / 2**20:.0f} MiB, "
+            f"address space used {worker['address_space_used'] / 2**20:.0f} of {cap / 2**20:.0f} MiB"
+        )
     assert (tmp_path / "ep4" / "step-00000002" / "manifest.json").is_file()
 
 

@@ -13,9 +13,11 @@
 import json
 import struct
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
+from torch.distributed import ProcessGroup
 
 from raymoe.config import from_dict
 from raymoe.models import MoETransformer, flavour
@@ -43,17 +45,26 @@ def _one_step_memory(rank, cfg_dict):
     tokens = torch.randint(0, 8192, (local, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(rank))
     train_step(model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], groups=groups, lr=1e-3, clip_norm=1.0)
     held = shard_bytes(model)
-    return {"dense": held.dense, "experts": held.experts, "optimizer": optimizer_bytes(optimizer),
-            "peak_rss": peak_rss_bytes(),
-            "expert_ids": [list(moe.experts.expert_ids) for moe in model.moe_layers()]}
+    return {
+        "dense": held.dense,
+        "experts": held.experts,
+        "optimizer": optimizer_bytes(optimizer),
+        "peak_rss": peak_rss_bytes(),
+        "expert_ids": [list(moe.experts.expert_ids) for moe in model.moe_layers()],
+    }
 
 
 def _small_cfg(ep):
-    return from_dict(TrainConfig, {
-        "flavour": "small", "steps": 1, "layout": {"ep": ep, "dp": 1},
-        "data": {"path": "unused", "seq_len": 16, "global_batch_size": 4},
-        "checkpoint": {"uri": "unused"},
-    })
+    return from_dict(
+        TrainConfig,
+        {
+            "flavour": "small",
+            "steps": 1,
+            "layout": {"ep": ep, "dp": 1},
+            "data": {"path": "unused", "seq_len": 16, "global_batch_size": 4},
+            "checkpoint": {"uri": "unused"},
+        },
+    )
 
 
 def test_ep4_worker_holds_dense_plus_a_quarter_of_the_experts():
@@ -73,14 +84,18 @@ def test_ep4_worker_holds_dense_plus_a_quarter_of_the_experts():
     print(f"\nsmall flavour: dense {dense_bytes / MIB:.0f} MiB, experts {expert_bytes / MIB:.0f} MiB")
     for rank, w in enumerate(ep4):
         held = w["dense"] + w["experts"]
-        print(f"ep=4 rank {rank}: params {held / MIB:.0f} MiB, AdamW {w['optimizer'] / MIB:.0f} MiB, "
-              f"peak RSS {w['peak_rss'] / MIB:.0f} MiB")
+        print(
+            f"ep=4 rank {rank}: params {held / MIB:.0f} MiB, AdamW {w['optimizer'] / MIB:.0f} MiB, "
+            f"peak RSS {w['peak_rss'] / MIB:.0f} MiB"
+        )
         assert w["expert_ids"] == [list(range(4 * rank, 4 * rank + 4))] * 7
         assert abs(held - want_params) <= 0.05 * want_params
         assert abs(w["optimizer"] - 2 * want_params) <= 0.05 * 2 * want_params
         assert abs(held + w["optimizer"] - 3 * want_params) <= 0.05 * 3 * want_params
-    print(f"ep=1 process: params {(ep1['dense'] + ep1['experts']) / MIB:.0f} MiB, "
-          f"AdamW {ep1['optimizer'] / MIB:.0f} MiB, peak RSS {ep1['peak_rss'] / MIB:.0f} MiB")
+    print(
+        f"ep=1 process: params {(ep1['dense'] + ep1['experts']) / MIB:.0f} MiB, "
+        f"AdamW {ep1['optimizer'] / MIB:.0f} MiB, peak RSS {ep1['peak_rss'] / MIB:.0f} MiB"
+    )
     assert ep1["dense"] + ep1["experts"] == dense_bytes + expert_bytes
     # Each ep=4 worker leaves out 3/4 of the experts with their gradients and AdamW state
     # (~1 GiB); its peak RSS is well below the single process's.
@@ -137,8 +152,8 @@ class _RecordingFS:
         return getattr(self.inner, name)
 
 
-def _resume_recording_reads(rank, cfg_dict):
-    import raymoe.train.checkpoint as checkpoint
+def _resume_recording_reads(rank, cfg_dict) -> dict:
+    import raymoe.train.checkpoint_format as checkpoint
 
     reads: dict[str, list] = {}
     real = checkpoint.open_uri
@@ -160,7 +175,7 @@ def _header(path: Path) -> tuple[int, dict]:
     """(data start, {tensor: (begin, end)}) of a safetensors file, parsed by hand."""
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + length])
+    header = json.loads(raw[8 : 8 + length])
     header.pop("__metadata__", None)
     return 8 + length, {k: tuple(v["data_offsets"]) for k, v in header.items()}
 
@@ -170,17 +185,23 @@ def _expert_of(key: str) -> int | None:
     return int(parts[parts.index("experts") + 1]) if "experts" in parts else None
 
 
-def test_resume_at_ep4_reads_only_held_tensors(tmp_path):
+def test_resume_at_ep4_reads_only_held_tensors(tmp_path) -> None:
     # Prepare: 2 steps at ep=2 (checkpoint at step 2: experts 0-3 in one file, 4-7 in the other).
     rows = np.random.default_rng(2).integers(3, 2048, size=(16, 17))
     data = write_ingest_output(tmp_path / "data", rows)
 
     def cfg(ep):
-        return from_dict(TrainConfig, {
-            "flavour": "debug", "steps": 2, "seed": 4, "layout": {"ep": ep, "dp": 1},
-            "data": {"path": str(data), "seq_len": 16, "global_batch_size": 4},
-            "checkpoint": {"uri": str(tmp_path / "ckpt"), "every_steps": 2},
-        })
+        return from_dict(
+            TrainConfig,
+            {
+                "flavour": "debug",
+                "steps": 2,
+                "seed": 4,
+                "layout": {"ep": ep, "dp": 1},
+                "data": {"path": str(data), "seq_len": 16, "global_batch_size": 4},
+                "checkpoint": {"uri": str(tmp_path / "ckpt"), "every_steps": 2},
+            },
+        )
 
     spawn_gloo(_save, 2, cfg(2).to_dict())
     step_dir = tmp_path / "ckpt" / "step-00000002"
@@ -189,8 +210,7 @@ def test_resume_at_ep4_reads_only_held_tensors(tmp_path):
     # Assert
     placement = ExpertPlacement.contiguous(8, 4)
     tensor_files = sorted(p.name for p in step_dir.glob("*.safetensors") if not p.name.startswith("rng"))
-    assert tensor_files == ["dense.safetensors", "experts-ep000-of-002.safetensors",
-                            "experts-ep001-of-002.safetensors"]
+    assert tensor_files == ["dense.safetensors", "experts-ep000-of-002.safetensors", "experts-ep001-of-002.safetensors"]
     read_by_anyone: set[tuple[str, str]] = set()
     for rank, worker in enumerate(workers):
         assert worker["start_step"] == 2
@@ -208,8 +228,9 @@ def test_resume_at_ep4_reads_only_held_tensors(tmp_path):
                     continue  # the header (length prefix + JSON)
                 begin, end = offset - data_start, offset - data_start + nbytes
                 keys = [k for k, (b, e) in ranges.items() if b < end and begin < e]
-                assert len(keys) == 1 and ranges[keys[0]] == (begin, end), \
+                assert len(keys) == 1 and ranges[keys[0]] == (begin, end), (
                     f"rank {rank} read bytes {begin}-{end} of {name}, not exactly one tensor: {keys}"
+                )
                 expert = _expert_of(keys[0])
                 assert expert is None or expert in held, f"rank {rank} read {keys[0]}"
                 read_by_anyone.add((name, keys[0]))
@@ -218,7 +239,7 @@ def test_resume_at_ep4_reads_only_held_tensors(tmp_path):
     assert read_by_anyone == everything
 
 
-def test_each_held_tensor_is_initialised_once_and_nothing_is_allocated_twice(monkeypatch):
+def test_each_held_tensor_is_initialised_once_and_nothing_is_allocated_twice(monkeypatch) -> None:
     # Prepare: record every per-tensor initialisation and every torch.nn.init call on real memory.
     import raymoe.models.transformer as transformer
     from raymoe.parallel.groups import ParallelGroups
@@ -227,17 +248,29 @@ def test_each_held_tensor_is_initialised_once_and_nothing_is_allocated_twice(mon
 
     drawn: list[str] = []
     real_seed = transformer._tensor_seed
-    monkeypatch.setattr(transformer, "_tensor_seed", lambda seed, key: drawn.append(key) or real_seed(seed, key))
+
+    def recording_seed(seed, key):
+        drawn.append(key)
+        return real_seed(seed, key)
+
+    monkeypatch.setattr(transformer, "_tensor_seed", recording_seed)
     touched_real = []
-    for name in ("kaiming_uniform_", "uniform_", "normal_"):
-        def record(*args, _real=getattr(torch.nn.init, name), **kwargs):
+
+    def recording(real):
+        def record(*args, **kwargs):
             tensor = args[0] if args else kwargs["tensor"]
             touched_real.append(not tensor.is_meta)
-            return _real(*args, **kwargs)
+            return real(*args, **kwargs)
 
-        monkeypatch.setattr(torch.nn.init, name, record)
+        return record
+
+    for name in ("kaiming_uniform_", "uniform_", "normal_"):
+        monkeypatch.setattr(torch.nn.init, name, recording(getattr(torch.nn.init, name)))
     cfg = _small_cfg(2)
-    groups = ParallelGroups(layout=ParallelLayout(ep=2, dp=1), rank=1, ep_group=object(), dp_group=None)
+    # A stand-in group: building the model runs no collective.
+    groups = ParallelGroups(
+        layout=ParallelLayout(ep=2, dp=1), rank=1, ep_group=cast(ProcessGroup, object()), dp_group=None
+    )
     # Execute
     model = build_sharded_model(cfg, groups, torch.device("cpu"))
     # Assert: the constructors' own inits ran on the meta device only; each held tensor drew once;
@@ -245,7 +278,11 @@ def test_each_held_tensor_is_initialised_once_and_nothing_is_allocated_twice(mon
     assert touched_real and not any(touched_real)
     assert len(drawn) == len(set(drawn))
     experts = {key for key in drawn if ".experts." in key}
-    assert experts == {f"layers.{i}.ffn.experts.{p}.{e}" for i in range(1, 8) for e in range(8, 16)
-                       for p in ("w_gate_EFD", "w_up_EFD", "w_down_EDF")}
+    assert experts == {
+        f"layers.{i}.ffn.experts.{p}.{e}"
+        for i in range(1, 8)
+        for e in range(8, 16)
+        for p in ("w_gate_EFD", "w_up_EFD", "w_down_EDF")
+    }
     matrices = [n for n, p in model.named_parameters() if p.ndim >= 2 and ".experts." not in n]
     assert sorted(k for k in drawn if ".experts." not in k) == sorted(matrices)

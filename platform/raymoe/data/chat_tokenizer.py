@@ -44,7 +44,7 @@ class ChatTokenizer:
         self.stop_token_ids = sorted({i for t in ends if t and (i := tokenizer.token_to_id(t)) is not None})
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ChatTokenizer":
+    def from_dir(cls, path: str | Path) -> ChatTokenizer:
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.is_file():
@@ -74,8 +74,10 @@ class ChatTokenizer:
         complete); False renders the conversation as it stands (a fine-tuning target).
         """
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
         )
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:

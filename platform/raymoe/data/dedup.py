@@ -1,4 +1,4 @@
-"""Exact dedup (content hash) and near dedup (MinHash + LSH banding).
+r"""Exact dedup (content hash) and near dedup (MinHash + LSH banding).
 
 MinHash (Broder 1997) estimates the Jaccard similarity of two documents' word 5-gram sets by the
 fraction of equal signature entries; LSH banding (Leskovec, Rajaraman, Ullman, "Mining of Massive
@@ -80,9 +80,9 @@ class _Tables:
     """Per-process lookup tables, grown on demand: is-word-char by code point, and powers of
     `_BASE` and its inverse (uint64, wrapping) by position."""
 
-    is_word = np.zeros(0, dtype=bool)
-    powers = np.ones(1, dtype=np.uint64)
-    inv_powers = np.ones(1, dtype=np.uint64)
+    is_word: np.ndarray = np.zeros(0, dtype=bool)
+    powers: np.ndarray = np.ones(1, dtype=np.uint64)
+    inv_powers: np.ndarray = np.ones(1, dtype=np.uint64)
 
 
 def _word_table(size: int) -> np.ndarray:
@@ -93,8 +93,7 @@ def _word_table(size: int) -> np.ndarray:
         new = min(0x110000, -(-size // _TABLE_STEP) * _TABLE_STEP)
         chars = "".join(map(chr, range(have, new)))
         marked = _NON_WORD.sub("\0", chars).encode("utf-32-le", "surrogatepass")
-        _Tables.is_word = np.concatenate([_Tables.is_word,
-                                          np.frombuffer(marked, dtype=np.uint32) != 0])
+        _Tables.is_word = np.concatenate([_Tables.is_word, np.frombuffer(marked, dtype=np.uint32) != 0])
     return _Tables.is_word
 
 
@@ -103,10 +102,8 @@ def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     if n > len(_Tables.powers):
         size = max(n, 2 * len(_Tables.powers))
         with np.errstate(over="ignore"):  # uint64 products wrap mod 2**64, as intended
-            _Tables.powers = np.cumprod(np.full(size, _BASE, dtype=np.uint64)) * np.uint64(
-                _BASE_INV)
-            _Tables.inv_powers = np.cumprod(np.full(size, _BASE_INV, dtype=np.uint64)) * np.uint64(
-                _BASE)
+            _Tables.powers = np.cumprod(np.full(size, _BASE, dtype=np.uint64)) * np.uint64(_BASE_INV)
+            _Tables.inv_powers = np.cumprod(np.full(size, _BASE_INV, dtype=np.uint64)) * np.uint64(_BASE)
     return _Tables.powers[:n], _Tables.inv_powers[:n]
 
 
@@ -191,9 +188,7 @@ def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     return float(np.mean(sig_a == sig_b))
 
 
-def find_duplicates(
-    hashes: Sequence[str], signatures: Sequence[np.ndarray | None], cfg: DedupConfig
-) -> list[str]:
+def find_duplicates(hashes: Sequence[str], signatures: Sequence[np.ndarray | None], cfg: DedupConfig) -> list[str]:
     """Marks every document that repeats an earlier kept one.
 
     Args:
@@ -214,11 +209,11 @@ def find_duplicates(
             continue
         keys: list[bytes] = []
         if cfg.near and sig is not None:
-            keys = [bytes([band]) + sig[band * rows : (band + 1) * rows].tobytes()
-                    for band in range(cfg.num_bands)]
+            keys = [bytes([band]) + sig[band * rows : (band + 1) * rows].tobytes() for band in range(cfg.num_bands)]
             candidates = {j for key in keys for j in buckets.get(key, ())}
-            if any(estimated_jaccard(sig, signatures[j]) >= cfg.near_threshold
-                   for j in sorted(candidates)):
+            # A bucket holds only documents that have a signature.
+            others = (signatures[j] for j in sorted(candidates))
+            if any(other is not None and estimated_jaccard(sig, other) >= cfg.near_threshold for other in others):
                 out.append(NEAR_DUPLICATE)
                 continue
         out.append("")

@@ -1,7 +1,7 @@
 """Function QA: a small SFT task with exact answers, generated from the shipped code corpus.
 
-Each record shows one short Python function from `data/corpus/code` (CPython 3.11.7 `Lib/*.py`,
-PSF license) and asks one of three questions whose answer the function's syntax decides:
+Each record shows one short Python function from `data/corpus/code.jsonl.gz` (CPython 3.11.7
+`Lib/*.py`, PSF license) and asks one of three questions whose answer the function's syntax decides:
 - `name`: "What is the name of this function?" -> the name after `def`;
 - `argcount`: "How many arguments does this function take?" -> a decimal count of its named
   parameters: positional-only, ordinary and keyword-only ones, `self`/`cls` included,
@@ -17,7 +17,7 @@ sources are kept once. Generation is deterministic (sorted files, fixed seed) an
 function: the held-out functions are never shown in training.
 
 Regenerate the shipped files:
-`python -m raymoe.data.function_qa --corpus data/corpus/code --out data/sft/function_qa`
+`python -m raymoe.data.function_qa --corpus data/corpus/code.jsonl.gz --out data/sft/function_qa`
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raymoe.atomic_io import atomic_write_bytes
+from raymoe.data.corpus_bundle import read_bundle
 
 SYSTEM_PROMPT = "Answer with the exact answer only."
 QUESTIONS = {
@@ -46,15 +47,14 @@ MAX_CHARS = 180
 MAX_ANSWER_CHARS = 30
 # Nodes that make a function a poor fit: nested scopes (whose returns and parameters are not the
 # function's own) and generators/coroutines (whose "return" is not what a call gives back).
-_EXCLUDED = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.Yield,
-             ast.YieldFrom, ast.Await)
+_EXCLUDED = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.Yield, ast.YieldFrom, ast.Await)
 
 
 @dataclass(frozen=True)
 class PyFunction:
     """A function found in the corpus: where it is and its dedented source."""
 
-    path: str  # file name within the corpus directory
+    path: str  # file name in the corpus (its id in the code bundle)
     lineno: int  # 1-based line of `def`
     source: str
 
@@ -72,30 +72,33 @@ def function_answers(source: str) -> dict[str, str]:
     returns = [n for n in ast.walk(node) if isinstance(n, ast.Return)]
     # ast.walk is breadth first; the first return is the first in source position.
     first = min(returns, key=lambda n: (n.lineno, n.col_offset), default=None)
-    value = ("None" if first is None or first.value is None
-             else ast.get_source_segment(source, first.value))
-    return {"name": node.name,
-            "argcount": str(len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)),
-            "return": value}
+    value = (
+        "None" if first is None or first.value is None else ast.get_source_segment(source, first.value) or ""
+    )  # parsed nodes carry positions
+    return {
+        "name": node.name,
+        "argcount": str(len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)),
+        "return": value,
+    }
 
 
 def _dedented(lines: list[str], node: ast.FunctionDef) -> str | None:
     """The function's own lines with its indentation removed, or None if they are not its own."""
-    body = lines[node.lineno - 1:node.end_lineno]
+    body = lines[node.lineno - 1 : node.end_lineno]
     indent = " " * node.col_offset
     # Every line must carry the def's indentation (a docstring may not dedent past it) and the
     # function must own its first and last lines whole (no `x = 1; def f(): ...`).
     if any(line.strip() and not line.startswith(indent) for line in body):
         return None
-    if body[0][:node.col_offset].strip() or body[-1][node.end_col_offset:].strip():
+    if body[0][: node.col_offset].strip() or body[-1][node.end_col_offset :].strip():
         return None
-    return "\n".join(line[node.col_offset:] for line in body)
+    return "\n".join(line[node.col_offset :] for line in body)
 
 
-def _eligible(node: ast.AST, source: str | None) -> bool:
-    if source is None or not isinstance(node, ast.FunctionDef) or node.decorator_list:
+def _eligible(node: ast.FunctionDef, source: str) -> bool:
+    if node.decorator_list:
         return False
-    if node.end_lineno - node.lineno + 1 > MAX_LINES or len(source) > MAX_CHARS:
+    if (node.end_lineno or node.lineno) - node.lineno + 1 > MAX_LINES or len(source) > MAX_CHARS:
         return False
     if any(isinstance(n, _EXCLUDED) for n in ast.walk(node) if n is not node):
         return False
@@ -103,15 +106,16 @@ def _eligible(node: ast.AST, source: str | None) -> bool:
     return "\n" not in answer and len(answer) <= MAX_ANSWER_CHARS
 
 
-def find_functions(corpus_dir: str | Path) -> list[PyFunction]:
-    """Eligible functions of the `*.py` files in `corpus_dir`, by file name then line.
+def find_functions(corpus: str | Path) -> list[PyFunction]:
+    """Eligible functions of the `*.py` documents of the code bundle `corpus`, by name then line.
 
     Returns:
         The functions, each distinct source once (its first occurrence).
     """
     found, seen = [], set()
-    for path in sorted(Path(corpus_dir).glob("*.py")):
-        text = path.read_text(encoding="utf-8")
+    for name, text in sorted(read_bundle(corpus).items()):
+        if not name.endswith(".py"):
+            continue
         lines = text.splitlines()
         tree = ast.parse(text)
         candidates = list(tree.body)
@@ -119,31 +123,37 @@ def find_functions(corpus_dir: str | Path) -> list[PyFunction]:
             if isinstance(node, ast.ClassDef):
                 candidates.extend(node.body)
         for node in sorted(candidates, key=lambda n: n.lineno):
-            source = _dedented(lines, node) if isinstance(node, ast.FunctionDef) else None
-            if _eligible(node, source) and source not in seen:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            source = _dedented(lines, node)
+            if source is not None and _eligible(node, source) and source not in seen:
                 seen.add(source)
-                found.append(PyFunction(path.name, node.lineno, source))
+                found.append(PyFunction(name, node.lineno, source))
     return found
 
 
 def qa_record(source: str, kind: str) -> dict:
     """A `messages` SFT record asking question `kind` about the function in `source`."""
     user = f"{QUESTIONS[kind]}\n```python\n{source}\n```"
-    return {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                         {"role": "user", "content": user},
-                         {"role": "assistant", "content": function_answers(source)[kind]}]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": function_answers(source)[kind]},
+        ]
+    }
 
 
-def shuffled_functions(corpus_dir: str | Path, seed: int = SEED) -> list[PyFunction]:
+def shuffled_functions(corpus: str | Path, seed: int = SEED) -> list[PyFunction]:
     """The eligible functions in a fixed shuffled order (what the splits are cut from)."""
-    functions = find_functions(corpus_dir)
+    functions = find_functions(corpus)
     random.Random(seed).shuffle(functions)
     return functions
 
 
-def function_qa_splits(corpus_dir: str | Path, num_train: int = NUM_TRAIN,
-                       num_heldout: int = NUM_HELDOUT,
-                       seed: int = SEED) -> tuple[list[dict], list[dict]]:
+def function_qa_splits(
+    corpus: str | Path, num_train: int = NUM_TRAIN, num_heldout: int = NUM_HELDOUT, seed: int = SEED
+) -> tuple[list[dict], list[dict]]:
     """Train and held-out records, one question per function, kinds in turn (balanced to +-1).
 
     The held-out split takes the first `num_heldout` shuffled functions and train the next
@@ -152,14 +162,17 @@ def function_qa_splits(corpus_dir: str | Path, num_train: int = NUM_TRAIN,
     Returns:
         (train records, held-out records).
     """
-    functions = shuffled_functions(corpus_dir, seed)
+    functions = shuffled_functions(corpus, seed)
     if len(functions) < num_heldout + num_train:
-        raise ValueError(f"{corpus_dir} has {len(functions)} eligible functions, fewer than "
-                         f"{num_heldout} held-out + {num_train} train")
+        raise ValueError(
+            f"{corpus} has {len(functions)} eligible functions, fewer than {num_heldout} held-out + {num_train} train"
+        )
     heldout = functions[:num_heldout]
-    train = functions[num_heldout:num_heldout + num_train]
-    return ([qa_record(f.source, KINDS[i % len(KINDS)]) for i, f in enumerate(train)],
-            [qa_record(f.source, KINDS[i % len(KINDS)]) for i, f in enumerate(heldout)])
+    train = functions[num_heldout : num_heldout + num_train]
+    return (
+        [qa_record(f.source, KINDS[i % len(KINDS)]) for i, f in enumerate(train)],
+        [qa_record(f.source, KINDS[i % len(KINDS)]) for i, f in enumerate(heldout)],
+    )
 
 
 def jsonl_bytes(records: list[dict]) -> bytes:
@@ -173,9 +186,10 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m raymoe.data.function_qa",
-                                     description="Writes the function QA SFT task.")
-    parser.add_argument("--corpus", default="data/corpus/code", help="directory of .py files")
+    parser = argparse.ArgumentParser(
+        prog="python -m raymoe.data.function_qa", description="Writes the function QA SFT task."
+    )
+    parser.add_argument("--corpus", default="data/corpus/code.jsonl.gz", help="code bundle")
     parser.add_argument("--out", default="data/sft/function_qa", help="output directory")
     args = parser.parse_args(argv)
     train, heldout = function_qa_splits(args.corpus)

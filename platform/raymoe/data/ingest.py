@@ -12,6 +12,7 @@ Work is cut into units of input files; each unit's results are committed under `
 existing shard is not rewritten; the manifest is written last, so its presence marks a complete
 run. The output directory must be a local or shared (NFS, PVC) path visible to all nodes; inputs
 may be on any pyarrow filesystem.
+The config (`IngestConfig`) and its up-front checks are in `raymoe.data.ingest_config`.
 """
 
 from __future__ import annotations
@@ -22,119 +23,39 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from raymoe.config import require, to_dict
-from raymoe.data import tokenizer as toklib
 from raymoe.atomic_io import atomic_write_bytes, remove_stale_temps
-from raymoe.data.decode import DecodeConfig
-from raymoe.data.dedup import DedupConfig, find_duplicates
-from raymoe.data.filters import FILTER_REASONS, FilterConfig
+from raymoe.config import to_dict
+from raymoe.data import tokenizer as toklib
+from raymoe.data.dedup import find_duplicates
+from raymoe.data.filters import FILTER_REASONS
+from raymoe.data.ingest_config import IngestConfig, output_config
 from raymoe.data.ingest_tasks import count_metric, run_clean, run_units, tokenize_task
 from raymoe.data.manifest import FORMAT_VERSION, MANIFEST_NAME, write_manifest
-from raymoe.data.normalize import NormalizeConfig
 from raymoe.data.pack import pack_documents
-from raymoe.data.pii import PIIConfig
 from raymoe.data.profile import reference_profile, token_unigram
 from raymoe.data.quarantine import QUARANTINE_REASONS, quarantine_entry, write_quarantine
 from raymoe.data.sampling import assign_split, mix_repeats, shuffled
 from raymoe.data.shards import write_shard
-from raymoe.data.sources import SourceConfig, list_files
+from raymoe.data.sources import list_files
 from raymoe.data.units import (
-    CACHE_VERSION, CLEAN_STAGES, load_clean, plan_units, reset_unit, stable_hash, unit_done,
+    CACHE_VERSION,
+    CLEAN_STAGES,
+    load_clean,
+    plan_units,
+    reset_unit,
+    stable_hash,
+    unit_done,
 )
 from raymoe.monitor import metrics as M
 
 SPLITS = ("train", "val")
 PAUSE_ENV = "RAYMOE_INGEST_PAUSE_AT"  # fault injection for tests: "clean:N" or "shard:N"
-
-
-@dataclass(kw_only=True)
-class TokenizerConfig:
-    """Reuse a tokenizer (`path`) or train one on the first run."""
-
-    path: str | None = None
-    vocab_size: int = 2048
-    min_frequency: int = 2
-    # Training reads kept training documents in order until this many characters.
-    max_train_chars: int = 100_000_000
-
-    def __post_init__(self) -> None:
-        require(self.vocab_size >= toklib.MIN_VOCAB_SIZE,
-                f"tokenizer.vocab_size must be >= {toklib.MIN_VOCAB_SIZE}, got {self.vocab_size}")
-
-
-@dataclass(kw_only=True)
-class PackConfig:
-    """Packing, shuffling, splitting and shard layout."""
-
-    seq_len: int
-    val_fraction: float = 0.02
-    seed: int = 0
-    # Pad the last partial row with EOS instead of dropping its tokens.
-    pad_last: bool = False
-    rows_per_shard: int = 2048
-    # Small row groups let the loader stream a shard without reading it whole.
-    rows_per_row_group: int = 256
-
-    def __post_init__(self) -> None:
-        require(self.seq_len >= 1, f"pack.seq_len must be >= 1, got {self.seq_len}")
-        require(0.0 <= self.val_fraction < 1.0,
-                f"pack.val_fraction must be in [0, 1), got {self.val_fraction}")
-        require(self.rows_per_shard >= 1,
-                f"pack.rows_per_shard must be >= 1, got {self.rows_per_shard}")
-        require(self.rows_per_row_group >= 1,
-                f"pack.rows_per_row_group must be >= 1, got {self.rows_per_row_group}")
-
-
-@dataclass(kw_only=True)
-class ExecutionConfig:
-    """How the work is cut and run; none of it changes the output bytes."""
-
-    # Logical CPUs of the embedded cluster (ignored when joining RAY_ADDRESS).
-    num_cpus: int | None = None
-    # Input bytes per work unit: one Ray task, one cache file, the unit of resume.
-    unit_bytes: int = 1 << 20
-    cpus_per_task: float = 1.0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        require(self.unit_bytes >= 1, f"execution.unit_bytes must be >= 1, got {self.unit_bytes}")
-        require(self.cpus_per_task > 0,
-                f"execution.cpus_per_task must be > 0, got {self.cpus_per_task}")
-
-
-@dataclass(kw_only=True)
-class IngestConfig:
-    """An ingest run: sources in, shards + manifest out under `output_dir`."""
-
-    output_dir: str = "runs/ingest"
-    sources: list[SourceConfig]
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
-    pii: PIIConfig = field(default_factory=PIIConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    pack: PackConfig
-    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-
-    def __post_init__(self) -> None:
-        require(bool(self.sources), "sources must list at least one source")
-        names = [s.name for s in self.sources]
-        require(len(set(names)) == len(names), f"sources[].name must be unique, got {names}")
-
-
-def output_config(cfg: IngestConfig) -> dict:
-    """The config as recorded in the manifest: without where it ran or how it was scheduled."""
-    data = to_dict(cfg)
-    data.pop("output_dir")
-    data.pop("execution")
-    return data
 
 
 def _pause_point(name: str, count: int) -> None:
@@ -148,11 +69,13 @@ def _pause_point(name: str, count: int) -> None:
 def _progress(total: float, desc: str, unit: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr, dynamic_ncols=True
+    )
 
 
 # ---- driver stages ----
+
 
 def _clean(cfg: IngestConfig, units: list[dict], work: Path, stats: dict) -> None:
     pending = [u for u in units if not unit_done(work / "clean" / u["key"])]
@@ -163,13 +86,11 @@ def _clean(cfg: IngestConfig, units: list[dict], work: Path, stats: dict) -> Non
     for u in pending:
         reset_unit(work / "clean" / u["key"])
     items = [{"key": u["key"], "files": json.dumps(u["files"])} for u in pending]
-    bar = _progress(sum(f["size"] for u in pending for f in u["files"]), "clean", "B",
-                    cfg.execution.progress)
-    start, records, parts = time.monotonic(), 0, 0
+    bar = _progress(sum(f["size"] for u in pending for f in u["files"]), "clean", "B", cfg.execution.progress)
+    start, records = time.monotonic(), 0
     stage_cfgs = {name: to_dict(getattr(cfg, name)) for name, _, _ in CLEAN_STAGES}
-    for row in run_clean(items, stage_cfgs, str(work / "clean"), cfg.execution.cpus_per_task):
+    for parts, row in enumerate(run_clean(items, stage_cfgs, str(work / "clean"), cfg.execution.cpus_per_task), 1):
         records += int(row["records"])
-        parts += 1
         bar.update(int(row["bytes"]))
         bar.set_postfix(records=records, rec_s=f"{records / (time.monotonic() - start):.0f}")
         _pause_point("clean", parts)
@@ -177,8 +98,7 @@ def _clean(cfg: IngestConfig, units: list[dict], work: Path, stats: dict) -> Non
 
 
 def _load_fingerprints(units: list[dict], work: Path) -> list[dict]:
-    cols = ["source", "location", "reason", "detail", "sample", "nbytes", "emails", "keys",
-            "hash", "minhash"]
+    cols = ["source", "location", "reason", "detail", "sample", "nbytes", "emails", "keys", "hash", "minhash"]
     rows = []
     for u_idx, u in enumerate(units):
         table = load_clean(work / "clean" / u["key"], columns=cols)
@@ -200,8 +120,7 @@ def _decide(cfg: IngestConfig, rows: list[dict]) -> None:
         count_metric(M.INGEST_DUPLICATES, n, {"kind": kind})
 
 
-def _tokenizer(cfg: IngestConfig, units: list[dict], rows: list[dict], out: Path,
-               work: Path) -> tuple[Path, bool]:
+def _tokenizer(cfg: IngestConfig, units: list[dict], rows: list[dict], out: Path, work: Path) -> tuple[Path, bool]:
     tok_dir = out / "tokenizer"
     key_file = work / "tokenizer.key"
     if cfg.tokenizer.path:
@@ -209,15 +128,17 @@ def _tokenizer(cfg: IngestConfig, units: list[dict], rows: list[dict], out: Path
         src = Path(cfg.tokenizer.path)
         tok = toklib.load_tokenizer(src)
         if tok.get_vocab_size() > cfg.tokenizer.vocab_size:
-            raise ValueError(f"tokenizer.path {str(src)!r} has vocab {tok.get_vocab_size()}, "
-                             f"more than tokenizer.vocab_size={cfg.tokenizer.vocab_size}")
+            raise ValueError(
+                f"tokenizer.path {str(src)!r} has vocab {tok.get_vocab_size()}, "
+                f"more than tokenizer.vocab_size={cfg.tokenizer.vocab_size}"
+            )
         toklib.save_tokenizer(tok, tok_dir)
         return tok_dir, False
     keep = [r for r in rows if not r["reason"] and not r["dup"] and r["split"] == "train"]
-    train_key = stable_hash([CACHE_VERSION, to_dict(cfg.tokenizer),
-                             [(units[r["unit"]]["key"], r["row"]) for r in keep]])
-    if (tok_dir / "tokenizer.json").is_file() and key_file.is_file() \
-            and key_file.read_text() == train_key:
+    train_key = stable_hash(
+        [CACHE_VERSION, to_dict(cfg.tokenizer), [(units[r["unit"]]["key"], r["row"]) for r in keep]]
+    )
+    if (tok_dir / "tokenizer.json").is_file() and key_file.is_file() and key_file.read_text() == train_key:
         return tok_dir, True
     by_unit: dict[int, list[int]] = {}
     for r in keep:
@@ -240,8 +161,9 @@ def _tokenizer(cfg: IngestConfig, units: list[dict], rows: list[dict], out: Path
     return tok_dir, True
 
 
-def _tokenize(cfg: IngestConfig, units: list[dict], rows: list[dict], tok_dir: Path,
-              tok_hash: str, work: Path, stats: dict) -> list[str]:
+def _tokenize(
+    cfg: IngestConfig, units: list[dict], rows: list[dict], tok_dir: Path, tok_hash: str, work: Path, stats: dict
+) -> list[str]:
     keep_by_unit: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(units))}
     for r in rows:
         if not r["reason"] and not r["dup"]:
@@ -253,17 +175,14 @@ def _tokenize(cfg: IngestConfig, units: list[dict], rows: list[dict], tok_dir: P
         keys.append(key)
         if not (work / "tokens" / f"{key}.parquet").is_file():
             items.append({"key": key, "clean_key": u["key"], "keep": json.dumps(keep)})
-    stats["tokenize_units"] = {"total": len(units), "run": len(items), "tokens": 0,
-                               "task_seconds": 0.0}
-    print(f"ingest: tokenize {len(items)} of {len(units)} work units (rest done earlier)",
-          flush=True)
+    stats["tokenize_units"] = {"total": len(units), "run": len(items), "tokens": 0, "task_seconds": 0.0}
+    print(f"ingest: tokenize {len(items)} of {len(units)} work units (rest done earlier)", flush=True)
     if items:
         # Largest units first: with one task per unit, a big unit started last would run alone
         # while the other CPUs idle.
         sizes = {u["key"]: sum(f["size"] for f in u["files"]) for u in units}
         items.sort(key=lambda item: -sizes[item["clean_key"]])
-        bar = _progress(sum(len(json.loads(i["keep"])) for i in items), "tokenize", "doc",
-                        cfg.execution.progress)
+        bar = _progress(sum(len(json.loads(i["keep"])) for i in items), "tokenize", "doc", cfg.execution.progress)
         start, tokens = time.monotonic(), 0
         kwargs = {"work_dir": str(work), "tok_dir": str(tok_dir), "tok_hash": tok_hash}
         for row in run_units(items, tokenize_task, kwargs, cfg.execution.cpus_per_task):
@@ -286,16 +205,17 @@ def _token_arrays(table) -> list[np.ndarray]:
     return arrays
 
 
-def _pack_and_write(cfg: IngestConfig, token_keys: list[str], eos: int, vocab: int, out: Path,
-                    work: Path, stats: dict) -> tuple[list[dict], dict, dict]:
+def _pack_and_write(
+    cfg: IngestConfig, token_keys: list[str], eos: int, vocab: int, out: Path, work: Path, stats: dict
+) -> tuple[list[dict], dict, dict]:
     docs: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     weights = {s.name: s.weight for s in cfg.sources}
     train_lengths = []
     for key in token_keys:
         table = pq.read_table(work / "tokens" / f"{key}.parquet")
-        for h, source, split, arr in zip(*(table.column(c).to_pylist()
-                                           for c in ("hash", "source", "split")),
-                                         _token_arrays(table)):
+        for h, source, split, arr in zip(
+            *(table.column(c).to_pylist() for c in ("hash", "source", "split")), _token_arrays(table)
+        ):
             if split == "train":
                 train_lengths.append(len(arr))
                 docs[split].extend([arr] * mix_repeats(h, weights[source], cfg.pack.seed))
@@ -305,16 +225,16 @@ def _pack_and_write(cfg: IngestConfig, token_keys: list[str], eos: int, vocab: i
     stats["shards"] = {"written": 0, "unchanged": 0}
     for s_idx, split in enumerate(SPLITS):
         order = shuffled(len(docs[split]), cfg.pack.seed * 2 + s_idx)
-        rows_NL, dropped = pack_documents((docs[split][i] for i in order), cfg.pack.seq_len, eos,
-                                          cfg.pack.pad_last)
+        rows_NL, dropped = pack_documents((docs[split][i] for i in order), cfg.pack.seq_len, eos, cfg.pack.pad_last)
         split_dir = out / split
         split_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(split_dir)
         names = []
         for n, start in enumerate(range(0, len(rows_NL), cfg.pack.rows_per_shard)):
             name = f"{split}/shard-{n:05d}.parquet"
-            info = write_shard(out / name, rows_NL[start : start + cfg.pack.rows_per_shard],
-                               cfg.pack.rows_per_row_group)
+            info = write_shard(
+                out / name, rows_NL[start : start + cfg.pack.rows_per_shard], cfg.pack.rows_per_row_group
+            )
             stats["shards"]["written" if info.pop("written") else "unchanged"] += 1
             shards.append({"path": name, "split": split, **info})
             names.append(name)
@@ -324,24 +244,27 @@ def _pack_and_write(cfg: IngestConfig, token_keys: list[str], eos: int, vocab: i
                 old.unlink()
         if split == "train":
             unigram = token_unigram([rows_NL], vocab)
-        written[split] = {"docs": len(docs[split]), "rows": int(len(rows_NL)),
-                          "tokens": int(rows_NL.size), "shards": len(names),
-                          "tokens_dropped_tail": int(dropped)}
+        written[split] = {
+            "docs": len(docs[split]),
+            "rows": len(rows_NL),
+            "tokens": int(rows_NL.size),
+            "shards": len(names),
+            "tokens_dropped_tail": int(dropped),
+        }
     return shards, written, reference_profile(unigram, train_lengths)
 
 
 def _counts(cfg: IngestConfig, units: list[dict], rows: list[dict]) -> tuple[dict, dict]:
     reasons = Counter(r["reason"] for r in rows if r["reason"])
     kept = [r for r in rows if not r["reason"]]
-    counts = {
+    counts: dict[str, Any] = {
         "files": sum(len(u["files"]) for u in units),
         "records": len(rows),
         "bytes": sum(r["nbytes"] or 0 for r in rows),
         "quarantined": {k: reasons[k] for k in sorted(reasons) if k in QUARANTINE_REASONS},
         "filtered": {k: reasons[k] for k in sorted(reasons) if k in FILTER_REASONS},
         "duplicates": dict(sorted(Counter(r["dup"] for r in kept if r["dup"]).items())),
-        "pii_replaced": {"emails": sum(r["emails"] for r in rows),
-                         "keys": sum(r["keys"] for r in rows)},
+        "pii_replaced": {"emails": sum(r["emails"] for r in rows), "keys": sum(r["keys"] for r in rows)},
         "kept_docs": sum(1 for r in kept if not r["dup"]),
     }
     counts["quarantined_total"] = sum(counts["quarantined"].values())
@@ -350,7 +273,8 @@ def _counts(cfg: IngestConfig, units: list[dict], rows: list[dict]) -> tuple[dic
         mine = [r for r in rows if r["source"] == s.name]
         sources[s.name] = {
             "files": sum(1 for u in units for f in u["files"] if f["source"] == s.name),
-            "records": len(mine), "bytes": sum(r["nbytes"] or 0 for r in mine),
+            "records": len(mine),
+            "bytes": sum(r["nbytes"] or 0 for r in mine),
             "kept_docs": sum(1 for r in mine if not r["reason"] and not r["dup"]),
             "weight": s.weight,
         }
@@ -386,23 +310,34 @@ def run_ingest(cfg: IngestConfig) -> dict:
     # when the run completes.
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     vocab = tok.get_vocab_size()
-    shards, written, profile = _pack_and_write(cfg, token_keys, toklib.eos_id(tok), vocab, out,
-                                               work, stats)
-    entries = [quarantine_entry(r["source"], r["location"], r["reason"], r["detail"] or "",
-                                (r["sample"] or "").encode())
-               for r in rows if r["reason"] in QUARANTINE_REASONS]
+    shards, written, profile = _pack_and_write(cfg, token_keys, toklib.eos_id(tok), vocab, out, work, stats)
+    entries = [
+        quarantine_entry(r["source"], r["location"], r["reason"], r["detail"] or "", (r["sample"] or "").encode())
+        for r in rows
+        if r["reason"] in QUARANTINE_REASONS
+    ]
     write_quarantine(out, entries)
     counts, sources = _counts(cfg, units, rows)
     counts["written"] = written
     config = output_config(cfg)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": config, "config_hash": "sha256:" + stable_hash(config),
-        "tokenizer": {"dir": "tokenizer", "hash": tok_hash, "vocab_size": vocab,
-                      "eos_id": toklib.eos_id(tok), "trained": trained},
-        "seq_len": cfg.pack.seq_len, "row_len": cfg.pack.seq_len + 1, "dtype": "int32",
-        "counts": counts, "sources": sources, "shards": shards,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "config": config,
+        "config_hash": "sha256:" + stable_hash(config),
+        "tokenizer": {
+            "dir": "tokenizer",
+            "hash": tok_hash,
+            "vocab_size": vocab,
+            "eos_id": toklib.eos_id(tok),
+            "trained": trained,
+        },
+        "seq_len": cfg.pack.seq_len,
+        "row_len": cfg.pack.seq_len + 1,
+        "dtype": "int32",
+        "counts": counts,
+        "sources": sources,
+        "shards": shards,
         "quarantine": {"path": "quarantine/quarantine.jsonl", "entries": len(entries)},
         "profile": profile,
     }
@@ -411,6 +346,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
     stats["seconds"]["total"] = time.monotonic() - t0
     stats["tokens"] = sum(w["tokens"] for w in written.values())
     atomic_write_bytes(out / "ingest_stats.json", json.dumps(stats, indent=1).encode())
-    print(f"ingest: wrote {path} ({len(shards)} shards, {stats['tokens']} tokens, "
-          f"{counts['quarantined_total']} quarantined) in {stats['seconds']['total']:.1f}s")
+    print(
+        f"ingest: wrote {path} ({len(shards)} shards, {stats['tokens']} tokens, "
+        f"{counts['quarantined_total']} quarantined) in {stats['seconds']['total']:.1f}s"
+    )
     return manifest

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,8 +24,7 @@ import pyarrow.compute as pc
 from raymoe.config import from_dict
 from raymoe.data import tokenizer as toklib
 from raymoe.data.quarantine import QUARANTINE_REASONS
-from raymoe.data.units import CLEAN_STAGES, commit_parts, load_clean, read_records, tokenize_unit
-from raymoe.data.units import write_table
+from raymoe.data.units import CLEAN_STAGES, commit_parts, load_clean, read_records, tokenize_unit, write_table
 from raymoe.monitor import metrics as M
 
 
@@ -47,9 +47,10 @@ def _no_reservation(ds) -> None:
 
 def read_task(batch: pa.Table) -> pa.Table:
     """Work units (`key`, `files` as JSON) -> their records."""
-    tables = [read_records(key, json.loads(files))
-              for key, files in zip(batch.column("key").to_pylist(),
-                                    batch.column("files").to_pylist())]
+    tables = [
+        read_records(key, json.loads(files))
+        for key, files in zip(batch.column("key").to_pylist(), batch.column("files").to_pylist())
+    ]
     return pa.concat_tables(tables)
 
 
@@ -67,8 +68,7 @@ STAGE_TASKS = [(name, _stage_task(name, stage, cls)) for name, stage, cls in CLE
 def commit_task(batch: pa.Table, clean_dir: str) -> dict:
     """Commits a batch of cleaned records as parts; emits records/bytes/drop metrics."""
     per: Counter = Counter()
-    for source, reason, nbytes in zip(*(batch.column(c).to_pylist()
-                                         for c in ("source", "reason", "nbytes"))):
+    for source, reason, nbytes in zip(*(batch.column(c).to_pylist() for c in ("source", "reason", "nbytes"))):
         per[(M.INGEST_RECORDS, "source", source)] += 1
         per[(M.INGEST_BYTES, "source", source)] += nbytes or 0
         if reason:
@@ -80,20 +80,20 @@ def commit_task(batch: pa.Table, clean_dir: str) -> dict:
     return {k: [p[k] for p in parts] for k in ("unit", "records", "bytes")}
 
 
-def run_clean(items: list[dict], stage_cfgs: dict[str, dict], clean_dir: str,
-              cpus: float) -> Iterator[dict]:
+def run_clean(items: list[dict], stage_cfgs: dict[str, dict], clean_dir: str, cpus: float) -> Iterator[dict]:
     """Runs the clean chain over work units; yields one summary row per committed part."""
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws its own
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     _no_reservation(ds)
     # batch_size=None: a whole block per call, so a unit's records stay together.
-    common = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": cpus}
+    common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": cpus}
     ds = ds.map_batches(read_task, **common)
     for name, task in STAGE_TASKS:
         ds = ds.map_batches(task, fn_kwargs={"cfg": stage_cfgs[name]}, **common)
-    ds = ds.map_batches(commit_task, fn_kwargs={"clean_dir": clean_dir}, **common)
+    # Ray's type for `fn` takes the batch only; fn_kwargs supply commit_task's clean_dir.
+    ds = ds.map_batches(commit_task, fn_kwargs={"clean_dir": clean_dir}, **common)  # type: ignore[arg-type]
     yield from ds.iter_rows()
 
 
@@ -142,7 +142,7 @@ def run_units(items: list[dict], fn: Callable, fn_kwargs: dict, cpus: float) -> 
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     _no_reservation(ds)
     ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=1, num_cpus=cpus)
     yield from ds.iter_rows()

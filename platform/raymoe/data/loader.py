@@ -40,15 +40,24 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, f"loader.batch_size must be >= 1, got {self.batch_size}")
-        require(self.split in ("train", "val"),
-                f"loader.split must be train or val, got {self.split!r}")
+        require(self.split in ("train", "val"), f"loader.split must be train or val, got {self.split!r}")
+        require(
+            self.num_epochs is None or self.num_epochs >= 1,
+            f"loader.num_epochs must be null (repeat forever) or >= 1, got {self.num_epochs}",
+        )
 
 
 class TokenLoader:
     """Iterates LongTensor batches of shape (batch_size, row_len) for one rank."""
 
-    def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
-                 start_step: int = 0, expected_tokenizer_hash: str | None = None):
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        expected_tokenizer_hash: str | None = None,
+    ):
         """Opens the shards of `cfg.split` listed in the manifest of `cfg.data_dir`.
 
         Args:
@@ -64,8 +73,10 @@ class TokenLoader:
         self.data_dir = Path(cfg.data_dir)
         manifest = read_manifest(self.data_dir)
         if expected_tokenizer_hash and manifest["tokenizer"]["hash"] != expected_tokenizer_hash:
-            raise ValueError(f"{self.data_dir}: shards use tokenizer {manifest['tokenizer']['hash']},"
-                             f" expected {expected_tokenizer_hash}")
+            raise ValueError(
+                f"{self.data_dir}: shards use tokenizer {manifest['tokenizer']['hash']},"
+                f" expected {expected_tokenizer_hash}"
+            )
         if cfg.verify:
             verify_shards(self.data_dir, manifest, split=cfg.split)
         self.row_len = int(manifest["row_len"])
@@ -82,19 +93,19 @@ class TokenLoader:
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{cfg.split} split of {self.data_dir} has {self.num_rows} rows, fewer than one "
-                f"global batch of batch_size={cfg.batch_size} x world_size={world_size}")
+                f"global batch of batch_size={cfg.batch_size} x world_size={world_size}"
+            )
         self.step = start_step
 
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - keeps at most 4 (loader, epoch) entries alive
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(row-group order, cumulative row ends in that order) for an epoch."""
         n = len(self.row_groups)
-        order = (np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
-                 if self.cfg.shuffle else np.arange(n))
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n) if self.cfg.shuffle else np.arange(n)
         ends = np.cumsum([self.row_groups[i][2] for i in order])
         return order, ends
 
-    @functools.lru_cache(maxsize=8)
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - keeps at most 8 (loader, group, epoch) entries alive
     def _rows(self, group: int, epoch: int) -> np.ndarray:
         path, index, n = self.row_groups[group]
         rows = read_row_group(path, index)
@@ -127,14 +138,20 @@ class TokenLoader:
 
     def state_dict(self) -> dict:
         """Resume state: the next global step (plus what it is only valid with)."""
-        return {"step": self.step, "seed": self.cfg.seed, "global_batch": self.global_batch,
-                "tokenizer_hash": self.tokenizer_hash}
+        return {
+            "step": self.step,
+            "seed": self.cfg.seed,
+            "global_batch": self.global_batch,
+            "tokenizer_hash": self.tokenizer_hash,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continues from a `state_dict`; the global batch size must be unchanged."""
         if state["global_batch"] != self.global_batch:
-            raise ValueError(f"loader state has global_batch={state['global_batch']}, this loader "
-                             f"has {self.global_batch} (batch_size x world_size)")
+            raise ValueError(
+                f"loader state has global_batch={state['global_batch']}, this loader "
+                f"has {self.global_batch} (batch_size x world_size)"
+            )
         if state["seed"] != self.cfg.seed:
             raise ValueError(f"loader state has seed={state['seed']}, config has {self.cfg.seed}")
         self.step = int(state["step"])

@@ -52,14 +52,13 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> str:
     if cfg.strip_control:
         text = _CONTROL.sub("", text)
     # `[ \t]+$` can only match before a newline or at the end.
-    if cfg.strip_trailing_whitespace and (" \n" in text or "\t\n" in text
-                                          or text.endswith((" ", "\t"))):
+    if cfg.strip_trailing_whitespace and (" \n" in text or "\t\n" in text or text.endswith((" ", "\t"))):
         text = _TRAILING_WS.sub("", text)
     limit = cfg.max_blank_lines
     if "\n" * (limit + 2) in text:
         pattern = _BLANK_RUNS.get(limit)
         if pattern is None:
-            pattern = _BLANK_RUNS[limit] = re.compile(r"\n{%d,}" % (limit + 2))
+            pattern = _BLANK_RUNS[limit] = re.compile(r"\n{%d,}" % (limit + 2))  # noqa: UP031 - the braces are the regex's
         text = pattern.sub("\n" * (limit + 1), text)
     return text.strip()
 

@@ -26,8 +26,7 @@ _PREFIXED_KEY = re.compile(
 # Every prefixed key starts with one of these literals: a text with none of them cannot match,
 # and `in` scans (C substring search) cost a fraction of `_PREFIXED_KEY`'s attempt at every
 # position.
-_KEY_PREFIXES = ("AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "sk_", "pk_", "rk_", "sk-",
-                 "AIza")
+_KEY_PREFIXES = ("AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "sk_", "pk_", "rk_", "sk-", "AIza")
 # `api_key = "..."`, `SECRET: ...`, `password="..."`: only the value is replaced.
 _ASSIGNED_SECRET = re.compile(
     # The lookahead only lets the scan skip positions that cannot start a keyword (all start with

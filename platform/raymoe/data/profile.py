@@ -34,7 +34,6 @@ def length_histogram(lengths: Iterable[int], edges: list[int] = DOC_LENGTH_EDGES
 def reference_profile(unigram: np.ndarray, doc_lengths: list[int]) -> dict:
     """The manifest's `profile` section."""
     return {
-        "token_unigram": {"vocab_size": int(len(unigram)), "counts": unigram.astype(int).tolist()},
-        "doc_length_tokens": {"edges": list(DOC_LENGTH_EDGES),
-                              "counts": length_histogram(doc_lengths)},
+        "token_unigram": {"vocab_size": len(unigram), "counts": unigram.astype(int).tolist()},
+        "doc_length_tokens": {"edges": list(DOC_LENGTH_EDGES), "counts": length_histogram(doc_lengths)},
     }

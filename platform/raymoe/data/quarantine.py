@@ -15,13 +15,25 @@ from pathlib import Path
 from raymoe.atomic_io import atomic_write_bytes
 from raymoe.data.decode import BAD_JSON, UNDECODABLE
 from raymoe.data.sources import (
-    CORRUPT_GZIP, CORRUPT_PARQUET, EMPTY_FILE, MISSING_FIELD, TRUNCATED_GZIP, UNREADABLE_FILE,
+    CORRUPT_GZIP,
+    CORRUPT_PARQUET,
+    EMPTY_FILE,
+    MISSING_FIELD,
+    TRUNCATED_GZIP,
+    UNREADABLE_FILE,
     WRONG_FIELD_TYPE,
 )
 
 QUARANTINE_REASONS = (
-    EMPTY_FILE, UNREADABLE_FILE, TRUNCATED_GZIP, CORRUPT_GZIP, CORRUPT_PARQUET,
-    BAD_JSON, MISSING_FIELD, WRONG_FIELD_TYPE, UNDECODABLE,
+    EMPTY_FILE,
+    UNREADABLE_FILE,
+    TRUNCATED_GZIP,
+    CORRUPT_GZIP,
+    CORRUPT_PARQUET,
+    BAD_JSON,
+    MISSING_FIELD,
+    WRONG_FIELD_TYPE,
+    UNDECODABLE,
 )
 QUARANTINE_FILE = "quarantine/quarantine.jsonl"
 SAMPLE_BYTES = 120
@@ -34,8 +46,14 @@ def sample_of(raw: bytes | None) -> str:
     return raw[:SAMPLE_BYTES].decode("utf-8", errors="backslashreplace")
 
 
-def quarantine_entry(source: str, location: str, reason: str, detail: str,
-                     raw: bytes | None, reasons: tuple[str, ...] = QUARANTINE_REASONS) -> dict:
+def quarantine_entry(
+    source: str,
+    location: str,
+    reason: str,
+    detail: str,
+    raw: bytes | None,
+    reasons: tuple[str, ...] = QUARANTINE_REASONS,
+) -> dict:
     """One quarantine line; raises ValueError for a reason not in `reasons`.
 
     `reasons` defaults to the ingest pipeline's; a reader with its own record checks (SFT
@@ -44,8 +62,7 @@ def quarantine_entry(source: str, location: str, reason: str, detail: str,
     """
     if reason not in reasons:
         raise ValueError(f"quarantine reason must be one of {reasons}, got {reason!r}")
-    return {"source": source, "location": location, "reason": reason, "detail": detail,
-            "sample": sample_of(raw)}
+    return {"source": source, "location": location, "reason": reason, "detail": detail, "sample": sample_of(raw)}
 
 
 def write_quarantine(out_dir: str | Path, entries: list[dict]) -> Path:

@@ -19,7 +19,7 @@ def unit_interval(key: str, seed: int, salt: str) -> float:
 
 
 def assign_split(doc_hash: str, val_fraction: float, seed: int) -> str:
-    """"val" for a `val_fraction` share of documents (chosen by hash), else "train"."""
+    """ "val" for a `val_fraction` share of documents (chosen by hash), else "train"."""
     return "val" if unit_interval(doc_hash, seed, "split") < val_fraction else "train"
 
 

@@ -35,7 +35,12 @@ import torch
 from raymoe.config import require
 from raymoe.data.chat_tokenizer import ChatTokenizer
 from raymoe.data.decode import (
-    BAD_JSON, MISSING_FIELD, UNDECODABLE, WRONG_FIELD_TYPE, DecodeConfig, decode_bytes,
+    BAD_JSON,
+    MISSING_FIELD,
+    UNDECODABLE,
+    WRONG_FIELD_TYPE,
+    DecodeConfig,
+    decode_bytes,
 )
 from raymoe.data.quarantine import quarantine_entry
 
@@ -46,7 +51,13 @@ EMPTY_ANSWER = "empty_answer"
 TOO_LONG = "too_long"
 TEMPLATE_MISMATCH = "template_mismatch"
 SFT_QUARANTINE_REASONS = (
-    UNDECODABLE, BAD_JSON, MISSING_FIELD, WRONG_FIELD_TYPE, BAD_ROLE, EMPTY_ANSWER, TOO_LONG,
+    UNDECODABLE,
+    BAD_JSON,
+    MISSING_FIELD,
+    WRONG_FIELD_TYPE,
+    BAD_ROLE,
+    EMPTY_ANSWER,
+    TOO_LONG,
     TEMPLATE_MISMATCH,
 )
 SFT_SOURCE = "sft"
@@ -67,12 +78,15 @@ class SFTDataConfig:
     truncation: Literal["drop", "left"] = "left"
 
     def __post_init__(self) -> None:
-        require(isinstance(self.path, str) and bool(self.path),
-                f"data.path must be the path of a JSONL file, got {self.path!r}")
-        require(type(self.max_seq_len) is int and self.max_seq_len >= 2,
-                f"data.max_seq_len must be an integer >= 2 (tokens), got {self.max_seq_len!r}")
-        require(self.truncation in ("drop", "left"),
-                f"data.truncation must be drop or left, got {self.truncation!r}")
+        require(
+            isinstance(self.path, str) and bool(self.path),
+            f"data.path must be the path of a JSONL file, got {self.path!r}",
+        )
+        require(
+            type(self.max_seq_len) is int and self.max_seq_len >= 2,
+            f"data.max_seq_len must be an integer >= 2 (tokens), got {self.max_seq_len!r}",
+        )
+        require(self.truncation in ("drop", "left"), f"data.truncation must be drop or left, got {self.truncation!r}")
 
 
 @dataclass
@@ -117,8 +131,11 @@ def parse_record(line: str) -> tuple[list[dict[str, str]] | None, str, str]:
     except json.JSONDecodeError as exc:
         return None, BAD_JSON, f"{exc.msg} at column {exc.colno}"
     if not isinstance(obj, dict):
-        return None, MISSING_FIELD, (f"expected an object with 'messages' or 'prompt' and "
-                                     f"'completion', got {type(obj).__name__}")
+        return (
+            None,
+            MISSING_FIELD,
+            (f"expected an object with 'messages' or 'prompt' and 'completion', got {type(obj).__name__}"),
+        )
     if "messages" in obj:
         return _check_messages(obj["messages"])
     for key in ("prompt", "completion"):
@@ -126,12 +143,14 @@ def parse_record(line: str) -> tuple[list[dict[str, str]] | None, str, str]:
             return None, MISSING_FIELD, f"no field 'messages' and no field {key!r}"
         if not isinstance(obj[key], str):
             return None, WRONG_FIELD_TYPE, f"field {key!r} is {type(obj[key]).__name__}, not str"
-    return _check_messages([{"role": "user", "content": obj["prompt"]},
-                            {"role": "assistant", "content": obj["completion"]}])
+    return _check_messages(
+        [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
+    )
 
 
-def tokenize_messages(messages: list[dict[str, str]], tokenizer: ChatTokenizer, max_seq_len: int,
-                      truncation: str) -> tuple[SFTExample | None, str, str]:
+def tokenize_messages(
+    messages: list[dict[str, str]], tokenizer: ChatTokenizer, max_seq_len: int, truncation: str
+) -> tuple[SFTExample | None, str, str]:
     """Renders and tokenizes a checked conversation, masking all but the final answer.
 
     Returns:
@@ -144,20 +163,29 @@ def tokenize_messages(messages: list[dict[str, str]], tokenizer: ChatTokenizer, 
     # BPE may merge across the prompt/answer boundary (e.g. the turn's "\n" with an answer's
     # leading spaces); then no token split separates prompt from answer.
     if full_ids[:n] != prompt_ids or len(full_ids) == n:
-        return None, TEMPLATE_MISMATCH, (f"the prompt's {n} tokens are not a strict prefix of the "
-                                         f"conversation's {len(full_ids)} tokens")
+        return (
+            None,
+            TEMPLATE_MISMATCH,
+            (f"the prompt's {n} tokens are not a strict prefix of the conversation's {len(full_ids)} tokens"),
+        )
     answer_ids = full_ids[n:]
     if len(full_ids) > max_seq_len:
         if truncation == "drop" or len(answer_ids) >= max_seq_len:
-            return None, TOO_LONG, (f"{len(full_ids)} tokens (answer {len(answer_ids)}) do not fit "
-                                    f"data.max_seq_len={max_seq_len} with truncation={truncation}")
-        prompt_ids = prompt_ids[len(full_ids) - max_seq_len:]
-    return SFTExample(input_ids=prompt_ids + answer_ids,
-                      labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids), "", ""
+            return (
+                None,
+                TOO_LONG,
+                (
+                    f"{len(full_ids)} tokens (answer {len(answer_ids)}) do not fit "
+                    f"data.max_seq_len={max_seq_len} with truncation={truncation}"
+                ),
+            )
+        prompt_ids = prompt_ids[len(full_ids) - max_seq_len :]
+    return SFTExample(input_ids=prompt_ids + answer_ids, labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids), "", ""
 
 
-def load_sft_examples(path: str | Path, tokenizer: ChatTokenizer, max_seq_len: int,
-                      truncation: str) -> tuple[list[SFTExample], list[dict]]:
+def load_sft_examples(
+    path: str | Path, tokenizer: ChatTokenizer, max_seq_len: int, truncation: str
+) -> tuple[list[SFTExample], list[dict]]:
     """Reads a JSONL file of SFT records into examples, quarantining the bad ones.
 
     Args:
@@ -180,11 +208,13 @@ def load_sft_examples(path: str | Path, tokenizer: ChatTokenizer, max_seq_len: i
             if line is not None:
                 messages, reason, detail = parse_record(line)
             if messages is not None:
-                example, reason, detail = tokenize_messages(messages, tokenizer, max_seq_len,
-                                                            truncation)
+                example, reason, detail = tokenize_messages(messages, tokenizer, max_seq_len, truncation)
             if example is None:
-                entries.append(quarantine_entry(SFT_SOURCE, f"{path}:{lineno}", reason, detail,
-                                                raw, reasons=SFT_QUARANTINE_REASONS))
+                entries.append(
+                    quarantine_entry(
+                        SFT_SOURCE, f"{path}:{lineno}", reason, detail, raw, reasons=SFT_QUARANTINE_REASONS
+                    )
+                )
             else:
                 examples.append(example)
     return examples, entries
@@ -237,11 +267,11 @@ class SFTBatches:
         rank: this worker's rank.
     """
 
-    def __init__(self, examples: list[SFTExample], batch_size: int, seed: int, *, pad_id: int,
-                 world_size: int = 1, rank: int = 0):
+    def __init__(
+        self, examples: list[SFTExample], batch_size: int, seed: int, *, pad_id: int, world_size: int = 1, rank: int = 0
+    ):
         if batch_size < 1 or batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
-                             f"world_size={world_size}")
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of world_size={world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if len(examples) < batch_size:
@@ -259,7 +289,7 @@ class SFTBatches:
             self._perm_epoch = epoch
         local = self.batch_size // self.world_size
         start = within * self.batch_size + self.rank * local
-        return [int(i) for i in self._perm[start:start + local]]
+        return [int(i) for i in self._perm[start : start + local]]
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This worker's (input_ids_BT, targets_BT) of batch `index`; B = batch_size / world."""
@@ -269,7 +299,8 @@ class SFTBatches:
 def score_exact_match(predictions: list[str], answers: list[str]) -> float:
     """Fraction (0..1) of predictions equal to their answer, surrounding whitespace stripped."""
     if len(predictions) != len(answers) or not answers:
-        raise ValueError(f"need as many predictions as answers, at least one; got "
-                         f"{len(predictions)} and {len(answers)}")
+        raise ValueError(
+            f"need as many predictions as answers, at least one; got {len(predictions)} and {len(answers)}"
+        )
     hits = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
     return hits / len(answers)

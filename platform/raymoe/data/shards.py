@@ -30,8 +30,7 @@ def encode_shard(rows_NL: np.ndarray, row_group_rows: int) -> bytes:
     column = pa.FixedSizeListArray.from_arrays(flat, rows_NL.shape[1])
     table = pa.table({TOKENS_COLUMN: column})
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd",
-                   write_statistics=False)
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd", write_statistics=False)
     return sink.getvalue().to_pybytes()
 
 
@@ -45,13 +44,18 @@ def write_shard(path: str | Path, rows_NL: np.ndarray, row_group_rows: int) -> d
     data = encode_shard(rows_NL, row_group_rows)
     digest = sha256_bytes(data)
     path = Path(path)
-    written = not (path.is_file() and path.stat().st_size == len(data)
-                   and sha256_file(path) == digest)
+    written = not (path.is_file() and path.stat().st_size == len(data) and sha256_file(path) == digest)
     if written:
         atomic_write_bytes(path, data)
     n = rows_NL.shape[0]
-    return {"rows": int(n), "tokens": int(rows_NL.size), "bytes": len(data), "sha256": digest,
-            "row_groups": -(-n // row_group_rows), "written": written}
+    return {
+        "rows": int(n),
+        "tokens": int(rows_NL.size),
+        "bytes": len(data),
+        "sha256": digest,
+        "row_groups": -(-n // row_group_rows),
+        "written": written,
+    }
 
 
 def _to_numpy(column: pa.ChunkedArray | pa.Array, row_len: int | None) -> np.ndarray:
@@ -59,8 +63,9 @@ def _to_numpy(column: pa.ChunkedArray | pa.Array, row_len: int | None) -> np.nda
         column = column.combine_chunks() if column.num_chunks else pa.array([], pa.list_(pa.int32()))
     flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     if row_len is None:
-        row_len = column.type.list_size if pa.types.is_fixed_size_list(column.type) else (
-            len(flat) // max(len(column), 1))
+        row_len = (
+            column.type.list_size if pa.types.is_fixed_size_list(column.type) else (len(flat) // max(len(column), 1))
+        )
     return flat.reshape(-1, row_len) if row_len else flat.reshape(0, 0)
 
 

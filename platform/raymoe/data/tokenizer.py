@@ -96,8 +96,12 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int = 
         raise ValueError(f"tokenizer lacks special tokens {missing}; train it with train_tokenizer")
     added = {
         str(tok.token_to_id(t)): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for t in SPECIAL_TOKENS
     }
@@ -120,9 +124,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int = 
     }
     _atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
     _atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True))
-    _atomic_write_text(
-        out / "special_tokens_map.json", json.dumps(special_map, indent=2, sort_keys=True)
-    )
+    _atomic_write_text(out / "special_tokens_map.json", json.dumps(special_map, indent=2, sort_keys=True))
     return out
 
 

@@ -20,6 +20,7 @@ import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,45 +39,51 @@ from raymoe.data.sources import FileRef, read_file
 # Bump when the cache layout or a stage's semantics change, so old caches are not reused.
 CACHE_VERSION = 3
 
-RECORD_SCHEMA = pa.schema([
-    ("unit", pa.string()),
-    ("unit_records", pa.int64()),
-    ("idx", pa.int64()),  # record number inside the unit: file order, then record order
-    ("source", pa.string()),
-    ("location", pa.string()),
-    ("kind", pa.string()),
-    ("field", pa.string()),
-    ("raw", pa.large_binary()),
-    ("text", pa.large_string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("nbytes", pa.int64()),
-    ("emails", pa.int32()),
-    ("keys", pa.int32()),
-    ("hash", pa.string()),
-    ("minhash", pa.binary()),
-])
+RECORD_SCHEMA = pa.schema(
+    [
+        ("unit", pa.string()),
+        ("unit_records", pa.int64()),
+        ("idx", pa.int64()),  # record number inside the unit: file order, then record order
+        ("source", pa.string()),
+        ("location", pa.string()),
+        ("kind", pa.string()),
+        ("field", pa.string()),
+        ("raw", pa.large_binary()),
+        ("text", pa.large_string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("nbytes", pa.int64()),
+        ("emails", pa.int32()),
+        ("keys", pa.int32()),
+        ("hash", pa.string()),
+        ("minhash", pa.binary()),
+    ]
+)
 # What a committed part keeps: the raw bytes only as a short quarantine `sample`.
-CLEAN_SCHEMA = pa.schema([
-    ("idx", pa.int64()),
-    ("source", pa.string()),
-    ("location", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("sample", pa.string()),
-    ("nbytes", pa.int64()),
-    ("emails", pa.int32()),
-    ("keys", pa.int32()),
-    ("text", pa.large_string()),
-    ("hash", pa.string()),
-    ("minhash", pa.binary()),
-])
-TOKENS_SCHEMA = pa.schema([
-    ("hash", pa.string()),
-    ("source", pa.string()),
-    ("split", pa.string()),
-    ("tokens", pa.list_(pa.int32())),
-])
+CLEAN_SCHEMA = pa.schema(
+    [
+        ("idx", pa.int64()),
+        ("source", pa.string()),
+        ("location", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("sample", pa.string()),
+        ("nbytes", pa.int64()),
+        ("emails", pa.int32()),
+        ("keys", pa.int32()),
+        ("text", pa.large_string()),
+        ("hash", pa.string()),
+        ("minhash", pa.binary()),
+    ]
+)
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("hash", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("tokens", pa.list_(pa.int32())),
+    ]
+)
 _PART = re.compile(r"part-(\d+)-(\d+)-of-(\d+)\.parquet")
 
 
@@ -111,8 +118,7 @@ def read_records(unit: str, files: list[dict]) -> pa.Table:
     """Reads every file of a unit into records (`RECORD_SCHEMA`), numbered in order."""
     rows = [r for f in files for r in read_file(FileRef(**f))]
     for i, r in enumerate(rows):
-        r.update(unit=unit, unit_records=len(rows), idx=i, emails=0, keys=0, hash=None,
-                 minhash=None)
+        r.update(unit=unit, unit_records=len(rows), idx=i, emails=0, keys=0, hash=None, minhash=None)
     return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
 
 
@@ -126,15 +132,13 @@ def _replace(records: pa.Table, cols: dict[str, list]) -> pa.Table:
     """`records` with the given columns replaced (typed by `RECORD_SCHEMA`)."""
     for name, values in cols.items():
         field = RECORD_SCHEMA.field(name)
-        records = records.set_column(records.schema.get_field_index(name), field,
-                                     pa.array(values, type=field.type))
+        records = records.set_column(records.schema.get_field_index(name), field, pa.array(values, type=field.type))
     return records
 
 
 def decode_stage(records: pa.Table, cfg: DecodeConfig) -> pa.Table:
     """Decode stage over a record table (see decode.py)."""
-    cols = decode_batch(_columns(records, ("raw", "kind", "field", "text", "reason", "detail")),
-                        cfg)
+    cols = decode_batch(_columns(records, ("raw", "kind", "field", "text", "reason", "detail")), cfg)
     return _replace(records, {k: cols[k] for k in ("text", "reason", "detail")})
 
 
@@ -185,24 +189,30 @@ def to_clean(records: pa.Table) -> pa.Table:
     bytes (filtered ones do not: they were readable text, their location suffices).
     """
     records = records.sort_by("idx")
-    cols = _columns(records, tuple(f.name for f in CLEAN_SCHEMA if f.name != "sample") + ("raw",))
+    cols = _columns(records, (*tuple(f.name for f in CLEAN_SCHEMA if f.name != "sample"), "raw"))
     kept = [not r for r in cols["reason"]]
     cols["text"] = [t if k else None for t, k in zip(cols["text"], kept)]
-    cols["sample"] = [sample_of(raw) if reason and reason not in FILTER_REASONS else ""
-                      for raw, reason in zip(cols["raw"], cols["reason"])]
+    cols["sample"] = [
+        sample_of(raw) if reason and reason not in FILTER_REASONS else ""
+        for raw, reason in zip(cols["raw"], cols["reason"])
+    ]
     return pa.Table.from_pydict({f.name: cols[f.name] for f in CLEAN_SCHEMA}, schema=CLEAN_SCHEMA)
 
 
 def clean_unit(
-    files: list[dict], decode: DecodeConfig, normalize: NormalizeConfig, pii: PIIConfig,
-    filt: FilterConfig, dedup: DedupConfig,
+    files: list[dict],
+    decode: DecodeConfig,
+    normalize: NormalizeConfig,
+    pii: PIIConfig,
+    filt: FilterConfig,
+    dedup: DedupConfig,
 ) -> pa.Table:
     """Reads and cleans a unit in-process: the pipeline's stage chain without Ray.
 
     Returns:
         A `CLEAN_SCHEMA` table, one row per record; dropped records stay, with their reason.
     """
-    cfgs = {"decode": decode, "normalize": normalize, "pii": pii, "filter": filt, "dedup": dedup}
+    cfgs: dict[str, Any] = {"decode": decode, "normalize": normalize, "pii": pii, "filter": filt, "dedup": dedup}
     records = read_records("", files)
     for name, stage, _ in CLEAN_STAGES:
         records = stage(records, cfgs[name])
@@ -222,8 +232,7 @@ def commit_parts(records: pa.Table, clean_dir: str | Path) -> list[dict]:
         total = mine.column("unit_records")[0].as_py()
         name = f"part-{min(idx):08d}-{len(idx):08d}-of-{total:08d}.parquet"
         write_table(Path(clean_dir) / unit / name, to_clean(mine))
-        out.append({"unit": unit, "records": len(idx),
-                    "bytes": int(pc.sum(mine.column("nbytes")).as_py() or 0)})
+        out.append({"unit": unit, "records": len(idx), "bytes": int(pc.sum(mine.column("nbytes")).as_py() or 0)})
     return out
 
 
@@ -232,8 +241,7 @@ def unit_done(unit_dir: str | Path) -> bool:
     unit_dir = Path(unit_dir)
     if not unit_dir.is_dir():
         return False
-    parts = [_PART.fullmatch(p.name) for p in unit_dir.iterdir()]
-    parts = [m for m in parts if m]
+    parts = [m for p in unit_dir.iterdir() if (m := _PART.fullmatch(p.name))]
     return bool(parts) and sum(int(m[2]) for m in parts) == int(parts[0][3])
 
 
@@ -268,14 +276,17 @@ def tokenize_unit(clean: pa.Table, keep: list[tuple[int, str]], tokenizer) -> pa
     # uses (about 1.5x faster).
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
     tokens = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-    return pa.table({
-        "hash": sub.column("hash"), "source": sub.column("source"),
-        "split": [s for _, s in keep],
-        "tokens": pa.array(tokens, type=pa.list_(pa.int32())),
-    }, schema=TOKENS_SCHEMA)
+    return pa.table(
+        {
+            "hash": sub.column("hash"),
+            "source": sub.column("source"),
+            "split": [s for _, s in keep],
+            "tokens": pa.array(tokens, type=pa.list_(pa.int32())),
+        },
+        schema=TOKENS_SCHEMA,
+    )
 
 
 def write_table(path: str | Path, table: pa.Table) -> Path:
     """Writes a work file atomically (zstd Parquet)."""
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Literal
 
 import torch
 
@@ -63,13 +64,20 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def cpu_fleet(*, cpu: str, memory_gb: float, fp32_flops: float, bf16_flops: float, read_bytes_per_s: float,
-              name: str = "cpu") -> FleetSpec:
+def cpu_fleet(
+    *, cpu: str, memory_gb: float, fp32_flops: float, bf16_flops: float, read_bytes_per_s: float, name: str = "cpu"
+) -> FleetSpec:
     """A one-device-per-node fleet from measured rates (FLOP/s, bytes/s)."""
-    return FleetSpec(name=name, gpu=cpu, memory_gb=memory_gb,
-                     peak_tflops={"fp32": fp32_flops / 1e12, "bf16": bf16_flops / 1e12},
-                     hbm_tb_per_s=read_bytes_per_s / 1e12, gpus_per_node=1,
-                     intra_node_gb_per_s=ASSUMED_LINK_GB_PER_S, inter_node_gb_per_s=ASSUMED_LINK_GB_PER_S)
+    return FleetSpec(
+        name=name,
+        gpu=cpu,
+        memory_gb=memory_gb,
+        peak_tflops={"fp32": fp32_flops / 1e12, "bf16": bf16_flops / 1e12},
+        hbm_tb_per_s=read_bytes_per_s / 1e12,
+        gpus_per_node=1,
+        intra_node_gb_per_s=ASSUMED_LINK_GB_PER_S,
+        inter_node_gb_per_s=ASSUMED_LINK_GB_PER_S,
+    )
 
 
 def measure_cpu_fleet(num_threads: int = 0) -> FleetSpec:
@@ -79,17 +87,28 @@ def measure_cpu_fleet(num_threads: int = 0) -> FleetSpec:
         torch.set_num_threads(num_threads)
     try:
         threads = torch.get_num_threads()
-        return cpu_fleet(cpu=f"{cpu_name()}, {threads} threads", memory_gb=memory_bytes() / 1e9,
-                         fp32_flops=gemm_flops(torch.float32), bf16_flops=gemm_flops(torch.bfloat16),
-                         read_bytes_per_s=read_bytes_per_s())
+        return cpu_fleet(
+            cpu=f"{cpu_name()}, {threads} threads",
+            memory_gb=memory_bytes() / 1e9,
+            fp32_flops=gemm_flops(torch.float32),
+            bf16_flops=gemm_flops(torch.bfloat16),
+            read_bytes_per_s=read_bytes_per_s(),
+        )
     finally:
         torch.set_num_threads(before)
 
 
-def cpu_roofline(dtype: str = "fp32") -> RooflineConfig:
+def cpu_roofline(dtype: Literal["bf16", "fp32"] = "fp32") -> RooflineConfig:
     """The roofline settings for a measured CPU fleet: weights, KV cache and attention in `dtype`
     (the engine serves fp32), efficiencies 1.0 (the fleet's rates are already achieved ones), no
     communication overlap to assume (ep = 1)."""
-    return RooflineConfig(weight_dtype=dtype, kv_dtype=dtype, attention_dtype=dtype, gemm_efficiency=1.0,
-                          attention_efficiency=1.0, hbm_efficiency=1.0, link_efficiency=1.0,
-                          memory_utilization=0.9)
+    return RooflineConfig(
+        weight_dtype=dtype,
+        kv_dtype=dtype,
+        attention_dtype=dtype,
+        gemm_efficiency=1.0,
+        attention_efficiency=1.0,
+        hbm_efficiency=1.0,
+        link_efficiency=1.0,
+        memory_utilization=0.9,
+    )

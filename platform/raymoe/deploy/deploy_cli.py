@@ -25,9 +25,10 @@ import sys
 import time
 from typing import Any, TextIO
 
-
-PATHS_HELP = ("manifest files (applied as given), kustomize base directories (the files their "
-              "`resources:` lists; overlays are refused) or other directories (every *.yaml below)")
+PATHS_HELP = (
+    "manifest files (applied as given), kustomize base directories (the files their "
+    "`resources:` lists; overlays are refused) or other directories (every *.yaml below)"
+)
 
 
 def _scope(namespace: str) -> str:
@@ -37,66 +38,102 @@ def _scope(namespace: str) -> str:
 
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config; "
-                        "in a pod without one: the service account)")
+    common.add_argument(
+        "--kubeconfig",
+        help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config; in a pod without one: the service account)",
+    )
     common.add_argument("--context", help="kubeconfig context (default: its current context)")
-    common.add_argument("-n", "--namespace", help="namespace for objects that set none (default: the "
-                        "context's namespace, else `default`)")
+    common.add_argument(
+        "-n",
+        "--namespace",
+        help="namespace for objects that set none (default: the context's namespace, else `default`)",
+    )
     return common
 
 
 def _wait_options(p: argparse.ArgumentParser, timeout_s: float) -> None:
-    p.add_argument("--timeout", type=float, default=timeout_s, metavar="SECONDS",
-                   help=f"give up waiting after this long (default: {timeout_s:g})")
-    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
-                   help="seconds between status reads while waiting (default: 2)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout_s,
+        metavar="SECONDS",
+        help=f"give up waiting after this long (default: {timeout_s:g})",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between status reads while waiting (default: 2)",
+    )
 
 
 def add_deploy_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("deploy", help="apply, inspect, delete and tail the KubeRay deployment",
-                       description="Apply the manifests in k8s/ (Namespace, RBAC, RayCluster, RayService, "
-                       "monitoring; then the RayJobs in k8s/base/jobs one at a time) to a Kubernetes "
-                       "cluster with server-side apply, report their readiness, delete them, and stream "
-                       "the Ray head pod's log. A directory with a kustomization.yaml means the files its "
-                       "`resources:` lists; kustomize overlays take `kubectl apply --server-side -k`.")
+    p = sub.add_parser(
+        "deploy",
+        help="apply, inspect, delete and tail the KubeRay deployment",
+        description="Apply the manifests in k8s/ (Namespace, RBAC, RayCluster, RayService, "
+        "monitoring; then the RayJobs in k8s/base/jobs one at a time) to a Kubernetes "
+        "cluster with server-side apply, report their readiness, delete them, and stream "
+        "the Ray head pod's log. A directory with a kustomization.yaml means the files its "
+        "`resources:` lists; kustomize overlays take `kubectl apply --server-side -k`.",
+    )
     verbs = p.add_subparsers(dest="verb", required=True)
     common = _common_options()
 
-    apply_p = verbs.add_parser("apply", parents=[common], help="server-side apply the manifests",
-                               description="Server-side applies every object (field manager `raymoe`) in "
-                               "order: the Namespace, RBAC and config first, Ray workloads last. Running it "
-                               "again changes nothing unless the manifests changed. Apply k8s/base first, "
-                               "then each RayJob file of k8s/base/jobs in pipeline order (ingest, train, "
-                               "finetune, federated, drift).")
+    apply_p = verbs.add_parser(
+        "apply",
+        parents=[common],
+        help="server-side apply the manifests",
+        description="Server-side applies every object (field manager `raymoe`) in "
+        "order: the Namespace, RBAC and config first, Ray workloads last. Running it "
+        "again changes nothing unless the manifests changed. Apply k8s/base first, "
+        "then each RayJob file of k8s/base/jobs in pipeline order (ingest, train, "
+        "finetune, federated, drift).",
+    )
     apply_p.add_argument("paths", nargs="+", help=PATHS_HELP)
-    apply_p.add_argument("--force-conflicts", action="store_true",
-                         help="take over fields another field manager (kubectl, an operator) set")
-    apply_p.add_argument("--wait", action="store_true",
-                         help="then wait until every object is ready (RayJob: running)")
+    apply_p.add_argument(
+        "--force-conflicts",
+        action="store_true",
+        help="take over fields another field manager (kubectl, an operator) set",
+    )
+    apply_p.add_argument("--wait", action="store_true", help="then wait until every object is ready (RayJob: running)")
     _wait_options(apply_p, 900.0)
     apply_p.set_defaults(func=_run_apply)
 
-    status_p = verbs.add_parser("status", parents=[common], help="readiness of each object",
-                                description="Reads each object of the manifests and prints its kind/name, "
-                                "readiness and the status fields it comes from (RayCluster conditions "
-                                "and state, RayService conditions, RayJob deployment and job status).")
+    status_p = verbs.add_parser(
+        "status",
+        parents=[common],
+        help="readiness of each object",
+        description="Reads each object of the manifests and prints its kind/name, "
+        "readiness and the status fields it comes from (RayCluster conditions "
+        "and state, RayService conditions, RayJob deployment and job status).",
+    )
     status_p.add_argument("paths", nargs="+", help=PATHS_HELP)
     status_p.set_defaults(func=_run_status)
 
-    delete_p = verbs.add_parser("delete", parents=[common], help="delete the objects, in reverse order",
-                                description="Deletes every object in reverse apply order with "
-                                "propagationPolicy=Foreground, then waits until all are gone. The Namespace "
-                                "goes last, and with it every other object in it (RayJobs created from "
-                                "k8s/base/jobs too).")
+    delete_p = verbs.add_parser(
+        "delete",
+        parents=[common],
+        help="delete the objects, in reverse order",
+        description="Deletes every object in reverse apply order with "
+        "propagationPolicy=Foreground, then waits until all are gone. The Namespace "
+        "goes last, and with it every other object in it (RayJobs created from "
+        "k8s/base/jobs too).",
+    )
     delete_p.add_argument("paths", nargs="+", help=PATHS_HELP)
     delete_p.add_argument("--no-wait", action="store_true", help="return once the deletes are accepted")
     _wait_options(delete_p, 300.0)
     delete_p.set_defaults(func=_run_delete)
 
-    logs_p = verbs.add_parser("logs", parents=[common], help="stream the Ray head pod's log",
-                              description="Prints the log of the head pod (labels ray.io/cluster=<cluster>, "
-                              "ray.io/node-type=head) of a RayCluster, or of the cluster a RayJob or "
-                              "RayService runs on.")
+    logs_p = verbs.add_parser(
+        "logs",
+        parents=[common],
+        help="stream the Ray head pod's log",
+        description="Prints the log of the head pod (labels ray.io/cluster=<cluster>, "
+        "ray.io/node-type=head) of a RayCluster, or of the cluster a RayJob or "
+        "RayService runs on.",
+    )
     logs_p.add_argument("target", help="raycluster/NAME, rayjob/NAME or rayservice/NAME")
     logs_p.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines")
     logs_p.add_argument("--tail", type=int, metavar="LINES", help="only the last LINES lines")
@@ -105,6 +142,7 @@ def add_deploy_command(sub: argparse._SubParsersAction) -> None:
 
 
 # ---- verbs ----
+
 
 def _session(args: argparse.Namespace, need_manifests: bool = True):
     from raymoe.deploy.kube_client import KubeClient, connect
@@ -207,6 +245,7 @@ def _run_logs(args: argparse.Namespace) -> int:
 
 # ---- waiting ----
 
+
 class _Progress:
     """Waiting progress on stderr: a tqdm bar on a terminal, otherwise one plain line each time the
     set of objects still waited for changes, and every HEARTBEAT_S seconds (readable in CI logs)."""
@@ -239,8 +278,9 @@ class _Progress:
             self._bar.close()
 
 
-def _wait(client: Any, targets: list, *, want: str, timeout_s: float, interval_s: float,
-          stream: TextIO | None = None) -> int:
+def _wait(
+    client: Any, targets: list, *, want: str, timeout_s: float, interval_s: float, stream: TextIO | None = None
+) -> int:
     """Reads every (manifest, namespace) in `targets` each `interval_s` seconds until all are in
     state `want` (READY or ABSENT). Returns 0 then; 1 on timeout or when an object reaches a state
     that waiting cannot fix (failed, suspended)."""
@@ -258,8 +298,9 @@ def _wait(client: Any, targets: list, *, want: str, timeout_s: float, interval_s
                 if state.state != want:
                     pending.append((manifest, state))
             elapsed = time.monotonic() - start
-            progress.update(len(targets) - len(pending), [f"{m.ref} ({r.state}: {r.detail})" for m, r in pending],
-                            elapsed)
+            progress.update(
+                len(targets) - len(pending), [f"{m.ref} ({r.state}: {r.detail})" for m, r in pending], elapsed
+            )
             stuck = [(m, r) for m, r in pending if want == READY and r.state in TERMINAL_NOT_READY]
             if not pending or stuck or elapsed >= timeout_s:
                 break

@@ -35,8 +35,11 @@ from raymoe.deploy.placement import Placement, check_load
 Policy = Literal["auto", "hierarchical", "global"]
 
 
-def pack_balanced(weights: np.ndarray, num_packs: int, labels: np.ndarray | None = None,
-                  ) -> np.ndarray:
+def pack_balanced(
+    weights: np.ndarray,
+    num_packs: int,
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
     """Puts n weighted items into `num_packs` packs of n / num_packs items each, balancing weight.
 
     Greedy (heaviest item first, into the lightest pack with room that holds no item of the same
@@ -71,8 +74,9 @@ def pack_balanced(weights: np.ndarray, num_packs: int, labels: np.ndarray | None
     return pack
 
 
-def _swap_down(weights: np.ndarray, labels: np.ndarray, pack: np.ndarray, num_packs: int,
-               max_rounds: int = 1000) -> None:
+def _swap_down(
+    weights: np.ndarray, labels: np.ndarray, pack: np.ndarray, num_packs: int, max_rounds: int = 1000
+) -> None:
     """Swaps an item of the heaviest pack with a lighter item elsewhere while the swap lowers the
     heavier of the two packs below the heaviest's load; in place."""
     for _ in range(max_rounds):
@@ -83,15 +87,15 @@ def _swap_down(weights: np.ndarray, labels: np.ndarray, pack: np.ndarray, num_pa
         delta = weights[mine][:, None] - weights[other][None, :]  # load leaving h per swap
         pair_max = np.maximum(load[h] - delta, load[pack[other]][None, :] + delta)
         ok = (delta > 0) & (pair_max < load[h] - 1e-9 * max(load[h], 1.0))
-        for i, a in enumerate(mine):  # label rules: no second copy of a label in either pack
-            for j, b in enumerate(other):
-                if ok[i, j] and (_holds(labels, pack, pack[b], labels[a], b)
-                                 or _holds(labels, pack, h, labels[b], a)):
+        other_items = other.tolist()
+        for i, a in enumerate(mine.tolist()):  # label rules: no second copy of a label in either pack
+            for j, b in enumerate(other_items):
+                if ok[i, j] and (_holds(labels, pack, pack[b], labels[a], b) or _holds(labels, pack, h, labels[b], a)):
                     ok[i, j] = False
         if not ok.any():
             return
-        i, j = np.unravel_index(np.argmin(np.where(ok, pair_max, np.inf)), ok.shape)
-        a, b = mine[i], other[j]
+        best_i, best_j = np.unravel_index(np.argmin(np.where(ok, pair_max, np.inf)), ok.shape)
+        a, b = mine[best_i], other[best_j]
         pack[a], pack[b] = pack[b], pack[a]
 
 
@@ -125,8 +129,7 @@ def replicate(weights: np.ndarray, num_slots: int, max_copies: int | None = None
     return copies
 
 
-def _place_layer(load_E: np.ndarray, num_slots: int, num_workers: int, num_groups: int,
-                 num_nodes: int) -> np.ndarray:
+def _place_layer(load_E: np.ndarray, num_slots: int, num_workers: int, num_groups: int, num_nodes: int) -> np.ndarray:
     """One layer: groups -> nodes, copies within each node, copies -> the node's workers.
 
     Returns:
@@ -141,8 +144,9 @@ def _place_layer(load_E: np.ndarray, num_slots: int, num_workers: int, num_group
     node_of_group = pack_balanced(group_load, num_nodes)
     phy2log = np.empty(num_slots, dtype=np.int64)
     for node in range(num_nodes):
-        experts = np.concatenate([np.arange(g * group_size, (g + 1) * group_size)
-                                  for g in np.flatnonzero(node_of_group == node)])
+        experts = np.concatenate(
+            [np.arange(g * group_size, (g + 1) * group_size) for g in np.flatnonzero(node_of_group == node)]
+        )
         copies = replicate(load_E[experts], slots_per_node, max_copies=workers_per_node)
         copy_expert = np.repeat(experts, copies)
         copy_load = np.repeat(load_E[experts] / copies, copies)
@@ -152,7 +156,7 @@ def _place_layer(load_E: np.ndarray, num_slots: int, num_workers: int, num_group
             held = copy_expert[worker == local]
             # Within a worker, hottest first: a stable, readable order (slot order is free).
             held = held[np.argsort(-load_E[held], kind="stable")]
-            phy2log[w * slots_per_worker:(w + 1) * slots_per_worker] = held
+            phy2log[w * slots_per_worker : (w + 1) * slots_per_worker] = held
     return phy2log
 
 
@@ -173,26 +177,40 @@ def resolve_policy(policy: Policy, num_groups: int, num_nodes: int) -> tuple[int
     return num_groups, num_nodes
 
 
-def check_shapes(num_experts: int, num_slots: int, num_workers: int, num_groups: int,
-                 num_nodes: int) -> None:
+def check_shapes(num_experts: int, num_slots: int, num_workers: int, num_groups: int, num_nodes: int) -> None:
     """Fails with the fields and numbers when the sizes cannot form a placement."""
     rules = [
         (num_slots >= num_experts, f"num_slots={num_slots} must be >= num_experts={num_experts}"),
-        (num_workers >= 1 and num_slots % num_workers == 0,
-         f"num_workers={num_workers} must divide num_slots={num_slots}"),
-        (num_nodes >= 1 and num_workers % num_nodes == 0,
-         f"num_nodes={num_nodes} must divide num_workers={num_workers}"),
-        (num_groups >= 1 and num_experts % num_groups == 0,
-         f"num_groups={num_groups} must divide num_experts={num_experts}"),
+        (
+            num_workers >= 1 and num_slots % num_workers == 0,
+            f"num_workers={num_workers} must divide num_slots={num_slots}",
+        ),
+        (
+            num_nodes >= 1 and num_workers % num_nodes == 0,
+            f"num_nodes={num_nodes} must divide num_workers={num_workers}",
+        ),
+        (
+            num_groups >= 1 and num_experts % num_groups == 0,
+            f"num_groups={num_groups} must divide num_experts={num_experts}",
+        ),
     ]
     for ok, message in rules:
         if not ok:
             raise ValueError(message)
 
 
-def rebalance_experts(load_LE, num_slots: int, num_workers: int, *, num_groups: int = 1,
-                      num_nodes: int = 1, policy: Policy = "auto", current: Placement | None = None,
-                      target_imbalance: float = 1.1, min_gain_per_move: float = 0.0) -> Placement:
+def rebalance_experts(
+    load_LE,
+    num_slots: int,
+    num_workers: int,
+    *,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    policy: Policy = "auto",
+    current: Placement | None = None,
+    target_imbalance: float = 1.1,
+    min_gain_per_move: float = 0.0,
+) -> Placement:
     """Expert placement for every MoE layer from measured load.
 
     Args:
@@ -219,9 +237,16 @@ def rebalance_experts(load_LE, num_slots: int, num_workers: int, *, num_groups: 
     check_shapes(num_experts, num_slots, num_workers, groups, nodes)
     load = check_load(load, num_layers, num_experts)
     fresh = Placement.from_phy2log(
-        [_place_layer(row, num_slots, num_workers, groups, nodes) for row in load],
-        num_experts, num_workers)
+        [_place_layer(row, num_slots, num_workers, groups, nodes) for row in load], num_experts, num_workers
+    )
     if current is None:
         return fresh
-    return rebalance_from(load, current, fresh, num_groups=groups, num_nodes=nodes,
-                          target_imbalance=target_imbalance, min_gain_per_move=min_gain_per_move)
+    return rebalance_from(
+        load,
+        current,
+        fresh,
+        num_groups=groups,
+        num_nodes=nodes,
+        target_imbalance=target_imbalance,
+        min_gain_per_move=min_gain_per_move,
+    )

@@ -25,8 +25,16 @@ from scipy.optimize import linear_sum_assignment
 from raymoe.deploy.placement import Placement, moved_experts
 
 
-def rebalance_from(load_LE: np.ndarray, current: Placement, fresh: Placement, *, num_groups: int,
-                   num_nodes: int, target_imbalance: float, min_gain_per_move: float) -> Placement:
+def rebalance_from(
+    load_LE: np.ndarray,
+    current: Placement,
+    fresh: Placement,
+    *,
+    num_groups: int,
+    num_nodes: int,
+    target_imbalance: float,
+    min_gain_per_move: float,
+) -> Placement:
     """The placement, per layer, that meets `target_imbalance` with the fewest experts sent.
 
     Args:
@@ -39,12 +47,17 @@ def rebalance_from(load_LE: np.ndarray, current: Placement, fresh: Placement, *,
         min_gain_per_move: least excess load (in mean worker loads) a local-search move must remove
             per expert sent.
     """
-    if (current.phy2log.shape != fresh.phy2log.shape or current.num_workers != fresh.num_workers
-            or current.num_experts != fresh.num_experts):
-        raise ValueError(f"current placement has {current.phy2log.shape} (layers, slots) of "
-                         f"{current.num_experts} experts over {current.num_workers} workers; the load and "
-                         f"sizes asked for give {fresh.phy2log.shape} of {fresh.num_experts} over "
-                         f"{fresh.num_workers}")
+    if (
+        current.phy2log.shape != fresh.phy2log.shape
+        or current.num_workers != fresh.num_workers
+        or current.num_experts != fresh.num_experts
+    ):
+        raise ValueError(
+            f"current placement has {current.phy2log.shape} (layers, slots) of "
+            f"{current.num_experts} experts over {current.num_workers} workers; the load and "
+            f"sizes asked for give {fresh.phy2log.shape} of {fresh.num_experts} over "
+            f"{fresh.num_workers}"
+        )
     if target_imbalance < 1.0:
         raise ValueError(f"target_imbalance must be >= 1.0, got {target_imbalance}")
     num_workers, num_experts = current.num_workers, current.num_experts
@@ -89,8 +102,15 @@ def _allowed_workers(row, num_experts, num_workers, num_groups, num_nodes) -> np
     return expert_node[:, None] == worker_node[None, :]
 
 
-def local_search(load_E: np.ndarray, row: np.ndarray, num_workers: int, allowed_EW: np.ndarray,
-                 target: float, min_gain_per_move: float, max_moves: int = 10_000) -> np.ndarray:
+def local_search(
+    load_E: np.ndarray,
+    row: np.ndarray,
+    num_workers: int,
+    allowed_EW: np.ndarray,
+    target: float,
+    min_gain_per_move: float,
+    max_moves: int = 10_000,
+) -> np.ndarray:
     """Greedy rewrites and swaps from `row` (see the module docstring); returns the new (P,) row."""
     slots = np.array(row, dtype=np.int64)
     num_slots, num_experts = len(slots), len(load_E)
@@ -108,8 +128,9 @@ def local_search(load_E: np.ndarray, row: np.ndarray, num_workers: int, allowed_
             break
         excess = np.maximum(load_W - threshold, 0).sum()
         best_gain, best_op = min_gain, None
-        gain, op = _best_rewrite(load_E, slots, worker_of, copies_EW, count, per_copy, load_W,
-                                 allowed_EW, threshold, excess)
+        gain, op = _best_rewrite(
+            load_E, slots, worker_of, copies_EW, count, per_copy, load_W, allowed_EW, threshold, excess
+        )
         if op is not None and gain > best_gain:
             best_gain, best_op = gain, ("rewrite", *op)
         gain, op = _best_swap(slots, worker_of, copies_EW, per_copy, load_W, allowed_EW, threshold)
@@ -127,8 +148,7 @@ def local_search(load_E: np.ndarray, row: np.ndarray, num_workers: int, allowed_
     return slots
 
 
-def _best_rewrite(load_E, slots, worker_of, copies_EW, count, per_copy, load_W, allowed_EW,
-                  threshold, excess):
+def _best_rewrite(load_E, slots, worker_of, copies_EW, count, per_copy, load_W, allowed_EW, threshold, excess):
     """Best (excess removed, (slot, new expert)) over rewrites of a slot whose expert has >= 2 copies."""
     cand = np.flatnonzero(count[slots] >= 2)
     if not len(cand):
@@ -159,9 +179,14 @@ def _best_swap(slots, worker_of, copies_EW, per_copy, load_W, allowed_EW, thresh
     after1 = np.maximum(load_W[w][:, None] - moved - threshold, 0)
     after2 = np.maximum(load_W[w][None, :] + moved - threshold, 0)
     gain = before[:, None] + before[None, :] - after1 - after2
-    valid = ((w[:, None] != w[None, :]) & (a[:, None] != a[None, :])
-             & (copies_EW[a[:, None], w[None, :]] == 0) & (copies_EW[a[None, :], w[:, None]] == 0)
-             & allowed_EW[a[:, None], w[None, :]] & allowed_EW[a[None, :], w[:, None]])
+    valid = (
+        (w[:, None] != w[None, :])
+        & (a[:, None] != a[None, :])
+        & (copies_EW[a[:, None], w[None, :]] == 0)
+        & (copies_EW[a[None, :], w[:, None]] == 0)
+        & allowed_EW[a[:, None], w[None, :]]
+        & allowed_EW[a[None, :], w[:, None]]
+    )
     gain = np.where(valid, gain, -np.inf)
     s1, s2 = np.unravel_index(np.argmax(gain), gain.shape)
     if not np.isfinite(gain[s1, s2]):
@@ -169,22 +194,20 @@ def _best_swap(slots, worker_of, copies_EW, per_copy, load_W, allowed_EW, thresh
     return float(gain[s1, s2]), (int(s1), int(s2))
 
 
-def align_workers(current_row: np.ndarray, fresh_row: np.ndarray, num_workers: int,
-                  num_nodes: int = 1) -> np.ndarray:
+def align_workers(current_row: np.ndarray, fresh_row: np.ndarray, num_workers: int, num_nodes: int = 1) -> np.ndarray:
     """`fresh_row` with whole workers renamed (and whole nodes, keeping each node's workers
     together) so that as many experts as possible stay where they are; within a worker, an
     expert already in a slot keeps that slot."""
     per_worker = len(current_row) // num_workers
     old = np.asarray(current_row).reshape(num_workers, per_worker)
     new = np.asarray(fresh_row).reshape(num_workers, per_worker)
-    overlap = np.array([[_common(old[i], new[j]) for j in range(num_workers)]
-                        for i in range(num_workers)])
+    overlap = np.array([[_common(old[i], new[j]) for j in range(num_workers)] for i in range(num_workers)])
     per_node = num_workers // num_nodes
     node_value = np.zeros((num_nodes, num_nodes))
     node_match = {}
     for n in range(num_nodes):
         for m in range(num_nodes):
-            block = overlap[n * per_node:(n + 1) * per_node, m * per_node:(m + 1) * per_node]
+            block = overlap[n * per_node : (n + 1) * per_node, m * per_node : (m + 1) * per_node]
             rows, cols = linear_sum_assignment(block, maximize=True)
             node_value[n, m] = block[rows, cols].sum()
             node_match[n, m] = cols

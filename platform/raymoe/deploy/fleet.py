@@ -41,8 +41,10 @@ class FleetSpec:
             require(value > 0, f"fleet {self.name}: {key} must be > 0, got {value}")
         require(self.gpus_per_node >= 1, f"fleet {self.name}: gpus_per_node must be >= 1, got {self.gpus_per_node}")
         require(bool(self.peak_tflops), f"fleet {self.name}: peak_tflops needs at least one dtype (bf16, fp8, fp32)")
-        require(all(v > 0 for v in self.peak_tflops.values()),
-                f"fleet {self.name}: peak_tflops values must be > 0, got {self.peak_tflops}")
+        require(
+            all(v > 0 for v in self.peak_tflops.values()),
+            f"fleet {self.name}: peak_tflops values must be > 0, got {self.peak_tflops}",
+        )
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak in FLOP/s for operands of `dtype`."""

@@ -73,22 +73,30 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Connec
     from kubernetes import client, config
 
     cfg = client.Configuration()
-    in_cluster = (kubeconfig is None and context is None and "KUBERNETES_SERVICE_HOST" in os.environ
-                  and not os.path.exists(os.path.expanduser(config.KUBE_CONFIG_DEFAULT_LOCATION)))
+    in_cluster = (
+        kubeconfig is None
+        and context is None
+        and "KUBERNETES_SERVICE_HOST" in os.environ
+        and not os.path.exists(os.path.expanduser(config.KUBE_CONFIG_DEFAULT_LOCATION))
+    )
     try:
         if in_cluster:
             config.load_incluster_config(client_configuration=cfg)
             namespace = Path(SA_NAMESPACE_FILE).read_text().strip() if os.path.exists(SA_NAMESPACE_FILE) else ""
         else:
-            config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg,
-                                    persist_config=False)
+            config.load_kube_config(
+                config_file=kubeconfig, context=context, client_configuration=cfg, persist_config=False
+            )
             contexts, current = config.list_kube_config_contexts(kubeconfig)
             chosen = next((c for c in contexts if c["name"] == context), current) if context else current
             namespace = (chosen or {}).get("context", {}).get("namespace", "")
     except (config.ConfigException, OSError) as exc:
         where = "in-cluster service account" if in_cluster else (kubeconfig or config.KUBE_CONFIG_DEFAULT_LOCATION)
-        raise KubeError(f"cannot load the Kubernetes configuration ({where}): {exc}: pass --kubeconfig "
-                        f"and --context, or run in a pod with a service account", USER_ERROR) from exc
+        raise KubeError(
+            f"cannot load the Kubernetes configuration ({where}): {exc}: pass --kubeconfig "
+            f"and --context, or run in a pod with a service account",
+            USER_ERROR,
+        ) from exc
     return Connection(client.ApiClient(cfg), cfg.host, namespace or "default")
 
 
@@ -153,18 +161,28 @@ class KubeClient:
         the newest one when a restart left two."""
         selector = f"ray.io/cluster={cluster},ray.io/node-type=head"
         core = self._api("CoreV1Api")
-        listing = self._send("list", "pods", f"pods -l {selector}", namespace, lambda: core.list_namespaced_pod(
-            namespace, label_selector=selector, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_S))
+        listing = self._send(
+            "list",
+            "pods",
+            f"pods -l {selector}",
+            namespace,
+            lambda: core.list_namespaced_pod(
+                namespace, label_selector=selector, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_S
+            ),
+        )
         pods = self._json(listing)
         items = pods.get("items") or []
         if not items:
-            raise KubeError(f"RayCluster/{cluster}: no head pod in namespace {namespace} (labels {selector}): "
-                            "check `raymoe deploy status`; the operator creates it once the cluster is applied",
-                            SERVER_ERROR)
+            raise KubeError(
+                f"RayCluster/{cluster}: no head pod in namespace {namespace} (labels {selector}): "
+                "check `raymoe deploy status`; the operator creates it once the cluster is applied",
+                SERVER_ERROR,
+            )
         return max(items, key=lambda p: p["metadata"].get("creationTimestamp") or "")
 
-    def stream_log(self, pod: dict[str, Any], *, follow: bool, tail_lines: int | None = None,
-                   container: str | None = None) -> Iterator[bytes]:
+    def stream_log(
+        self, pod: dict[str, Any], *, follow: bool, tail_lines: int | None = None, container: str | None = None
+    ) -> Iterator[bytes]:
         """Yields the log of the pod's Ray container (the first one, as KubeRay requires) in chunks
         as the API server sends them; with `follow`, until the container stops."""
         name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
@@ -175,8 +193,9 @@ class KubeClient:
             kwargs["tail_lines"] = tail_lines
         if not follow:  # a followed log may stay quiet for longer than any read timeout
             kwargs["_request_timeout"] = REQUEST_TIMEOUT_S
-        response = self._send("get", "pods/log", f"Pod/{name}", namespace,
-                              lambda: core.read_namespaced_pod_log(name, namespace, **kwargs))
+        response = self._send(
+            "get", "pods/log", f"Pod/{name}", namespace, lambda: core.read_namespaced_pod_log(name, namespace, **kwargs)
+        )
         try:
             yield from response.stream(4096, decode_content=True)
         except urllib3.exceptions.HTTPError as exc:
@@ -195,8 +214,11 @@ class KubeClient:
         if obj is None:
             raise KubeError(f"{kind.kind}/{name} not found in namespace {namespace}", USER_ERROR)
         status = obj.get("status") or {}
-        cluster = status.get("rayClusterName") or (status.get("activeServiceStatus") or {}).get("rayClusterName") \
+        cluster = (
+            status.get("rayClusterName")
+            or (status.get("activeServiceStatus") or {}).get("rayClusterName")
             or (status.get("pendingServiceStatus") or {}).get("rayClusterName")
+        )
         if not cluster:
             raise KubeError(f"{kind.kind}/{name} has no RayCluster yet: check `raymoe deploy status`", SERVER_ERROR)
         return cluster
@@ -208,8 +230,9 @@ class KubeClient:
             self._typed[cls] = getattr(self._client, cls)(self._api_client)
         return self._typed[cls]
 
-    def _call(self, kind: Kind, verb: str, name: str, namespace: str, *, body: dict | None = None,
-              force: bool = False) -> Any:
+    def _call(
+        self, kind: Kind, verb: str, name: str, namespace: str, *, body: dict | None = None, force: bool = False
+    ) -> Any:
         """One get/patch/delete of `kind` `name` through CustomObjectsApi or the typed API
         (`namespace` is ignored for a cluster-scoped kind)."""
         opts: dict[str, Any] = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT_S}
@@ -229,8 +252,7 @@ class KubeClient:
             args = (name, namespace) if kind.namespaced else (name,)
         if body is not None:
             args += (body,)
-        return self._send(verb, kind.resource, f"{kind.kind}/{name}", namespace, lambda: call(*args, **opts),
-                          kind=kind)
+        return self._send(verb, kind.resource, f"{kind.kind}/{name}", namespace, lambda: call(*args, **opts), kind=kind)
 
     def _send(self, verb: str, resource: str, ref: str, namespace: str, fn, *, kind: Kind | None = None) -> Any:
         from kubernetes.client.exceptions import ApiException
@@ -239,10 +261,21 @@ class KubeClient:
             return fn()
         except ApiException as exc:
             if not exc.status:  # no HTTP answer: the client reports TLS failures this way
-                raise KubeError(f"cannot talk to the Kubernetes API server at {self.host}: {exc.reason}: check "
-                                "the kubeconfig's server URL and certificate-authority", SERVER_ERROR) from exc
-            raise explain_api_error(exc.status, exc.body, verb=verb, resource=resource, ref=ref,
-                                    namespace=namespace, kind=kind, host=self.host) from exc
+                raise KubeError(
+                    f"cannot talk to the Kubernetes API server at {self.host}: {exc.reason}: check "
+                    "the kubeconfig's server URL and certificate-authority",
+                    SERVER_ERROR,
+                ) from exc
+            raise explain_api_error(
+                exc.status,
+                exc.body,
+                verb=verb,
+                resource=resource,
+                ref=ref,
+                namespace=namespace,
+                kind=kind,
+                host=self.host,
+            ) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise unreachable(self.host, exc) from exc
 
@@ -261,15 +294,27 @@ def unreachable(host: str, exc: BaseException) -> KubeError:
         why = "timed out"
     else:
         why = str(reason)
-    return KubeError(f"cannot reach the Kubernetes API server at {host} ({why}): check --context, the "
-                     "kubeconfig's server URL and the network path to it", SERVER_ERROR)
+    return KubeError(
+        f"cannot reach the Kubernetes API server at {host} ({why}): check --context, the "
+        "kubeconfig's server URL and the network path to it",
+        SERVER_ERROR,
+    )
 
 
 _FORBIDDEN = re.compile(r'User "(?P<user>[^"]+)" cannot (?P<verb>[\w]+) resource "(?P<resource>[^"]+)"')
 
 
-def explain_api_error(code: int, body: str | bytes | None, *, verb: str, resource: str, ref: str, namespace: str,
-                      kind: Kind | None = None, host: str = "") -> KubeError:
+def explain_api_error(
+    code: int,
+    body: str | bytes | None,
+    *,
+    verb: str,
+    resource: str,
+    ref: str,
+    namespace: str,
+    kind: Kind | None = None,
+    host: str = "",
+) -> KubeError:
     """A one-line `KubeError` for an API error answer: `code` and the body, a metav1.Status when the
     server sent one (reason, message, details.{name,kind,causes[].field,message}).
 
@@ -292,26 +337,36 @@ def explain_api_error(code: int, body: str | bytes | None, *, verb: str, resourc
 
     if code == 404:
         if details.get("kind") == "namespaces" and resource != "namespaces":
-            return KubeError(f"{ref}: namespace {details.get('name', namespace)} not found: create it "
-                             "or pass --namespace", USER_ERROR)
+            return KubeError(
+                f"{ref}: namespace {details.get('name', namespace)} not found: create it or pass --namespace",
+                USER_ERROR,
+            )
         if details.get("name"):
-            return ObjectNotFound(f"{ref} not found" + (f" in namespace {namespace}" if namespace else ""),
-                                  USER_ERROR)
+            return ObjectNotFound(f"{ref} not found" + (f" in namespace {namespace}" if namespace else ""), USER_ERROR)
         if kind is not None and kind.install:
             return KubeError(f"{ref}: {kind.install.format(resource=kind.resource)}", USER_ERROR)
-        return KubeError(f"{ref}: the API server does not serve {resource} (404 on its path): check that "
-                         "the cluster's Kubernetes version has it", USER_ERROR)
+        return KubeError(
+            f"{ref}: the API server does not serve {resource} (404 on its path): check that "
+            "the cluster's Kubernetes version has it",
+            USER_ERROR,
+        )
     if code == 401:
-        return KubeError(f"the API server at {host} rejected the credentials (401 Unauthorized): refresh the "
-                         "kubeconfig's token or pick another --context", USER_ERROR)
+        return KubeError(
+            f"the API server at {host} rejected the credentials (401 Unauthorized): refresh the "
+            "kubeconfig's token or pick another --context",
+            USER_ERROR,
+        )
     if code == 403:
         match = _FORBIDDEN.search(message)
         who, what = "this user", verb
         if match:
             user = match["user"]
             sa = user.split(":")
-            who = f"service account {sa[3]}" if user.startswith("system:serviceaccount:") and len(sa) == 4 \
+            who = (
+                f"service account {sa[3]}"
+                if user.startswith("system:serviceaccount:") and len(sa) == 4
                 else f"user {user}"
+            )
             what = match["verb"]
         plural = resource.partition(".")[0]
         # k8s/ grants namespaced Roles only; the cluster scope takes a ClusterRole from an admin.
@@ -319,11 +374,16 @@ def explain_api_error(code: int, body: str | bytes | None, *, verb: str, resourc
         return KubeError(f"{ref}: {who} cannot {what} {plural} {where}: {fix}", USER_ERROR)
     if code == 409:
         fields = ", ".join(c.get("field", "?") for c in causes) or "some fields"
-        return KubeError(f"{ref}: apply conflicts with another field manager on {fields} ({message}): "
-                         "pass --force-conflicts to take those fields over", USER_ERROR)
+        return KubeError(
+            f"{ref}: apply conflicts with another field manager on {fields} ({message}): "
+            "pass --force-conflicts to take those fields over",
+            USER_ERROR,
+        )
     if code == 422 or status.get("reason") == "Invalid":
         found = "; ".join(f"{c.get('field', '?')}: {c.get('message', '')}" for c in causes) or message
         return KubeError(f"{ref} rejected by the API server: {found}: fix the manifest", USER_ERROR)
     reason = status.get("reason") or ("client error" if user_error else "server error")
-    return KubeError(f"{ref}: {verb} failed with {code} {reason}: {message or 'no message'}",
-                     USER_ERROR if user_error else SERVER_ERROR)
+    return KubeError(
+        f"{ref}: {verb} failed with {code} {reason}: {message or 'no message'}",
+        USER_ERROR if user_error else SERVER_ERROR,
+    )

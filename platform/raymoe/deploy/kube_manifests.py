@@ -83,27 +83,36 @@ _PROM_OPERATOR = "CRD {resource} not installed: install the Prometheus Operator 
 # In apply order: the namespace everything else lives in, identity and permissions, config and
 # networking, monitoring, the Ray workloads, then the batch jobs that call them. Delete runs it
 # backwards, so the namespace goes last.
-KINDS: dict[tuple[str, str], Kind] = {(k.api_version, k.kind): k for k in (
-    Kind("v1", "Namespace", "namespaces", ("CoreV1Api", "namespace"), namespaced=False),
-    Kind("v1", "ServiceAccount", "serviceaccounts", ("CoreV1Api", "namespaced_service_account")),
-    Kind("rbac.authorization.k8s.io/v1", "Role", "roles", ("RbacAuthorizationV1Api", "namespaced_role")),
-    Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings",
-         ("RbacAuthorizationV1Api", "namespaced_role_binding")),
-    Kind("v1", "ConfigMap", "configmaps", ("CoreV1Api", "namespaced_config_map")),
-    Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims",
-         ("CoreV1Api", "namespaced_persistent_volume_claim")),
-    Kind("v1", "Service", "services", ("CoreV1Api", "namespaced_service")),
-    Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies",
-         ("NetworkingV1Api", "namespaced_network_policy")),
-    Kind("monitoring.coreos.com/v1", "PodMonitor", "podmonitors", install=_PROM_OPERATOR),
-    Kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors", install=_PROM_OPERATOR),
-    Kind("monitoring.coreos.com/v1", "PrometheusRule", "prometheusrules", install=_PROM_OPERATOR),
-    Kind("ray.io/v1", "RayCluster", "rayclusters", install=_KUBERAY),
-    Kind("ray.io/v1", "RayService", "rayservices", install=_KUBERAY),
-    Kind("ray.io/v1", "RayJob", "rayjobs", install=_KUBERAY),
-    Kind("batch/v1", "CronJob", "cronjobs", ("BatchV1Api", "namespaced_cron_job")),
-    Kind("batch/v1", "Job", "jobs", ("BatchV1Api", "namespaced_job")),
-)}
+KINDS: dict[tuple[str, str], Kind] = {
+    (k.api_version, k.kind): k
+    for k in (
+        Kind("v1", "Namespace", "namespaces", ("CoreV1Api", "namespace"), namespaced=False),
+        Kind("v1", "ServiceAccount", "serviceaccounts", ("CoreV1Api", "namespaced_service_account")),
+        Kind("rbac.authorization.k8s.io/v1", "Role", "roles", ("RbacAuthorizationV1Api", "namespaced_role")),
+        Kind(
+            "rbac.authorization.k8s.io/v1",
+            "RoleBinding",
+            "rolebindings",
+            ("RbacAuthorizationV1Api", "namespaced_role_binding"),
+        ),
+        Kind("v1", "ConfigMap", "configmaps", ("CoreV1Api", "namespaced_config_map")),
+        Kind(
+            "v1", "PersistentVolumeClaim", "persistentvolumeclaims", ("CoreV1Api", "namespaced_persistent_volume_claim")
+        ),
+        Kind("v1", "Service", "services", ("CoreV1Api", "namespaced_service")),
+        Kind(
+            "networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", ("NetworkingV1Api", "namespaced_network_policy")
+        ),
+        Kind("monitoring.coreos.com/v1", "PodMonitor", "podmonitors", install=_PROM_OPERATOR),
+        Kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors", install=_PROM_OPERATOR),
+        Kind("monitoring.coreos.com/v1", "PrometheusRule", "prometheusrules", install=_PROM_OPERATOR),
+        Kind("ray.io/v1", "RayCluster", "rayclusters", install=_KUBERAY),
+        Kind("ray.io/v1", "RayService", "rayservices", install=_KUBERAY),
+        Kind("ray.io/v1", "RayJob", "rayjobs", install=_KUBERAY),
+        Kind("batch/v1", "CronJob", "cronjobs", ("BatchV1Api", "namespaced_cron_job")),
+        Kind("batch/v1", "Job", "jobs", ("BatchV1Api", "namespaced_job")),
+    )
+}
 _ORDER = [k.kind for k in KINDS.values()]
 
 
@@ -112,8 +121,9 @@ def kind_named(name: str) -> Kind:
     for kind in KINDS.values():
         if name.lower() in (kind.kind.lower(), kind.plural):
             return kind
-    raise KubeError(f"unknown kind {name!r}: expected one of "
-                    f"{', '.join(k.kind.lower() for k in KINDS.values())}", USER_ERROR)
+    raise KubeError(
+        f"unknown kind {name!r}: expected one of {', '.join(k.kind.lower() for k in KINDS.values())}", USER_ERROR
+    )
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,8 @@ def load_manifests(paths: Sequence[str | Path]) -> list[Manifest]:
             objects, a file that does not parse, a document without apiVersion/kind/metadata.name,
             a kind `raymoe deploy` does not know, or the same object twice (USER_ERROR).
     """
-    manifests, seen = [], {}
+    manifests: list[Manifest] = []
+    seen: dict[tuple[str, str | None, str], str] = {}  # (kind, namespace, name) -> where
     for path in map(Path, paths):
         files, namespace = _manifest_files(path)
         for file in files:
@@ -155,9 +166,11 @@ def load_manifests(paths: Sequence[str | Path]) -> list[Manifest]:
                 if namespace and manifest.kind.namespaced:
                     if manifest.namespace not in (None, namespace):
                         # kustomize would move it (and fix up references to it); that is its job.
-                        raise KubeError(f"{source}: {manifest.ref} sets namespace {manifest.namespace!r} but "
-                                        f"{path}'s kustomization sets {namespace!r}: make them agree",
-                                        USER_ERROR)
+                        raise KubeError(
+                            f"{source}: {manifest.ref} sets namespace {manifest.namespace!r} but "
+                            f"{path}'s kustomization sets {namespace!r}: make them agree",
+                            USER_ERROR,
+                        )
                     manifest = dataclasses.replace(manifest, namespace=namespace)
                 key = (manifest.kind.kind, manifest.namespace, manifest.name)
                 if key in seen:
@@ -182,33 +195,41 @@ def _manifest_files(path: Path) -> tuple[list[Path], str | None]:
         return [path], None
     if not path.is_dir():
         raise KubeError(f"{path}: no such file or directory", USER_ERROR)
-    if _kustomization_file(path) is not None:
-        return _kustomization_resources(path)
+    if (kustomization := _kustomization_file(path)) is not None:
+        return _kustomization_resources(path, kustomization)
     nested = sorted({p.parent for p in path.rglob("*") if p.name in KUSTOMIZATION_FILES and p.is_file()})
     if nested:
-        raise KubeError(f"{nested[0]} holds a kustomization: apply it on its own (`raymoe deploy apply "
-                        f"{nested[0]}`), not as part of {path}", USER_ERROR)
+        raise KubeError(
+            f"{nested[0]} holds a kustomization: apply it on its own (`raymoe deploy apply "
+            f"{nested[0]}`), not as part of {path}",
+            USER_ERROR,
+        )
     return sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()), None
 
 
 def _kustomization_file(directory: Path) -> Path | None:
     found = [directory / name for name in KUSTOMIZATION_FILES if (directory / name).is_file()]
     if len(found) > 1:
-        raise KubeError(f"{directory}: several kustomization files ({', '.join(f.name for f in found)}): "
-                        "kustomize refuses that too; keep one", USER_ERROR)
+        raise KubeError(
+            f"{directory}: several kustomization files ({', '.join(f.name for f in found)}): "
+            "kustomize refuses that too; keep one",
+            USER_ERROR,
+        )
     return found[0] if found else None
 
 
-def _kustomization_resources(directory: Path) -> tuple[list[Path], str | None]:
-    """The files a kustomize base lists in `resources:`, and its `namespace:`."""
-    file = _kustomization_file(directory)
+def _kustomization_resources(directory: Path, file: Path) -> tuple[list[Path], str | None]:
+    """The files a kustomize base (`directory`, its kustomization `file`) lists in `resources:`,
+    and its `namespace:`."""
     try:
         doc = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
         raise KubeError(f"{file}: not valid YAML: {exc}", USER_ERROR) from exc
     if not isinstance(doc, dict) or doc.get("kind", "Kustomization") != "Kustomization":
-        raise KubeError(f"{file}: expected a kustomization (kind Kustomization, apiVersion "
-                        "kustomize.config.k8s.io/v1beta1)", USER_ERROR)
+        raise KubeError(
+            f"{file}: expected a kustomization (kind Kustomization, apiVersion kustomize.config.k8s.io/v1beta1)",
+            USER_ERROR,
+        )
     resources = doc.get("resources") or []
     if not isinstance(resources, list) or not all(isinstance(r, str) for r in resources):
         raise KubeError(f"{file}: resources must be a list of paths", USER_ERROR)
@@ -217,11 +238,16 @@ def _kustomization_resources(directory: Path) -> tuple[list[Path], str | None]:
     if bases or any(field in doc for field in _OVERLAY_FIELDS):
         local = [os.path.normpath(directory / r) for r in bases if (directory / r).is_dir()]
         hint = f", or apply its base with `raymoe deploy apply {' '.join(local)}`" if local else ""
-        raise KubeError(f"{directory} is a kustomize overlay: apply it with `kubectl apply --server-side -k "
-                        f"{directory}`{hint}", USER_ERROR)
+        raise KubeError(
+            f"{directory} is a kustomize overlay: apply it with `kubectl apply --server-side -k {directory}`{hint}",
+            USER_ERROR,
+        )
     if transforms := sorted(set(doc) - _KUSTOMIZATION_FIELDS):
-        raise KubeError(f"{file} uses {', '.join(transforms)}: only kustomize renders that; apply it with "
-                        f"`kubectl apply --server-side -k {directory}`", USER_ERROR)
+        raise KubeError(
+            f"{file} uses {', '.join(transforms)}: only kustomize renders that; apply it with "
+            f"`kubectl apply --server-side -k {directory}`",
+            USER_ERROR,
+        )
     namespace = doc.get("namespace")
     if namespace is not None and (not isinstance(namespace, str) or not namespace):
         raise KubeError(f"{file}: namespace must be a name, got {namespace!r}", USER_ERROR)
@@ -231,25 +257,32 @@ def _kustomization_resources(directory: Path) -> tuple[list[Path], str | None]:
         if not target.is_file():
             raise KubeError(f"{file}: resource {resource!r} is not a file in {directory}", USER_ERROR)
         if not target.resolve().is_relative_to(root):
-            raise KubeError(f"{file}: resource {resource!r} is outside {directory} (kustomize refuses it too)",
-                            USER_ERROR)
+            raise KubeError(
+                f"{file}: resource {resource!r} is outside {directory} (kustomize refuses it too)", USER_ERROR
+            )
         files.append(target)
     return files, namespace
 
 
 def _manifest(doc: Any, source: str) -> Manifest:
-    if isinstance(doc, dict) and (doc.get("kind") in ("Kustomization", "Component")
-                                  or str(doc.get("apiVersion")).startswith("kustomize.config.k8s.io/")):
-        raise KubeError(f"{source} is a kustomization, not a Kubernetes object: apply its directory "
-                        f"(`raymoe deploy apply {Path(source.partition('#')[0]).parent}`)", USER_ERROR)
+    if isinstance(doc, dict) and (
+        doc.get("kind") in ("Kustomization", "Component")
+        or str(doc.get("apiVersion")).startswith("kustomize.config.k8s.io/")
+    ):
+        raise KubeError(
+            f"{source} is a kustomization, not a Kubernetes object: apply its directory "
+            f"(`raymoe deploy apply {Path(source.partition('#')[0]).parent}`)",
+            USER_ERROR,
+        )
     if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
-        raise KubeError(f"{source}: expected a Kubernetes object with apiVersion, kind and metadata",
-                        USER_ERROR)
+        raise KubeError(f"{source}: expected a Kubernetes object with apiVersion, kind and metadata", USER_ERROR)
     key = (doc.get("apiVersion"), doc.get("kind"))
     if key not in KINDS:
         known = ", ".join(f"{k.api_version} {k.kind}" for k in KINDS.values())
-        raise KubeError(f"{source}: apiVersion {key[0]!r} kind {key[1]!r} is not one raymoe deploy "
-                        f"applies (known: {known})", USER_ERROR)
+        raise KubeError(
+            f"{source}: apiVersion {key[0]!r} kind {key[1]!r} is not one raymoe deploy applies (known: {known})",
+            USER_ERROR,
+        )
     name = doc["metadata"].get("name")
     if not isinstance(name, str) or not name:
         raise KubeError(f"{source}: {key[1]} has no metadata.name", USER_ERROR)
@@ -265,6 +298,9 @@ def target_namespace(manifest: Manifest, flag: str | None, default: str) -> str:
     if not manifest.kind.namespaced:
         return ""
     if flag and manifest.namespace and flag != manifest.namespace:
-        raise KubeError(f"{manifest.source}: {manifest.ref} sets namespace {manifest.namespace!r} but "
-                        f"--namespace is {flag!r}: drop one of them", USER_ERROR)
+        raise KubeError(
+            f"{manifest.source}: {manifest.ref} sets namespace {manifest.namespace!r} but "
+            f"--namespace is {flag!r}: drop one of them",
+            USER_ERROR,
+        )
     return flag or manifest.namespace or default

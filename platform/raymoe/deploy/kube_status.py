@@ -76,8 +76,14 @@ def _raycluster(status: dict[str, Any]) -> Readiness:
     workers = ""
     if "desiredWorkerReplicas" in status or "readyWorkerReplicas" in status:
         workers = f" workers={status.get('readyWorkerReplicas', 0)}/{status.get('desiredWorkerReplicas', 0)}"
-    detail = " ".join(x for x in (f"state={state or '-'}", _describe(
-        conds, ("RayClusterProvisioned", "HeadPodReady", "ReplicaFailure", "RayClusterSuspended"))) if x)
+    detail = " ".join(
+        x
+        for x in (
+            f"state={state or '-'}",
+            _describe(conds, ("RayClusterProvisioned", "HeadPodReady", "ReplicaFailure", "RayClusterSuspended")),
+        )
+        if x
+    )
     detail += workers
     if _is_true(conds, "ReplicaFailure"):
         return Readiness(FAILED, f"{detail}: {_message(conds, 'ReplicaFailure')}")

@@ -62,10 +62,11 @@ def read_trace(path: str | Path) -> np.ndarray:
         try:
             counts = np.asarray(json.loads(line)["tokens_per_expert"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: expected {{\"tokens_per_expert\": [[...], ...]}} ({exc})") from None
+            raise ValueError(f'{where}: expected {{"tokens_per_expert": [[...], ...]}} ({exc})') from None
         if counts.ndim != 2 or (shape is not None and counts.shape != shape):
-            raise ValueError(f"{where}: tokens_per_expert has shape {counts.shape}, expected "
-                             f"{shape or '(layers, experts)'}")
+            raise ValueError(
+                f"{where}: tokens_per_expert has shape {counts.shape}, expected {shape or '(layers, experts)'}"
+            )
         shape = counts.shape
         steps.append(counts)
     if not steps:
@@ -95,8 +96,17 @@ def from_cumulative(snapshots_TLE) -> np.ndarray:
     return np.where(diff < 0, snaps[1:], diff)
 
 
-def zipf_trace(*, num_steps: int, num_layers: int, num_experts: int, tokens_per_step: int,
-               zipf_s: float = 1.0, drift_every: int = 0, drift_swaps: int = 0, seed: int = 0) -> np.ndarray:
+def zipf_trace(
+    *,
+    num_steps: int,
+    num_layers: int,
+    num_experts: int,
+    tokens_per_step: int,
+    zipf_s: float = 1.0,
+    drift_every: int = 0,
+    drift_swaps: int = 0,
+    seed: int = 0,
+) -> np.ndarray:
     """A synthetic (T, L, E) trace: expert popularity ~ 1 / rank**zipf_s, ranks shuffled per layer.
 
     Args:

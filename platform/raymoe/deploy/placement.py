@@ -50,8 +50,10 @@ class Placement:
         missing = np.argwhere(logcnt == 0)
         if len(missing):
             layer, expert = missing[0]
-            raise ValueError(f"layer {layer}: logical expert {expert} has no slot "
-                             f"({len(missing)} expert-layers without a slot in all)")
+            raise ValueError(
+                f"layer {layer}: logical expert {expert} has no slot "
+                f"({len(missing)} expert-layers without a slot in all)"
+            )
         log2phy = np.full((num_layers, num_experts, int(logcnt.max())), -1, dtype=np.int64)
         for layer, row in enumerate(phy2log):
             filled = np.zeros(num_experts, dtype=np.int64)
@@ -87,12 +89,13 @@ class Placement:
     def worker_experts(self, layer: int, worker: int) -> list[int]:
         """Logical experts in `worker`'s slots of `layer`, in slot order."""
         s = self.slots_per_worker
-        return self.phy2log[layer, worker * s:(worker + 1) * s].tolist()
+        return self.phy2log[layer, worker * s : (worker + 1) * s].tolist()
 
     def to_expert_placement(self, layer: int) -> ExpertPlacement:
         """The `raymoe.parallel` placement of one layer (ep = num_workers)."""
-        return ExpertPlacement(num_experts=self.num_experts, ep=self.num_workers,
-                               slot_expert=self.phy2log[layer].tolist())
+        return ExpertPlacement(
+            num_experts=self.num_experts, ep=self.num_workers, slot_expert=self.phy2log[layer].tolist()
+        )
 
     def slot_load(self, load_LE) -> np.ndarray:
         """(L, P) tokens each slot receives when `load_LE` tokens go to the logical experts."""
@@ -115,8 +118,7 @@ def check_load(load_LE, num_layers: int, num_experts: int) -> np.ndarray:
     """`load_LE` as float64 (L, E), after checking its shape and that counts are finite and >= 0."""
     load = np.array(load_LE, dtype=np.float64, ndmin=2)
     if load.shape != (num_layers, num_experts):
-        raise ValueError(f"load has shape {load.shape}, expected (layers, experts) = "
-                         f"({num_layers}, {num_experts})")
+        raise ValueError(f"load has shape {load.shape}, expected (layers, experts) = ({num_layers}, {num_experts})")
     if (load < 0).any() or not np.isfinite(load).all():
         raise ValueError("load must be finite token counts >= 0")
     return load
@@ -129,8 +131,10 @@ def moved_experts(old: Placement, new: Placement) -> np.ndarray:
     the network); reordering the slots of one worker is free.
     """
     if old.phy2log.shape != new.phy2log.shape or old.num_workers != new.num_workers:
-        raise ValueError(f"placements differ in shape: {old.phy2log.shape} x {old.num_workers} "
-                         f"workers vs {new.phy2log.shape} x {new.num_workers}")
+        raise ValueError(
+            f"placements differ in shape: {old.phy2log.shape} x {old.num_workers} "
+            f"workers vs {new.phy2log.shape} x {new.num_workers}"
+        )
     moved = np.zeros(old.num_layers, dtype=np.int64)
     for layer in range(old.num_layers):
         for w in range(old.num_workers):

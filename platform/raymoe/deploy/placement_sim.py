@@ -66,8 +66,10 @@ class SimConfig:
         for key in ("seconds_per_token", "overhead_s", "seconds_per_moved_expert"):
             require(getattr(self, key) >= 0, f"sim.{key} must be >= 0, got {getattr(self, key)}")
         require(self.slo_step_s > 0, f"sim.slo_step_s must be > 0, got {self.slo_step_s}")
-        require(self.drift_imbalance >= 1 and self.target_imbalance >= 1,
-                "sim.drift_imbalance and sim.target_imbalance must be >= 1")
+        require(
+            self.drift_imbalance >= 1 and self.target_imbalance >= 1,
+            "sim.drift_imbalance and sim.target_imbalance must be >= 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -81,40 +83,67 @@ class SimResult:
     replacements: int
 
     def row(self) -> list:
-        return [self.strategy, round(self.mean_imbalance, 3), f"{self.slo_attainment:.1%}",
-                round(self.worker_hours, 4), round(self.p99_step_ms, 2), self.experts_moved, self.replacements]
+        return [
+            self.strategy,
+            round(self.mean_imbalance, 3),
+            f"{self.slo_attainment:.1%}",
+            round(self.worker_hours, 4),
+            round(self.p99_step_ms, 2),
+            self.experts_moved,
+            self.replacements,
+        ]
 
 
-HEADER = ["strategy", "max/mean worker load", "SLO attainment", "worker-hours", "p99 step ms",
-          "experts moved", "re-placements"]
+HEADER = [
+    "strategy",
+    "max/mean worker load",
+    "SLO attainment",
+    "worker-hours",
+    "p99 step ms",
+    "experts moved",
+    "re-placements",
+]
 
 
 def _place(cfg: SimConfig, load_LE: np.ndarray, current: Placement | None = None) -> Placement:
-    return rebalance_experts(load_LE, cfg.num_slots, cfg.num_workers, num_groups=cfg.num_groups,
-                             num_nodes=cfg.num_nodes, policy=cfg.policy, current=current,
-                             target_imbalance=cfg.target_imbalance)
+    return rebalance_experts(
+        load_LE,
+        cfg.num_slots,
+        cfg.num_workers,
+        num_groups=cfg.num_groups,
+        num_nodes=cfg.num_nodes,
+        policy=cfg.policy,
+        current=current,
+        target_imbalance=cfg.target_imbalance,
+    )
 
 
 def simulate(trace_TLE, cfg: SimConfig, strategy: Strategy) -> SimResult:
     """Replays `trace_TLE` (T, L, E) under one strategy."""
     trace = np.asarray(trace_TLE, dtype=np.float64)
     num_steps = trace.shape[0]
-    require(num_steps > cfg.window_steps,
-            f"trace has {num_steps} steps; needs more than sim.window_steps={cfg.window_steps}")
+    require(
+        num_steps > cfg.window_steps,
+        f"trace has {num_steps} steps; needs more than sim.window_steps={cfg.window_steps}",
+    )
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    placement = _place(cfg, trace[:cfg.window_steps].sum(axis=0))
+    placement = _place(cfg, trace[: cfg.window_steps].sum(axis=0))
     step_s, ratios = [], []
     moved_total = replacements = 0
     for t in range(cfg.window_steps, num_steps):
         since = t - cfg.window_steps
-        recent = trace[t - cfg.window_steps:t].sum(axis=0)
+        recent = trace[t - cfg.window_steps : t].sum(axis=0)
         new = None
         if strategy == "periodic" and since and since % cfg.every_steps == 0:
             new = _place(cfg, recent)
-        elif strategy == "drift" and since and since % cfg.check_every_steps == 0:
-            if placement.imbalance(recent).max() > cfg.drift_imbalance:
-                new = _place(cfg, recent, current=placement)
+        elif (
+            strategy == "drift"
+            and since
+            and since % cfg.check_every_steps == 0
+            and placement.imbalance(recent).max() > cfg.drift_imbalance
+        ):
+            new = _place(cfg, recent, current=placement)
         moved = 0
         if new is not None:
             moved = int(moved_experts(placement, new).sum())
@@ -123,12 +152,16 @@ def simulate(trace_TLE, cfg: SimConfig, strategy: Strategy) -> SimResult:
         busiest = worker.max(axis=1).sum()
         ratios.append(busiest / max(worker.mean(axis=1).sum(), 1e-12))
         step_s.append(cfg.overhead_s + cfg.seconds_per_token * busiest + cfg.seconds_per_moved_expert * moved)
-    step_s = np.array(step_s)
-    return SimResult(strategy=strategy, mean_imbalance=float(np.mean(ratios)),
-                     slo_attainment=float(np.mean(step_s <= cfg.slo_step_s)),
-                     worker_hours=float(cfg.num_workers * step_s.sum() / 3600),
-                     p99_step_ms=float(np.percentile(step_s, 99) * 1e3),
-                     experts_moved=moved_total, replacements=replacements)
+    step_times = np.array(step_s)
+    return SimResult(
+        strategy=strategy,
+        mean_imbalance=float(np.mean(ratios)),
+        slo_attainment=float(np.mean(step_times <= cfg.slo_step_s)),
+        worker_hours=float(cfg.num_workers * step_times.sum() / 3600),
+        p99_step_ms=float(np.percentile(step_times, 99) * 1e3),
+        experts_moved=moved_total,
+        replacements=replacements,
+    )
 
 
 def compare(trace_TLE, cfg: SimConfig) -> list[SimResult]:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from raymoe.config import require
+from raymoe.config import require, require_at_least, same_path
+from raymoe.monitor.drift_job_config import DebugTrafficConfig
 
 
 @dataclass(kw_only=True)
@@ -38,8 +39,10 @@ class PrometheusSourceConfig:
     timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        require(bool(self.window) and self.window[-1] in "smhdwy" and self.window[:-1].isdigit(),
-                f"prometheus.window must be a PromQL duration like 15m or 1h, got {self.window!r}")
+        require(
+            bool(self.window) and self.window[-1] in "smhdwy" and self.window[:-1].isdigit(),
+            f"prometheus.window must be a PromQL duration like 15m or 1h, got {self.window!r}",
+        )
         require(self.timeout_s > 0, f"prometheus.timeout_s must be > 0, got {self.timeout_s}")
 
 
@@ -77,14 +80,14 @@ class PlacementPolicyConfig:
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 0, f"placement.num_workers must be >= 0, got {self.num_workers}")
-        require(self.num_redundant_experts >= -1,
-                f"placement.num_redundant_experts must be >= -1, got {self.num_redundant_experts}")
+        require(
+            self.num_redundant_experts >= -1,
+            f"placement.num_redundant_experts must be >= -1, got {self.num_redundant_experts}",
+        )
         require(self.num_nodes >= 1, f"placement.num_nodes must be >= 1, got {self.num_nodes}")
         require(self.num_groups >= 0, f"placement.num_groups must be >= 0, got {self.num_groups}")
-        require(self.target_imbalance >= 1.0,
-                f"placement.target_imbalance must be >= 1.0, got {self.target_imbalance}")
-        require(self.min_gain_per_move >= 0,
-                f"placement.min_gain_per_move must be >= 0, got {self.min_gain_per_move}")
+        require(self.target_imbalance >= 1.0, f"placement.target_imbalance must be >= 1.0, got {self.target_imbalance}")
+        require(self.min_gain_per_move >= 0, f"placement.min_gain_per_move must be >= 0, got {self.min_gain_per_move}")
 
 
 @dataclass(kw_only=True)
@@ -120,43 +123,60 @@ class RebalanceJobConfig:
     trace: TraceSourceConfig = field(default_factory=TraceSourceConfig)
     # The served artifact: its expert count and groups check the load; "" = taken from the load.
     model_path: str = ""
-    # Debug only: write two traffic windows into windows.dir first (serving model_path in-process)
-    # when it holds none, as the drift job's debug config does.
-    make_debug_traffic: bool = False
+    # Debug configs only: when windows.dir is debug_traffic.dir and holds no window, write two
+    # windows there first by serving debug_traffic.artifact in-process (written there if
+    # missing), as the drift job's debug config does. Any other windows.dir: nothing is written.
+    debug_traffic: DebugTrafficConfig | None = None
     placement: PlacementPolicyConfig = field(default_factory=PlacementPolicyConfig)
     apply: ApplyConfig = field(default_factory=ApplyConfig)
     # > 0: run again every interval_s seconds (re-placement on a schedule); 0 = once.
     interval_s: float = 0.0
 
+    @property
+    def writes_debug_traffic(self) -> bool:
+        """True when the load comes from windows.dir and it is the debug config's debug_traffic.dir."""
+        return (
+            self.source == "windows"
+            and self.debug_traffic is not None
+            and self.debug_traffic.applies_to(self.windows.dir)
+        )
+
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir must be set")
-        require(self.interval_s >= 0, f"interval_s must be >= 0, got {self.interval_s}")
-        needs = {"windows": ("windows.dir", self.windows.dir), "prometheus": ("prometheus.url", self.prometheus.url),
-                 "trace": ("trace.path", self.trace.path)}[self.source]
+        require_at_least("", self, interval_s=0)
+        needs = {
+            "windows": ("windows.dir", self.windows.dir),
+            "prometheus": ("prometheus.url", self.prometheus.url),
+            "trace": ("trace.path", self.trace.path),
+        }[self.source]
         require(bool(needs[1]), f"{needs[0]} must be set when source is {self.source!r}")
-        require(not self.make_debug_traffic or (self.source == "windows" and bool(self.model_path)),
-                "make_debug_traffic needs source: windows and model_path (the artifact it serves)")
-        require(self.apply.enabled or self.placement.num_workers > 0 or bool(self.placement.current),
-                "placement.num_workers must be > 0 (or placement.current set) when apply.enabled is false: "
-                "there is no app to ask for its layout")
+        require(
+            self.apply.enabled or self.placement.num_workers > 0 or bool(self.placement.current),
+            "placement.num_workers must be > 0 (or placement.current set) when apply.enabled is false: "
+            "there is no app to ask for its layout",
+        )
 
 
 def check_before_launch(cfg: RebalanceJobConfig) -> None:
-    """Checks what the job will read exists (after make_debug_traffic, which creates windows).
+    """Checks what the job will read exists (after the debug windows, if any, are written).
 
     Raises:
         ConfigError: naming the key and the path.
     """
-    if cfg.source == "windows":
-        from raymoe.monitor.traffic_windows import list_windows
+    from raymoe.monitor.traffic_windows import list_windows
 
-        require(Path(cfg.windows.dir).is_dir() and bool(list_windows(cfg.windows.dir)),
-                f"windows.dir {cfg.windows.dir!r} holds no traffic windows (window-*.parquet)")
+    has_windows = Path(cfg.windows.dir).is_dir() and bool(list_windows(cfg.windows.dir))
+    # Debug windows still to be written: the job writes them (and the artifact), then checks again.
+    pending = cfg.writes_debug_traffic and not has_windows
+    if cfg.source == "windows" and not pending:
+        require(has_windows, f"windows.dir {cfg.windows.dir!r} holds no traffic windows (window-*.parquet)")
     if cfg.source == "trace":
         require(Path(cfg.trace.path).exists(), f"trace.path {cfg.trace.path!r} does not exist")
-    if cfg.model_path:
-        require((Path(cfg.model_path) / "config.json").is_file(),
-                f"model_path {cfg.model_path!r} has no config.json (an HF-format artifact directory)")
+    debug = cfg.debug_traffic
+    if cfg.model_path and not (pending and debug is not None and same_path(cfg.model_path, debug.artifact)):
+        require(
+            (Path(cfg.model_path) / "config.json").is_file(),
+            f"model_path {cfg.model_path!r} has no config.json (an HF-format artifact directory)",
+        )
     if cfg.placement.current:
-        require(Path(cfg.placement.current).is_file(),
-                f"placement.current {cfg.placement.current!r} does not exist")
+        require(Path(cfg.placement.current).is_file(), f"placement.current {cfg.placement.current!r} does not exist")

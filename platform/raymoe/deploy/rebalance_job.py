@@ -36,14 +36,18 @@ def read_load(cfg: RebalanceJobConfig) -> tuple[np.ndarray, dict]:
         found = load_trace.windows_trace(cfg.windows.dir, cfg.windows.latest)
         for path, why in found.skipped.items():
             log.warning("skipped window %s: %s", path, why)
-        return found.load_LE, {"kind": "windows", "dir": cfg.windows.dir, "files": found.files,
-                               "skipped": found.skipped}
+        return found.load_LE, {
+            "kind": "windows",
+            "dir": cfg.windows.dir,
+            "files": found.files,
+            "skipped": found.skipped,
+        }
     if cfg.source == "prometheus":
         p = cfg.prometheus
         load = load_trace.prometheus_load(p.url, p.window, model=p.model, timeout_s=p.timeout_s)
         return load, {"kind": "prometheus", "url": p.url, "query": load_trace.prometheus_query(p.model, p.window)}
     trace = load_trace.read_trace(cfg.trace.path)
-    steps = trace[-cfg.trace.last_steps:] if cfg.trace.last_steps else trace
+    steps = trace[-cfg.trace.last_steps :] if cfg.trace.last_steps else trace
     return steps.sum(axis=0), {"kind": "trace", "path": cfg.trace.path, "steps": len(steps)}
 
 
@@ -86,12 +90,26 @@ def run_once(cfg: RebalanceJobConfig) -> int:
             return 1
         p = cfg.placement
         workers = p.num_workers or current.ep
-        redundant = (p.num_redundant_experts if p.num_redundant_experts >= 0
-                     else len(current.slot_expert) - num_experts if current is not None else 0)
-        plan = plan_placement(load, num_workers=workers, num_slots=num_experts + redundant, current=current,
-                              policy=p.policy, num_groups=p.num_groups or num_groups, num_nodes=p.num_nodes,
-                              migration_aware=p.migration_aware, target_imbalance=p.target_imbalance,
-                              min_gain_per_move=p.min_gain_per_move, source=source)
+        redundant = (
+            p.num_redundant_experts
+            if p.num_redundant_experts >= 0
+            else len(current.slot_expert) - num_experts
+            if current is not None
+            else 0
+        )
+        plan = plan_placement(
+            load,
+            num_workers=workers,
+            num_slots=num_experts + redundant,
+            current=current,
+            policy=p.policy,
+            num_groups=p.num_groups or num_groups,
+            num_nodes=p.num_nodes,
+            migration_aware=p.migration_aware,
+            target_imbalance=p.target_imbalance,
+            min_gain_per_move=p.min_gain_per_move,
+            source=source,
+        )
     except (ConfigError, ValueError) as exc:
         print(f"rebalance: {exc}", file=sys.stderr)
         return 2
@@ -100,8 +118,15 @@ def run_once(cfg: RebalanceJobConfig) -> int:
     table = format_before_after(plan)
     atomic_write(out / "placement.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     print(table)
-    record = {"time": time.time(), "name": cfg.name, "source": source["kind"], "num_slots": plan.num_slots,
-              "imbalance": plan.imbalance(), "moved_experts": plan.moved(), "applied": None}
+    record = {
+        "time": time.time(),
+        "name": cfg.name,
+        "source": source["kind"],
+        "num_slots": plan.num_slots,
+        "imbalance": plan.imbalance(),
+        "moved_experts": plan.moved(),
+        "applied": None,
+    }
     status = 0
     if cfg.apply.enabled and plan.current is not None and plan.serving.slot_expert == plan.current.slot_expert:
         print("rebalance: the running placement is already the computed one; nothing applied")
@@ -110,31 +135,41 @@ def run_once(cfg: RebalanceJobConfig) -> int:
 
         try:
             connect_ray()
-            answers = apply_to_app(plan.serving.slot_expert, app_name=cfg.apply.app_name,
-                                   deployment=cfg.apply.deployment, timeout_s=cfg.apply.timeout_s,
-                                   max_calls=cfg.apply.max_calls)
-            record["applied"] = [{k: a[k] for k in ("replica", "changed", "loaded", "seconds", "version")}
-                                 for a in answers]
+            answers = apply_to_app(
+                plan.serving.slot_expert,
+                app_name=cfg.apply.app_name,
+                deployment=cfg.apply.deployment,
+                timeout_s=cfg.apply.timeout_s,
+                max_calls=cfg.apply.max_calls,
+            )
+            record["applied"] = [
+                {k: a[k] for k in ("replica", "changed", "loaded", "seconds", "version")} for a in answers
+            ]
             print(f"rebalance: applied to {len(answers)} replica(s) of {cfg.apply.app_name}")
         except Exception as exc:  # noqa: BLE001 - reported, logged, and the exit status says it
             record["applied"] = {"error": repr(exc)}
             print(f"rebalance: apply failed: {exc!r}", file=sys.stderr)
             status = 1
     append_jsonl(out / "rebalance-history.jsonl", record)
-    print(f"rebalance: wrote {out / 'placement.json'}")
+    # `wrote <what>: <absolute path>`, as every job ends (raymoe.storage.print_wrote).
+    print(f"wrote placement: {(out / 'placement.json').absolute()}")
+    print(f"wrote placement table: {(out / 'placement.md').absolute()}")
     return status
 
 
 def prepare(cfg: RebalanceJobConfig) -> None:
-    """What runs before the job starts: the debug windows (`make_debug_traffic`), then the
-    filesystem checks (`rebalance_config.check_before_launch`); raises ConfigError."""
+    """What runs before the job starts: the filesystem checks
+    (`rebalance_config.check_before_launch`), the debug windows when windows.dir is the debug
+    config's own `debug_traffic.dir`, then the checks again; raises ConfigError."""
     from raymoe.deploy.rebalance_config import check_before_launch
 
-    if cfg.make_debug_traffic:
+    check_before_launch(cfg)
+    debug = cfg.debug_traffic
+    if cfg.writes_debug_traffic and debug is not None:
         from raymoe.serve.debug_traffic import write_debug_traffic
 
-        write_debug_traffic(cfg.windows.dir, cfg.model_path)
-    check_before_launch(cfg)
+        if write_debug_traffic(debug.dir, debug.artifact):
+            check_before_launch(cfg)
 
 
 def run(cfg: RebalanceJobConfig) -> int:

@@ -69,8 +69,13 @@ class RooflineConfig:
         return BYTES[self.weight_dtype]
 
     def __post_init__(self) -> None:
-        for key in ("gemm_efficiency", "attention_efficiency", "hbm_efficiency", "link_efficiency",
-                    "memory_utilization"):
+        for key in (
+            "gemm_efficiency",
+            "attention_efficiency",
+            "hbm_efficiency",
+            "link_efficiency",
+            "memory_utilization",
+        ):
             value = getattr(self, key)
             require(0 < value <= 1, f"roofline.{key} must be in (0, 1], got {value}")
         require(self.expert_imbalance >= 1.0, f"roofline.expert_imbalance must be >= 1, got {self.expert_imbalance}")
@@ -122,8 +127,7 @@ class ModelSizes:
     def kv_bytes_per_token(self, dtype: Dtype) -> int:
         """KV cache per token over all layers: MLA keeps the latent + rope key, GQA keys + values."""
         c = self.cfg
-        per_layer = (c.kv_lora_rank + c.qk_rope_head_dim if c.attention == "mla"
-                     else 2 * c.num_kv_heads * c.head_dim)
+        per_layer = c.kv_lora_rank + c.qk_rope_head_dim if c.attention == "mla" else 2 * c.num_kv_heads * c.head_dim
         return per_layer * c.num_layers * BYTES[dtype]
 
     def kv_copies(self, attention_tp: int) -> float:
@@ -151,9 +155,14 @@ def model_sizes(cfg: ModelConfig) -> ModelSizes:
     total, active = parameter_counts(cfg)
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
     embed = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    return ModelSizes(cfg=cfg, total_params=total, active_params=active,
-                      expert_params=3 * cfg.dim * cfg.moe.expert_hidden_dim,
-                      num_moe_layers=moe_layers, embed_params=embed)
+    return ModelSizes(
+        cfg=cfg,
+        total_params=total,
+        active_params=active,
+        expert_params=3 * cfg.dim * cfg.moe.expert_hidden_dim,
+        num_moe_layers=moe_layers,
+        embed_params=embed,
+    )
 
 
 def all_to_all_bytes(sizes: ModelSizes, rc: RooflineConfig) -> tuple[float, float]:
@@ -181,9 +190,17 @@ class Memory:
         return self.total <= self.capacity
 
 
-def memory_per_gpu(sizes: ModelSizes, fleet: FleetSpec, layout: Layout, rc: RooflineConfig, *,
-                   sequences: float, kv_len: float, tokens: float, logit_tokens: float | None = None,
-                   ) -> Memory:
+def memory_per_gpu(
+    sizes: ModelSizes,
+    fleet: FleetSpec,
+    layout: Layout,
+    rc: RooflineConfig,
+    *,
+    sequences: float,
+    kv_len: float,
+    tokens: float,
+    logit_tokens: float | None = None,
+) -> Memory:
     """Memory per GPU holding KV for `sequences` sequences of `kv_len` tokens, with `tokens` tokens
     in flight in one step, `logit_tokens` of them (default: all) producing fp32 logits."""
     c, w = sizes.cfg, rc.weight_bytes()
@@ -192,13 +209,19 @@ def memory_per_gpu(sizes: ModelSizes, fleet: FleetSpec, layout: Layout, rc: Roof
     kv_per_seq = kv_len * sizes.kv_bytes_per_token(rc.kv_dtype) * sizes.kv_copies(layout.attention_tp)
     dispatch, combine = all_to_all_bytes(sizes, rc)
     k, f = c.moe.num_experts_per_tok, c.moe.expert_hidden_dim
-    attention_width = (c.num_heads * (2 * (c.qk_nope_head_dim + c.qk_rope_head_dim) + c.v_head_dim)
-                       if c.attention == "mla" else (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
+    attention_width = (
+        c.num_heads * (2 * (c.qk_nope_head_dim + c.qk_rope_head_dim) + c.v_head_dim)
+        if c.attention == "mla"
+        else (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    )
     per_token = 2 * (4 * c.dim + attention_width + k * 2 * f) + dispatch + combine
     logits = (tokens if logit_tokens is None else logit_tokens) * 4 * c.vocab_size
-    return Memory(weights=dense / layout.attention_tp + experts, kv_cache=sequences * kv_per_seq,
-                  activations=tokens * per_token + logits,
-                  capacity=fleet.memory_gb * 1e9 * rc.memory_utilization)
+    return Memory(
+        weights=dense / layout.attention_tp + experts,
+        kv_cache=sequences * kv_per_seq,
+        activations=tokens * per_token + logits,
+        capacity=fleet.memory_gb * 1e9 * rc.memory_utilization,
+    )
 
 
 @dataclass(frozen=True)
@@ -222,8 +245,12 @@ class Step:
         return self.tokens / self.seconds
 
 
-def _rows_moved(sizes: ModelSizes, fleet: FleetSpec, layout: Layout, node_dedup: bool,
-                ) -> tuple[float, float]:
+def _rows_moved(
+    sizes: ModelSizes,
+    fleet: FleetSpec,
+    layout: Layout,
+    node_dedup: bool,
+) -> tuple[float, float]:
     """(rows over the inter-node link, rows over NVLink) one token sends per MoE layer.
 
     Without dedup (DeepEP's low-latency decode kernels) each of the K expert copies is sent
@@ -262,8 +289,7 @@ def _roof(flops: float, bytes_: float, flops_per_s: float, bytes_per_s: float) -
     return max(flops / flops_per_s, bytes_ / bytes_per_s)
 
 
-def _step(sizes, fleet, layout, rc, *, tokens, logit_tokens, attention_flops, kv_read,
-          node_dedup) -> Step:
+def _step(sizes, fleet, layout, rc, *, tokens, logit_tokens, attention_flops, kv_read, node_dedup) -> Step:
     c, w = sizes.cfg, rc.weight_bytes()
     tp = layout.attention_tp
     hbm = fleet.hbm_tb_per_s * 1e12 * rc.hbm_efficiency
@@ -275,39 +301,74 @@ def _step(sizes, fleet, layout, rc, *, tokens, logit_tokens, attention_flops, kv
     attention_s = _roof(attention_flops, kv_read, fleet.peak_flops(rc.attention_dtype) * rc.attention_efficiency, hbm)
     k = c.moe.num_experts_per_tok
     expert_flops = 2 * tokens * k * sizes.expert_params * sizes.num_moe_layers * rc.expert_imbalance
-    expert_bytes = (layout.slots_per_gpu * touched_fraction(sizes, layout, tokens) * sizes.expert_params
-                    * sizes.num_moe_layers * w)
+    expert_bytes = (
+        layout.slots_per_gpu * touched_fraction(sizes, layout, tokens) * sizes.expert_params * sizes.num_moe_layers * w
+    )
     experts_s = _roof(expert_flops, expert_bytes, gemm, hbm)
     comm_s = 0.0
     if layout.ep > 1:
         remote_rows, nearby_rows = _rows_moved(sizes, fleet, layout, node_dedup)
         dispatch, combine = all_to_all_bytes(sizes, rc)
         row_bytes = tokens * sizes.num_moe_layers * (dispatch + combine) / k
-        comm_s = max(row_bytes * remote_rows / (fleet.inter_node_gb_per_s * 1e9 * rc.link_efficiency),
-                     row_bytes * nearby_rows / (fleet.intra_node_gb_per_s * 1e9 * rc.link_efficiency))
+        comm_s = max(
+            row_bytes * remote_rows / (fleet.inter_node_gb_per_s * 1e9 * rc.link_efficiency),
+            row_bytes * nearby_rows / (fleet.intra_node_gb_per_s * 1e9 * rc.link_efficiency),
+        )
     if tp > 1:  # all-reduce of each attention output inside the tp group (NVLink)
-        comm_s += 2 * (tp - 1) / tp * tokens * c.num_layers * c.dim * 2 / (
-            fleet.intra_node_gb_per_s * 1e9 * rc.link_efficiency)
-    return Step(tokens=tokens, dense_s=dense_s, attention_s=attention_s, experts_s=experts_s,
-                comm_s=comm_s, overlap=rc.overlap_comm)
+        comm_s += (
+            2
+            * (tp - 1)
+            / tp
+            * tokens
+            * c.num_layers
+            * c.dim
+            * 2
+            / (fleet.intra_node_gb_per_s * 1e9 * rc.link_efficiency)
+        )
+    return Step(
+        tokens=tokens,
+        dense_s=dense_s,
+        attention_s=attention_s,
+        experts_s=experts_s,
+        comm_s=comm_s,
+        overlap=rc.overlap_comm,
+    )
 
 
-def decode_step(sizes: ModelSizes, fleet: FleetSpec, layout: Layout, rc: RooflineConfig, *,
-                batch: float, context: float) -> Step:
+def decode_step(
+    sizes: ModelSizes, fleet: FleetSpec, layout: Layout, rc: RooflineConfig, *, batch: float, context: float
+) -> Step:
     """One decode step with `batch` sequences per GPU, each attending to `context` cached tokens."""
     c = sizes.cfg
     kv_read = batch * context * sizes.kv_bytes_per_token(rc.kv_dtype) * sizes.kv_copies(layout.attention_tp)
-    return _step(sizes, fleet, layout, rc, tokens=batch, logit_tokens=batch,
-                 attention_flops=batch * c.num_layers * sizes.attention_flops(context, decode=True),
-                 kv_read=kv_read, node_dedup=False)
+    return _step(
+        sizes,
+        fleet,
+        layout,
+        rc,
+        tokens=batch,
+        logit_tokens=batch,
+        attention_flops=batch * c.num_layers * sizes.attention_flops(context, decode=True),
+        kv_read=kv_read,
+        node_dedup=False,
+    )
 
 
-def prefill_step(sizes: ModelSizes, fleet: FleetSpec, layout: Layout, rc: RooflineConfig, *,
-                 tokens: float, prompt_len: float) -> Step:
+def prefill_step(
+    sizes: ModelSizes, fleet: FleetSpec, layout: Layout, rc: RooflineConfig, *, tokens: float, prompt_len: float
+) -> Step:
     """One prefill step of `tokens` prompt tokens per GPU from prompts of `prompt_len` tokens
     (causal: a token attends to (prompt_len + 1) / 2 keys on average)."""
     c = sizes.cfg
     attention = tokens * c.num_layers * sizes.attention_flops((prompt_len + 1) / 2, decode=False)
-    return _step(sizes, fleet, layout, rc, tokens=tokens, logit_tokens=tokens / prompt_len,
-                 attention_flops=attention, kv_read=0.0, node_dedup=True)
-
+    return _step(
+        sizes,
+        fleet,
+        layout,
+        rc,
+        tokens=tokens,
+        logit_tokens=tokens / prompt_len,
+        attention_flops=attention,
+        kv_read=0.0,
+        node_dedup=True,
+    )

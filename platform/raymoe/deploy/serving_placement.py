@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from raymoe.atomic_io import atomic_write_json
-from raymoe.deploy.eplb import rebalance_experts
+from raymoe.deploy.eplb import Policy, rebalance_experts
 from raymoe.deploy.placement import Placement, check_load, moved_experts
 from raymoe.parallel.layout import ExpertPlacement
 
@@ -47,7 +47,7 @@ class PlacementPlan:
 
     load_LE: np.ndarray
     num_workers: int
-    policy: str
+    policy: str  # the Policy it was planned with, as recorded (a file may come from another version)
     serving: ExpertPlacement  # one placement for every MoE layer (what the app applies)
     per_layer: Placement  # the policy per layer (simulator, planner)
     current: ExpertPlacement | None = None  # the running placement, when known
@@ -68,9 +68,12 @@ class PlacementPlan:
         if self.serving.num_experts % self.num_workers == 0:
             contiguous = ExpertPlacement.contiguous(self.serving.num_experts, self.num_workers)
             plain = _tiled(contiguous, self.num_layers).imbalance(self.load_LE).tolist()
-        return {"contiguous": plain, "current": None if now is None else now.tolist(),
-                "serving": tiled.imbalance(self.load_LE).tolist(),
-                "per_layer": self.per_layer.imbalance(self.load_LE).tolist()}
+        return {
+            "contiguous": plain,
+            "current": None if now is None else now.tolist(),
+            "serving": tiled.imbalance(self.load_LE).tolist(),
+            "per_layer": self.per_layer.imbalance(self.load_LE).tolist(),
+        }
 
     def step_imbalance(self) -> dict[str, float | None]:
         """`step_imbalance` of each placement of `imbalance` (all layers of a lockstep step)."""
@@ -78,12 +81,15 @@ class PlacementPlan:
         mean = per_layer.mean(axis=1).sum()
         contiguous = None
         if self.serving.num_experts % self.num_workers == 0:
-            contiguous = step_imbalance(ExpertPlacement.contiguous(self.serving.num_experts, self.num_workers),
-                                        self.load_LE)
-        return {"contiguous": contiguous,
-                "current": None if self.current is None else step_imbalance(self.current, self.load_LE),
-                "serving": step_imbalance(self.serving, self.load_LE),
-                "per_layer": float(per_layer.max(axis=1).sum() / mean) if mean > 0 else 1.0}
+            contiguous = step_imbalance(
+                ExpertPlacement.contiguous(self.serving.num_experts, self.num_workers), self.load_LE
+            )
+        return {
+            "contiguous": contiguous,
+            "current": None if self.current is None else step_imbalance(self.current, self.load_LE),
+            "serving": step_imbalance(self.serving, self.load_LE),
+            "per_layer": float(per_layer.max(axis=1).sum() / mean) if mean > 0 else 1.0,
+        }
 
     @property
     def num_layers(self) -> int:
@@ -118,10 +124,20 @@ def _tiled(placement: ExpertPlacement, num_layers: int) -> Placement:
     return Placement.from_expert_placements([placement] * num_layers)
 
 
-def plan_placement(load_LE, *, num_workers: int, num_slots: int, current: ExpertPlacement | None = None,
-                   policy: str = "auto", num_groups: int = 1, num_nodes: int = 1, migration_aware: bool = True,
-                   target_imbalance: float = 1.1, min_gain_per_move: float = 0.0,
-                   source: dict | None = None) -> PlacementPlan:
+def plan_placement(
+    load_LE,
+    *,
+    num_workers: int,
+    num_slots: int,
+    current: ExpertPlacement | None = None,
+    policy: Policy = "auto",
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    migration_aware: bool = True,
+    target_imbalance: float = 1.1,
+    min_gain_per_move: float = 0.0,
+    source: dict | None = None,
+) -> PlacementPlan:
     """The serving placement (policy on the load summed over layers) and the per-layer ones.
 
     Args:
@@ -140,16 +156,32 @@ def plan_placement(load_LE, *, num_workers: int, num_slots: int, current: Expert
     num_layers, num_experts = load.shape
     check_load(load, num_layers, num_experts)
     if current is not None and (current.num_experts != num_experts or current.ep != num_workers):
-        raise ValueError(f"the running placement (num_experts={current.num_experts}, ep={current.ep}) does not "
-                         f"match the load's {num_experts} experts on {num_workers} workers")
-    kw = dict(num_groups=num_groups, num_nodes=num_nodes, policy=policy, target_imbalance=target_imbalance,
-              min_gain_per_move=min_gain_per_move)
-    aware = migration_aware and current is not None and len(current.slot_expert) == num_slots
-    per_layer = rebalance_experts(load, num_slots, num_workers,
-                                  current=_tiled(current, num_layers) if aware else None, **kw)
-    serving = shared_placement(load, per_layer, current=current if aware else None, **kw)
-    return PlacementPlan(load_LE=load, num_workers=num_workers, policy=policy, serving=serving,
-                         per_layer=per_layer, current=current, source=dict(source or {}))
+        raise ValueError(
+            f"the running placement (num_experts={current.num_experts}, ep={current.ep}) does not "
+            f"match the load's {num_experts} experts on {num_workers} workers"
+        )
+    kw: dict[str, Any] = dict(
+        num_groups=num_groups,
+        num_nodes=num_nodes,
+        policy=policy,
+        target_imbalance=target_imbalance,
+        min_gain_per_move=min_gain_per_move,
+    )
+    # Migration-aware: start from the running placement (when its slot count still fits).
+    running = current if migration_aware and current is not None and len(current.slot_expert) == num_slots else None
+    per_layer = rebalance_experts(
+        load, num_slots, num_workers, current=None if running is None else _tiled(running, num_layers), **kw
+    )
+    serving = shared_placement(load, per_layer, current=running, **kw)
+    return PlacementPlan(
+        load_LE=load,
+        num_workers=num_workers,
+        policy=policy,
+        serving=serving,
+        per_layer=per_layer,
+        current=current,
+        source=dict(source or {}),
+    )
 
 
 def step_imbalance(placement: ExpertPlacement, load_LE) -> float:
@@ -161,9 +193,18 @@ def step_imbalance(placement: ExpertPlacement, load_LE) -> float:
     return float(worker_LW.max(axis=1).sum() / mean) if mean > 0 else 1.0
 
 
-def shared_placement(load_LE: np.ndarray, per_layer: Placement, *, current: ExpertPlacement | None,
-                     num_groups: int, num_nodes: int, policy: str, target_imbalance: float,
-                     min_gain_per_move: float, max_evaluations: int = 20000) -> ExpertPlacement:
+def shared_placement(
+    load_LE: np.ndarray,
+    per_layer: Placement,
+    *,
+    current: ExpertPlacement | None,
+    num_groups: int,
+    num_nodes: int,
+    policy: Policy,
+    target_imbalance: float,
+    min_gain_per_move: float,
+    max_evaluations: int = 20000,
+) -> ExpertPlacement:
     """One placement for every MoE layer, making the sum of per-layer busiest-worker loads small
     (see the module docstring for the three stages).
 
@@ -180,10 +221,17 @@ def shared_placement(load_LE: np.ndarray, per_layer: Placement, *, current: Expe
     num_slots = per_layer.num_slots
     if current is not None and step_imbalance(current, load_LE) <= target_imbalance:
         return current
-    summed = rebalance_experts(load_LE.sum(axis=0, keepdims=True), num_slots, num_workers, num_groups=num_groups,
-                               num_nodes=num_nodes, policy=policy, target_imbalance=target_imbalance,
-                               min_gain_per_move=min_gain_per_move,
-                               current=None if current is None else Placement.from_expert_placements([current]))
+    summed = rebalance_experts(
+        load_LE.sum(axis=0, keepdims=True),
+        num_slots,
+        num_workers,
+        num_groups=num_groups,
+        num_nodes=num_nodes,
+        policy=policy,
+        target_imbalance=target_imbalance,
+        min_gain_per_move=min_gain_per_move,
+        current=None if current is None else Placement.from_expert_placements([current]),
+    )
     rows = [summed.phy2log[0], *per_layer.phy2log] + ([np.array(current.slot_expert)] if current else [])
     cost = _StepCost(load_LE, num_experts, num_workers)
     best = min(rows, key=cost)
@@ -208,8 +256,9 @@ class _StepCost:
         return float(worker_LW.max(axis=1).sum())
 
 
-def _swap_down(row: np.ndarray, cost: _StepCost, num_workers: int, num_nodes: int, min_gain_per_move: float,
-               max_evaluations: int) -> np.ndarray:
+def _swap_down(
+    row: np.ndarray, cost: _StepCost, num_workers: int, num_nodes: int, min_gain_per_move: float, max_evaluations: int
+) -> np.ndarray:
     """First-improvement swaps of two slots on different workers (same node), never putting two
     copies of one expert on one worker, while a swap lowers `cost` by more than
     2 x min_gain_per_move x the summed mean worker load (a swap sends two experts)."""
@@ -227,8 +276,10 @@ def _swap_down(row: np.ndarray, cost: _StepCost, num_workers: int, num_nodes: in
                 wa, wb = a // per_worker, b // per_worker
                 if wa == wb or a // per_node != b // per_node or row[a] == row[b]:
                     continue
-                if row[a] in row[wb * per_worker:(wb + 1) * per_worker] or \
-                        row[b] in row[wa * per_worker:(wa + 1) * per_worker]:
+                if (
+                    row[a] in row[wb * per_worker : (wb + 1) * per_worker]
+                    or row[b] in row[wa * per_worker : (wa + 1) * per_worker]
+                ):
                     continue
                 row[a], row[b] = row[b], row[a]
                 evaluations += 1
@@ -260,41 +311,66 @@ def read_placement(path: str | Path) -> PlacementPlan:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{name}: not a readable placement.json ({exc})") from None
     if not isinstance(data, dict) or data.get("schema") != PLACEMENT_SCHEMA:
-        raise ValueError(f"{name}: schema {data.get('schema') if isinstance(data, dict) else None!r}, "
-                         f"expected {PLACEMENT_SCHEMA!r}")
+        raise ValueError(
+            f"{name}: schema {data.get('schema') if isinstance(data, dict) else None!r}, expected {PLACEMENT_SCHEMA!r}"
+        )
     try:
         num_experts, num_workers = int(data["num_experts"]), int(data["num_workers"])
-        serving = ExpertPlacement(num_experts=num_experts, ep=num_workers,
-                                  slot_expert=[int(e) for e in data["serving"]["slot_expert"]])
+        serving = ExpertPlacement(
+            num_experts=num_experts, ep=num_workers, slot_expert=[int(e) for e in data["serving"]["slot_expert"]]
+        )
         current = data.get("current")
-        current = None if current is None else ExpertPlacement(
-            num_experts=num_experts, ep=num_workers, slot_expert=[int(e) for e in current["slot_expert"]])
+        current = (
+            None
+            if current is None
+            else ExpertPlacement(
+                num_experts=num_experts, ep=num_workers, slot_expert=[int(e) for e in current["slot_expert"]]
+            )
+        )
         per_layer = Placement.from_phy2log(data["per_layer"]["phy2log"], num_experts, num_workers)
         load = check_load(data["load"], per_layer.num_layers, num_experts)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{name}: {type(exc).__name__}: {exc}") from None
-    return PlacementPlan(load_LE=load, num_workers=num_workers, policy=str(data.get("policy", "auto")),
-                         serving=serving, per_layer=per_layer, current=current,
-                         source=dict(data.get("source") or {}), created=float(data.get("created", 0.0)))
+    return PlacementPlan(
+        load_LE=load,
+        num_workers=num_workers,
+        policy=str(data.get("policy", "auto")),
+        serving=serving,
+        per_layer=per_layer,
+        current=current,
+        source=dict(data.get("source") or {}),
+        created=float(data.get("created", 0.0)),
+    )
 
 
 def format_before_after(plan: PlacementPlan) -> str:
     """Markdown table: per MoE layer, max/mean worker load under the running placement, the new
     serving placement and the per-layer optimum; then the slots each worker holds before and after."""
     imb = plan.imbalance()
-    def cell(key: str, layer: int) -> str:
-        return "" if imb[key] is None else f"{imb[key][layer]:.3f}"
 
-    rows = [f"max / mean worker load per MoE layer ({plan.num_workers} workers, {plan.num_slots} slots)", "",
-            "| MoE layer | routed tokens | no copies (E / W per worker) | running | new (one for all layers) "
-            "| per-layer policy |", "|---|---|---|---|---|---|"]
+    def cell(key: str, layer: int) -> str:
+        values = imb[key]
+        return "" if values is None else f"{values[layer]:.3f}"
+
+    rows = [
+        f"max / mean worker load per MoE layer ({plan.num_workers} workers, {plan.num_slots} slots)",
+        "",
+        "| MoE layer | routed tokens | no copies (E / W per worker) | running | new (one for all layers) "
+        "| per-layer policy |",
+        "|---|---|---|---|---|---|",
+    ]
     for layer in range(plan.num_layers):
-        rows.append(f"| {layer} | {int(plan.load_LE[layer].sum())} | {cell('contiguous', layer)} | "
-                    f"{cell('current', layer)} | {cell('serving', layer)} | {cell('per_layer', layer)} |")
+        rows.append(
+            f"| {layer} | {int(plan.load_LE[layer].sum())} | {cell('contiguous', layer)} | "
+            f"{cell('current', layer)} | {cell('serving', layer)} | {cell('per_layer', layer)} |"
+        )
     step = plan.step_imbalance()
-    rows.append("| all (step: sum of maxima / sum of means) | {} | {} | {} | {} | {} |".format(
-        int(plan.load_LE.sum()), *("" if step[k] is None else f"{step[k]:.3f}"
-                                   for k in ("contiguous", "current", "serving", "per_layer"))))
+    rows.append(
+        "| all (step: sum of maxima / sum of means) | {} | {} | {} | {} | {} |".format(
+            int(plan.load_LE.sum()),
+            *("" if step[k] is None else f"{step[k]:.3f}" for k in ("contiguous", "current", "serving", "per_layer")),
+        )
+    )
     rows += ["", "| worker | running experts | new experts |", "|---|---|---|"]
     for w in range(plan.num_workers):
         now = "" if plan.current is None else plan.current.experts_of(w)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raymoe.config import require, to_dict
+from raymoe.config import require, require_at_least, require_resource, same_path, to_dict
 from raymoe.models.lora import LoRAConfig
 from raymoe.train.config import OptimConfig
 
@@ -33,9 +33,11 @@ class SiloConfig:
     resource: str = ""
 
     def __post_init__(self) -> None:
-        require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
-                f"name must be letters, digits, - or _, got {self.name!r}")
-        require(bool(self.data_path), f"data_path of silo {self.name!r} must be set")
+        require(
+            bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+            f"name must be letters, digits, - or _, got {self.name!r}",
+        )
+        require(bool(self.data_path), f"data_path must be set (the records of silo {self.name!r})")
 
     @property
     def resource_name(self) -> str:
@@ -55,6 +57,10 @@ class StrategyConfig:
     # Further strategy options by name (e.g. proximal_mu, eta, beta, num_malicious_clients).
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        require(0 < self.fraction_fit <= 1, f"strategy.fraction_fit must be in (0, 1], got {self.fraction_fit}")
+        require_at_least("strategy", self, min_fit_clients=1, min_available_clients=1)
+
 
 @dataclass(kw_only=True)
 class PrivacyConfig:
@@ -70,13 +76,19 @@ class PrivacyConfig:
     secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
-        require(math.isfinite(self.clip_norm) and self.clip_norm >= 0,
-                f"privacy.clip_norm must be a finite number >= 0, got {self.clip_norm}")
-        require(math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
-                f"privacy.noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}")
-        require(self.noise_multiplier == 0 or self.clip_norm > 0,
-                f"privacy.noise_multiplier={self.noise_multiplier} needs privacy.clip_norm > 0 "
-                "(the noise is scaled to the clipping bound)")
+        require(
+            math.isfinite(self.clip_norm) and self.clip_norm >= 0,
+            f"privacy.clip_norm must be a finite number >= 0, got {self.clip_norm}",
+        )
+        require(
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
+            f"privacy.noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}",
+        )
+        require(
+            self.noise_multiplier == 0 or self.clip_norm > 0,
+            f"privacy.noise_multiplier={self.noise_multiplier} needs privacy.clip_norm > 0 "
+            "(the noise is scaled to the clipping bound)",
+        )
         require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
 
     @property
@@ -102,11 +114,11 @@ class FaultConfig:
     def __post_init__(self) -> None:
         require(self.round_deadline_s > 0, f"faults.round_deadline_s must be > 0, got {self.round_deadline_s}")
         require(self.quorum >= 1, f"faults.quorum must be >= 1, got {self.quorum}")
-        require(self.max_round_retries >= 0,
-                f"faults.max_round_retries must be >= 0, got {self.max_round_retries}")
+        require(self.max_round_retries >= 0, f"faults.max_round_retries must be >= 0, got {self.max_round_retries}")
         require(self.max_update_norm >= 0, f"faults.max_update_norm must be >= 0, got {self.max_update_norm}")
-        require(self.silo_start_timeout_s > 0,
-                f"faults.silo_start_timeout_s must be > 0, got {self.silo_start_timeout_s}")
+        require(
+            self.silo_start_timeout_s > 0, f"faults.silo_start_timeout_s must be > 0, got {self.silo_start_timeout_s}"
+        )
 
 
 def _local_optim() -> OptimConfig:
@@ -120,8 +132,10 @@ class FederatedConfig:
     name: str = "federated"
     # HF-format artifact every silo adapts (present on every silo's node).
     base: str
-    # Write a random-weight debug artifact at `base` when none exists (debug config only).
-    make_debug_base: bool = False
+    # The one path where a random-weight debug base may be written (debug configs only): when
+    # `base` is this path and holds no artifact, the job writes one there first. Any other `base`
+    # must hold an artifact already. "" = never write one.
+    debug_base: str = ""
     silos: list[SiloConfig]
     # The server's own held-out records, evaluated after each round; empty = no evaluation.
     eval_path: str = ""
@@ -152,40 +166,64 @@ class FederatedConfig:
         names = [s.name for s in self.silos]
         require(len(names) >= 1, "silos must list at least one silo")
         require(len(set(names)) == len(names), f"silos[].name must be unique, got {names}")
-        require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
-        require(self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")
-        require(self.local_batch_size >= 1, f"local_batch_size must be >= 1, got {self.local_batch_size}")
-        require(self.max_seq_len >= 2, f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        require(bool(self.base), "base must be set (an HF-format artifact directory)")
+        require_at_least("", self, rounds=1, local_steps=1, local_batch_size=1, max_seq_len=2, num_threads_per_silo=1)
+        require_resource("num_cpus_per_silo", self.num_cpus_per_silo)
         require(self.num_cpus_per_silo > 0, f"num_cpus_per_silo must be > 0, got {self.num_cpus_per_silo}")
         require(bool(self.output_dir), "output_dir must be set")
         strategy = self.strategy.name
-        require(not self.privacy.secure_aggregation or strategy in MEAN_STRATEGIES,
-                f"privacy.secure_aggregation=true cannot be combined with strategy.name={strategy}: "
-                f"it needs each silo's update, which secure aggregation hides; use one of {MEAN_STRATEGIES}")
-        require(not self.privacy.dp or strategy in MEAN_STRATEGIES,
-                f"privacy.clip_norm > 0 (DP-FedAvg) needs a mean-based strategy, one of {MEAN_STRATEGIES}; "
-                f"got strategy.name={strategy}")
-        require(not (self.privacy.dp and self.strategy.moe_aware),
-                "privacy.clip_norm > 0 averages clipped updates with equal weights; "
-                "strategy.moe_aware must be false")
-        require(not self.privacy.secure_aggregation or self.strategy.min_fit_clients >= 2,
-                "privacy.secure_aggregation=true needs strategy.min_fit_clients >= 2 (a masked sum of "
-                f"one silo is that silo's update), got {self.strategy.min_fit_clients}")
-        require(self.faults.quorum <= len(names),
-                f"faults.quorum={self.faults.quorum} exceeds the {len(names)} silos configured")
-        require(self.strategy.min_available_clients <= len(names),
-                f"strategy.min_available_clients={self.strategy.min_available_clients} exceeds the "
-                f"{len(names)} silos configured")
+        require(
+            not self.privacy.secure_aggregation or strategy in MEAN_STRATEGIES,
+            f"privacy.secure_aggregation=true cannot be combined with strategy.name={strategy}: "
+            f"it needs each silo's update, which secure aggregation hides; use one of {MEAN_STRATEGIES}",
+        )
+        require(
+            not self.privacy.dp or strategy in MEAN_STRATEGIES,
+            f"privacy.clip_norm > 0 (DP-FedAvg) needs a mean-based strategy, one of {MEAN_STRATEGIES}; "
+            f"got strategy.name={strategy}",
+        )
+        require(
+            not (self.privacy.dp and self.strategy.moe_aware),
+            "privacy.clip_norm > 0 averages clipped updates with equal weights; strategy.moe_aware must be false",
+        )
+        require(
+            not self.privacy.secure_aggregation or self.strategy.min_fit_clients >= 2,
+            "privacy.secure_aggregation=true needs strategy.min_fit_clients >= 2 (a masked sum of "
+            f"one silo is that silo's update), got {self.strategy.min_fit_clients}",
+        )
+        require(
+            self.faults.quorum <= len(names),
+            f"faults.quorum={self.faults.quorum} exceeds the {len(names)} silos configured",
+        )
+        require(
+            self.strategy.min_available_clients <= len(names),
+            f"strategy.min_available_clients={self.strategy.min_available_clients} exceeds the "
+            f"{len(names)} silos configured",
+        )
+        require(
+            self.strategy.min_fit_clients <= len(names),
+            f"strategy.min_fit_clients={self.strategy.min_fit_clients} exceeds the {len(names)} silos configured",
+        )
         self.build_strategy()  # options checked now, not after the silos started
+
+    @property
+    def writes_debug_base(self) -> bool:
+        """True when `base` is the debug config's own `debug_base` path."""
+        return bool(self.debug_base) and same_path(self.base, self.debug_base)
 
     def build_strategy(self):
         """The configured strategy object (raymoe.federated.strategies)."""
         from raymoe.config import ConfigError
         from raymoe.federated.strategies import build_strategy
 
-        options = {"fraction_fit": self.strategy.fraction_fit, "min_fit_clients": self.strategy.min_fit_clients,
-                   "min_available_clients": self.strategy.min_available_clients,
-                   "local_steps": self.local_steps, "lr": self.optim.lr, **self.strategy.options}
+        options = {
+            "fraction_fit": self.strategy.fraction_fit,
+            "min_fit_clients": self.strategy.min_fit_clients,
+            "min_available_clients": self.strategy.min_available_clients,
+            "local_steps": self.local_steps,
+            "lr": self.optim.lr,
+            **self.strategy.options,
+        }
         if self.strategy.name in MEAN_STRATEGIES:
             options["moe_aware"] = self.strategy.moe_aware
         try:

@@ -21,7 +21,7 @@ from raymoe.federated.server import FederatedJobFailed
 def absolute(cfg: FederatedConfig) -> FederatedConfig:
     """Local paths made absolute (actors run in their own directories)."""
     data = cfg.to_dict()
-    for key in ("base", "output_dir", "eval_path"):
+    for key in ("base", "debug_base", "output_dir", "eval_path"):
         if data[key]:
             data[key] = os.path.abspath(data[key])
     for silo in data["silos"]:
@@ -30,21 +30,31 @@ def absolute(cfg: FederatedConfig) -> FederatedConfig:
 
 
 def check_before_launch(cfg: FederatedConfig) -> None:
-    """The server's own files: the base artifact (unless the debug base is made) and eval_path.
+    """The server's own files: the base artifact (unless the debug base is to be written there)
+    and eval_path; and, when the silos are simulated on this machine (no RAY_ADDRESS), their data.
 
-    Silo data paths are not checked here: they live on the silos' nodes, and the server never
-    opens them; a silo whose file is missing fails at start with the path in its message.
+    On a cluster silo data paths are not checked here: they live on the silos' nodes, and the
+    server never opens them; a silo whose file is missing fails at start with the path in its
+    message.
     """
-    if not os.path.isfile(os.path.join(cfg.base, "config.json")):
-        if not cfg.make_debug_base:
-            raise ConfigError(f"base={cfg.base!r} is not an HF-format artifact (no config.json)")
-    else:
+    if os.path.isfile(os.path.join(cfg.base, "config.json")) or not cfg.writes_debug_base:
+        from raymoe.artifact_check import check_artifact
         from raymoe.models import read_hf_config
         from raymoe.train.finetune_config import check_lora_fits
 
+        check_artifact("base", cfg.base)
         check_lora_fits(read_hf_config(cfg.base)[0], cfg.lora)
     if cfg.eval_path and not os.path.isfile(cfg.eval_path):
         raise ConfigError(f"eval_path={cfg.eval_path!r} is not a file")
+    if cfg.writes_debug_base and not cfg.eval_path:
+        raise ConfigError(
+            f"base={cfg.base!r} holds no artifact and the debug base written there "
+            "trains its tokenizer on eval_path, which is not set"
+        )
+    if not os.environ.get("RAY_ADDRESS"):
+        for i, silo in enumerate(cfg.silos):
+            if not os.path.isfile(silo.data_path):
+                raise ConfigError(f"silos[{i}].data_path={silo.data_path!r} is not a file (silo {silo.name!r})")
 
 
 def start_silos(cfg: FederatedConfig) -> dict[str, Any]:
@@ -54,14 +64,29 @@ def start_silos(cfg: FederatedConfig) -> dict[str, Any]:
     from raymoe.federated.silo import SiloClient
 
     actor_cls = ray.remote(SiloClient)
-    actors = {
-        s.name: actor_cls.options(name=f"{cfg.name}-silo-{s.name}", num_cpus=cfg.num_cpus_per_silo,
-                                  resources={s.resource_name: 1}, max_restarts=0).remote(
-            s.name, s.data_path, cfg.base, to_dict(cfg.lora), to_dict(cfg.optim), cfg.max_seq_len,
-            cfg.local_batch_size, cfg.seed, cfg.num_threads_per_silo, cfg.local_optimizer_state == "reset")
-        for s in cfg.silos}
+    # Any: Ray's types do not give a handle of a `ray.remote(cls)` actor its methods' `.remote`.
+    actors: dict[str, Any] = {
+        s.name: actor_cls.options(
+            name=f"{cfg.name}-silo-{s.name}",
+            num_cpus=cfg.num_cpus_per_silo,
+            resources={s.resource_name: 1},
+            max_restarts=0,
+        ).remote(
+            s.name,
+            s.data_path,
+            cfg.base,
+            to_dict(cfg.lora),
+            to_dict(cfg.optim),
+            cfg.max_seq_len,
+            cfg.local_batch_size,
+            cfg.seed,
+            cfg.num_threads_per_silo,
+            cfg.local_optimizer_state == "reset",
+        )
+        for s in cfg.silos
+    }
     refs = {s.name: actors[s.name].describe.remote() for s in cfg.silos}
-    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=cfg.faults.silo_start_timeout_s)
+    _ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=cfg.faults.silo_start_timeout_s)
     if pending:
         for actor in actors.values():
             ray.kill(actor)
@@ -70,7 +95,8 @@ def start_silos(cfg: FederatedConfig) -> dict[str, Any]:
             f"silo(s) {[s.name for s in waiting]} did not start within faults.silo_start_timeout_s="
             f"{cfg.faults.silo_start_timeout_s}: no node offers resource(s) "
             f"{[s.resource_name for s in waiting]} (give the silo's nodes `--resources` or a KubeRay "
-            "worker group with that resource)")
+            "worker group with that resource)"
+        )
     described = {}
     for s in cfg.silos:
         try:
@@ -81,8 +107,11 @@ def start_silos(cfg: FederatedConfig) -> dict[str, Any]:
             cause = str(exc).strip().splitlines()[-1]
             raise FederatedJobFailed(f"silo {s.name} could not start on its node: {cause}") from None
     for name, info in described.items():
-        print(f"silo {name}: {info['examples']} examples ({info['quarantined']} quarantined) on node "
-              f"{info['node_id'][:12]}", flush=True)
+        print(
+            f"silo {name}: {info['examples']} examples ({info['quarantined']} quarantined) on node "
+            f"{info['node_id'][:12]}",
+            flush=True,
+        )
     return {"actors": actors, "described": described}
 
 
@@ -112,8 +141,9 @@ def build_evaluation(cfg: FederatedConfig):
     return initial, evaluate
 
 
-def run_federated(cfg: FederatedConfig,
-                  on_round_start: Callable[[int, list[str]], None] | None = None) -> dict[str, Any]:
+def run_federated(
+    cfg: FederatedConfig, on_round_start: Callable[[int, list[str]], None] | None = None
+) -> dict[str, Any]:
     """Runs (or resumes) the federated job; returns the summary also written to metrics.json."""
     from raymoe.federated.server import FederatedServer, output_paths
     from raymoe.models import read_hf_config
@@ -121,7 +151,7 @@ def run_federated(cfg: FederatedConfig,
 
     cfg = absolute(cfg)
     check_before_launch(cfg)
-    if cfg.make_debug_base and not os.path.isfile(os.path.join(cfg.base, "config.json")):
+    if cfg.writes_debug_base and not os.path.isfile(os.path.join(cfg.base, "config.json")):
         from raymoe.serve.debug_artifact import make_debug_artifact
 
         # The server's own held-out file trains the debug tokenizer; silo data stays unread.
@@ -132,8 +162,14 @@ def run_federated(cfg: FederatedConfig,
     silos = start_silos(cfg)
     try:
         model_cfg, _ = read_hf_config(cfg.base)
-        server = FederatedServer(cfg, silos["actors"], initial, (model_cfg.num_layers, model_cfg.moe.num_experts),
-                                 evaluate=evaluate, on_round_start=on_round_start)
+        server = FederatedServer(
+            cfg,
+            silos["actors"],
+            initial,
+            (model_cfg.num_layers, model_cfg.moe.num_experts),
+            evaluate=evaluate,
+            on_round_start=on_round_start,
+        )
         if evaluate is not None and server.state.round == 0:
             print(f"round 0: eval loss {evaluate(initial):.4f}", flush=True)
         state = server.run()
@@ -145,7 +181,11 @@ def run_federated(cfg: FederatedConfig,
             ray.kill(actor)
     paths = output_paths(cfg)
     write_peft_adapter(paths["adapter"], cfg.lora, state.params)
-    summary = {"adapter": paths["adapter"], "rounds": state.round, "history": state.history,
-               "silos": silos["described"]}
+    summary = {
+        "adapter": paths["adapter"],
+        "rounds": state.round,
+        "history": state.history,
+        "silos": silos["described"],
+    }
     atomic_write_json(paths["metrics"], summary)
     return summary

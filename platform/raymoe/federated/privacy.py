@@ -68,16 +68,14 @@ def clip_to_norm(delta: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, fl
     return delta * scale, norm
 
 
-def gaussian_noise(shape: tuple[int, ...] | torch.Size, std: float,
-                   generator: torch.Generator) -> torch.Tensor:
+def gaussian_noise(shape: tuple[int, ...] | torch.Size, std: float, generator: torch.Generator) -> torch.Tensor:
     """Draw float32 N(0, std^2) noise of the given shape from `generator` (std >= 0)."""
     if std < 0.0:
         raise ValueError(f"noise std must be >= 0, got {std}")
     return torch.randn(shape, generator=generator, dtype=torch.float32) * std
 
 
-def noise_std(mode: NoiseMode, noise_multiplier: float, clip_norm: float,
-              num_participants: int) -> float:
+def noise_std(mode: NoiseMode, noise_multiplier: float, clip_norm: float, num_participants: int) -> float:
     """Standard deviation of the noise one party adds, in update units.
 
     Args:
@@ -98,9 +96,15 @@ def noise_std(mode: NoiseMode, noise_multiplier: float, clip_norm: float,
     raise ValueError(f"noise mode must be one of {NOISE_MODES}, got {mode!r}")
 
 
-def privatize_update(delta: torch.Tensor, *, mode: NoiseMode, noise_multiplier: float,
-                     clip_norm: float, num_participants: int,
-                     generator: torch.Generator) -> tuple[torch.Tensor, float]:
+def privatize_update(
+    delta: torch.Tensor,
+    *,
+    mode: NoiseMode,
+    noise_multiplier: float,
+    clip_norm: float,
+    num_participants: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, float]:
     """Silo side: clip the flat update, and in distributed mode add this silo's share of noise.
 
     Returns:
@@ -113,9 +117,15 @@ def privatize_update(delta: torch.Tensor, *, mode: NoiseMode, noise_multiplier: 
     return clipped + gaussian_noise(clipped.shape, std, generator), norm
 
 
-def noisy_mean(update_sum: torch.Tensor, *, mode: NoiseMode, noise_multiplier: float,
-               clip_norm: float, num_participants: int,
-               generator: torch.Generator) -> torch.Tensor:
+def noisy_mean(
+    update_sum: torch.Tensor,
+    *,
+    mode: NoiseMode,
+    noise_multiplier: float,
+    clip_norm: float,
+    num_participants: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Server side: turn the sum of privatized updates into the released mean update.
 
     Central mode adds N(0, (z*C)^2) to the sum here; distributed mode adds nothing (the silos did).
@@ -130,8 +140,7 @@ def noisy_mean(update_sum: torch.Tensor, *, mode: NoiseMode, noise_multiplier: f
 def silo_sample_rate(num_participants: int, num_silos: int) -> float:
     """Fraction of all silos that take part in a round: the accountant's sample rate q."""
     if not 1 <= num_participants <= num_silos:
-        raise ValueError(
-            f"need 1 <= num_participants <= num_silos, got {num_participants} of {num_silos}")
+        raise ValueError(f"need 1 <= num_participants <= num_silos, got {num_participants} of {num_silos}")
     return num_participants / num_silos
 
 
@@ -165,21 +174,27 @@ class PrivacyAccountant:
         return sum(int(steps) for _, _, steps in self._accountant.history)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mechanism": self._accountant.mechanism(),
-                "history": [[float(z), float(q), int(n)] for z, q, n in self._accountant.history]}
+        return {
+            "mechanism": self._accountant.mechanism(),
+            "history": [[float(z), float(q), int(n)] for z, q, n in self._accountant.history],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("mechanism") != self._accountant.mechanism():
-            raise ValueError(f"privacy accountant state is for mechanism "
-                             f"{state.get('mechanism')!r}, "
-                             f"expected {self._accountant.mechanism()!r}")
+            raise ValueError(
+                f"privacy accountant state is for mechanism "
+                f"{state.get('mechanism')!r}, "
+                f"expected {self._accountant.mechanism()!r}"
+            )
         # Tuples, as opacus itself appends them; JSON brings them back as lists.
         self._accountant.history = [(float(z), float(q), int(n)) for z, q, n in state["history"]]
 
 
-def validate_privacy_config(noise_multiplier: float, clip_norm: float, delta: float,
-                            target_epsilon: float | None = None) -> None:
+def validate_privacy_config(
+    noise_multiplier: float, clip_norm: float, delta: float, target_epsilon: float | None = None
+) -> None:
     """Check privacy settings at config load; raise ConfigError (a ValueError) naming the key."""
+
     def number(key: str, value: Any) -> float:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not is_number or not math.isfinite(value):
@@ -187,8 +202,7 @@ def validate_privacy_config(noise_multiplier: float, clip_norm: float, delta: fl
         return float(value)
 
     if number("noise_multiplier", noise_multiplier) <= 0.0:
-        raise ConfigError(f"privacy.noise_multiplier must be > 0 (0 means no privacy), "
-                          f"got {noise_multiplier!r}")
+        raise ConfigError(f"privacy.noise_multiplier must be > 0 (0 means no privacy), got {noise_multiplier!r}")
     if number("clip_norm", clip_norm) <= 0.0:
         raise ConfigError(f"privacy.clip_norm must be > 0, got {clip_norm!r}")
     if not 0.0 < number("delta", delta) < 1.0:

@@ -42,8 +42,16 @@ def _paths(output_dir: str | Path, round: int) -> tuple[Path, Path]:
 def save_round_state(output_dir: str | Path, state: RoundState, keep: int = 3) -> Path:
     """Writes the state of `state.round` (temp file, fsync, rename) and prunes all but `keep`."""
     buf = io.BytesIO()
-    torch.save({"round": state.round, "params": state.params, "strategy_state": state.strategy_state,
-                "accountant_state": state.accountant_state, "history": state.history}, buf)
+    torch.save(
+        {
+            "round": state.round,
+            "params": state.params,
+            "strategy_state": state.strategy_state,
+            "accountant_state": state.accountant_state,
+            "history": state.history,
+        },
+        buf,
+    )
     data = buf.getvalue()
     state_path, sum_path = _paths(output_dir, state.round)
     atomic_write_bytes(state_path, data)
@@ -72,6 +80,11 @@ def load_latest_round_state(output_dir: str | Path) -> RoundState | None:
         if sha256_bytes(data) != sum_path.read_text().strip():
             continue
         raw = torch.load(io.BytesIO(data), weights_only=True)
-        return RoundState(round=raw["round"], params=raw["params"], strategy_state=raw["strategy_state"],
-                          accountant_state=raw["accountant_state"], history=raw["history"])
+        return RoundState(
+            round=raw["round"],
+            params=raw["params"],
+            strategy_state=raw["strategy_state"],
+            accountant_state=raw["accountant_state"],
+            history=raw["history"],
+        )
     return None

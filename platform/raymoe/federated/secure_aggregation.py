@@ -61,8 +61,9 @@ class SecureAggregationAborted(RuntimeError):
     def __init__(self, missing: Sequence[str], survivors: Sequence[str] = ()) -> None:
         self.missing = sorted(missing)
         self.survivors = sorted(survivors)
-        super().__init__(f"secure aggregation aborted: no answer from {self.missing}; "
-                         f"retry among {self.survivors} with fresh keys")
+        super().__init__(
+            f"secure aggregation aborted: no answer from {self.missing}; retry among {self.survivors} with fresh keys"
+        )
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,7 @@ def max_abs_value(num_parties: int, frac_bits: int = DEFAULT_FRAC_BITS) -> float
     return 2.0 ** (62 - frac_bits) / num_parties
 
 
-def encode_fixed_point(values: np.ndarray, num_parties: int,
-                       frac_bits: int = DEFAULT_FRAC_BITS) -> np.ndarray:
+def encode_fixed_point(values: np.ndarray, num_parties: int, frac_bits: int = DEFAULT_FRAC_BITS) -> np.ndarray:
     """float64 1-D -> uint64 holding round(x * 2^frac_bits) in two's complement.
 
     Raises:
@@ -106,13 +106,14 @@ def encode_fixed_point(values: np.ndarray, num_parties: int,
         raise ValueError(
             f"value {values[i]!r} at index {i} is outside the secure-aggregation range "
             f"|x| < {bound:.6g} (2**(62 - frac_bits) / num_parties, frac_bits={frac_bits}, "
-            f"num_parties={num_parties}); clip the update or lower frac_bits")
-    return np.rint(values * 2.0 ** frac_bits).astype(np.int64).view(np.uint64)
+            f"num_parties={num_parties}); clip the update or lower frac_bits"
+        )
+    return np.rint(values * 2.0**frac_bits).astype(np.int64).view(np.uint64)
 
 
 def decode_fixed_point(total: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS) -> np.ndarray:
     """uint64 sum (mod 2^64) -> float64, reading it as two's complement."""
-    return total.view(np.int64).astype(np.float64) / 2.0 ** frac_bits
+    return total.view(np.int64).astype(np.float64) / 2.0**frac_bits
 
 
 def _length_prefixed(*fields: str) -> bytes:
@@ -124,8 +125,9 @@ def _length_prefixed(*fields: str) -> bytes:
     return out
 
 
-def pairwise_seed(private_key: X25519PrivateKey, peer_public_bytes: bytes, *, round: int,
-                  silo_id: str, peer_id: str) -> bytes:
+def pairwise_seed(
+    private_key: X25519PrivateKey, peer_public_bytes: bytes, *, round: int, silo_id: str, peer_id: str
+) -> bytes:
     """32-byte seed shared by silo_id and peer_id for this round (both sides derive the same)."""
     shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer_public_bytes))
     low, high = sorted((silo_id, peer_id))
@@ -142,9 +144,14 @@ def mask_from_seed(seed: bytes, size: int) -> np.ndarray:
     return np.frombuffer(encryptor.update(bytes(8 * size)), dtype="<u8").astype(np.uint64)
 
 
-def mask_vector(values: np.ndarray, silo_id: str, private_key: X25519PrivateKey,
-                peer_public_keys: Mapping[str, bytes], round: int,
-                frac_bits: int = DEFAULT_FRAC_BITS) -> np.ndarray:
+def mask_vector(
+    values: np.ndarray,
+    silo_id: str,
+    private_key: X25519PrivateKey,
+    peer_public_keys: Mapping[str, bytes],
+    round: int,
+    frac_bits: int = DEFAULT_FRAC_BITS,
+) -> np.ndarray:
     """Silo side: encode a flat float64 update and add its pairwise masks.
 
     Args:
@@ -161,16 +168,16 @@ def mask_vector(values: np.ndarray, silo_id: str, private_key: X25519PrivateKey,
     peers = {p: k for p, k in peer_public_keys.items() if p != silo_id}
     masked = encode_fixed_point(values, len(peers) + 1, frac_bits)
     for peer_id in sorted(peers):
-        seed = pairwise_seed(private_key, peers[peer_id], round=round,
-                             silo_id=silo_id, peer_id=peer_id)
+        seed = pairwise_seed(private_key, peers[peer_id], round=round, silo_id=silo_id, peer_id=peer_id)
         mask = mask_from_seed(seed, masked.size)
         # uint64 array arithmetic wraps mod 2^64, which is the group the masks live in.
         masked = masked + mask if silo_id < peer_id else masked - mask
     return masked
 
 
-def unmask_sum(masked: Mapping[str, np.ndarray], participants: Sequence[str],
-               frac_bits: int = DEFAULT_FRAC_BITS) -> np.ndarray:
+def unmask_sum(
+    masked: Mapping[str, np.ndarray], participants: Sequence[str], frac_bits: int = DEFAULT_FRAC_BITS
+) -> np.ndarray:
     """Server side: float64 sum of all participants' values, or abort if any is missing.
 
     Raises:
@@ -185,8 +192,7 @@ def unmask_sum(masked: Mapping[str, np.ndarray], participants: Sequence[str],
         raise ValueError(f"masked vectors from non-participants {strangers}")
     sizes = {(masked[p].dtype, masked[p].shape) for p in participants}
     if len(sizes) != 1 or next(iter(sizes))[0] != np.uint64:
-        raise ValueError(
-            f"masked vectors must be uint64 of one shape, got {sorted(map(str, sizes))}")
+        raise ValueError(f"masked vectors must be uint64 of one shape, got {sorted(map(str, sizes))}")
     total = np.zeros_like(masked[participants[0]])
     for p in participants:
         total += masked[p]
@@ -201,13 +207,11 @@ class SecureAggregationRound:
     participants (a "sum" of one is that silo's update).
     """
 
-    def __init__(self, round: int, participants: Sequence[str],
-                 frac_bits: int = DEFAULT_FRAC_BITS) -> None:
+    def __init__(self, round: int, participants: Sequence[str], frac_bits: int = DEFAULT_FRAC_BITS) -> None:
         if len(set(participants)) != len(participants):
             raise ValueError(f"duplicate participant ids in {list(participants)}")
         if len(participants) < 2:
-            raise ValueError(
-                f"secure aggregation needs >= 2 participants, got {list(participants)}")
+            raise ValueError(f"secure aggregation needs >= 2 participants, got {list(participants)}")
         self.round = round
         self.participants = sorted(participants)
         self.frac_bits = frac_bits

@@ -75,10 +75,15 @@ def check_result_is_adapter_only(result: SiloResult, adapter_keys: set[str], mod
 class FederatedServer:
     """Runs rounds against silo actors. `silos` maps silo name -> Ray actor handle."""
 
-    def __init__(self, cfg: FederatedConfig, silos: dict[str, Any], initial: Params,
-                 counts_shape: tuple[int, int],
-                 evaluate: Callable[[Params], float] | None = None,
-                 on_round_start: Callable[[int, list[str]], None] | None = None):
+    def __init__(
+        self,
+        cfg: FederatedConfig,
+        silos: dict[str, Any],
+        initial: Params,
+        counts_shape: tuple[int, int],
+        evaluate: Callable[[Params], float] | None = None,
+        on_round_start: Callable[[int, list[str]], None] | None = None,
+    ):
         self.cfg = cfg
         self.silos = dict(silos)
         self.strategy = cfg.build_strategy()
@@ -90,7 +95,8 @@ class FederatedServer:
             if {k: tuple(v.shape) for k, v in saved.params.items()} != {k: tuple(v.shape) for k, v in initial.items()}:
                 raise FederatedJobFailed(
                     f"output_dir={cfg.output_dir!r} holds rounds of another adapter (base or lora.* "
-                    "changed since they were written): use a new output_dir, or resume=false")
+                    "changed since they were written): use a new output_dir, or resume=false"
+                )
             self.state = saved
             if saved.strategy_state and hasattr(self.strategy, "load_state_dict"):
                 self.strategy.load_state_dict(saved.strategy_state)
@@ -119,7 +125,7 @@ class FederatedServer:
                 result = ray.get(ref)
                 if not isinstance(result, expect):
                     raise TypeError(f"returned {type(result).__name__}, expected {expect.__name__}")
-                if expect is SiloResult:
+                if isinstance(result, SiloResult):
                     check_result_is_adapter_only(result, self.adapter_keys, self._mode())
                 results[silo] = result
             except Exception as exc:  # noqa: BLE001 - a silo's failure is a dropout, not the job's
@@ -138,9 +144,11 @@ class FederatedServer:
         privacy = None
         if cfg.privacy.dp:
             privacy = PrivacyInstructions(
-                clip_norm=cfg.privacy.clip_norm, noise_multiplier=cfg.privacy.noise_multiplier,
+                clip_norm=cfg.privacy.clip_norm,
+                noise_multiplier=cfg.privacy.noise_multiplier,
                 mode="distributed" if cfg.privacy.secure_aggregation else "central",
-                num_participants=len(names))
+                num_participants=len(names),
+            )
         secure = None
         if cfg.privacy.secure_aggregation:
             secure = SecureAggregationRound(round, names)
@@ -151,12 +159,14 @@ class FederatedServer:
                 secure.register_public_key(silo, key)
         if self.on_round_start is not None:
             self.on_round_start(round, names)
-        refs = {silo: self.silos[silo].fit.remote(
-            instructions, privacy, secure.peer_keys(silo) if secure else None, cfg.strategy.moe_aware)
-            for silo, instructions in selected}
+        refs = {
+            silo: self.silos[silo].fit.remote(
+                instructions, privacy, secure.peer_keys(silo) if secure else None, cfg.strategy.moe_aware
+            )
+            for silo, instructions in selected
+        }
         results, dropped = self._gather(refs)
-        outcome = RoundOutcome(params=None, dropped=dropped,
-                               silo_metrics={s: r.metrics for s, r in results.items()})
+        outcome = RoundOutcome(params=None, dropped=dropped, silo_metrics={s: r.metrics for s, r in results.items()})
         if secure is not None:
             return self._aggregate_secure(round, secure, results, outcome, privacy)
         if privacy is not None:
@@ -177,30 +187,43 @@ class FederatedServer:
             outcome.params = self.strategy.aggregate_fit(round, self.state.params, accepted)
         return outcome
 
-    def _aggregate_dp(self, round: int, results: dict[str, SiloResult], outcome: RoundOutcome,
-                      privacy: PrivacyInstructions) -> RoundOutcome:
+    def _aggregate_dp(
+        self, round: int, results: dict[str, SiloResult], outcome: RoundOutcome, privacy: PrivacyInstructions
+    ) -> RoundOutcome:
         size = flatten(self.state.params).numel()
-        good = {s: r for s, r in results.items()
-                if r.params["delta"].numel() == size and torch.isfinite(r.params["delta"]).all()}
+        deltas = {s: r.params["delta"] for s, r in results.items() if r.params is not None}
+        good = {s: d for s, d in deltas.items() if d.numel() == size and torch.isfinite(d).all()}
         for _ in range(len(results) - len(good)):
             self._count_rejected("non_finite")
         outcome.participants = sorted(good)
         if len(good) < self.cfg.faults.quorum:
             return outcome
         # Clipped again here: the noise is calibrated to clip_norm, whatever a silo did.
-        total = torch.stack([clip_to_norm(r.params["delta"], privacy.clip_norm)[0] for r in good.values()]).sum(0)
+        total = torch.stack([clip_to_norm(d, privacy.clip_norm)[0] for d in good.values()]).sum(0)
         # DP-FedAvg: the divisor is the number selected (public), not the number that answered.
-        mean = noisy_mean(total, mode=privacy.mode, noise_multiplier=privacy.noise_multiplier,
-                          clip_norm=privacy.clip_norm, num_participants=privacy.num_participants,
-                          generator=secret_generator())
+        mean = noisy_mean(
+            total,
+            mode=privacy.mode,
+            noise_multiplier=privacy.noise_multiplier,
+            clip_norm=privacy.clip_norm,
+            num_participants=privacy.num_participants,
+            generator=secret_generator(),
+        )
         outcome.params = self._from_mean(round, flatten(self.state.params).double() + mean.double())
         self._account(privacy.num_participants)
         return outcome
 
-    def _aggregate_secure(self, round: int, secure: SecureAggregationRound, results: dict[str, SiloResult],
-                          outcome: RoundOutcome, privacy: PrivacyInstructions | None) -> RoundOutcome:
+    def _aggregate_secure(
+        self,
+        round: int,
+        secure: SecureAggregationRound,
+        results: dict[str, SiloResult],
+        outcome: RoundOutcome,
+        privacy: PrivacyInstructions | None,
+    ) -> RoundOutcome:
         for silo, result in results.items():
-            secure.submit(silo, result.masked)
+            if result.masked is not None:  # always, in this mode: checked as each result arrived
+                secure.submit(silo, result.masked)
         try:
             total = torch.from_numpy(secure.aggregate())
         except SecureAggregationAborted as exc:
@@ -214,8 +237,13 @@ class FederatedServer:
         size = flatten(self.state.params).numel()
         expected = size if privacy is not None else size + len(self.state.params)
         if total.numel() != expected or len(results) < self.cfg.faults.quorum:
-            log.warning("round %d aborted: the masked sum has %d values (expected %d) from %d silos",
-                        round, total.numel(), expected, len(results))
+            log.warning(
+                "round %d aborted: the masked sum has %d values (expected %d) from %d silos",
+                round,
+                total.numel(),
+                expected,
+                len(results),
+            )
             return outcome
         outcome.participants = sorted(results)
         if privacy is not None:
@@ -225,8 +253,10 @@ class FederatedServer:
             return outcome
         numerators = unflatten(total[:size], self.state.params)
         weights = dict(zip(sorted(self.state.params), total[size:]))
-        mean = weighted_mean_from_sums({k: v.double() for k, v in numerators.items()}, weights, self.state.params)
-        outcome.params = self._from_mean(round, flatten(mean).double())
+        mean_params = weighted_mean_from_sums(
+            {k: v.double() for k, v in numerators.items()}, weights, self.state.params
+        )
+        outcome.params = self._from_mean(round, flatten(mean_params).double())
         return outcome
 
     def _from_mean(self, round: int, mean_flat: torch.Tensor) -> Params:
@@ -281,18 +311,26 @@ class FederatedServer:
                 remaining = set(self.silos) - exclude - set(outcome.dropped)
                 if len(remaining) >= max(cfg.faults.quorum, self.strategy.min_available_clients):
                     exclude |= set(outcome.dropped)
-                print(f"round {round} attempt {attempt + 1}: {len(outcome.participants)} accepted "
-                      f"(quorum {cfg.faults.quorum}); dropped {outcome.dropped}, rejected "
-                      f"{dict(outcome.rejected)}", flush=True)
+                print(
+                    f"round {round} attempt {attempt + 1}: {len(outcome.participants)} accepted "
+                    f"(quorum {cfg.faults.quorum}); dropped {outcome.dropped}, rejected "
+                    f"{dict(outcome.rejected)}",
+                    flush=True,
+                )
             else:
                 raise FederatedJobFailed(
                     f"round {round} missed its quorum of {cfg.faults.quorum} accepted updates in "
                     f"{cfg.faults.max_round_retries + 1} attempts; the state after round {round - 1} is "
-                    f"kept in {cfg.output_dir} (rerun to resume)")
-            record: dict[str, Any] = {"round": round, "participants": outcome.participants,
-                                      "dropped": outcome.dropped, "rejected": dict(outcome.rejected),
-                                      "silo_loss": {s: v.get("loss") for s, v in outcome.silo_metrics.items()},
-                                      "train_seconds": {s: v.get("train_seconds") for s, v in outcome.silo_metrics.items()}}
+                    f"kept in {cfg.output_dir} (rerun to resume)"
+                )
+            record: dict[str, Any] = {
+                "round": round,
+                "participants": outcome.participants,
+                "dropped": outcome.dropped,
+                "rejected": dict(outcome.rejected),
+                "silo_loss": {s: v.get("loss") for s, v in outcome.silo_metrics.items()},
+                "train_seconds": {s: v.get("train_seconds") for s, v in outcome.silo_metrics.items()},
+            }
             # Wall time of the round up to the new global adapter (evaluation not included).
             record["round_seconds"] = time.perf_counter() - started
             if self.evaluate is not None:
@@ -300,9 +338,13 @@ class FederatedServer:
             if cfg.privacy.noise_multiplier > 0:
                 record["epsilon"] = self.accountant.epsilon(cfg.privacy.delta)
             strategy_state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
-            self.state = RoundState(round=round, params=outcome.params, strategy_state=strategy_state,
-                                    accountant_state=self.accountant.state_dict(),
-                                    history=[*self.state.history, record])
+            self.state = RoundState(
+                round=round,
+                params=outcome.params,
+                strategy_state=strategy_state,
+                accountant_state=self.accountant.state_dict(),
+                history=[*self.state.history, record],
+            )
             save_round_state(cfg.output_dir, self.state)
             m.ray_metric(m.FEDERATED_ROUND).set(round, tags=run)
             m.ray_metric(m.FEDERATED_PARTICIPANTS).set(len(outcome.participants), tags=run)
@@ -328,5 +370,4 @@ def _round_line(record: dict[str, Any], rounds: int) -> str:
 
 
 def output_paths(cfg: FederatedConfig) -> dict[str, str]:
-    return {"adapter": os.path.join(cfg.output_dir, "adapter"),
-            "metrics": os.path.join(cfg.output_dir, "metrics.json")}
+    return {"adapter": os.path.join(cfg.output_dir, "adapter"), "metrics": os.path.join(cfg.output_dir, "metrics.json")}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -80,8 +80,12 @@ def sum_params(parts: list[Params]) -> Params:
 
 def weighted_mean_from_sums(numerator_sum: Params, weight_sum: Params, current: Params) -> Params:
     """Server side of the weighted mean: numerator_sum / weight_sum, or `current` where the weight is 0."""
-    return {k: current[k].clone() if float(weight_sum[k]) == 0.0
-            else (numerator_sum[k] / weight_sum[k]).to(current[k].dtype) for k in current}
+    return {
+        k: current[k].clone()
+        if float(weight_sum[k]) == 0.0
+        else (numerator_sum[k] / weight_sum[k]).to(current[k].dtype)
+        for k in current
+    }
 
 
 def _weighted_mean(params: Params, updates: list[ClientUpdate], moe_aware: bool) -> Params:
@@ -124,19 +128,22 @@ class Strategy(ABC):
         """Silos to sample from `num_available`: Flower's max(min_fit_clients, int(fraction * n)), capped at n."""
         return min(num_available, max(self.min_fit_clients, int(num_available * self.fraction_fit)))
 
-    def configure_fit(self, round: int, params: Params, available: list[str],
-                      rng: np.random.Generator) -> list[tuple[str, FitInstructions]]:
+    def configure_fit(
+        self, round: int, params: Params, available: list[str], rng: np.random.Generator
+    ) -> list[tuple[str, FitInstructions]]:
         """Sample silos without replacement and pair each with the round's instructions.
 
         Raises:
             NotEnoughSilos: fewer than `min_available_clients` silos are available.
         """
         if len(available) < self.min_available_clients:
-            raise NotEnoughSilos(f"{len(available)} silos available, min_available_clients="
-                                 f"{self.min_available_clients}")
+            raise NotEnoughSilos(
+                f"{len(available)} silos available, min_available_clients={self.min_available_clients}"
+            )
         chosen = rng.choice(len(available), size=self.num_fit_clients(len(available)), replace=False)
-        instructions = FitInstructions(round=round, params=params, proximal_mu=0.0,
-                                       local_steps=self.local_steps, lr=self.lr)
+        instructions = FitInstructions(
+            round=round, params=params, proximal_mu=0.0, local_steps=self.local_steps, lr=self.lr
+        )
         return [(available[i], instructions) for i in chosen.tolist()]
 
     @abstractmethod
@@ -175,8 +182,9 @@ class FedProx(FedAvg):
         super().__post_init__()
         _expect(self.proximal_mu >= 0.0, "proximal_mu", self.proximal_mu, ">= 0")
 
-    def configure_fit(self, round: int, params: Params, available: list[str],
-                      rng: np.random.Generator) -> list[tuple[str, FitInstructions]]:
+    def configure_fit(
+        self, round: int, params: Params, available: list[str], rng: np.random.Generator
+    ) -> list[tuple[str, FitInstructions]]:
         pairs = super().configure_fit(round, params, available, rng)
         return [(silo, replace(ins, proximal_mu=self.proximal_mu)) for silo, ins in pairs]
 
@@ -312,20 +320,26 @@ class Krum(Strategy):
 
     def aggregate_fit(self, round: int, params: Params, updates: list[ClientUpdate]) -> Params:
         _require_updates(updates)
-        chosen = robust.krum_select([flatten(u.params) for u in updates], self.num_malicious_clients,
-                                    self.num_clients_to_keep)
+        chosen = robust.krum_select(
+            [flatten(u.params) for u in updates], self.num_malicious_clients, self.num_clients_to_keep
+        )
         if self.num_clients_to_keep == 0:
             return {k: t.clone() for k, t in updates[chosen[0]].params.items()}
         return _weighted_mean(params, [updates[i] for i in chosen], moe_aware=False)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
-    "median": FedMedian, "trimmed_mean": FedTrimmedAvg, "krum": Krum,
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "median": FedMedian,
+    "trimmed_mean": FedTrimmedAvg,
+    "krum": Krum,
 }
 
 
-def build_strategy(name: str, **options: object) -> Strategy:
+def build_strategy(name: str, **options: Any) -> Strategy:
     """The strategy called `name` (a key of STRATEGIES) built with `options` as its fields.
 
     Raises:

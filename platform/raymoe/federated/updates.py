@@ -73,8 +73,9 @@ def update_norm(params: Params, global_params: Params) -> float:
     return float(torch.nn.utils.get_total_norm(deltas, norm_type=2.0))
 
 
-def check_update(update: ClientUpdate, global_params: Params, max_update_norm: float | None,
-                 expected_counts_shape: tuple[int, int]) -> str | None:
+def check_update(
+    update: ClientUpdate, global_params: Params, max_update_norm: float | None, expected_counts_shape: tuple[int, int]
+) -> str | None:
     """Why `update` must not be aggregated, or None when it is fine.
 
     Args:
@@ -95,8 +96,12 @@ def check_update(update: ClientUpdate, global_params: Params, max_update_norm: f
     if not all(bool(torch.isfinite(t).all()) for t in params.values()):
         return REJECT_NON_FINITE
     counts = update.tokens_per_expert_LE
-    if (update.num_examples < 1 or counts.dtype != torch.int64
-            or tuple(counts.shape) != tuple(expected_counts_shape) or bool((counts < 0).any())):
+    if (
+        update.num_examples < 1
+        or counts.dtype != torch.int64
+        or tuple(counts.shape) != tuple(expected_counts_shape)
+        or bool((counts < 0).any())
+    ):
         return REJECT_BAD_COUNTS
     # Checked last: the norm of an update with missing, misshapen or NaN tensors means nothing.
     if max_update_norm is not None and update_norm(params, global_params) > max_update_norm:
@@ -104,9 +109,12 @@ def check_update(update: ClientUpdate, global_params: Params, max_update_norm: f
     return None
 
 
-def filter_updates(updates: list[ClientUpdate], global_params: Params, max_update_norm: float | None,
-                   expected_counts_shape: tuple[int, int]
-                   ) -> tuple[list[ClientUpdate], dict[str, list[str]]]:
+def filter_updates(
+    updates: list[ClientUpdate],
+    global_params: Params,
+    max_update_norm: float | None,
+    expected_counts_shape: tuple[int, int],
+) -> tuple[list[ClientUpdate], dict[str, list[str]]]:
     """Split updates into the accepted ones and the rejected silos grouped by reason.
 
     Returns:

@@ -11,38 +11,41 @@ Dh head dim, C kv_lora_rank, R rotary dims.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raymoe.models.config import ModelConfig
-from raymoe.models.cpu_threads import SharedThreads
 from raymoe.models.kv_cache import CacheView
 from raymoe.models.norm import RMSNorm
 from raymoe.models.rope import apply_rotary, yarn_mscale
 
+# (q_BHTD, k_BHSD, v_BHSD, cache, scale, gqa) -> out_BHTD: how an attention layer combines its
+# queries with the keys and values. `attend` is the default; an inference backend may hand a
+# layer another with the same results (`raymoe.inference.fast_attention`).
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, CacheView | None, float, bool], torch.Tensor]
 
-# Decode attention is split over the shared threads from this many (rows x cached keys) on.
-# `bench.bench_decode_attention` (batch 32, 2 threads): 100 keys per row gain nothing, 300 make
-# the step 1.2x faster, 900 1.35x.
-THREADED_DECODE_MIN_ROW_KEYS = 8192
 
-
-def _attend(q_BHTD, k_BHSD, v_BHSD, cache: CacheView | None, scale: float, gqa: bool,
-            threads: SharedThreads | None = None) -> torch.Tensor:
+def attend(q_BHTD, k_BHSD, v_BHSD, cache: CacheView | None, scale: float, gqa: bool) -> torch.Tensor:
+    """Scaled dot-product attention, causal or under the cache's mask; a one-query CPU step
+    without autograd goes to `decode_attend`."""
     causal = cache is None or cache.causal
     mask = None if cache is None else cache.mask_B1TS
-    if q_BHTD.shape[2] == 1 and q_BHTD.device.type == "cpu" and not torch.is_grad_enabled():
-        B, S = q_BHTD.shape[0], k_BHSD.shape[2]
-        if threads is not None and threads.count > 1 and B > 1 and B * S >= THREADED_DECODE_MIN_ROW_KEYS:
-            return _decode_attend_on_threads(threads, q_BHTD, k_BHSD, v_BHSD, mask, scale)
-        return _decode_attend(q_BHTD, k_BHSD, v_BHSD, mask, scale)
+    if is_cpu_decode(q_BHTD):
+        return decode_attend(q_BHTD, k_BHSD, v_BHSD, mask, scale)
     return F.scaled_dot_product_attention(
         q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
 
 
-def _decode_attend(q_BH1D, k_BHSD, v_BHSD, mask_B11S: torch.Tensor | None, scale: float) -> torch.Tensor:
+def is_cpu_decode(q_BHTD: torch.Tensor) -> bool:
+    """Whether `decode_attend` applies: one query per row, on CPU, without autograd."""
+    return q_BHTD.shape[2] == 1 and q_BHTD.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def decode_attend(q_BH1D, k_BHSD, v_BHSD, mask_B11S: torch.Tensor | None, scale: float) -> torch.Tensor:
     """One query per row on CPU: two batched GEMMs with each kv head's query heads as rows.
 
     PyTorch's CPU SDPA tiles for long queries and, with GQA, repeats every key/value head for
@@ -58,23 +61,6 @@ def _decode_attend(q_BH1D, k_BHSD, v_BHSD, mask_B11S: torch.Tensor | None, scale
     return out_BKGD.view(B, H, 1, v_BHSD.shape[-1])
 
 
-def _decode_attend_on_threads(threads: SharedThreads, q_BH1D, k_BHSD, v_BHSD, mask_B11S, scale: float):
-    """`_decode_attend` over chunks of rows taken by the shared threads (rows are independent, so
-    the result is the same as in one call). Reading a long cache is most of a long-context decode
-    step, and one thread's small batched GEMMs do not reach the memory's bandwidth."""
-    B = q_BH1D.shape[0]
-    out_BH1D = q_BH1D.new_empty(B, q_BH1D.shape[1], 1, v_BHSD.shape[-1])
-    chunks = min(B, 2 * threads.count)  # more chunks than threads: a late thread takes fewer
-
-    def run_chunk(i: int) -> None:
-        rows = slice(i * B // chunks, (i + 1) * B // chunks)
-        mask = None if mask_B11S is None else mask_B11S[rows]
-        out_BH1D[rows] = _decode_attend(q_BH1D[rows], k_BHSD[rows], v_BHSD[rows], mask, scale)
-
-    threads.run(chunks, run_chunk)
-    return out_BH1D
-
-
 class GQAttention(nn.Module):
     """Multi-head attention with fewer key/value heads than query heads."""
 
@@ -87,44 +73,24 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.qkv_proj: nn.Linear | None = None  # inference: q, k, v in one matmul (`fuse_qkv`)
-        self.decode_threads: SharedThreads | None = None  # CPU inference (`replace_matmul_modules`)
+        # Inference backends may set a module that returns (q, k, v) in one call (one weight read)
+        # in place of the three projections, and another `attend` (`raymoe.inference.fast_attention`).
+        self.qkv_proj: nn.Module | None = None
+        self.attend_fn: AttendFn = attend
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
-    @property
-    def can_fuse_qkv(self) -> bool:
-        """Whether q/k/v are still three plain `nn.Linear` (not fused, not LoRA-wrapped)."""
-        return all(type(p) is nn.Linear for p in (self.q_proj, self.k_proj, self.v_proj))
-
-    @torch.no_grad()
-    def fuse_qkv(self) -> None:
-        """For inference: replaces q/k/v_proj by one `qkv_proj` (one weight read, one GEMM call
-        per step instead of three; each output row is the same dot product as before)."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        if not self.can_fuse_qkv:
-            raise ValueError(f"fuse_qkv needs plain nn.Linear projections, got {[type(p).__name__ for p in parts]}")
-        q = self.q_proj
-        fused = nn.Linear(q.in_features, sum(p.out_features for p in parts), bias=q.bias is not None,
-                          device=q.weight.device, dtype=q.weight.dtype)
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
-        if q.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
-        self.qkv_proj = fused
-        self.q_proj = self.k_proj = self.v_proj = None
-
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: CacheView | None):
         B, T, _ = x_BTD.shape
         if self.qkv_proj is not None:
-            kv_width = self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x_BTD).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+            q, k, v = self.qkv_proj(x_BTD)
         else:
             q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         q_BTHD = q.reshape(B, T, self.num_heads, self.head_dim)
         k_BTHD = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v_BTHD = v.reshape(B, T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (cfg.qk_norm)
             q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
         cos, sin = rope
         q_BTHD = apply_rotary(q_BTHD, cos, sin, self.interleaved)
@@ -134,7 +100,7 @@ class GQAttention(nn.Module):
         else:
             k_BHSD, v_BHSD = cache.update_heads(self.layer_id, k_BTHD, v_BTHD)
         gqa = self.num_kv_heads != self.num_heads
-        out_BHTD = _attend(q_BTHD.transpose(1, 2), k_BHSD, v_BHSD, cache, self.scale, gqa, self.decode_threads)
+        out_BHTD = self.attend_fn(q_BTHD.transpose(1, 2), k_BHSD, v_BHSD, cache, self.scale, gqa)
         return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -163,17 +129,14 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * self.v_dim, cfg.dim, bias=False)
         self.scale = qk_head_dim**-0.5
-        self.decode_threads: SharedThreads | None = None  # CPU inference (`replace_matmul_modules`)
+        self.attend_fn: AttendFn = attend  # an inference backend may set another (see GQAttention)
         if cfg.rope.scaling == "yarn" and cfg.rope.mscale_all_dim:
             # DeepSeek-V3 folds YaRN's magnitude correction into the softmax scale.
             self.scale *= yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim) ** 2
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: CacheView | None):
         B, T, _ = x_BTD.shape
-        if self.q_proj is None:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        else:
-            q = self.q_proj(x_BTD)
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))) if self.q_proj is None else self.q_proj(x_BTD)
         q_BTHQ = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rot = q_BTHQ.split([self.nope_dim, self.rope_dim], dim=-1)
         latent_BTC, k_rot_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -191,8 +154,7 @@ class MLAttention(nn.Module):
         k_nope, v_BSHD = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
         k_BSHQ = torch.cat((k_nope, k_rot_BTR[:, :, None, :].expand(B, S, self.num_heads, self.rope_dim)), dim=-1)
         q_BHTQ = torch.cat((q_nope, q_rot), dim=-1).transpose(1, 2)
-        out_BHTD = _attend(q_BHTQ, k_BSHQ.transpose(1, 2), v_BSHD.transpose(1, 2), cache, self.scale, False,
-                           self.decode_threads)
+        out_BHTD = self.attend_fn(q_BHTQ, k_BSHQ.transpose(1, 2), v_BSHD.transpose(1, 2), cache, self.scale, False)
         return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
 
     def _absorbed(self, q_nope_BTHN, q_rot_BTHR, latent_BSC, k_rot_BSR, cache: CacheView | None) -> torch.Tensor:
@@ -205,8 +167,9 @@ class MLAttention(nn.Module):
         w_HXC = self.kv_b_proj.weight.view(H, N + self.v_dim, self.kv_lora_rank)
         w_uk_HNC, w_uv_HVC = w_HXC[:, :N], w_HXC[:, N:]
         q_lat_BHTC = torch.einsum("bthn,hnc->bhtc", q_nope_BTHN, w_uk_HNC)
-        scores_BHTS = (torch.matmul(q_lat_BHTC, latent_BSC[:, None].transpose(-1, -2))
-                       + torch.matmul(q_rot_BTHR.transpose(1, 2), k_rot_BSR[:, None].transpose(-1, -2)))
+        scores_BHTS = torch.matmul(q_lat_BHTC, latent_BSC[:, None].transpose(-1, -2)) + torch.matmul(
+            q_rot_BTHR.transpose(1, 2), k_rot_BSR[:, None].transpose(-1, -2)
+        )
         scores_BHTS = scores_BHTS * self.scale
         if cache is not None and cache.mask_B1TS is not None:
             scores_BHTS = scores_BHTS.masked_fill(~cache.mask_B1TS, float("-inf"))

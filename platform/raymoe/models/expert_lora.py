@@ -24,8 +24,9 @@ from raymoe.models.moe import GroupedExperts
 EXPERT_PROJECTIONS = ("w_gate_EFD", "w_up_EFD", "w_down_EDF")
 
 
-def init_lora_pair(in_features: int, out_features: int, rank: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def init_lora_pair(
+    in_features: int, out_features: int, rank: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """peft's default LoRA init: A kaiming-uniform (a=sqrt(5), as nn.Linear), B zeros.
 
     B = 0 makes the adapted model equal the base model at step 0.
@@ -92,8 +93,7 @@ class LoRAGroupedExperts(nn.Module):
         for e, x_rows in enumerate(torch.split(x_SD, counts)):
             if x_rows.shape[0] == 0:
                 continue
-            h = F.silu(self._project(x_rows, "w_gate_EFD", gates[e], e)) * self._project(
-                x_rows, "w_up_EFD", ups[e], e)
+            h = F.silu(self._project(x_rows, "w_gate_EFD", gates[e], e)) * self._project(x_rows, "w_up_EFD", ups[e], e)
             outputs.append(self._project(h, "w_down_EDF", downs[e], e))
         if not outputs:
             # Same reason as GroupedExperts: keep the graph connected for the reverse all-to-all.

@@ -15,8 +15,9 @@ from raymoe.models.transformer import MoETransformer
 
 
 @torch.no_grad()
-def prefill(model: MoETransformer, prompt_BT: torch.Tensor, cache: KVCache, slot_ids_B: torch.Tensor,
-            start_pos: int = 0) -> torch.Tensor:
+def prefill(
+    model: MoETransformer, prompt_BT: torch.Tensor, cache: KVCache, slot_ids_B: torch.Tensor, start_pos: int = 0
+) -> torch.Tensor:
     """Runs the prompt (or a chunk of it starting at `start_pos`) through the model, filling the
     cache; returns the logits of the last position (B, V)."""
     B, T = prompt_BT.shape
@@ -25,14 +26,16 @@ def prefill(model: MoETransformer, prompt_BT: torch.Tensor, cache: KVCache, slot
 
 
 @torch.no_grad()
-def decode_step(model: MoETransformer, tokens_B: torch.Tensor, positions_B: torch.Tensor, cache: KVCache,
-                slot_ids_B: torch.Tensor) -> torch.Tensor:
+def decode_step(
+    model: MoETransformer, tokens_B: torch.Tensor, positions_B: torch.Tensor, cache: KVCache, slot_ids_B: torch.Tensor
+) -> torch.Tensor:
     """One new token per sequence at its own position; returns logits (B, V)."""
     return model(tokens_B[:, None], positions_B[:, None], cache, slot_ids_B)[:, 0]
 
 
-def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Greedy when temperature == 0, else softmax sampling (optionally from the top_k logits)."""
     if temperature <= 0:
         return logits_BV.argmax(dim=-1)
@@ -44,12 +47,23 @@ def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
 
 
 @torch.no_grad()
-def generate(model: MoETransformer, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: MoETransformer,
+    prompt_BT: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Continues every prompt by `max_new_tokens` tokens; returns only the new tokens (B, N)."""
     B, T = prompt_BT.shape
-    cache = KVCache(model.cfg, num_slots=B, max_seq_len=T + max_new_tokens,
-                    dtype=next(model.parameters()).dtype, device=prompt_BT.device)
+    cache = KVCache(
+        model.cfg,
+        num_slots=B,
+        max_seq_len=T + max_new_tokens,
+        dtype=next(model.parameters()).dtype,
+        device=prompt_BT.device,
+    )
     slots_B = torch.arange(B, device=prompt_BT.device)
     token_B = sample(prefill(model, prompt_BT, cache, slots_B), temperature, top_k, generator)
     out = [token_B]

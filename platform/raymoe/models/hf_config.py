@@ -77,23 +77,37 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
         init_std=hf.get("initializer_range", 0.02),
     )
     num_experts = hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts")
+    if not num_experts:
+        raise CheckpointError(f"{arch} config has no expert count (num_local_experts, num_experts or n_routed_experts)")
     if arch == "MixtralForCausalLM":
         cfg = ModelConfig(
-            **common, head_dim=hf.get("head_dim") or 0, rope=_rope_from_hf(hf, False),
-            moe=MoEConfig(num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
-                          expert_hidden_dim=hf["intermediate_size"], norm_topk_prob=True),
+            **common,
+            head_dim=hf.get("head_dim") or 0,
+            rope=_rope_from_hf(hf, False),
+            moe=MoEConfig(
+                num_experts=num_experts,
+                num_experts_per_tok=hf["num_experts_per_tok"],
+                expert_hidden_dim=hf["intermediate_size"],
+                norm_topk_prob=True,
+            ),
         )
     elif arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         qwen3 = arch == "Qwen3MoeForCausalLM"
         if qwen3 and hf.get("attention_bias"):
             raise CheckpointError("Qwen3-MoE with attention_bias=true is not supported")
         cfg = ModelConfig(
-            **common, head_dim=hf.get("head_dim") or 0, rope=_rope_from_hf(hf, False),
-            qkv_bias=not qwen3 and hf.get("qkv_bias", True), qk_norm=qwen3,
-            dense_hidden_dim=hf.get("intermediate_size", 0), dense_layer_ids=_sparse_step_dense_ids(hf),
+            **common,
+            head_dim=hf.get("head_dim") or 0,
+            rope=_rope_from_hf(hf, False),
+            qkv_bias=not qwen3 and hf.get("qkv_bias", True),
+            qk_norm=qwen3,
+            dense_hidden_dim=hf.get("intermediate_size", 0),
+            dense_layer_ids=_sparse_step_dense_ids(hf),
             moe=MoEConfig(
-                num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
-                expert_hidden_dim=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob")),
+                num_experts=num_experts,
+                num_experts_per_tok=hf["num_experts_per_tok"],
+                expert_hidden_dim=hf["moe_intermediate_size"],
+                norm_topk_prob=bool(hf.get("norm_topk_prob")),
                 num_shared_experts=0 if qwen3 else 1,
                 shared_hidden_dim=0 if qwen3 else hf["shared_expert_intermediate_size"],
                 shared_expert_gate=not qwen3,
@@ -104,18 +118,28 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
             raise CheckpointError("DeepSeek-V3 with attention_bias=true is not supported")
         n_shared = hf.get("n_shared_experts") or 0
         cfg = ModelConfig(
-            **common, attention="mla", q_lora_rank=hf.get("q_lora_rank") or 0,
-            kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+            **common,
+            attention="mla",
+            q_lora_rank=hf.get("q_lora_rank") or 0,
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
             rope=_rope_from_hf(hf, bool(hf.get("rope_interleave", True))),
-            dense_hidden_dim=hf["intermediate_size"], first_k_dense=hf.get("first_k_dense_replace", 0),
+            dense_hidden_dim=hf["intermediate_size"],
+            first_k_dense=hf.get("first_k_dense_replace", 0),
             moe=MoEConfig(
-                num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
-                expert_hidden_dim=hf["moe_intermediate_size"], num_shared_experts=n_shared,
-                shared_hidden_dim=n_shared * hf["moe_intermediate_size"], score_func="sigmoid",
-                num_groups=hf.get("n_group") or 1, topk_groups=hf.get("topk_group") or 1,
+                num_experts=num_experts,
+                num_experts_per_tok=hf["num_experts_per_tok"],
+                expert_hidden_dim=hf["moe_intermediate_size"],
+                num_shared_experts=n_shared,
+                shared_hidden_dim=n_shared * hf["moe_intermediate_size"],
+                score_func="sigmoid",
+                num_groups=hf.get("n_group") or 1,
+                topk_groups=hf.get("topk_group") or 1,
                 norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)), balance_bias=True,
+                routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                balance_bias=True,
             ),
         )
     return cfg, arch
@@ -138,9 +162,14 @@ def hf_architecture_for(cfg: ModelConfig) -> str:
             raise CheckpointError("no Hugging Face architecture matches this config: " + "; ".join(problems))
         return "DeepseekV3ForCausalLM"
     base_ok = (
-        moe.score_func == "softmax" and moe.num_groups == 1 and moe.routed_scaling_factor == 1.0
-        and not moe.balance_bias and moe.capacity_factor is None and cfg.rope.scaling == "none"
-        and not cfg.rope.interleaved and cfg.first_k_dense == 0
+        moe.score_func == "softmax"
+        and moe.num_groups == 1
+        and moe.routed_scaling_factor == 1.0
+        and not moe.balance_bias
+        and moe.capacity_factor is None
+        and cfg.rope.scaling == "none"
+        and not cfg.rope.interleaved
+        and cfg.first_k_dense == 0
     )
     if base_ok and moe.shared_expert_gate and cfg.qkv_bias and not cfg.qk_norm:
         return "Qwen2MoeForCausalLM"
@@ -159,39 +188,74 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
     """The config.json mapping transformers reads for `arch`."""
     moe = cfg.moe
     hf: dict[str, Any] = dict(
-        architectures=[arch], model_type=ARCHITECTURES[arch], vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
-        initializer_range=cfg.init_std, num_experts_per_tok=moe.num_experts_per_tok, dtype="float32",
+        architectures=[arch],
+        model_type=ARCHITECTURES[arch],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act="silu",
+        initializer_range=cfg.init_std,
+        num_experts_per_tok=moe.num_experts_per_tok,
+        dtype="float32",
     )
     rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": "default"}
     if cfg.rope.scaling == "yarn":
         r = cfg.rope
-        rope.update(rope_type="yarn", factor=r.factor, original_max_position_embeddings=r.original_max_position_embeddings,
-                    beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale, mscale_all_dim=r.mscale_all_dim)
+        rope.update(
+            rope_type="yarn",
+            factor=r.factor,
+            original_max_position_embeddings=r.original_max_position_embeddings,
+            beta_fast=r.beta_fast,
+            beta_slow=r.beta_slow,
+            mscale=r.mscale,
+            mscale_all_dim=r.mscale_all_dim,
+        )
     hf["rope_parameters"] = rope
     if arch == "MixtralForCausalLM":
-        hf.update(num_local_experts=moe.num_experts, intermediate_size=moe.expert_hidden_dim, head_dim=cfg.head_dim,
-                  sliding_window=None)
+        hf.update(
+            num_local_experts=moe.num_experts,
+            intermediate_size=moe.expert_hidden_dim,
+            head_dim=cfg.head_dim,
+            sliding_window=None,
+        )
     elif arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
-        hf.update(num_experts=moe.num_experts, moe_intermediate_size=moe.expert_hidden_dim,
-                  intermediate_size=cfg.dense_hidden_dim or moe.expert_hidden_dim, norm_topk_prob=moe.norm_topk_prob,
-                  decoder_sparse_step=1, mlp_only_layers=list(cfg.dense_layer_ids), head_dim=cfg.head_dim,
-                  use_sliding_window=False)
+        hf.update(
+            num_experts=moe.num_experts,
+            moe_intermediate_size=moe.expert_hidden_dim,
+            intermediate_size=cfg.dense_hidden_dim or moe.expert_hidden_dim,
+            norm_topk_prob=moe.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(cfg.dense_layer_ids),
+            head_dim=cfg.head_dim,
+            use_sliding_window=False,
+        )
         if arch == "Qwen2MoeForCausalLM":
             hf.update(shared_expert_intermediate_size=moe.shared_hidden_dim, qkv_bias=True)
         else:
             hf.update(attention_bias=False)
     else:
         hf.update(
-            n_routed_experts=moe.num_experts, moe_intermediate_size=moe.expert_hidden_dim,
-            n_shared_experts=moe.num_shared_experts, intermediate_size=cfg.dense_hidden_dim or moe.expert_hidden_dim,
-            first_k_dense_replace=cfg.first_k_dense, n_group=moe.num_groups, topk_group=moe.topk_groups,
-            norm_topk_prob=moe.norm_topk_prob, routed_scaling_factor=moe.routed_scaling_factor,
-            q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
-            qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
-            v_head_dim=cfg.v_head_dim, rope_interleave=cfg.rope.interleaved, attention_bias=False,
+            n_routed_experts=moe.num_experts,
+            moe_intermediate_size=moe.expert_hidden_dim,
+            n_shared_experts=moe.num_shared_experts,
+            intermediate_size=cfg.dense_hidden_dim or moe.expert_hidden_dim,
+            first_k_dense_replace=cfg.first_k_dense,
+            n_group=moe.num_groups,
+            topk_group=moe.topk_groups,
+            norm_topk_prob=moe.norm_topk_prob,
+            routed_scaling_factor=moe.routed_scaling_factor,
+            q_lora_rank=cfg.q_lora_rank or None,
+            kv_lora_rank=cfg.kv_lora_rank,
+            qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            rope_interleave=cfg.rope.interleaved,
+            attention_bias=False,
             num_nextn_predict_layers=0,
         )
     return hf

@@ -8,10 +8,12 @@ a good one was, and `transformers.AutoModelForCausalLM.from_pretrained` loads th
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -47,8 +49,9 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {str(path)!r}")
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32,
-            expert_ids: list[int] | None = None) -> MoETransformer:
+def load_hf(
+    path: str | Path, dtype: torch.dtype = torch.float32, expert_ids: list[int] | None = None
+) -> MoETransformer:
     """Builds a MoETransformer from a Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 checkpoint.
 
     The model is built on the meta device and only what it holds is allocated and read: with
@@ -81,10 +84,11 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32,
                 moe.experts = GroupedExperts(cfg.dim, cfg.moe.expert_hidden_dim, list(expert_ids)).to(dtype)
     model.materialize("cpu", init=False)
     with ExitStack() as stack:
-        owner: dict[str, object] = {}
+        owner: dict[str, Any] = {}  # tensor name -> the safe_open handle of its file
         for file in _weight_files(path):
             handle = stack.enter_context(safe_open(str(file), framework="pt"))
-            for key in handle.keys():
+            # safe_open handles are not iterable (safetensors 0.8): .keys() is required.
+            for key in handle.keys():  # noqa: SIM118
                 owner[key] = handle
         load_hf_state(model, arch, lambda key: owner[key].get_tensor(key), set(owner))
     model.hf_architecture = arch
@@ -110,8 +114,7 @@ def save_hf(model: MoETransformer, path: str | Path, tokenizer_dir: str | Path |
     return arch
 
 
-def save_hf_config(path: str | Path, cfg: ModelConfig, arch: str,
-                   tokenizer_dir: str | Path | None = None) -> None:
+def save_hf_config(path: str | Path, cfg: ModelConfig, arch: str, tokenizer_dir: str | Path | None = None) -> None:
     """Writes config.json for `cfg` as `arch` and copies the tokenizer files found in `tokenizer_dir`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -120,4 +123,4 @@ def save_hf_config(path: str | Path, cfg: ModelConfig, arch: str,
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file():
-                atomic_write(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+                atomic_write(path / name, functools.partial(shutil.copyfile, src))

@@ -48,7 +48,7 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers)
 
-    def view(self, slot_ids_B: torch.Tensor, positions_BT: torch.Tensor) -> "CacheView":
+    def view(self, slot_ids_B: torch.Tensor, positions_BT: torch.Tensor) -> CacheView:
         """Binds this cache to one forward pass; computes the shared mask once for all layers."""
         if slot_ids_B.shape[0] != positions_BT.shape[0]:
             raise ValueError(f"slot_ids has {slot_ids_B.shape[0]} rows but positions has {positions_BT.shape[0]}")

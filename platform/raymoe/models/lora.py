@@ -20,17 +20,21 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from raymoe.atomic_io import atomic_write
-from raymoe.config import require
+from raymoe.models.config_checks import require
 from raymoe.models.expert_lora import EXPERT_PROJECTIONS, LoRAGroupedExperts, init_lora_pair
 from raymoe.models.lora_merge import read_adapter
-from raymoe.models.moe import GroupedExperts
+from raymoe.models.moe import GroupedExperts, MoE
 from raymoe.models.state_dict_adapter import expert_key, native_key_to_hf
+
+if TYPE_CHECKING:
+    from raymoe.models.transformer import MoETransformer
 
 PEFT_PREFIX = "base_model.model."
 # The adapter name used while training (one adapter, every row).
@@ -70,9 +74,11 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         require(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
         require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
-        require(bool(self.attention_modules or self.shared_experts or self.routed_experts),
-                "lora: no target (lora.attention_modules is empty and lora.shared_experts and "
-                "lora.routed_experts are false)")
+        require(
+            bool(self.attention_modules or self.shared_experts or self.routed_experts),
+            "lora: no target (lora.attention_modules is empty and lora.shared_experts and "
+            "lora.routed_experts are false)",
+        )
 
     @property
     def scaling(self) -> float:
@@ -137,7 +143,7 @@ def _hf_module_names(model: nn.Module, arch: str) -> dict[str, str]:
     return names
 
 
-def _architecture(model: nn.Module) -> str:
+def _architecture(model: MoETransformer) -> str:
     from raymoe.models.hf_config import hf_architecture_for
 
     return getattr(model, "hf_architecture", None) or hf_architecture_for(model.cfg)
@@ -145,9 +151,12 @@ def _architecture(model: nn.Module) -> str:
 
 def lora_context(model: nn.Module) -> LoRAContext:
     """The model's shared LoRA context (created on first use)."""
-    if not hasattr(model, "lora_context"):
-        model.lora_context = LoRAContext()
-    return model.lora_context
+    context: LoRAContext | None = getattr(model, "lora_context", None)
+    if context is None:
+        context = LoRAContext()
+        # torch types Module.__setattr__'s value as Tensor | Module; a plain object is stored as is.
+        model.lora_context = context  # type: ignore[assignment]
+    return context
 
 
 def _wrap(model: nn.Module, native: str) -> LoRALinear:
@@ -161,15 +170,17 @@ def _wrap(model: nn.Module, native: str) -> LoRALinear:
     return wrapped
 
 
-def load_peft_adapter(model: nn.Module, name: str, path: str | Path) -> int:
+def load_peft_adapter(model: MoETransformer, name: str, path: str | Path) -> int:
     """Loads one peft-format LoRA adapter under `name`; returns how many layers it touches."""
     pairs, scaling = read_adapter(path)
     modules = _hf_module_names(model, _architecture(model))
     for hf_module, (a_RI, b_OR) in pairs.items():
         if re.search(r"\.experts\.\d+\.", hf_module):
-            raise ValueError(f"adapter {name!r} adapts routed experts ({hf_module}); per-request "
-                             "adapters cover attention and shared-expert layers: fold it into the "
-                             "artifact with `raymoe merge` and serve the merged artifact")
+            raise ValueError(
+                f"adapter {name!r} adapts routed experts ({hf_module}); per-request "
+                "adapters cover attention and shared-expert layers: fold it into the "
+                "artifact with `raymoe merge` and serve the merged artifact"
+            )
         if hf_module not in modules:
             raise ValueError(f"adapter {name!r}: module {hf_module!r} is not a Linear of this model")
         _wrap(model, modules[hf_module]).add_adapter(name, a_RI, b_OR, scaling)
@@ -177,7 +188,7 @@ def load_peft_adapter(model: nn.Module, name: str, path: str | Path) -> int:
     return len(pairs)
 
 
-def attach_adapters(model: nn.Module, adapters: dict[str, str | Path]) -> LoRAContext:
+def attach_adapters(model: MoETransformer, adapters: dict[str, str | Path]) -> LoRAContext:
     """Loads every adapter `{name: directory}`; returns the context that selects them per row."""
     for name, path in adapters.items():
         load_peft_adapter(model, name, path)
@@ -188,10 +199,10 @@ def set_row_adapters(model: nn.Module, row_adapters: list[str | None] | None) ->
     """Selects the adapter of each row for the next forward (None or all-None = base model)."""
     if hasattr(model, "lora_context"):
         use = row_adapters if row_adapters and any(r is not None for r in row_adapters) else None
-        model.lora_context.row_adapters = use
+        lora_context(model).row_adapters = use
 
 
-def save_peft_adapter(model: nn.Module, name: str, path: str | Path, rank: int, alpha: float) -> Path:
+def save_peft_adapter(model: MoETransformer, name: str, path: str | Path, rank: int, alpha: float) -> Path:
     """Writes adapter `name` in peft format (each file replaced atomically); returns `path`."""
     tensors = lora_state(model, name)
     if not tensors:
@@ -200,6 +211,7 @@ def save_peft_adapter(model: nn.Module, name: str, path: str | Path, rank: int, 
 
 
 # --- training: one trainable adapter, base frozen --------------------------------------------
+
 
 def _is_target(native: str, cfg: LoRAConfig) -> bool:
     m = re.fullmatch(r"layers\.\d+\.(attn|ffn\.shared_experts)\.(\w+)", native)
@@ -210,20 +222,25 @@ def _is_target(native: str, cfg: LoRAConfig) -> bool:
     return cfg.shared_experts
 
 
-def check_lora_targets(model: nn.Module, cfg: LoRAConfig) -> None:
+def check_lora_targets(model: MoETransformer, cfg: LoRAConfig) -> None:
     """Raises ConfigError if `lora.attention_modules` names a projection this model lacks (works
     on a model built on the meta device, so a run can be checked before anything starts)."""
     have = _attention_leaves(model)
     unknown = set(cfg.attention_modules) - have - {ALL_ATTENTION}
-    require(not unknown, f"lora.attention_modules: {sorted(unknown)} is not a projection of this "
-                         f"model's attention (it has {sorted(have)}; `all` takes every one)")
+    require(
+        not unknown,
+        f"lora.attention_modules: {sorted(unknown)} is not a projection of this "
+        f"model's attention (it has {sorted(have)}; `all` takes every one)",
+    )
     moe_layers = list(model.moe_layers())
-    require(not cfg.shared_experts or any(m.shared_experts is not None for m in moe_layers),
-            "lora.shared_experts=true but this model has no shared experts")
+    require(
+        not cfg.shared_experts or any(m.shared_experts is not None for m in moe_layers),
+        "lora.shared_experts=true but this model has no shared experts",
+    )
     require(not cfg.routed_experts or bool(moe_layers), "lora.routed_experts=true but this model has no MoE layer")
 
 
-def add_trainable_lora(model: nn.Module, cfg: LoRAConfig, seed: int) -> list[nn.Parameter]:
+def add_trainable_lora(model: MoETransformer, cfg: LoRAConfig, seed: int) -> list[nn.Parameter]:
     """Freezes every base weight and adds adapter `TRAIN_ADAPTER` (active on every row).
 
     Each pair starts as peft does (A kaiming-uniform, B zero: the model is unchanged at step 0),
@@ -236,19 +253,19 @@ def add_trainable_lora(model: nn.Module, cfg: LoRAConfig, seed: int) -> list[nn.
     for p in model.parameters():
         p.requires_grad_(False)
     check_lora_targets(model, cfg)
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and _is_target(n, cfg)]
-    for native in names:
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and _is_target(n, cfg)}
+    for native, linear in linears.items():
         wrapped = _wrap(model, native)
         g = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(native.encode()))
-        a, b = init_lora_pair(wrapped.base.in_features, wrapped.base.out_features, cfg.rank, g)
+        a, b = init_lora_pair(linear.in_features, linear.out_features, cfg.rank, g)
         wrapped.add_adapter(TRAIN_ADAPTER, a, b, cfg.scaling)
     if cfg.routed_experts:
         for layer_id, layer in enumerate(model.layers):
-            experts = getattr(layer.ffn, "experts", None)
-            if isinstance(experts, GroupedExperts):
-                lora = LoRAGroupedExperts(experts, cfg.rank, cfg.scaling)
+            ffn = layer.ffn
+            if isinstance(ffn, MoE) and isinstance(ffn.experts, GroupedExperts):
+                lora = LoRAGroupedExperts(ffn.experts, cfg.rank, cfg.scaling)
                 lora.init_adapters(seed, layer_id)
-                layer.ffn.experts = lora
+                ffn.register_module("experts", lora)  # replaces the frozen experts it wraps
     context = lora_context(model)
     context.names.add(TRAIN_ADAPTER)
     context.active = TRAIN_ADAPTER
@@ -256,11 +273,14 @@ def add_trainable_lora(model: nn.Module, cfg: LoRAConfig, seed: int) -> list[nn.
 
 
 def _attention_leaves(model: nn.Module) -> set[str]:
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-            if re.fullmatch(r"layers\.\d+\.attn\.\w+", n) and hasattr(m, "in_features")}
+    return {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if re.fullmatch(r"layers\.\d+\.attn\.\w+", n) and hasattr(m, "in_features")
+    }
 
 
-def lora_state(model: nn.Module, name: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
+def lora_state(model: MoETransformer, name: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
     """Adapter `name` as peft-named tensors (`base_model.model.<HF module>.lora_A.weight`).
 
     Routed-expert pairs are named per expert (`...experts.{e}.w1.lora_A.weight` for Mixtral), for
@@ -283,7 +303,7 @@ def lora_state(model: nn.Module, name: str = TRAIN_ADAPTER) -> dict[str, torch.T
     return out
 
 
-def set_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = TRAIN_ADAPTER) -> None:
+def set_lora_state(model: MoETransformer, tensors: dict[str, torch.Tensor], name: str = TRAIN_ADAPTER) -> None:
     """Copies peft-named adapter tensors into the model's adapter `name` (inverse of lora_state).
 
     Keys for experts this process does not hold are ignored; every pair it holds must be given.
@@ -295,26 +315,42 @@ def set_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], name: str
     with torch.no_grad():
         for key, dst in targets.items():
             if tuple(tensors[key].shape) != tuple(dst.shape):
-                raise ValueError(f"adapter tensor {key}: shape {tuple(tensors[key].shape)}, "
-                                 f"expected {tuple(dst.shape)}")
+                raise ValueError(
+                    f"adapter tensor {key}: shape {tuple(tensors[key].shape)}, expected {tuple(dst.shape)}"
+                )
             dst.copy_(tensors[key])
 
 
-def _expert_adapters(model: nn.Module) -> list[tuple[int, LoRAGroupedExperts]]:
-    return [(i, layer.ffn.experts) for i, layer in enumerate(model.layers)
-            if isinstance(getattr(layer.ffn, "experts", None), LoRAGroupedExperts)]
+def _expert_adapters(model: MoETransformer) -> list[tuple[int, LoRAGroupedExperts]]:
+    found = []
+    for layer_id, layer in enumerate(model.layers):
+        experts = getattr(layer.ffn, "experts", None)
+        if isinstance(experts, LoRAGroupedExperts):
+            found.append((layer_id, experts))
+    return found
 
 
 def adapter_config(cfg: LoRAConfig, tensors: dict[str, torch.Tensor]) -> dict:
     """peft's adapter_config.json for a trained adapter (target_modules = HF leaf names)."""
-    targets = sorted({k[len(PEFT_PREFIX):].split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
-    return {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": targets,
-            "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False, "lora_dropout": 0.0,
-            "fan_in_fan_out": False, "init_lora_weights": True, "base_model_name_or_path": None}
+    targets = sorted({k[len(PEFT_PREFIX) :].split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
+    return {
+        "peft_type": "LORA",
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "target_modules": targets,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "base_model_name_or_path": None,
+    }
 
 
-def write_peft_adapter(path: str | Path, cfg: LoRAConfig, tensors: dict[str, torch.Tensor],
-                       extra_config: dict | None = None) -> Path:
+def write_peft_adapter(
+    path: str | Path, cfg: LoRAConfig, tensors: dict[str, torch.Tensor], extra_config: dict | None = None
+) -> Path:
     """Writes peft-named tensors + adapter_config.json (each file replaced atomically)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ base does (raymoe, transformers) and serves without any LoRA code.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -22,8 +23,15 @@ from raymoe.atomic_io import atomic_write, atomic_write_json, sha256_file
 
 PEFT_PREFIX = "base_model.model."
 # Files beside the weights that the merged artifact keeps as they are.
-_COPIED = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-           "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_COPIED = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
@@ -46,7 +54,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor,
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(weights_file)).items():
-        bare = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        bare = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         for part in ("lora_A", "lora_B"):
             if f".{part}." in bare:
                 halves.setdefault(bare.split(f".{part}.")[0], {})[part] = value
@@ -77,7 +85,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     weights = set()
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            weights |= {k[: -len(".weight")] for k in handle.keys() if k.endswith(".weight")}
+            # safe_open handles are not iterable (safetensors 0.8): .keys() is required.
+            weights |= {k[: -len(".weight")] for k in handle.keys() if k.endswith(".weight")}  # noqa: SIM118
     unused = sorted(set(pairs) - weights)
     if unused:
         raise ValueError(f"merge: adapter module {unused[0]} has no weight in {str(base_dir)!r}")
@@ -91,17 +100,25 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
                 continue
             a_RI, b_OR = pairs[module]
             if (b_OR.shape[0], a_RI.shape[1]) != tuple(weight.shape):
-                raise ValueError(f"merge: adapter for {module} is {b_OR.shape[0]}x{a_RI.shape[1]}, "
-                                 f"the weight is {tuple(weight.shape)}")
+                raise ValueError(
+                    f"merge: adapter for {module} is {b_OR.shape[0]}x{a_RI.shape[1]}, "
+                    f"the weight is {tuple(weight.shape)}"
+                )
             delta = (b_OR.to(torch.float32) @ a_RI.to(torch.float32)) * scaling
             tensors[key] = (weight.to(torch.float32) + delta).to(weight.dtype)
             used.add(module)
-        atomic_write(out_dir / file.name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        atomic_write(out_dir / file.name, functools.partial(save_file, tensors, metadata={"format": "pt"}))
     for name in _COPIED:
         if (base_dir / name).is_file():
-            atomic_write(out_dir / name, lambda tmp, src=base_dir / name: shutil.copyfile(src, tmp))
-    atomic_write_json(out_dir / "raymoe_merge.json", {
-        "base": str(base_dir.resolve()), "adapter": str(Path(adapter_dir).resolve()),
-        "adapter_sha256": sha256_file(Path(adapter_dir) / "adapter_model.safetensors"),
-        "scaling": scaling, "modules": len(used)})
+            atomic_write(out_dir / name, functools.partial(shutil.copyfile, base_dir / name))
+    atomic_write_json(
+        out_dir / "raymoe_merge.json",
+        {
+            "base": str(base_dir.resolve()),
+            "adapter": str(Path(adapter_dir).resolve()),
+            "adapter_sha256": sha256_file(Path(adapter_dir) / "adapter_model.safetensors"),
+            "scaling": scaling,
+            "modules": len(used),
+        },
+    )
     return out_dir

@@ -39,6 +39,8 @@ class FeedForward(nn.Module):
 class Router(nn.Module):
     """Scores experts, picks top-k (optionally within the best groups), returns combine weights."""
 
+    bias_E: torch.Tensor  # buffer, (E,) float32
+
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
@@ -49,7 +51,10 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights_TK, expert_ids_TK, scores_TE, logits_TE); scores and weights are float32."""
         cfg = self.cfg
-        logits_TE = F.linear(x_TD.to(torch.float32), self.weight.to(torch.float32))
+        # fp32 routing even under bf16 autocast, which would recast this linear to bf16 and change
+        # which experts tokens pick.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.to(torch.float32), self.weight.to(torch.float32))
         scores_TE = logits_TE.sigmoid() if cfg.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
         choice_TE = scores_TE + self.bias_E if cfg.balance_bias else scores_TE
         if cfg.num_groups > 1:
@@ -173,7 +178,7 @@ class MoE(nn.Module):
             # (its output is unused, and causal attention keeps it out of every real token).
             expert_ids_TK = expert_ids_TK.masked_fill(~self.count_mask_T[:, None], -1)
         if x_TD.shape[0] == 1 and isinstance(self.dispatcher, LocalDispatcher) and not self.training:
-            y_TD = self._one_token(x_TD, weights_TK, expert_ids_TK)
+            y_TD = self._one_token(x_TD, weights_TK, expert_ids_TK, self.dispatcher.num_local_experts)
         else:
             x_SD, counts, state = self.dispatcher.dispatch(x_TD, expert_ids_TK)
             y_SD = self.experts(x_SD, counts)
@@ -186,12 +191,12 @@ class MoE(nn.Module):
             y_TD = y_TD + shared_TD
         return y_TD.view(shape)
 
-    def _one_token(self, x_TD, weights_TK, expert_ids_TK) -> torch.Tensor:
+    def _one_token(self, x_TD, weights_TK, expert_ids_TK, num_local_experts: int) -> torch.Tensor:
         """Decoding one sequence: the same expert GEMMs without the sort / scatter of a batch,
         whose fixed cost per layer is a good part of a one-token step."""
         ids = expert_ids_TK[0].tolist()
         order = sorted((k for k in range(len(ids)) if ids[k] >= 0), key=ids.__getitem__)
-        counts = [0] * self.dispatcher.num_local_experts
+        counts = [0] * num_local_experts
         for k in order:
             counts[ids[k]] += 1
         y_SD = self.experts(x_TD.expand(len(order), -1), counts)

@@ -37,7 +37,7 @@ def _yarn_inv_freq(cfg: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
         )
 
     low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(cfg.beta_slow)), rot_dim - 1)
+    high: float = min(math.ceil(correction_dim(cfg.beta_slow)), rot_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = torch.clamp((torch.arange(rot_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
@@ -52,6 +52,8 @@ def _yarn_inv_freq(cfg: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
 
 class RotaryEmbedding(nn.Module):
     """Computes cos/sin tables for positions and rotates query/key rotary dims."""
+
+    inv_freq: torch.Tensor  # buffer, (R/2,) float32
 
     def __init__(self, cfg: RopeConfig, rot_dim: int):
         super().__init__()

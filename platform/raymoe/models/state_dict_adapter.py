@@ -38,8 +38,11 @@ def _moe_prefix(arch: str) -> str:
 
 def native_key_to_hf(name: str, arch: str) -> str:
     """HF name of a native non-expert parameter or buffer (e.g. `layers.0.attn.q_proj.weight`)."""
-    fixed = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
+    fixed = {
+        "embed.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
     if name in fixed:
         return fixed[name]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
@@ -149,8 +152,12 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
     dst.copy_(src.to(dst.dtype))
 
 
-def load_hf_state(model: MoETransformer, arch: str, tensors: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
-                  available: set[str]) -> None:
+def load_hf_state(
+    model: MoETransformer,
+    arch: str,
+    tensors: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
+    available: set[str],
+) -> None:
     """Copies HF-named tensors into `model`, checking that each one exists and has the right shape.
 
     Args:

@@ -23,7 +23,7 @@ from torch import nn
 from raymoe.models.attention import build_attention
 from raymoe.models.config import ModelConfig
 from raymoe.models.kv_cache import CacheView, KVCache
-from raymoe.models.moe import MoE, FeedForward, GroupedExperts, Router
+from raymoe.models.moe import FeedForward, GroupedExperts, MoE, Router
 from raymoe.models.norm import RMSNorm
 from raymoe.models.rope import RotaryEmbedding
 
@@ -51,6 +51,8 @@ class Block(nn.Module):
 class MoETransformer(nn.Module):
     """Decoder-only MoE language model; `forward` returns float32 logits (B, T, V)."""
 
+    hf_architecture: str | None = None  # the Hugging Face architecture load_hf read it as
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -64,8 +66,7 @@ class MoETransformer(nn.Module):
         if not self.embed.weight.is_meta:
             self.init_weights()
 
-    def materialize(self, device: torch.device | str, seed: int | None = None, *,
-                    init: bool = True) -> "MoETransformer":
+    def materialize(self, device: torch.device | str, seed: int | None = None, *, init: bool = True) -> MoETransformer:
         """Allocates a meta-built (and possibly expert-sharded) model on `device`.
 
         Only the tensors the model holds are allocated. With `init` each is initialised once
@@ -109,8 +110,9 @@ class MoETransformer(nn.Module):
                 if id(module.weight) not in done:  # tied LM head: the embedding drew it
                     normal_(module.weight, f"{name}.weight")
                     done.add(id(module.weight))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    bias.zero_()
             elif isinstance(module, GroupedExperts):
                 for param_name in ("w_gate_EFD", "w_up_EFD", "w_down_EDF"):
                     stacked = getattr(module, param_name)
@@ -144,8 +146,7 @@ class MoETransformer(nn.Module):
         Returns:
             float32 logits (B, T, V).
         """
-        return self.lm_head(self.hidden_states(input_ids_BT, positions_BT, cache, slot_ids_B,
-                                               count_mask_BT)).float()
+        return self.lm_head(self.hidden_states(input_ids_BT, positions_BT, cache, slot_ids_B, count_mask_BT)).float()
 
     def hidden_states(
         self,
@@ -170,9 +171,11 @@ class MoETransformer(nn.Module):
             view = cache.view(slot_ids_B, positions_BT)
         rope = self.rope(positions_BT)
         h_BTD = self.embed(input_ids_BT)
-        moe_layers = list(self.moe_layers()) if count_mask_BT is not None else []
-        for moe in moe_layers:
-            moe.count_mask_T = count_mask_BT.reshape(-1)
+        moe_layers: list[MoE] = []
+        if count_mask_BT is not None:
+            moe_layers = list(self.moe_layers())
+            for moe in moe_layers:
+                moe.count_mask_T = count_mask_BT.reshape(-1)
         try:
             for layer in self.layers:
                 h_BTD = layer(h_BTD, rope, view)
@@ -200,7 +203,8 @@ class MoETransformer(nn.Module):
         if not active:
             return total
         for moe in self.moe_layers():
-            per_expert = sum(p[0].numel() for p in (moe.experts.w_gate_EFD, moe.experts.w_up_EFD, moe.experts.w_down_EDF))
+            experts = moe.experts
+            per_expert = sum(p[0].numel() for p in (experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF))
             total -= per_expert * (len(moe.experts.expert_ids) - moe.cfg.num_experts_per_tok)
         return total
 

@@ -52,9 +52,15 @@ FEDERATED_REJECTED_15M = 5
 
 RUNBOOK = "docs/alerts.md"
 # Series Prometheus writes for every scrape itself; rules may use them without a MetricSpec.
-PROMETHEUS_BUILTINS = frozenset({
-    "up", "scrape_duration_seconds", "scrape_samples_scraped",
-    "scrape_samples_post_metric_relabeling", "scrape_series_added"})
+PROMETHEUS_BUILTINS = frozenset(
+    {
+        "up",
+        "scrape_duration_seconds",
+        "scrape_samples_scraped",
+        "scrape_samples_post_metric_relabeling",
+        "scrape_series_added",
+    }
+)
 
 VALUE_0F = '{{ $value | printf "%.0f" }}'
 VALUE_2F = '{{ $value | printf "%.2f" }}'
@@ -63,7 +69,7 @@ VALUE_S = "{{ $value | humanizeDuration }}"
 
 
 def _lbl(name: str) -> str:
-    return "{{ $labels.%s }}" % name
+    return "{{ $labels." + name + " }}"
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,11 @@ class AlertRule:
             "expr": self.expr,
             "for": self.for_,
             "labels": {"severity": self.severity},
-            "annotations": {"summary": self.summary,
-                            "description": f"{self.description} Held for {self.for_}.",
-                            "runbook_url": f"{RUNBOOK}#{self.name.lower()}"},
+            "annotations": {
+                "summary": self.summary,
+                "description": f"{self.description} Held for {self.for_}.",
+                "runbook_url": f"{RUNBOOK}#{self.name.lower()}",
+            },
         }
 
 
@@ -105,74 +113,110 @@ def build_groups(ttft_slo_s: float = TTFT_P99_SLO_S) -> dict[str, list[AlertRule
     # Summed over replicas first: max/avg across per-replica series would measure replicas too.
     expert_rate = f"sum by (model, layer, expert) (rate({per_expert}[5m]))"
     return {
-        "raymoe-drift": [AlertRule(
-            "RaymoeDriftAlarm", f"max by (run, detector, feature) ({drift}) == 1", "10m", "warning",
-            f"Drift on feature {_lbl('feature')} of run {_lbl('run')}",
-            f"The {_lbl('detector')} detector has been over its threshold on feature {_lbl('feature')}"
-            f" of run {_lbl('run')}.")],
+        "raymoe-drift": [
+            AlertRule(
+                "RaymoeDriftAlarm",
+                f"max by (run, detector, feature) ({drift}) == 1",
+                "10m",
+                "warning",
+                f"Drift on feature {_lbl('feature')} of run {_lbl('run')}",
+                f"The {_lbl('detector')} detector has been over its threshold on feature {_lbl('feature')}"
+                f" of run {_lbl('run')}.",
+            )
+        ],
         "raymoe-serve": [
             AlertRule(
                 "RaymoeServeTTFTP99OverSLO",
                 f"histogram_quantile(0.99, sum by (le, model) (rate({ttft}[5m]))) > {ttft_slo_s:g}",
-                "5m", "warning", f"p99 time to first token of {_lbl('model')} is over {ttft_slo_s:g}s",
-                f"p99 TTFT of model {_lbl('model')} is {VALUE_S} over the last 5m"
-                f" (SLO {ttft_slo_s:g}s)."),
+                "5m",
+                "warning",
+                f"p99 time to first token of {_lbl('model')} is over {ttft_slo_s:g}s",
+                f"p99 TTFT of model {_lbl('model')} is {VALUE_S} over the last 5m (SLO {ttft_slo_s:g}s).",
+            ),
             AlertRule(
                 "RaymoeServeErrorRatio",
                 f'sum by (model) (rate({requests}{{status=~"5.."}}[5m]))'
                 f" / sum by (model) (rate({requests}[5m])) > {ERROR_RATIO_BOUND:g}",
-                "5m", "critical", f"Model {_lbl('model')} answers {VALUE_PCT} of requests with 5xx",
+                "5m",
+                "critical",
+                f"Model {_lbl('model')} answers {VALUE_PCT} of requests with 5xx",
                 f"{VALUE_PCT} of requests to model {_lbl('model')} failed with a 5xx status over the"
-                f" last 5m (bound {ERROR_RATIO_BOUND:.0%})."),
+                f" last 5m (bound {ERROR_RATIO_BOUND:.0%}).",
+            ),
             AlertRule(
                 "RaymoeServeExpertImbalance",
                 f"max by (model, layer) ({expert_rate}) / avg by (model, layer) ({expert_rate})"
                 f" > {EXPERT_IMBALANCE_BOUND:g}",
-                "15m", "warning", f"Expert load imbalance in layer {_lbl('layer')} of {_lbl('model')}",
+                "15m",
+                "warning",
+                f"Expert load imbalance in layer {_lbl('layer')} of {_lbl('model')}",
                 f"The busiest expert of MoE layer {_lbl('layer')} of model {_lbl('model')} routes"
-                f" {VALUE_2F}x the mean tokens per expert (bound {EXPERT_IMBALANCE_BOUND:g}x)."),
+                f" {VALUE_2F}x the mean tokens per expert (bound {EXPERT_IMBALANCE_BOUND:g}x).",
+            ),
         ],
         "raymoe-train": [
             AlertRule(
                 "RaymoeTrainExpertImbalance",
-                f"max by (run, layer) ({imbalance}) > {EXPERT_IMBALANCE_BOUND:g}", "15m", "warning",
+                f"max by (run, layer) ({imbalance}) > {EXPERT_IMBALANCE_BOUND:g}",
+                "15m",
+                "warning",
                 f"Expert load imbalance in layer {_lbl('layer')} of run {_lbl('run')}",
                 f"Max over mean tokens per expert in MoE layer {_lbl('layer')} of training run"
-                f" {_lbl('run')} is {VALUE_2F} (bound {EXPERT_IMBALANCE_BOUND:g})."),
+                f" {_lbl('run')} is {VALUE_2F} (bound {EXPERT_IMBALANCE_BOUND:g}).",
+            ),
             # NaN != NaN is the only comparison NaN passes; count, not max, because max skips NaN.
             AlertRule(
-                "RaymoeTrainLossNotFinite", f"count by (run) (({loss} != {loss}) or ({loss} == Inf))",
-                "1m", "critical", f"Training loss of run {_lbl('run')} is NaN or infinite",
+                "RaymoeTrainLossNotFinite",
+                f"count by (run) (({loss} != {loss}) or ({loss} == Inf))",
+                "1m",
+                "critical",
+                f"Training loss of run {_lbl('run')} is NaN or infinite",
                 f"The training loss of run {_lbl('run')} is NaN or infinite:"
-                " the run has diverged and every later step is wasted."),
+                " the run has diverged and every later step is wasted.",
+            ),
             AlertRule(
                 "RaymoeTrainLossRising",
                 f"max by (run) ({loss} / min_over_time({loss}[1h])) > {LOSS_RISE_RATIO:g}",
-                "15m", "warning", f"Training loss of run {_lbl('run')} is rising",
+                "15m",
+                "warning",
+                f"Training loss of run {_lbl('run')} is rising",
                 f"The training loss of run {_lbl('run')} is {VALUE_2F}x its minimum of the last hour"
-                f" (bound {LOSS_RISE_RATIO:g}x)."),
+                f" (bound {LOSS_RISE_RATIO:g}x).",
+            ),
         ],
-        "raymoe-federated": [AlertRule(
-            "RaymoeFederatedRejectedUpdates",
-            f"sum by (run) (increase({rejected}[15m])) > {FEDERATED_REJECTED_15M}", "5m", "warning",
-            f"Federated run {_lbl('run')} is rejecting silo updates",
-            f"About {VALUE_0F} silo updates of federated run {_lbl('run')} were rejected in the last 15m"
-            f" (bound {FEDERATED_REJECTED_15M}).")],
-        "raymoe-targets": [AlertRule(
-            "RaymoeTargetDown", "up == 0", "2m", "warning",
-            f"Scrape target {_lbl('instance')} of job {_lbl('job')} is down",
-            f"Prometheus cannot scrape {_lbl('instance')} (job {_lbl('job')}):"
-            " its metrics, and the alerts on them, are blind.")],
+        "raymoe-federated": [
+            AlertRule(
+                "RaymoeFederatedRejectedUpdates",
+                f"sum by (run) (increase({rejected}[15m])) > {FEDERATED_REJECTED_15M}",
+                "5m",
+                "warning",
+                f"Federated run {_lbl('run')} is rejecting silo updates",
+                f"About {VALUE_0F} silo updates of federated run {_lbl('run')} were rejected in the last 15m"
+                f" (bound {FEDERATED_REJECTED_15M}).",
+            )
+        ],
+        "raymoe-targets": [
+            AlertRule(
+                "RaymoeTargetDown",
+                "up == 0",
+                "2m",
+                "warning",
+                f"Scrape target {_lbl('instance')} of job {_lbl('job')} is down",
+                f"Prometheus cannot scrape {_lbl('instance')} (job {_lbl('job')}):"
+                " its metrics, and the alerts on them, are blind.",
+            )
+        ],
     }
 
 
 def render(groups: dict[str, list[AlertRule]] | None = None) -> str:
     """The Prometheus rule file (YAML) for `groups` (default: `build_groups()`)."""
     groups = build_groups() if groups is None else groups
-    doc = {"groups": [{"name": name, "rules": [r.to_dict() for r in rules]}
-                      for name, rules in groups.items()]}
-    header = ("# Generated by `python -m raymoe.monitor.alerts` from raymoe/monitor/metrics.py;"
-              " do not edit.\n# Runbook: docs/alerts.md\n")
+    doc = {"groups": [{"name": name, "rules": [r.to_dict() for r in rules]} for name, rules in groups.items()]}
+    header = (
+        "# Generated by `python -m raymoe.monitor.alerts` from raymoe/monitor/metrics.py;"
+        " do not edit.\n# Runbook: docs/alerts.md\n"
+    )
     return header + yaml.safe_dump(doc, sort_keys=False, width=1000, allow_unicode=True)
 
 
@@ -181,8 +225,23 @@ _MATCHERS = re.compile(r"\{[^}]*\}")
 _RANGES = re.compile(r"\[[^\]]*\]")
 _LABEL_LISTS = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _IDENT = re.compile(r"(?<![\w:.])[A-Za-z_:][\w:]*")
-_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
-                       "group_left", "group_right", "nan", "inf"})
+_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "nan",
+        "inf",
+    }
+)
 
 
 def metric_names(expr: str) -> set[str]:
@@ -192,7 +251,7 @@ def metric_names(expr: str) -> set[str]:
         expr = pattern.sub(" ", expr)
     names = set()
     for match in _IDENT.finditer(expr):
-        if match.group().lower() in _KEYWORDS or expr[match.end():].lstrip().startswith("("):
+        if match.group().lower() in _KEYWORDS or expr[match.end() :].lstrip().startswith("("):
             continue
         names.add(match.group())
     return names
@@ -203,8 +262,7 @@ def registry_series() -> set[str]:
     names = set()
     for spec in m.REGISTRY:
         base = m.prometheus_name(spec)
-        names.update([f"{base}_bucket", f"{base}_sum", f"{base}_count"] if spec.kind == "histogram"
-                     else [base])
+        names.update([f"{base}_bucket", f"{base}_sum", f"{base}_count"] if spec.kind == "histogram" else [base])
     return names
 
 
@@ -227,8 +285,7 @@ def check_rules_reference_registry(groups: dict[str, list[AlertRule]] | None = N
             used |= names
             unknown += [f"{rule.name}: {n}" for n in sorted(names - known)]
     if unknown:
-        raise ValueError("alert rules use metrics missing from raymoe.monitor.metrics.REGISTRY: "
-                         + "; ".join(unknown))
+        raise ValueError("alert rules use metrics missing from raymoe.monitor.metrics.REGISTRY: " + "; ".join(unknown))
     return used
 
 

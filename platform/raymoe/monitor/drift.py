@@ -111,9 +111,11 @@ class DriftConfig:
             require(0 < value < 1, f"drift.{key} must be in (0, 1), got {value}")
         # The smallest permutation p-value is 1 / (B + 1); it must be able to fall below alpha.
         min_permutations = math.floor(1 / self.mmd_p_value)
-        require(self.mmd_permutations >= min_permutations,
-                f"drift.mmd_permutations must be >= {min_permutations} (1 / drift.mmd_p_value) so "
-                f"a p-value below {self.mmd_p_value} is possible, got {self.mmd_permutations}")
+        require(
+            self.mmd_permutations >= min_permutations,
+            f"drift.mmd_permutations must be >= {min_permutations} (1 / drift.mmd_p_value) so "
+            f"a p-value below {self.mmd_p_value} is possible, got {self.mmd_permutations}",
+        )
         require(self.seed >= 0, f"drift.seed must be >= 0, got {self.seed}")
 
 
@@ -132,6 +134,7 @@ class DriftResult:
 
 
 # --- detectors: each a pure function of two arrays --------------------------------------------
+
 
 def psi(ref_counts_K: np.ndarray, cur_counts_K: np.ndarray) -> float:
     """Population stability index sum_k (r_k - c_k) ln(r_k / c_k) over bin proportions r, c.
@@ -181,12 +184,13 @@ def wasserstein_normed(ref_N: np.ndarray, cur_M: np.ndarray) -> float:
 
 def js_max_over_layers(ref_load_LE: np.ndarray, cur_load_LE: np.ndarray) -> float:
     """Largest over layers of the Jensen-Shannon distance between per-layer expert-load shares."""
-    return max(float(distance.jensenshannon(ref_E, cur_E))  # normalises each row itself
-               for ref_E, cur_E in zip(ref_load_LE, cur_load_LE))
+    return max(
+        float(distance.jensenshannon(ref_E, cur_E))  # normalises each row itself
+        for ref_E, cur_E in zip(ref_load_LE, cur_load_LE)
+    )
 
 
-def mmd_permutation(ref_ND: np.ndarray, cur_MD: np.ndarray, *, num_permutations: int,
-                    seed: int) -> tuple[float, float]:
+def mmd_permutation(ref_ND: np.ndarray, cur_MD: np.ndarray, *, num_permutations: int, seed: int) -> tuple[float, float]:
     """Unbiased MMD^2 with an RBF kernel and its permutation p-value: (MMD^2, p-value).
 
     k(x, y) = exp(-|x - y|^2 / (2 sigma^2)), sigma the median pairwise distance of the pooled
@@ -221,29 +225,29 @@ def bin_samples(ref_N: np.ndarray, cur_M: np.ndarray) -> tuple[np.ndarray, np.nd
     values = np.unique(ref_N)
     if len(values) <= _MAX_CATEGORIES:
         values = np.union1d(values, cur_M)
-        return (np.bincount(np.searchsorted(values, ref_N), minlength=len(values)),
-                np.bincount(np.searchsorted(values, cur_M), minlength=len(values)))
+        return (
+            np.bincount(np.searchsorted(values, ref_N), minlength=len(values)),
+            np.bincount(np.searchsorted(values, cur_M), minlength=len(values)),
+        )
     edges = np.histogram_bin_edges(np.concatenate([ref_N, cur_M]), bins="sturges")
     return np.histogram(ref_N, edges)[0], np.histogram(cur_M, edges)[0]
 
 
 # --- windows ----------------------------------------------------------------------------------
 
+
 def _feature(window: dict, name: str, feature: str) -> np.ndarray:
     """The feature as an array, checked for dimension, emptiness, finiteness and sign."""
     x = np.asarray(window[feature])
     ndim = _NDIM.get(feature, 1)
     if x.ndim != ndim or x.size == 0:
-        raise ValueError(f"{name} window: {feature} must be a non-empty {ndim}-D array, "
-                         f"got shape {x.shape}")
+        raise ValueError(f"{name} window: {feature} must be a non-empty {ndim}-D array, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name} window: {feature} has non-finite values")
     if feature in _COUNTS and (x.min() < 0 or x.sum() == 0):
-        raise ValueError(f"{name} window: {feature} must be non-negative counts with a "
-                         "positive total")
+        raise ValueError(f"{name} window: {feature} must be non-negative counts with a positive total")
     if feature == "expert_load" and np.any(x.sum(axis=1) == 0):
-        raise ValueError(f"{name} window: expert_load layer {int(np.argmin(x.sum(axis=1)))} "
-                         "has no routed tokens")
+        raise ValueError(f"{name} window: expert_load layer {int(np.argmin(x.sum(axis=1)))} has no routed tokens")
     if feature == "embedding" and len(x) < 2:
         raise ValueError(f"{name} window: embedding needs at least 2 rows, got {len(x)}")
     return x
@@ -257,8 +261,7 @@ def _check_shapes(feature: str, ref: np.ndarray, cur: np.ndarray) -> None:
         raise ValueError(f"embedding: reference dim {ref.shape[1]} != current dim {cur.shape[1]}")
 
 
-def _run(feature: str, detector: str, ref: np.ndarray, cur: np.ndarray,
-         cfg: DriftConfig) -> DriftResult:
+def _run(feature: str, detector: str, ref: np.ndarray, cur: np.ndarray, cfg: DriftConfig) -> DriftResult:
     """One detector; distances alarm at score >= threshold, tests at p-value < threshold."""
     p_value = None
     if detector in ("psi", "chi2") and feature not in _COUNTS:
@@ -274,8 +277,7 @@ def _run(feature: str, detector: str, ref: np.ndarray, cur: np.ndarray,
     elif detector == "js":
         score, threshold = js_max_over_layers(ref, cur), cfg.js_threshold
     else:
-        score, p_value = mmd_permutation(ref, cur, num_permutations=cfg.mmd_permutations,
-                                         seed=cfg.seed)
+        score, p_value = mmd_permutation(ref, cur, num_permutations=cfg.mmd_permutations, seed=cfg.seed)
         threshold = cfg.mmd_p_value
     drifted = score >= threshold if p_value is None else p_value < threshold
     return DriftResult(feature, detector, score, threshold, drifted, p_value)
@@ -299,9 +301,8 @@ def compare_windows(reference: dict, current: dict, cfg: DriftConfig) -> list[Dr
     for name, window in (("reference", reference), ("current", current)):
         unknown = sorted(set(window) - set(FEATURES))
         if unknown:
-            raise ValueError(f"{name} window: unknown feature {unknown[0]}; "
-                             f"known: {list(FEATURES)}")
-    results = []
+            raise ValueError(f"{name} window: unknown feature {unknown[0]}; known: {list(FEATURES)}")
+    results: list[DriftResult] = []
     for feature, detectors in DETECTORS.items():
         if feature not in reference or feature not in current:
             continue

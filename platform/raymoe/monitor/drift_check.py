@@ -77,15 +77,19 @@ def manifest_reference(manifest: dict, current: TrafficWindow) -> dict[str, np.n
     unigram = np.asarray(profile["token_unigram"]["counts"], dtype=np.int64)
     vocab, buckets = int(current.meta["vocab_size"]), int(current.meta["token_buckets"])
     if len(unigram) != vocab:
-        raise ValueError(f"the manifest's vocabulary has {len(unigram)} tokens, the served model's "
-                         f"{vocab}: not the same tokenizer")
+        raise ValueError(
+            f"the manifest's vocabulary has {len(unigram)} tokens, the served model's {vocab}: not the same tokenizer"
+        )
     # Same rule as the serving app: token t goes to bucket t * K // V.
-    token_histogram = np.bincount(np.arange(vocab) * buckets // vocab, weights=unigram,
-                                  minlength=buckets).astype(np.int64)
+    token_histogram = np.bincount(np.arange(vocab) * buckets // vocab, weights=unigram, minlength=buckets).astype(
+        np.int64
+    )
     edges = profile["doc_length_tokens"]["edges"]
-    return {"token_histogram": token_histogram,
-            "prompt_length_binned": np.asarray(profile["doc_length_tokens"]["counts"], dtype=np.int64),
-            "_edges": np.asarray(edges)}
+    return {
+        "token_histogram": token_histogram,
+        "prompt_length_binned": np.asarray(profile["doc_length_tokens"]["counts"], dtype=np.int64),
+        "_edges": np.asarray(edges),
+    }
 
 
 def _read_manifest(path: str) -> dict:
@@ -112,7 +116,8 @@ def run_check(cfg: DriftJobConfig) -> CheckResult:
         edges = reference.pop("_edges")
         lengths = np.asarray(cur_features["prompt_length"])
         cur_features["prompt_length_binned"] = np.bincount(
-            np.searchsorted(edges, lengths, side="right") - 1, minlength=len(edges))
+            np.searchsorted(edges, lengths, side="right") - 1, minlength=len(edges)
+        )
         ref_label = f"manifest {cfg.reference.manifest}"
     else:
         ref_windows = read_valid_windows(ref_paths, quarantine)
@@ -122,10 +127,15 @@ def run_check(cfg: DriftJobConfig) -> CheckResult:
         ref_label = f"{len(ref_windows)} window(s)"
     reference, cur_features = _select(reference, cfg.features), _select(cur_features, cfg.features)
     results = compare_windows(reference, cur_features, cfg.detectors)
-    meta = {"run": cfg.name, "time": time.time(), "reference": ref_label,
-            "reference_files": ref_paths, "current_files": cur_paths,
-            "current_requests": int(current.meta.get("num_sampled", len(cur_features.get("prompt_length", [])))),
-            "model": current.meta.get("model", "")}
+    meta = {
+        "run": cfg.name,
+        "time": time.time(),
+        "reference": ref_label,
+        "reference_files": ref_paths,
+        "current_files": cur_paths,
+        "current_requests": int(current.meta.get("num_sampled", len(cur_features.get("prompt_length", [])))),
+        "model": current.meta.get("model", ""),
+    }
     return CheckResult(summary(results), meta, reference, cur_features)
 
 
@@ -136,12 +146,18 @@ def write_outputs(cfg: DriftJobConfig, result: CheckResult) -> dict[str, Path]:
     out = Path(cfg.output_dir)
     record = {"meta": result.meta, "summary": result.summary}
     paths = {"json": atomic_write_json(out / "drift.json", record)}
-    html = render_drift_html(result.summary, result.reference, result.current,
-                             title=f"raymoe drift report: {cfg.name}", meta=result.meta)
+    html = render_drift_html(
+        result.summary, result.reference, result.current, title=f"raymoe drift report: {cfg.name}", meta=result.meta
+    )
     paths["html"] = atomic_write_bytes(out / "report.html", html.encode("utf-8"))
-    append_jsonl(out / DRIFT_HISTORY_FILE, {"time": result.meta["time"], "window":
-                                               ",".join(Path(p).name for p in result.meta["current_files"]),
-                                               "summary": result.summary})
+    append_jsonl(
+        out / DRIFT_HISTORY_FILE,
+        {
+            "time": result.meta["time"],
+            "window": ",".join(Path(p).name for p in result.meta["current_files"]),
+            "summary": result.summary,
+        },
+    )
     return paths
 
 

@@ -15,7 +15,7 @@ import base64
 import html
 import json
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -55,8 +55,10 @@ def _number(value: float | None) -> str:
 
 def _img(fig: Figure, caption: str, *, alt: str) -> str:
     data = base64.b64encode(plots.png_bytes(fig)).decode("ascii")
-    return (f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
 
 
 def _table(summary: Mapping[str, Any]) -> str:
@@ -66,19 +68,23 @@ def _table(summary: Mapping[str, Any]) -> str:
             is_test = r.get("p_value") is not None
             rule = f"p &lt; {r['threshold']:.4g}" if is_test else f"score &ge; {r['threshold']:.4g}"
             state = "drifted" if r["drifted"] else "ok"
-            rows.append(f'<tr class="{state}"><td class="name">{_e(feature)}</td>'
-                        f'<td class="name">{_e(detector)}</td><td>{_number(r["score"])}</td>'
-                        f'<td>{rule}</td><td>{_number(r.get("p_value"))}</td>'
-                        f'<td class="flag">{"yes" if r["drifted"] else "no"}</td></tr>')
-    head = ("<tr><th>feature</th><th>detector</th><th>score</th><th>alarm when</th>"
-            "<th>p-value</th><th>drifted</th></tr>")
+            rows.append(
+                f'<tr class="{state}"><td class="name">{_e(feature)}</td>'
+                f'<td class="name">{_e(detector)}</td><td>{_number(r["score"])}</td>'
+                f"<td>{rule}</td><td>{_number(r.get('p_value'))}</td>"
+                f'<td class="flag">{"yes" if r["drifted"] else "no"}</td></tr>'
+            )
+    head = "<tr><th>feature</th><th>detector</th><th>score</th><th>alarm when</th><th>p-value</th><th>drifted</th></tr>"
     return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _histogram(feature: str, xlabel: str, rows: str) -> _Plot:
     def plot(ref, cur):
-        return (plots.histogram_figure(ref, cur, title=feature, xlabel=xlabel),
-                f"{feature}: share of {rows} per bin, bins shared by both windows.")
+        return (
+            plots.histogram_figure(ref, cur, title=feature, xlabel=xlabel),
+            f"{feature}: share of {rows} per bin, bins shared by both windows.",
+        )
+
     return plot
 
 
@@ -86,6 +92,7 @@ def _shares(feature: str, xlabel: str, ylabel: str, what: str) -> _Plot:
     def plot(ref, cur):
         fig = plots.count_shares_figure(ref, cur, title=feature, xlabel=xlabel, ylabel=ylabel)
         return fig, f"{feature}: {what}, in at most 32 contiguous buckets."
+
     return plot
 
 
@@ -95,38 +102,57 @@ PLOTS: dict[str, _Plot] = {
     "prompt_length": _histogram("prompt_length", "tokens per prompt", "prompts"),
     "output_length": _histogram("output_length", "tokens per response", "responses"),
     "mean_logprob": _histogram("mean_logprob", "mean token log-probability (nats)", "responses"),
-    "token_histogram": _shares("token_histogram", "first token id (or token bucket) of the bucket",
-                               "share of tokens", "share of all tokens per token id"),
-    "prompt_length_binned": _shares("prompt_length_binned", "first length bin of the bucket",
-                                    "share of prompts", "share of prompts per reference length bin"),
+    "token_histogram": _shares(
+        "token_histogram",
+        "first token id (or token bucket) of the bucket",
+        "share of tokens",
+        "share of all tokens per token id",
+    ),
+    "prompt_length_binned": _shares(
+        "prompt_length_binned",
+        "first length bin of the bucket",
+        "share of prompts",
+        "share of prompts per reference length bin",
+    ),
     "expert_load": lambda ref, cur: (
         plots.expert_share_figure(ref, cur),
         "expert_load: each layer's tokens split over its experts (shares sum to 1 per layer); "
-        "right: current minus reference."),
+        "right: current minus reference.",
+    ),
     "embedding": lambda ref, cur: (
         plots.embedding_pca_figure(np.asarray(ref), np.asarray(cur)),
-        "embedding: both windows on the first two principal axes of the pooled, centred sample."),
+        "embedding: both windows on the first two principal axes of the pooled, centred sample.",
+    ),
 }
 
 
 def _window_plots(reference: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """One figure per feature both windows hold, in `PLOTS` order."""
-    return [_img(*PLOTS[feature](reference[feature], current[feature]), alt=feature)
-            for feature in PLOTS if feature in reference and feature in current]
+    return [
+        _img(*PLOTS[feature](reference[feature], current[feature]), alt=feature)
+        for feature in PLOTS
+        if feature in reference and feature in current
+    ]
 
 
 def _meta_value(key: str, value: Any) -> str:
     """Unix seconds under "time" as UTC ISO; lists of strings comma-separated; others as JSON."""
     if key == "time" and isinstance(value, (int, float)):
-        stamp = datetime.fromtimestamp(value, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return _e(f"{stamp} ({value:.0f} unix s)")
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return _e(", ".join(value))
     return _e(value)
 
 
-def render_drift_html(summary: Mapping[str, Any], reference: Mapping[str, Any],
-                      current: Mapping[str, Any], *, title: str, meta: Mapping[str, Any]) -> str:
+def render_drift_html(
+    summary: Mapping[str, Any],
+    reference: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    title: str,
+    meta: Mapping[str, Any],
+) -> str:
     """The drift report as one self-contained HTML document.
 
     Args:
@@ -143,15 +169,21 @@ def render_drift_html(summary: Mapping[str, Any], reference: Mapping[str, Any],
         table lists every result in `summary`.
     """
     drifted = bool(summary["drifted"])
-    verdict = ('<p class="verdict drift">DRIFT</p>' if drifted
-               else '<p class="verdict no-drift">NO DRIFT</p>')
+    verdict = '<p class="verdict drift">DRIFT</p>' if drifted else '<p class="verdict no-drift">NO DRIFT</p>'
     if drifted:
         verdict += f"<p>Drifted features: {_e(', '.join(summary['drifted_features']))}</p>"
     meta_items = "".join(f"<dt>{_e(str(k))}</dt><dd>{_meta_value(k, v)}</dd>" for k, v in meta.items())
     figures = _window_plots(reference, current)
-    body = [f"<h1>{_e(title)}</h1>", verdict, f'<dl class="meta">{meta_items}</dl>',
-            "<h2>Detectors</h2>", _table(summary),
-            "<h2>Reference vs current</h2>", *(figures or ["<p>No feature is in both windows.</p>"])]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        verdict,
+        f'<dl class="meta">{meta_items}</dl>',
+        "<h2>Detectors</h2>",
+        _table(summary),
+        "<h2>Reference vs current</h2>",
+        *(figures or ["<p>No feature is in both windows.</p>"]),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

@@ -11,8 +11,32 @@ import glob
 import os
 from dataclasses import dataclass, field
 
-from raymoe.config import ConfigError, require
+from raymoe.artifact_check import check_artifact
+from raymoe.config import ConfigError, require, require_at_least, same_path
 from raymoe.monitor.drift import FEATURES, DriftConfig
+
+
+@dataclass(kw_only=True)
+class DebugTrafficConfig:
+    """The only place a job may fabricate debug traffic (debug configs of the drift and
+    re-placement jobs): windows are written into `dir` only when the job reads its windows from
+    that same directory and it holds none, by serving the artifact at `artifact` in-process
+    (`raymoe.serve.debug_traffic`; a random-weight debug artifact is written there first when none
+    is). A job pointed elsewhere writes nothing.
+    """
+
+    # Directory the two debug windows go to.
+    dir: str
+    # Artifact served to produce them; the debug artifact is written here when missing.
+    artifact: str
+
+    def __post_init__(self) -> None:
+        require(bool(self.dir), "debug_traffic.dir must be set (where the debug windows may be written)")
+        require(bool(self.artifact), "debug_traffic.artifact must be set (the artifact the debug windows come from)")
+
+    def applies_to(self, windows_dir: str) -> bool:
+        """True when `windows_dir` (the job's windows) is this debug directory."""
+        return same_path(windows_dir, self.dir)
 
 
 @dataclass(kw_only=True)
@@ -43,11 +67,14 @@ class ReferenceConfig:
     manifest: str = ""
 
     def __post_init__(self) -> None:
-        require(self.kind in ("windows", "manifest"),
-                f"reference.kind must be 'windows' or 'manifest', got {self.kind!r}")
+        require(
+            self.kind in ("windows", "manifest"), f"reference.kind must be 'windows' or 'manifest', got {self.kind!r}"
+        )
         require(self.oldest >= 1, f"reference.oldest must be >= 1, got {self.oldest}")
-        require(self.kind != "manifest" or bool(self.manifest),
-                "reference.manifest must name an ingest output when reference.kind is 'manifest'")
+        require(
+            self.kind != "manifest" or bool(self.manifest),
+            "reference.manifest must name an ingest output when reference.kind is 'manifest'",
+        )
 
 
 @dataclass(kw_only=True)
@@ -86,24 +113,34 @@ class ActionConfig:
     address: str = ""
 
     def check(self, key: str) -> None:
-        require(self.mode in ("subprocess", "ray_job"),
-                f"actions.{key}.mode must be 'subprocess' or 'ray_job', got {self.mode!r}")
-        require(not self.enabled or bool(self.entrypoint),
-                f"actions.{key}.entrypoint must be set when actions.{key}.enabled is true")
-        require(self.mode != "ray_job" or not self.enabled or bool(self.address),
-                f"actions.{key}.address must name the Ray dashboard when actions.{key}.mode is 'ray_job'")
+        require(
+            self.mode in ("subprocess", "ray_job"),
+            f"actions.{key}.mode must be 'subprocess' or 'ray_job', got {self.mode!r}",
+        )
+        require(
+            not self.enabled or bool(self.entrypoint),
+            f"actions.{key}.entrypoint must be set when actions.{key}.enabled is true",
+        )
+        require(
+            self.mode != "ray_job" or not self.enabled or bool(self.address),
+            f"actions.{key}.address must name the Ray dashboard when actions.{key}.mode is 'ray_job'",
+        )
 
 
 @dataclass(kw_only=True)
 class ActionsConfig:
     # Router-load drift (feature expert_load) -> re-place experts from the measured load.
-    rebalance: ActionConfig = field(default_factory=lambda: ActionConfig(
-        entrypoint=["python", "-m", "pipelines.rebalance", "--config",
-                    "pipelines/configs/rebalance.debug.yaml"]))
+    rebalance: ActionConfig = field(
+        default_factory=lambda: ActionConfig(
+            entrypoint=["python", "-m", "pipelines.rebalance", "--config", "pipelines/configs/rebalance.debug.yaml"]
+        )
+    )
     # Input drift (any other feature) or quality decay -> fine-tune on fresh data.
-    finetune: ActionConfig = field(default_factory=lambda: ActionConfig(
-        entrypoint=["python", "-m", "pipelines.finetune", "--config",
-                    "pipelines/configs/finetune.debug.yaml"]))
+    finetune: ActionConfig = field(
+        default_factory=lambda: ActionConfig(
+            entrypoint=["python", "-m", "pipelines.finetune", "--config", "pipelines/configs/finetune.debug.yaml"]
+        )
+    )
 
     def __post_init__(self) -> None:
         self.rebalance.check("rebalance")
@@ -125,10 +162,11 @@ class DriftJobConfig:
     actions: ActionsConfig = field(default_factory=ActionsConfig)
     # drift.json, report.html, drift-history.jsonl, quality-history.jsonl, actions.jsonl go here.
     output_dir: str
-    # Debug only: when current.dir holds no window, serve the debug artifact (written at
-    # quality.artifact if missing) in-process on code prompts, then prose prompts, writing one
-    # window each (`raymoe.serve.debug_traffic`).
-    make_debug_traffic: bool = False
+    # Debug configs only: when current.dir is debug_traffic.dir and holds no window, serve
+    # debug_traffic.artifact (the debug artifact is written there if missing) in-process on code
+    # prompts, then prose prompts, writing one window each (`raymoe.serve.debug_traffic`).
+    # Pointed at any other directory, the job fabricates nothing. null = never.
+    debug_traffic: DebugTrafficConfig | None = None
     # Publish the results as Prometheus gauges through Ray's metrics agent.
     publish_metrics: bool = True
     # 0 = one check, then exit (0 no drift, 3 drift). > 0 = check every this-many seconds until
@@ -142,8 +180,12 @@ class DriftJobConfig:
         for name in self.features:
             require(name in known, f"features: unknown feature {name!r}; known: {sorted(known)}")
         require(bool(self.output_dir), "output_dir must be set")
-        require(self.interval_s >= 0, f"interval_s must be >= 0, got {self.interval_s}")
-        require(self.linger_s >= 0, f"linger_s must be >= 0, got {self.linger_s}")
+        require_at_least("", self, interval_s=0, linger_s=0)
+
+    @property
+    def writes_debug_traffic(self) -> bool:
+        """True when current.dir is the debug config's own debug_traffic.dir."""
+        return self.debug_traffic is not None and self.debug_traffic.applies_to(self.current.dir)
 
 
 def window_files(cfg: DriftJobConfig) -> tuple[list[str], list[str]]:
@@ -155,40 +197,60 @@ def window_files(cfg: DriftJobConfig) -> tuple[list[str], list[str]]:
     from raymoe.monitor.traffic_windows import list_windows
 
     found = [str(p) for p in list_windows(cfg.current.dir)] if os.path.isdir(cfg.current.dir) else []
-    current = found[-cfg.current.latest:]
+    current = found[-cfg.current.latest :]
     if cfg.reference.kind == "manifest":
         return [], current
     if cfg.reference.paths:
         reference = sorted({p for pattern in cfg.reference.paths for p in glob.glob(pattern)})
     else:
-        reference = found[:cfg.reference.oldest]
+        reference = found[: cfg.reference.oldest]
     return reference, current
 
 
 def check_before_launch(cfg: DriftJobConfig, evaluate: bool = False) -> None:
-    """Filesystem checks that need no Ray: raises ConfigError naming the key and the path."""
-    if not os.path.isdir(cfg.current.dir):
-        raise ConfigError(f"current.dir={cfg.current.dir!r}: no such directory (the serving app's "
-                          "app.traffic.output_dir)")
-    reference, current = window_files(cfg)
-    if len(current) < cfg.current.latest:
-        raise ConfigError(f"current.dir={cfg.current.dir!r} holds {len(current)} window file(s), "
-                          f"current.latest={cfg.current.latest} needed")
-    if cfg.reference.kind == "manifest":
-        path = cfg.reference.manifest
-        if not (os.path.isfile(path) or os.path.isfile(os.path.join(path, "manifest.json"))):
-            raise ConfigError(f"reference.manifest={path!r}: no manifest.json there")
-    elif not reference:
-        raise ConfigError(f"reference.paths={cfg.reference.paths!r} matches no window file")
-    elif set(reference) & set(current):
-        raise ConfigError(f"the reference and current windows overlap in {cfg.current.dir!r} "
-                          f"(current.latest={cfg.current.latest}, reference.oldest="
-                          f"{cfg.reference.oldest}): fewer files than both need")
+    """Filesystem checks that need no Ray: raises ConfigError naming the key and the path.
+
+    With debug traffic still to be written (`writes_debug_traffic`, no windows yet) the windows
+    are not checked: the job writes them, then checks again.
+    """
     if evaluate:
         q = cfg.quality
-        if not os.path.isfile(os.path.join(q.artifact, "config.json")):
-            raise ConfigError(f"quality.artifact={q.artifact!r}: no HF-format artifact (config.json) there")
+        debug = cfg.debug_traffic
+        artifact_pending = (
+            cfg.writes_debug_traffic
+            and debug is not None
+            and same_path(q.artifact, debug.artifact)
+            and not os.path.isfile(os.path.join(q.artifact, "config.json"))
+        )
+        if not artifact_pending:
+            check_artifact("quality.artifact", q.artifact)
         if q.adapter and not os.path.isfile(os.path.join(q.adapter, "adapter_config.json")):
             raise ConfigError(f"quality.adapter={q.adapter!r}: no adapter_config.json there")
         if not os.path.isfile(q.eval_path):
             raise ConfigError(f"quality.eval_path={q.eval_path!r}: no such file")
+    if cfg.reference.kind == "manifest":
+        path = cfg.reference.manifest
+        if not (os.path.isfile(path) or os.path.isfile(os.path.join(path, "manifest.json"))):
+            raise ConfigError(f"reference.manifest={path!r}: no manifest.json there")
+    if cfg.writes_debug_traffic and not window_files(cfg)[1]:
+        return
+    if not os.path.isdir(cfg.current.dir):
+        raise ConfigError(
+            f"current.dir={cfg.current.dir!r}: no such directory (the serving app's app.traffic.output_dir)"
+        )
+    reference, current = window_files(cfg)
+    if len(current) < cfg.current.latest:
+        raise ConfigError(
+            f"current.dir={cfg.current.dir!r} holds {len(current)} window file(s), "
+            f"current.latest={cfg.current.latest} needed"
+        )
+    if cfg.reference.kind == "manifest":
+        return
+    if not reference:
+        raise ConfigError(f"reference.paths={cfg.reference.paths!r} matches no window file")
+    if set(reference) & set(current):
+        raise ConfigError(
+            f"the reference and current windows overlap in {cfg.current.dir!r} "
+            f"(current.latest={cfg.current.latest}, reference.oldest="
+            f"{cfg.reference.oldest}): fewer files than both need"
+        )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -48,14 +48,14 @@ def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
 
 def utc_datetimes(unix_s: Sequence[float]) -> list[datetime]:
     """Unix seconds -> timezone-aware UTC datetimes (matplotlib draws them as dates)."""
-    return [datetime.fromtimestamp(t, tz=timezone.utc) for t in unix_s]
+    return [datetime.fromtimestamp(t, tz=UTC) for t in unix_s]
 
 
 def _date_axis(ax) -> None:
     # Few ticks: the drift-score panels are about 3 inches wide.
     locator = mdates.AutoDateLocator(minticks=2, maxticks=4)
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=timezone.utc))
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC))
 
 
 def _integer_ticks(ax, num_experts: int, num_layers: int) -> None:
@@ -66,6 +66,7 @@ def _integer_ticks(ax, num_experts: int, num_layers: int) -> None:
 
 
 # --- run report -------------------------------------------------------------------------------
+
 
 def line_figure(panels: Panels, *, title: str, xlabel: str, dates: bool = False) -> Figure:
     """Stacked line panels sharing the x axis, one per y quantity.
@@ -154,7 +155,7 @@ def drift_scores_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
         ax.set_title(f"{feature} / {detector}", fontsize="medium")
         ax.grid(alpha=0.3)
         _date_axis(ax)
-    for ax in axes[len(pairs):]:
+    for ax in axes[len(pairs) :]:
         ax.set_visible(False)
     fig.suptitle("Drift scores over time (UTC)")
     return fig
@@ -166,6 +167,7 @@ def drift_scores_png(history: Sequence[Mapping[str, Any]], *, dpi: int = DPI) ->
 
 
 # --- reference vs current window (drift report) -----------------------------------------------
+
 
 def shared_bin_edges(ref_N: np.ndarray, cur_M: np.ndarray, max_bins: int = 40) -> np.ndarray:
     """Histogram edges covering both samples: one bin per integer when integer-valued and at most
@@ -189,8 +191,7 @@ def histogram_figure(ref_N: np.ndarray, cur_M: np.ndarray, *, title: str, xlabel
     windows = ((ref_N, "reference", REFERENCE_COLOR), (cur_M, "current", CURRENT_COLOR))
     for sample, label, color in windows:
         counts = np.histogram(sample, edges)[0]
-        ax.stairs(counts / len(sample), edges, label=f"{label} (n={len(sample)})", color=color,
-                  linewidth=1.5)
+        ax.stairs(counts / len(sample), edges, label=f"{label} (n={len(sample)})", color=color, linewidth=1.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("share of rows")
     ax.set_title(title)
@@ -198,8 +199,9 @@ def histogram_figure(ref_N: np.ndarray, cur_M: np.ndarray, *, title: str, xlabel
     return fig
 
 
-def count_shares_figure(ref_K: np.ndarray, cur_K: np.ndarray, *, title: str, xlabel: str,
-                        ylabel: str, max_buckets: int = 32) -> Figure:
+def count_shares_figure(
+    ref_K: np.ndarray, cur_K: np.ndarray, *, title: str, xlabel: str, ylabel: str, max_buckets: int = 32
+) -> Figure:
     """Shares of two count vectors over the same K bins (token ids, length bins), merged into at
     most `max_buckets` contiguous buckets, reference and current side by side.
 
@@ -244,8 +246,7 @@ def expert_share_figure(ref_LE: np.ndarray, cur_LE: np.ndarray) -> Figure:
         ax.set_title(f"{name} share")
     fig.colorbar(image, ax=axes[:2], label="share of the layer's tokens")
     span = max(float(np.abs(diff_LE).max()), 1e-12)
-    image = axes[2].imshow(diff_LE, aspect="auto", interpolation="nearest", cmap="RdBu_r",
-                           vmin=-span, vmax=span)
+    image = axes[2].imshow(diff_LE, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-span, vmax=span)
     axes[2].set_title("current - reference")
     fig.colorbar(image, ax=axes[2], label="share difference")
     for ax in axes:
@@ -271,7 +272,7 @@ def pca_2d(ref_ND: np.ndarray, cur_MD: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if proj.shape[1] < 2:
         proj = np.column_stack([proj, np.zeros(len(proj))])
         explained = np.append(explained, 0.0)
-    return proj[: len(ref_ND)], proj[len(ref_ND):], explained
+    return proj[: len(ref_ND)], proj[len(ref_ND) :], explained
 
 
 def embedding_pca_figure(ref_ND: np.ndarray, cur_MD: np.ndarray) -> Figure:
@@ -279,10 +280,8 @@ def embedding_pca_figure(ref_ND: np.ndarray, cur_MD: np.ndarray) -> Figure:
     ref_N2, cur_M2, explained = pca_2d(np.asarray(ref_ND), np.asarray(cur_MD))
     fig = new_figure(6.0, 5.0)
     ax = fig.subplots()
-    ax.scatter(ref_N2[:, 0], ref_N2[:, 1], s=8, alpha=0.5, color=REFERENCE_COLOR,
-               label=f"reference (n={len(ref_N2)})")
-    ax.scatter(cur_M2[:, 0], cur_M2[:, 1], s=8, alpha=0.5, color=CURRENT_COLOR,
-               label=f"current (n={len(cur_M2)})")
+    ax.scatter(ref_N2[:, 0], ref_N2[:, 1], s=8, alpha=0.5, color=REFERENCE_COLOR, label=f"reference (n={len(ref_N2)})")
+    ax.scatter(cur_M2[:, 0], cur_M2[:, 1], s=8, alpha=0.5, color=CURRENT_COLOR, label=f"current (n={len(cur_M2)})")
     ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({explained[1]:.0%} of variance)")
     ax.set_title("Embeddings, 2-D PCA of both windows")

@@ -50,5 +50,4 @@ def judge(history: list[dict[str, Any]], point: dict[str, Any], threshold: float
     key = (point.get("model"), point.get("adapter"))
     first = next((p for p in history if (p.get("model"), p.get("adapter")) == key), point)
     decay = point["perplexity"] / first["perplexity"]
-    return {**point, "decay": decay, "decayed": bool(decay > 1 + threshold),
-            "baseline_time": first.get("time")}
+    return {**point, "decay": decay, "decayed": bool(decay > 1 + threshold), "baseline_time": first.get("time")}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +62,18 @@ def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list
             except json.JSONDecodeError:
                 bad.append(number)
                 continue
-            if not isinstance(record, dict) or any(not isinstance(record.get(k), t)
-                                                   for k, t in required.items()):
+            if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in required.items()):
                 bad.append(number)
                 continue
             records.append(record)
     if bad:
-        log.warning("%s: skipped %d line(s) that are not JSON objects with %s (lines %s)",
-                    path, len(bad), {k: getattr(t, "__name__", str(t)) for k, t in required.items()},
-                    bad[:10])
+        log.warning(
+            "%s: skipped %d line(s) that are not JSON objects with %s (lines %s)",
+            path,
+            len(bad),
+            {k: getattr(t, "__name__", str(t)) for k, t in required.items()},
+            bad[:10],
+        )
     return records
 
 
@@ -112,29 +116,35 @@ def _loss_figure(run_dir: Path, train: list[dict[str, Any]]) -> Figure | None:
     points = [(r["step"], r["loss"]) for r in train if r.get("loss") is not None]
     if points:
         steps, losses = zip(*points)
-        return plots.line_figure({"loss (nats/token)": {"train": (steps, losses)}},
-                                 title="Training loss", xlabel="step")
-    steps, losses = _checkpoint_losses(run_dir)
-    if steps:
-        log.info("loss: %d point(s) from checkpoint manifests (only the kept checkpoints)", len(steps))
-        return plots.line_figure({"loss (nats/token)": {"at checkpoints": (steps, losses)}},
-                                 title="Training loss at checkpoints", xlabel="step")
+        return plots.line_figure(
+            {"loss (nats/token)": {"train": (steps, losses)}}, title="Training loss", xlabel="step"
+        )
+    kept_steps, kept_losses = _checkpoint_losses(run_dir)
+    if kept_steps:
+        log.info("loss: %d point(s) from checkpoint manifests (only the kept checkpoints)", len(kept_steps))
+        return plots.line_figure(
+            {"loss (nats/token)": {"at checkpoints": (kept_steps, kept_losses)}},
+            title="Training loss at checkpoints",
+            xlabel="step",
+        )
     rounds = _federated_history(run_dir)
     if rounds:
-        series = {}
+        series: dict[str, tuple[Sequence[Any], Sequence[float]]] = {}
         evals = [(r["round"], r["eval_loss"]) for r in rounds if r.get("eval_loss") is not None]
         if evals:
-            series["server eval"] = tuple(zip(*evals))
+            series["server eval"] = ([x for x, _ in evals], [y for _, y in evals])
         for silo in sorted({s for r in rounds for s in r.get("silo_loss", {})}):
-            pts = [(r["round"], r["silo_loss"][silo]) for r in rounds
-                   if r.get("silo_loss", {}).get(silo) is not None]
+            pts = [(r["round"], r["silo_loss"][silo]) for r in rounds if r.get("silo_loss", {}).get(silo) is not None]
             if pts:
-                series[f"silo {silo} (local)"] = tuple(zip(*pts))
+                series[f"silo {silo} (local)"] = ([x for x, _ in pts], [y for _, y in pts])
         if series:
-            return plots.line_figure({"loss (nats/token)": series}, title="Federated loss per round",
-                                     xlabel="round")
-    log.info("no loss in %s (no %s, checkpoint manifest or federated %s history)", run_dir,
-             TRAIN_HISTORY_FILE, FEDERATED_METRICS_FILE)
+            return plots.line_figure({"loss (nats/token)": series}, title="Federated loss per round", xlabel="round")
+    log.info(
+        "no loss in %s (no %s, checkpoint manifest or federated %s history)",
+        run_dir,
+        TRAIN_HISTORY_FILE,
+        FEDERATED_METRICS_FILE,
+    )
     return None
 
 
@@ -142,11 +152,17 @@ def _quality_figure(points: list[dict[str, Any]]) -> Figure | None:
     """Perplexity, decay and exact match over time, one series per (model, adapter): decay is
     relative to the first point of the same pair (raymoe.monitor.quality_history.judge)."""
     panels: dict[str, dict[str, tuple]] = {}
-    for key, label in (("perplexity", "perplexity"), ("decay", "decay (x first perplexity)"),
-                       ("exact_match", "exact match (share)")):
+    for key, label in (
+        ("perplexity", "perplexity"),
+        ("decay", "decay (x first perplexity)"),
+        ("exact_match", "exact match (share)"),
+    ):
         for pair in dict.fromkeys((p.get("model"), p.get("adapter")) for p in points):
-            pts = [(p["time"], p[key]) for p in points
-                   if (p.get("model"), p.get("adapter")) == pair and isinstance(p.get(key), NUMBER)]
+            pts = [
+                (p["time"], p[key])
+                for p in points
+                if (p.get("model"), p.get("adapter")) == pair and isinstance(p.get(key), NUMBER)
+            ]
             if pts:
                 model, adapter = pair
                 name = f"{model or 'model'}" + (f" + {adapter}" if adapter else "")
@@ -154,8 +170,7 @@ def _quality_figure(points: list[dict[str, Any]]) -> Figure | None:
                 panels.setdefault(label, {})[name] = (plots.utc_datetimes(times), values)
     if not panels:
         return None
-    return plots.line_figure(panels, title="Served-model quality on the held-out set",
-                             xlabel="time (UTC)", dates=True)
+    return plots.line_figure(panels, title="Served-model quality on the held-out set", xlabel="time (UTC)", dates=True)
 
 
 def run_report_figures(run_dir: str | Path) -> dict[str, Figure]:
@@ -173,8 +188,8 @@ def run_report_figures(run_dir: str | Path) -> dict[str, Figure]:
     if speed:
         steps, values = zip(*speed)
         figures["tokens_per_s"] = plots.line_figure(
-            {"tokens/s (all workers)": {"train": (steps, values)}}, title="Training throughput",
-            xlabel="step")
+            {"tokens/s (all workers)": {"train": (steps, values)}}, title="Training throughput", xlabel="step"
+        )
     else:
         log.info("no tokens/s in %s: it is only in %s", run_dir, TRAIN_HISTORY_FILE)
 
@@ -182,7 +197,8 @@ def run_report_figures(run_dir: str | Path) -> dict[str, Figure]:
     if loads:
         counts_LE = np.asarray(loads[-1]["tokens_per_expert"])
         figures["expert_load"] = plots.expert_load_figure(
-            counts_LE, title=f"Tokens per expert at step {loads[-1]['step']}")
+            counts_LE, title=f"Tokens per expert at step {loads[-1]['step']}"
+        )
     else:
         log.info("no tokens per expert in %s: they are only in %s", run_dir, TRAIN_HISTORY_FILE)
 
@@ -223,7 +239,8 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path, *, dpi: int = plo
         raise FileNotFoundError(
             f"nothing to plot in {run_dir}: no {TRAIN_HISTORY_FILE}, checkpoint manifest "
             f"({' or '.join(CHECKPOINT_MANIFEST_GLOBS)}), federated {FEDERATED_METRICS_FILE} with a "
-            f"history, {DRIFT_HISTORY_FILE} or {QUALITY_HISTORY_FILE}")
+            f"history, {DRIFT_HISTORY_FILE} or {QUALITY_HISTORY_FILE}"
+        )
     written = []
     for name, fig in figures.items():
         written.append(atomic_write_bytes(Path(out_dir) / f"{name}.png", plots.png_bytes(fig, dpi)))

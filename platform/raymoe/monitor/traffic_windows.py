@@ -14,7 +14,9 @@ Shapes: N rows (sampled requests), K token buckets, L MoE layers, E experts, D e
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,17 @@ import numpy as np
 
 FORMAT = 1
 META_KEY = b"raymoe.window"
-_META_KEYS = ("start", "end", "model", "vocab_size", "token_buckets", "sample_rate", "num_requests_seen",
-              "num_sampled", "expert_load")
+_META_KEYS = (
+    "start",
+    "end",
+    "model",
+    "vocab_size",
+    "token_buckets",
+    "sample_rate",
+    "num_requests_seen",
+    "num_sampled",
+    "expert_load",
+)
 _NAME = re.compile(r"^window-(\d{13})-(.+)\.parquet$")
 
 
@@ -46,8 +57,11 @@ class TrafficWindow:
 
 def list_windows(directory: str | Path) -> list[Path]:
     """The window files in `directory`, oldest end time first (then by replica tag)."""
-    found = [(int(m.group(1)), p.name, p) for p in Path(directory).glob("window-*.parquet")
-             if (m := _NAME.match(p.name)) and p.is_file()]
+    found = [
+        (int(m.group(1)), p.name, p)
+        for p in Path(directory).glob("window-*.parquet")
+        if (m := _NAME.match(p.name)) and p.is_file()
+    ]
     return [p for _, _, p in sorted(found)]
 
 
@@ -119,9 +133,12 @@ def _column(table, name: str, kind: str, nullable: bool = False):
     column = table.column(name)
     t = column.type
     item = t.value_type if pa.types.is_list(t) or pa.types.is_large_list(t) else None
-    ok = {"int": pa.types.is_integer(t), "float": pa.types.is_floating(t),
-          "list<int>": item is not None and pa.types.is_integer(item),
-          "list<float>": item is not None and pa.types.is_floating(item)}[kind]
+    ok = {
+        "int": pa.types.is_integer(t),
+        "float": pa.types.is_floating(t),
+        "list<int>": item is not None and pa.types.is_integer(item),
+        "list<float>": item is not None and pa.types.is_floating(item),
+    }[kind]
     if not ok:
         raise ValueError(f"column {name!r} is {t}, expected {kind}")
     if not nullable and column.null_count:
@@ -139,8 +156,9 @@ def _matrix(column, width: int | None, name: str) -> np.ndarray:
         return np.zeros((0, width or 0))
     width = int(lengths[0]) if width is None else width
     if (lengths != width).any():
-        raise ValueError(f"column {name!r} rows must all hold {width} values, got lengths "
-                         f"{sorted(set(lengths.tolist()))}")
+        raise ValueError(
+            f"column {name!r} rows must all hold {width} values, got lengths {sorted(set(lengths.tolist()))}"
+        )
     values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
     return values.reshape(len(lengths), width)
 
@@ -151,8 +169,10 @@ def _features(table, meta: dict[str, Any]) -> dict[str, np.ndarray]:
     features = {
         "prompt_length": _column(table, "prompt_length", "int").to_numpy().astype(np.int64),
         "output_length": _column(table, "output_length", "int").to_numpy().astype(np.int64),
-        "mean_logprob": _column(table, "mean_logprob", "float", nullable=True).drop_null()
-                        .to_numpy().astype(np.float64),
+        "mean_logprob": _column(table, "mean_logprob", "float", nullable=True)
+        .drop_null()
+        .to_numpy()
+        .astype(np.float64),
     }
     K = meta["token_buckets"]
     buckets_NK = _matrix(_column(table, "prompt_token_buckets", "list<int>"), K, "prompt_token_buckets")
@@ -181,22 +201,29 @@ def merge_windows(windows: list[TrafficWindow]) -> TrafficWindow:
     for w in windows[1:]:
         for key in ("vocab_size", "token_buckets"):
             if w.meta[key] != first.meta[key]:
-                raise ValueError(f"cannot merge traffic windows: {_name(first)} has {key}={first.meta[key]}, "
-                                 f"{_name(w)} has {key}={w.meta[key]}")
+                raise ValueError(
+                    f"cannot merge traffic windows: {_name(first)} has {key}={first.meta[key]}, "
+                    f"{_name(w)} has {key}={w.meta[key]}"
+                )
         a, b = first.features["expert_load"].shape, w.features["expert_load"].shape
         if a != b:
-            raise ValueError(f"cannot merge traffic windows: {_name(first)} has expert_load of shape {a}, "
-                             f"{_name(w)} of shape {b}")
+            raise ValueError(
+                f"cannot merge traffic windows: {_name(first)} has expert_load of shape {a}, {_name(w)} of shape {b}"
+            )
     with_embedding = [w for w in windows if "embedding" in w.features]
     for w in with_embedding[1:]:
         a, b = with_embedding[0].features["embedding"].shape[1], w.features["embedding"].shape[1]
         if a != b:
-            raise ValueError(f"cannot merge traffic windows: {_name(with_embedding[0])} has {a}-dim embeddings, "
-                             f"{_name(w)} has {b}-dim")
-    features = {key: np.concatenate([w.features[key] for w in windows])
-                for key in ("prompt_length", "output_length", "mean_logprob")}
-    features["token_histogram"] = sum(w.features["token_histogram"] for w in windows)
-    features["expert_load"] = sum(w.features["expert_load"] for w in windows)
+            raise ValueError(
+                f"cannot merge traffic windows: {_name(with_embedding[0])} has {a}-dim embeddings, "
+                f"{_name(w)} has {b}-dim"
+            )
+    features = {
+        key: np.concatenate([w.features[key] for w in windows])
+        for key in ("prompt_length", "output_length", "mean_logprob")
+    }
+    features["token_histogram"] = functools.reduce(operator.add, [w.features["token_histogram"] for w in windows])
+    features["expert_load"] = functools.reduce(operator.add, [w.features["expert_load"] for w in windows])
     if with_embedding:
         features["embedding"] = np.concatenate([w.features["embedding"] for w in with_embedding])
     models = sorted({str(w.meta["model"]) for w in windows})

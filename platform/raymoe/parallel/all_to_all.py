@@ -35,7 +35,7 @@ class AllToAllStats:
     seconds: float = 0.0
     calls: int = 0
 
-    def reset(self) -> "AllToAllStats":
+    def reset(self) -> AllToAllStats:
         """Returns a copy of the totals and zeroes them (call once per step)."""
         snapshot = AllToAllStats(self.bytes_sent, self.bytes_received, self.seconds, self.calls)
         self.bytes_sent = self.bytes_received = self.calls = 0
@@ -80,12 +80,11 @@ class AllToAllDispatcher:
         # first copy); slot // L is its rank and slot % L its local index there, so sorting by
         # slot sorts by (rank, local expert).
         expert_slots = placement.expert_slots
-        self.num_copies_E = torch.tensor([len(expert_slots[e]) for e in range(placement.num_experts)],
-                                         dtype=torch.long)
+        self.num_copies_E = torch.tensor([len(expert_slots[e]) for e in range(placement.num_experts)], dtype=torch.long)
         C = int(self.num_copies_E.max())
         self.slot_table_EC = torch.tensor(
-            [slots + [slots[0]] * (C - len(slots)) for _, slots in sorted(expert_slots.items())],
-            dtype=torch.long)
+            [slots + [slots[0]] * (C - len(slots)) for _, slots in sorted(expert_slots.items())], dtype=torch.long
+        )
         self.slot_of_expert = self.slot_table_EC[:, 0].clone()
         # Rows each local slot has computed since construction (which copies take load).
         self.rows_per_local_slot = torch.zeros(self.num_local, dtype=torch.long)
@@ -129,8 +128,11 @@ class AllToAllDispatcher:
 
         # Received rows arrive grouped by source rank, then by local expert within each source;
         # the experts want them grouped by local expert.
-        local_id_S = torch.arange(L, device=recv_x.device).repeat(R).repeat_interleave(
-            recv_counts_RL.reshape(-1).to(recv_x.device))
+        local_id_S = (
+            torch.arange(L, device=recv_x.device)
+            .repeat(R)
+            .repeat_interleave(recv_counts_RL.reshape(-1).to(recv_x.device))
+        )
         recv_perm = torch.argsort(local_id_S, stable=True)
         x_SD = recv_x.index_select(0, recv_perm)
         counts = recv_counts_RL.sum(0).tolist()

@@ -17,21 +17,21 @@ exactly once.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from raymoe.parallel.groups import ParallelGroups
+from raymoe.parallel.layout import MoEModel
 
 
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def split_parameters(model: MoEModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Returns (dense, expert) trainable parameters; experts are those of `model.moe_layers()`."""
-    expert_ids = {
-        id(p) for moe in model.moe_layers() for p in moe.experts.parameters() if p.requires_grad
-    }
-    dense, expert = [], []
+    expert_ids = {id(p) for moe in model.moe_layers() for p in moe.experts.parameters() if p.requires_grad}
+    dense: list[nn.Parameter] = []
+    expert: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
@@ -58,9 +58,7 @@ def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return buckets
 
 
-def _all_reduce_sum_scaled(
-    params: Iterable[nn.Parameter], scale: float, *, group=None, reduce: bool = True
-) -> None:
+def _all_reduce_sum_scaled(params: Iterable[nn.Parameter], scale: float, *, group=None, reduce: bool = True) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
@@ -79,7 +77,7 @@ def _all_reduce_sum_scaled(
         torch._foreach_copy_(bucket, [part.view_as(g) for part, g in zip(parts, bucket)])
 
 
-def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
+def sync_gradients(model: MoEModel, groups: ParallelGroups) -> None:
     """Makes every rank's gradients those of the global mean loss (see module docstring).
 
     Parameters that got no gradient this step (p.grad is None) are given zeros first so all ranks
@@ -97,7 +95,7 @@ def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
     _all_reduce_sum_scaled(expert, 1.0 / world, group=groups.dp_group, reduce=groups.layout.dp > 1)
 
 
-def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:
+def global_grad_norm(model: MoEModel, groups: ParallelGroups) -> torch.Tensor:
     """L2 norm of the whole model's gradient, each parameter counted once across shards."""
     dense, expert = split_parameters(model)
     device = next(model.parameters()).device
@@ -108,7 +106,7 @@ def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:
     return (dense_sq + expert_sq).sqrt()
 
 
-def clip_gradients(model: nn.Module, groups: ParallelGroups, max_norm: float) -> float:
+def clip_gradients(model: MoEModel, groups: ParallelGroups, max_norm: float) -> float:
     """Scales all gradients by min(1, max_norm / (norm + 1e-6)) like `clip_grad_norm_`.
 
     Returns:

@@ -54,8 +54,7 @@ def build_groups(layout: ParallelLayout) -> ParallelGroups:
     world = dist.get_world_size()
     if world != layout.world_size:
         raise ValueError(
-            f"world size {world} must equal layout.ep * layout.dp = "
-            f"{layout.ep} * {layout.dp} = {layout.world_size}"
+            f"world size {world} must equal layout.ep * layout.dp = {layout.ep} * {layout.dp} = {layout.world_size}"
         )
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,14 +32,26 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str, threads: int, fn
         pickle.dump(result, fh)
 
 
-# A fork server imports torch and the training code once; every later launch forks from it, so
+# A fork server imports torch and the caller's code once; every later launch forks from it, so
 # repeated launches (tests, benchmarks) skip the multi-second imports. It is started fresh (never
 # forked from a process whose OpenMP pool is running), so forking from it is safe.
-_PRELOAD = ["torch", "torch.distributed", "raymoe.train.worker"]
+_PRELOAD = ["torch", "torch.distributed"]
 
 
-def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, threads: int = 1,
-               env: dict[str, str] | None = None) -> list[Any]:
+def _preload_for(fn: Callable[..., Any]) -> list[str]:
+    """What the fork server imports: torch and the module that defines `fn` (with what it imports,
+    e.g. the training code); a module run with `python -m` by its importable name. Only the
+    first launch's list counts: the server, once started, stays."""
+    module = fn.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    return [*_PRELOAD, module]
+
+
+def spawn_gloo(
+    fn: Callable[..., Any], world_size: int, *args: Any, threads: int = 1, env: dict[str, str] | None = None
+) -> list[Any]:
     """Runs `fn(rank, *args)` on `world_size` fresh processes; returns their results by rank.
 
     `fn` must be importable (a module-level function). An exception in any process is raised here.
@@ -48,14 +62,15 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, threads: int
     method = "forkserver" if env is None else "spawn"
     if env is None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(_PRELOAD)
+        ctx.set_forkserver_preload(_preload_for(fn))
     saved = {key: os.environ.get(key) for key in env or {}}
     os.environ.update(env or {})
     try:
         with tempfile.TemporaryDirectory(prefix="raymoe-gloo-") as tmp:
             init_file = os.path.join(tmp, "rendezvous")
-            mp.start_processes(_entry, args=(world_size, init_file, tmp, threads, fn, args),
-                               nprocs=world_size, start_method=method)
+            mp.start_processes(
+                _entry, args=(world_size, init_file, tmp, threads, fn, args), nprocs=world_size, start_method=method
+            )
             results = []
             for rank in range(world_size):
                 with open(os.path.join(tmp, f"result-{rank}.pkl"), "rb") as fh:

@@ -12,13 +12,31 @@ Legend: E experts (global), E_local experts held by one rank, F expert hidden, D
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from raymoe.config import ConfigError, require
+
+
+class MoEModel(Protocol):
+    """What this package needs of a model (a `raymoe.models.MoETransformer`, which it does not
+    import): its config and its MoE layers, each with `experts` and a swappable `dispatcher`."""
+
+    cfg: Any
+
+    def moe_layers(self) -> Iterator[Any]: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
+class StackedExperts(Protocol):
+    """Experts stacked in `w_gate_EFD`, `w_up_EFD`, `w_down_EDF` (a `GroupedExperts`)."""
+
+    expert_ids: list[int]
 
 
 @dataclass(kw_only=True)
@@ -107,10 +125,9 @@ class ExpertPlacement:
         require(not bad, f"placement: expert ids {bad} outside 0..{self.num_experts - 1}")
 
     @classmethod
-    def contiguous(cls, num_experts: int, ep: int) -> "ExpertPlacement":
+    def contiguous(cls, num_experts: int, ep: int) -> ExpertPlacement:
         """Experts 0..E/ep-1 on ep rank 0, the next E/ep on rank 1, and so on; no replicas."""
-        require(ep >= 1 and num_experts % ep == 0,
-                f"layout.ep={ep} must divide model.moe.num_experts={num_experts}")
+        require(ep >= 1 and num_experts % ep == 0, f"layout.ep={ep} must divide model.moe.num_experts={num_experts}")
         return cls(num_experts=num_experts, ep=ep, slot_expert=list(range(num_experts)))
 
     @classmethod
@@ -169,7 +186,7 @@ class ExpertPlacement:
     def experts_of(self, ep_rank: int) -> list[int]:
         """Logical expert ids held by `ep_rank`, in local order (local index = position)."""
         k = self.slots_per_rank
-        return self.slot_expert[ep_rank * k:(ep_rank + 1) * k]
+        return self.slot_expert[ep_rank * k : (ep_rank + 1) * k]
 
     def is_one_to_one(self) -> bool:
         """True when every logical expert has exactly one slot (what training supports)."""
@@ -193,7 +210,7 @@ def _separate_copies(ranks: list[list[int]]) -> None:
                     break
 
 
-def slice_grouped_experts(experts: nn.Module, keep: list[int]) -> None:
+def slice_grouped_experts(experts: StackedExperts, keep: list[int]) -> None:
     """Keeps only the global experts `keep` (in that order) in a `GroupedExperts`, in place.
 
     Args:
@@ -212,14 +229,13 @@ def slice_grouped_experts(experts: nn.Module, keep: list[int]) -> None:
     for name in ("w_gate_EFD", "w_up_EFD", "w_down_EDF"):
         old = getattr(experts, name)
         # A fresh Parameter (not a view) so the dropped experts' memory is released.
-        new = nn.Parameter(old.detach().index_select(0, index.to(old.device)).clone(),
-                           requires_grad=old.requires_grad)
+        new = nn.Parameter(old.detach().index_select(0, index.to(old.device)).clone(), requires_grad=old.requires_grad)
         setattr(experts, name, new)
     experts.expert_ids = list(keep)
 
 
 def shard_model_experts(
-    model: nn.Module,
+    model: MoEModel,
     layout: ParallelLayout,
     rank: int,
     *,
@@ -251,11 +267,15 @@ def shard_model_experts(
     if placement is None or placement.is_one_to_one():
         layout.validate(num_experts=num_experts)
     placement = placement or ExpertPlacement.contiguous(num_experts, layout.ep)
-    require(placement.ep == layout.ep and placement.num_experts == num_experts,
-            f"placement (ep={placement.ep}, num_experts={placement.num_experts}) does not fit "
-            f"layout.ep={layout.ep} and model.moe.num_experts={num_experts}")
-    require(allow_replicas or placement.is_one_to_one(),
-            "training supports one slot per expert; redundant expert slots are a serving feature")
+    require(
+        placement.ep == layout.ep and placement.num_experts == num_experts,
+        f"placement (ep={placement.ep}, num_experts={placement.num_experts}) does not fit "
+        f"layout.ep={layout.ep} and model.moe.num_experts={num_experts}",
+    )
+    require(
+        allow_replicas or placement.is_one_to_one(),
+        "training supports one slot per expert; redundant expert slots are a serving feature",
+    )
     ep_rank = layout.ep_rank(rank)
     keep = placement.experts_of(ep_rank)
     if layout.ep > 1 and ep_group is None:

@@ -2,12 +2,13 @@
 
 Usable as `serve run raymoe.serve.app:build_app model_path=/path/to/artifact`, from a Serve config
 file / RayService `serveConfigV2` (`import_path: raymoe.serve.app:build_app`, `args: {...}`), and
-from `python -m pipelines.serve`. `args` is a `ServeConfig` as plain data; unknown keys fail with
-the key named, before any replica starts.
+from `python -m pipelines.serve`. `args` is a `ServeConfig` (`raymoe.serve.serve_config`) as plain
+data; unknown keys fail with the key named, before any replica starts.
 
-Backpressure: each replica takes `max_ongoing_requests` at once (the engine batches them);
-callers queue up to `max_queued_requests` more, beyond which Serve answers `backpressure_status`
-(429 or 503) with Retry-After; the engine's own waiting queue (`engine.max_waiting`) answers 429.
+Backpressure: each replica runs `max_ongoing_requests` at once (the engine batches them) and
+queues up to `max_queued_requests` more; beyond that it answers `backpressure_status` (429 or 503)
+at once, as OpenAI error JSON with Retry-After (`raymoe.serve.admission`: Serve's own refusal has a
+plain-text body). The engine's own waiting queue (`engine.max_waiting`) answers 429.
 
 Traffic sampling (`traffic`, off by default): each replica writes sampled requests' features as
 Parquet windows for the drift job (`raymoe.serve.traffic_sampler`).
@@ -17,152 +18,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from raymoe.config import ConfigError, from_dict, require, to_dict
-from raymoe.serve.engine import EngineConfig, EngineCore
-from raymoe.serve.traffic_sampler import TrafficConfig
+from raymoe.config import from_dict, to_dict
+from raymoe.serve.engine import EngineCore
+from raymoe.serve.serve_config import ServeConfig, list_adapters, read_api_key
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True)
-class AutoscalingConfig:
-    """Ray Serve autoscaling of the replica count (one engine per replica)."""
-
-    min_replicas: int = 1
-    max_replicas: int = 1
-    # Requests in flight per replica the autoscaler aims for; above it adds replicas.
-    target_ongoing_requests: float = 8.0
-    upscale_delay_s: float = 10.0
-    downscale_delay_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        require(self.min_replicas >= 0, f"autoscaling.min_replicas must be >= 0, got {self.min_replicas}")
-        require(
-            self.max_replicas >= max(1, self.min_replicas),
-            f"autoscaling.max_replicas={self.max_replicas} must be >= max(1, min_replicas={self.min_replicas})",
-        )
-        require(self.target_ongoing_requests > 0, "autoscaling.target_ongoing_requests must be > 0")
-
-
-@dataclass(kw_only=True)
-class ServeConfig:
-    """Everything `build_app` needs; `args` of the Serve application."""
-
-    # An HF-format artifact directory (config.json, model.safetensors, tokenizer files).
-    model_path: str
-    # Name clients send as `model`; default: the artifact directory's name.
-    model_id: str = ""
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-    # Requests a replica works on at once; should cover engine.num_slots + engine.max_waiting.
-    max_ongoing_requests: int = 32
-    # Requests queued in front of the replicas; -1 = unbounded.
-    max_queued_requests: int = 64
-    backpressure_status: Literal[429, 503] = 503
-    retry_after_s: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    # How often Serve probes a replica; a replica whose engine (thread, process or shard worker)
-    # has died fails the probe and is restarted.
-    health_check_period_s: float = 10.0
-    # Expert-parallel shard workers per replica (Ray actors in a SPREAD placement group, joined by
-    # a gloo/NCCL group); 1 = the model runs in the replica process.
-    ep: int = 1
-    # Logical experts given a second slot (EPLB) when ep > 1; num_experts + len(redundant_experts)
-    # must split evenly over ep.
-    redundant_experts: list[int] = field(default_factory=list)
-    # Resources and torch threads of each shard worker (ep > 1); the replica keeps num_cpus/num_gpus.
-    shard_num_cpus: float = 1.0
-    shard_num_gpus: float = 0.0
-    shard_num_threads: int = 0
-    # Streamed SSE events sent per HTTP write after the first (which goes at once, for TTFT).
-    # Every token stays its own OpenAI chunk; larger values cut per-write cost through the proxy.
-    stream_interval: int = 1
-    # Weight-only INT8 (per-output-channel scales) for the linear layers and experts.
-    int8: bool = False
-    # Directory of peft-format LoRA adapters, one sub-directory per adapter name ("" = none).
-    lora_dir: str = ""
-    # The API key is read from this environment variable, else from `api_key_file`; none = open.
-    api_key_env: str = "RAYMOE_API_KEY"
-    api_key_file: str = ""
-    # Sampled live traffic written as Parquet windows (prompt/output lengths, token histogram,
-    # mean logprob, expert load, pooled embedding; text only with traffic.store_text).
-    traffic: TrafficConfig = field(default_factory=TrafficConfig)
-    name: str = "OpenAIServer"
-
-    def __post_init__(self) -> None:
-        require(bool(self.model_path), "model_path must be set (an HF-format artifact directory)")
-        require(isinstance(self.ep, int) and self.ep >= 1, f"ep must be an integer >= 1, got {self.ep!r}")
-        require(not self.redundant_experts or self.ep > 1,
-                f"redundant_experts={self.redundant_experts} needs ep > 1 (got ep={self.ep})")
-        require(all(isinstance(e, int) and e >= 0 for e in self.redundant_experts),
-                f"redundant_experts must be expert ids >= 0, got {self.redundant_experts}")
-        require(self.stream_interval >= 1, f"stream_interval must be >= 1, got {self.stream_interval}")
-        require(self.health_check_period_s > 0,
-                f"health_check_period_s must be > 0, got {self.health_check_period_s}")
-        require(self.ep == 1 or not (self.int8 or self.lora_dir),
-                f"ep={self.ep}: int8 and lora_dir are supported with ep=1 only")
-        require(self.shard_num_cpus > 0, f"shard_num_cpus must be > 0, got {self.shard_num_cpus}")
-        require(self.shard_num_threads >= 0, f"shard_num_threads must be >= 0, got {self.shard_num_threads}")
-        require(not (self.int8 and self.num_gpus > 0), "int8 uses CPU int8 kernels; set num_gpus=0 or int8=false")
-        require(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
-        require(self.max_queued_requests >= -1, f"max_queued_requests must be >= -1, got {self.max_queued_requests}")
-        require(self.retry_after_s >= 0, f"retry_after_s must be >= 0, got {self.retry_after_s}")
-        require(self.num_cpus > 0, f"num_cpus must be > 0, got {self.num_cpus}")
-        if not self.model_id:
-            self.model_id = Path(self.model_path.rstrip("/")).name or "model"
-        require(":" not in self.model_id, f"model_id must not contain ':' (it separates adapters), got {self.model_id!r}")
-
-
-@dataclass(kw_only=True)
-class HttpConfig:
-    """Where Serve's HTTP proxy listens (used by `pipelines.serve`; `serve run` has its own flags)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-
-    def __post_init__(self) -> None:
-        require(0 < self.port < 65536, f"http.port must be in 1..65535, got {self.port}")
-
-
-@dataclass(kw_only=True)
-class ServeJobConfig:
-    """`python -m pipelines.serve`: the application's args plus how to run it."""
-
-    app: ServeConfig
-    http: HttpConfig = field(default_factory=HttpConfig)
-    app_name: str = "raymoe"
-    route_prefix: str = "/"
-    # Write a random-weight debug artifact at app.model_path first when none is there.
-    make_debug_artifact: bool = False
-    # Keep serving until interrupted; false = deploy, answer one smoke request, shut down.
-    block: bool = True
-
-
-def read_api_key(cfg: ServeConfig) -> str | None:
-    """The API key from the environment variable, else the secret file; None = no auth."""
-    key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-    if not key and cfg.api_key_file:
-        path = Path(cfg.api_key_file)
-        if not path.is_file():
-            raise ConfigError(f"api_key_file {cfg.api_key_file!r} does not exist")
-        key = path.read_text().strip()
-    return key or None
-
-
-def list_adapters(lora_dir: str) -> list[str]:
-    """Adapter names: sub-directories of `lora_dir` holding an adapter_config.json."""
-    if not lora_dir:
-        return []
-    root = Path(lora_dir)
-    if not root.is_dir():
-        raise ConfigError(f"lora_dir {lora_dir!r} is not a directory")
-    return sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
 
 
 def check_expert_slots(cfg: ServeConfig) -> None:
@@ -198,9 +61,15 @@ def build_core(cfg: ServeConfig, adapters: list[str]) -> EngineCore:
         from raymoe.serve.shard_workers import ShardedModel
 
         sharded = ShardedModel.launch(
-            cfg.model_path, cfg.ep, redundant_experts=cfg.redundant_experts, num_cpus=cfg.shard_num_cpus,
-            num_gpus=cfg.shard_num_gpus, num_threads=cfg.shard_num_threads,
-            cpu_kernels=cfg.engine.cpu_kernels, expert_threads=cfg.engine.expert_threads)
+            cfg.model_path,
+            cfg.ep,
+            redundant_experts=cfg.redundant_experts,
+            num_cpus=cfg.shard_num_cpus,
+            num_gpus=cfg.shard_num_gpus,
+            num_threads=cfg.shard_num_threads,
+            cpu_kernels=cfg.engine.cpu_kernels,
+            expert_threads=cfg.engine.expert_threads,
+        )
         return EngineCore(sharded, cfg.engine, kv_cache_factory=sharded.make_cache)
     return EngineCore(load_model(cfg, adapters), cfg.engine)
 
@@ -233,8 +102,8 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
     """The artifact as the engine runs it: on GPU when asked, INT8 or packed fp32, with adapters."""
     import torch
 
+    from raymoe.inference.packed import pack_fp32, wants_packed_weights
     from raymoe.models import load_hf
-    from raymoe.models.packed import pack_fp32, wants_packed_weights
 
     model = load_hf(cfg.model_path)
     if cfg.num_gpus > 0 and torch.cuda.is_available():
@@ -245,7 +114,7 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
         attach_adapters(model, {name: Path(cfg.lora_dir) / name for name in adapters})
     # After LoRA: the adapters' base layers are quantized or packed, their A/B stay fp32.
     if cfg.int8:
-        from raymoe.models.quantize import quantize_int8
+        from raymoe.inference.quantize import quantize_int8
 
         quantize_int8(model, expert_threads=cfg.engine.expert_threads)
     elif wants_packed_weights(cfg.engine.cpu_kernels, model):
@@ -261,6 +130,7 @@ def build_server(cfg: ServeConfig, replica_tag: str | None = None):
         replica_tag: names this replica's traffic window files (default: host and pid).
     """
     from raymoe.data.chat_tokenizer import ChatTokenizer
+    from raymoe.serve.admission import Admission
     from raymoe.serve.http_app import OpenAIServer
 
     engine, adapters = build_engine(cfg)
@@ -271,12 +141,24 @@ def build_server(cfg: ServeConfig, replica_tag: str | None = None):
 
         # Buckets over the tokenizer's vocabulary: prompt ids are below it (the HTTP layer checks),
         # and the ingest profile's token unigram has the same length.
-        traffic = TrafficSampler(cfg.traffic, model_id=cfg.model_id, vocab_size=tokenizer.tokenizer.get_vocab_size(),
-                                 expert_counts=engine.expert_counts, replica_tag=replica_tag)
+        traffic = TrafficSampler(
+            cfg.traffic,
+            model_id=cfg.model_id,
+            vocab_size=tokenizer.tokenizer.get_vocab_size(),
+            expert_counts=engine.expert_counts,
+            replica_tag=replica_tag,
+        )
     return OpenAIServer(
-        engine=engine, tokenizer=tokenizer, model_id=cfg.model_id,
-        adapters=adapters, api_key=read_api_key(cfg), retry_after_s=cfg.retry_after_s,
-        stream_interval=cfg.stream_interval, traffic=traffic,
+        engine=engine,
+        tokenizer=tokenizer,
+        model_id=cfg.model_id,
+        adapters=adapters,
+        api_key=read_api_key(cfg),
+        retry_after_s=cfg.retry_after_s,
+        stream_interval=cfg.stream_interval,
+        traffic=traffic,
+        admission=Admission(max_ongoing=cfg.max_ongoing_requests, max_queued=cfg.max_queued_requests),
+        backpressure_status=cfg.backpressure_status,
     )
 
 
@@ -290,21 +172,36 @@ def replica_tag() -> str | None:
         return None
 
 
+def serve_max_ongoing(cfg: ServeConfig) -> int:
+    """Requests Serve lets into one replica at once: 10x what the replica admits, so that a burst
+    that large reaches the replica and is refused there straight away. Requests Serve holds back
+    wait in its router, which retries a full replica with backoff: 400 concurrent streams against
+    32 + 64 waited 5.4 s (p99) for their refusal at 2x, 1.6 s with room for all (2 busy cores)."""
+    return 10 * (cfg.max_ongoing_requests + max(cfg.max_queued_requests, 0))
+
+
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Ray Serve deployment options from the config (autoscaling, backpressure, resources)."""
+    """Ray Serve deployment options from the config (autoscaling, backpressure, resources).
+
+    The replica admits requests itself (`raymoe.serve.admission`, from `max_ongoing_requests`,
+    `max_queued_requests` and `backpressure_status`), so Serve's limits sit above it: Serve's
+    refusal would be plain text.
+    """
     from ray.serve.config import AutoscalingConfig as RayAutoscaling
-    from ray.serve.config import BackpressureConfig
 
     a = cfg.autoscaling
     return dict(
         name=cfg.name,
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
-        backpressure_config=BackpressureConfig(status_code=cfg.backpressure_status, retry_after_s=cfg.retry_after_s),
+        max_ongoing_requests=serve_max_ongoing(cfg),
+        # Unbounded: a request Serve cannot hand to a replica yet waits for a place instead of
+        # being refused in plain text (so Serve's BackpressureConfig never applies).
+        max_queued_requests=-1,
         autoscaling_config=RayAutoscaling(
-            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
+            min_replicas=a.min_replicas,
+            max_replicas=a.max_replicas,
             target_ongoing_requests=a.target_ongoing_requests,
-            upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
+            upscale_delay_s=a.upscale_delay_s,
+            downscale_delay_s=a.downscale_delay_s,
         ),
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         health_check_period_s=cfg.health_check_period_s,
@@ -334,8 +231,9 @@ def _deployment_class():
             """Serve's periodic probe: a replica whose engine thread or process died is restarted."""
             self.server.engine.check_alive()
             model = getattr(getattr(self.server.engine, "core", None), "model", None)
-            if hasattr(model, "check_health"):
-                model.check_health()  # a dead shard worker restarts the replica (and its shards)
+            check_shards = getattr(model, "check_health", None)
+            if check_shards is not None:
+                check_shards()  # a dead shard worker restarts the replica (and its shards)
 
         def placement(self) -> dict:
             """Serve handle method: the expert placement this replica serves with
@@ -343,9 +241,12 @@ def _deployment_class():
             from raymoe.serve.live_placement import replica_placement
 
             num_experts = len(self.metrics.expert_copies) or self._num_experts()
-            return {**replica_placement(self.server.engine, num_experts), "replica": replica_tag(),
-                    # What the raymoe_serve_expert_copies gauge of this replica says.
-                    "published_expert_copies": list(self.metrics.expert_copies)}
+            return {
+                **replica_placement(self.server.engine, num_experts),
+                "replica": replica_tag(),
+                # What the raymoe_serve_expert_copies gauge of this replica says.
+                "published_expert_copies": list(self.metrics.expert_copies),
+            }
 
         async def apply_placement(self, slot_expert: list[int]) -> dict:
             """Serve handle method: live re-placement of this replica's experts (ep > 1), with
@@ -392,7 +293,8 @@ def build_app(args: dict[str, Any]):
 
     cfg = from_dict(ServeConfig, _nest(dict(args)))
     check_expert_slots(cfg)
-    deployment = serve.deployment(_deployment_class(), **deployment_options(cfg))
+    # The decorator form: Ray's types give the (class, **options) form a decorator's return type.
+    deployment = serve.deployment(**deployment_options(cfg))(_deployment_class())
     return deployment.bind(to_dict(cfg))
 
 

@@ -24,18 +24,31 @@ CORPUS = [
 ] * 30
 
 
-def debug_config(vocab_size: int, dim: int = 128, num_layers: int = 4, max_seq_len: int = 512,
-                 num_experts: int = 8) -> ModelConfig:
+def debug_config(
+    vocab_size: int, dim: int = 128, num_layers: int = 4, max_seq_len: int = 512, num_experts: int = 8
+) -> ModelConfig:
     """Mixtral-shaped ModelConfig of the given size (transformers can load what save_hf writes)."""
     return ModelConfig(
-        vocab_size=vocab_size, dim=dim, num_layers=num_layers, num_heads=4, num_kv_heads=2,
-        max_seq_len=max_seq_len, norm_eps=1e-5, init_std=dim**-0.5,
+        vocab_size=vocab_size,
+        dim=dim,
+        num_layers=num_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=max_seq_len,
+        norm_eps=1e-5,
+        init_std=dim**-0.5,
         moe=MoEConfig(num_experts=num_experts, num_experts_per_tok=2, expert_hidden_dim=2 * dim),
     )
 
 
-def make_debug_artifact(path: str | Path, seed: int = 0, vocab_size: int = 512,
-                        corpus: list[str] | None = None, model_vocab_size: int = 0, **shape) -> Path:
+def make_debug_artifact(
+    path: str | Path,
+    seed: int = 0,
+    vocab_size: int = 512,
+    corpus: list[str] | None = None,
+    model_vocab_size: int = 0,
+    **shape,
+) -> Path:
     """Writes a random-weight HF-format artifact (weights, config, tokenizer) to `path`.
 
     Args:

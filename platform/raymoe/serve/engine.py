@@ -1,7 +1,7 @@
 """The serving engine: continuous batching over `MoETransformer` + `KVCache`.
 
 `EngineCore.step()` asks the scheduler for a plan, turns it into forward jobs (the decode batch,
-prompt chunks), runs them in one pass over the weights (`raymoe.models.forward_jobs`), samples
+prompt chunks), runs them in one pass over the weights (`raymoe.inference.forward_jobs`), samples
 with per-request settings (`raymoe.serve.sampling`) and reports one `TokenEvent` per sampled
 token. Requests with `record_features` (sampled for the traffic windows) also get the chosen
 token's log-probability on every event and the pooled prompt embedding on the first.
@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from raymoe.config import require
+from raymoe.config import require, require_at_least
 from raymoe.cpu_allocator import keep_freed_memory
-from raymoe.models.forward_jobs import ForwardJob, run_forward_jobs
+from raymoe.inference.forward_jobs import ForwardJob, run_forward_jobs
 from raymoe.serve.request import (
     EngineOverloadedError,
+    FinishReason,
     GenerationRequest,
     InvalidRequestError,
     SamplingParams,
@@ -44,7 +45,7 @@ class Engine(Protocol):
 
     max_seq_len: int
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Streams the tokens of one request; raises InvalidRequestError / EngineOverloadedError
         from the first iteration when the request cannot be taken."""
         ...
@@ -73,24 +74,47 @@ class EngineConfig:
     max_waiting: int = 64
     # torch intra-op threads of the engine thread; 0 = leave torch's setting.
     num_threads: int = 0
-    # fp32 matmuls on CPU: "onednn" packs the weights once for oneDNN (`raymoe.models.packed`,
+    # fp32 matmuls on CPU: "onednn" packs the weights once for oneDNN (`raymoe.inference.packed`,
     # 1.5-2.5x faster decode than PyTorch's default MKL path on the benchmark model);
     # "default" leaves PyTorch's kernels. Ignored on GPU and for INT8 weights.
     cpu_kernels: str = "onednn"
     # Packed fp32 (cpu_kernels onednn) or INT8 weights: threads that run a MoE layer's experts side
     # by side, and decode attention over long contexts, each with one torch thread
-    # (`raymoe.models.cpu_threads`); 1 = the engine thread alone.
+    # (`raymoe.inference.cpu_threads`); 1 = the engine thread alone.
     expert_threads: int = 1
     # ep=1: run the engine in a child process of the replica (`raymoe.serve.engine_process`),
     # off the GIL that the replica's event loop and Ray Serve's threads hold; false = a thread.
     own_process: bool = True
 
     def __post_init__(self) -> None:
-        require(self.expert_threads >= 1, f"engine.expert_threads must be >= 1, got {self.expert_threads}")
-        require(self.cpu_kernels in ("onednn", "default"),
-                f"engine.cpu_kernels must be 'onednn' or 'default', got {self.cpu_kernels!r}")
-        require(self.num_threads >= 0, f"engine.num_threads must be >= 0, got {self.num_threads}")
-        require(self.max_seq_len >= 0, f"engine.max_seq_len must be >= 0, got {self.max_seq_len}")
+        # What the replica's SchedulerConfig will check, checked before anything starts.
+        require_at_least(
+            "engine",
+            self,
+            num_slots=1,
+            max_tokens_per_step=1,
+            block_size=1,
+            num_kv_blocks=0,
+            max_waiting=0,
+            num_threads=0,
+            expert_threads=1,
+            max_seq_len=0,
+        )
+        require(self.max_seq_len != 1, "engine.max_seq_len must be 0 (the model's) or >= 2, got 1")
+        require(
+            self.max_tokens_per_step >= self.num_slots,
+            f"engine.max_tokens_per_step={self.max_tokens_per_step} must be >= engine.num_slots="
+            f"{self.num_slots} so that every running sequence can decode in one step",
+        )
+        require(
+            self.num_kv_blocks == 0 or self.num_kv_blocks * self.block_size >= 2,
+            f"engine.num_kv_blocks={self.num_kv_blocks} of engine.block_size={self.block_size} tokens "
+            "cannot hold even one short sequence (2 tokens)",
+        )
+        require(
+            self.cpu_kernels in ("onednn", "default"),
+            f"engine.cpu_kernels must be 'onednn' or 'default', got {self.cpu_kernels!r}",
+        )
 
     def scheduler_config(self, model_max_seq_len: int) -> SchedulerConfig:
         return SchedulerConfig(
@@ -147,8 +171,9 @@ class EngineCore:
         # INT8 models keep fp32 activations (their packed weights are not parameters).
         dtype = first.dtype if first.is_floating_point() else torch.float32
         make_cache = kv_cache_factory or KVCache
-        self.cache = make_cache(model.cfg, self.sched_config.num_slots, self.max_seq_len, dtype=dtype,
-                                device=self.device)
+        self.cache = make_cache(
+            model.cfg, self.sched_config.num_slots, self.max_seq_len, dtype=dtype, device=self.device
+        )
         self._lock = threading.Lock()
         self._requests: dict[str, _RequestState] = {}
         # Per step: requests whose pooled prompt embedding is taken, and those embeddings.
@@ -206,11 +231,14 @@ class EngineCore:
         """Runs one engine step; returns (request_id, event) for every token sampled in it."""
         with self._lock:
             plan = self.scheduler.schedule()
-            states = {c.seq.seq_id: self._requests.get(c.seq.seq_id) for c in plan.decodes + plan.prefills}
+            states = {c.seq.seq_id: self._requests[c.seq.seq_id] for c in plan.decodes + plan.prefills}
             self._adapter_of = {rid: s.request.adapter for rid, s in states.items()}
             # Recorded requests about to sample their first token (decodes never do).
-            self._embed = {c.seq.seq_id for c in plan.prefills
-                           if c.samples and not c.seq.output_ids and states[c.seq.seq_id].request.record_features}
+            self._embed = {
+                c.seq.seq_id
+                for c in plan.prefills
+                if c.samples and not c.seq.output_ids and states[c.seq.seq_id].request.record_features
+            }
             self._embeddings = {}
         if plan.empty:
             return []
@@ -222,6 +250,7 @@ class EngineCore:
         out = sample(torch.stack(logits), params, gens, record) if rows else None
         tokens = out.tokens_B.tolist() if out else []
         chosen = out.logprobs_B.tolist() if out and out.logprobs_B is not None else None
+        top_logprobs = out.top_logprobs if out else []
         with self._lock:
             sampled = {c.seq.seq_id: t for c, t in zip(rows, tokens)}
             finished = {s.seq_id for s in self.scheduler.commit(plan, sampled)}
@@ -231,7 +260,7 @@ class EngineCore:
                 if rid not in self._requests:
                     continue  # aborted while the step ran
                 p = params[i]
-                reason = None
+                reason: FinishReason | None = None
                 if token in p.stop_token_ids:
                     reason = "stop"
                     self.scheduler.finish(rid, "stop")
@@ -240,10 +269,10 @@ class EngineCore:
                 event = TokenEvent(
                     token_id=token,
                     logprob=None if chosen is None or p.logprobs is None else chosen[i],
-                    top_logprobs=out.top_logprobs[i],
+                    top_logprobs=top_logprobs[i],
                     finish_reason=reason,
                     num_prompt_tokens=len(chunk.seq.prompt_ids),
-                    chosen_logprob=chosen[i] if record[i] else None,
+                    chosen_logprob=chosen[i] if record[i] and chosen is not None else None,
                     embedding=self._embeddings.get(rid),
                 )
                 events.append((rid, event))
@@ -293,11 +322,14 @@ class EngineCore:
             # instead of gathered row by row (`CacheView`).
             decodes = sorted(plan.decodes, key=lambda c: c.slot)
             groups.append(decodes)
-            jobs.append(ForwardJob(
-                ids_BT=self._tensor([c.token_ids[0] for c in decodes])[:, None],
-                positions_BT=self._tensor([c.start for c in decodes])[:, None],
-                slot_ids_B=self._tensor([c.slot for c in decodes]),
-                last_B=torch.zeros(len(decodes), dtype=torch.long, device=self.device)))
+            jobs.append(
+                ForwardJob(
+                    ids_BT=self._tensor([c.token_ids[0] for c in decodes])[:, None],
+                    positions_BT=self._tensor([c.start for c in decodes])[:, None],
+                    slot_ids_B=self._tensor([c.slot for c in decodes]),
+                    last_B=torch.zeros(len(decodes), dtype=torch.long, device=self.device),
+                )
+            )
         # With capacity-limited routing pad tokens would compete for expert capacity.
         batchable = self.model.cfg.moe.capacity_factor is None
         fresh = [c for c in plan.prefills if c.start == 0] if batchable else []
@@ -308,9 +340,14 @@ class EngineCore:
                 ids_BT[b, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
             positions_BT = torch.stack([torch.arange(c.start, c.start + T) for c in group])
             groups.append(group)
-            jobs.append(ForwardJob(ids_BT=ids_BT.to(self.device), positions_BT=positions_BT.to(self.device),
-                                   slot_ids_B=self._tensor([c.slot for c in group]),
-                                   last_B=self._tensor([len(c.token_ids) - 1 for c in group])))
+            jobs.append(
+                ForwardJob(
+                    ids_BT=ids_BT.to(self.device),
+                    positions_BT=positions_BT.to(self.device),
+                    slot_ids_B=self._tensor([c.slot for c in group]),
+                    last_B=self._tensor([len(c.token_ids) - 1 for c in group]),
+                )
+            )
         return groups, jobs
 
     def _tensor(self, values) -> torch.Tensor:
@@ -323,8 +360,12 @@ class EngineCore:
     def stats(self) -> dict[str, float]:
         with self._lock:
             s = self.scheduler.stats()
-        s.update(batch_size=self.last_batch_size, steps=self.num_steps, generated_tokens=self.num_generated,
-                 preemptions=self.num_preemptions)
+        s.update(
+            batch_size=self.last_batch_size,
+            steps=self.num_steps,
+            generated_tokens=self.num_generated,
+            preemptions=self.num_preemptions,
+        )
         return s
 
 
@@ -332,7 +373,7 @@ def step_or_fail(core: EngineCore) -> list[tuple[str, TokenEvent | BaseException
     """One step's (request id, event) pairs; a failed step fails the requests in it (each gets
     the error), not the server."""
     try:
-        return core.step()
+        return list(core.step())
     except Exception as exc:
         log.exception("engine step failed; failing its requests")
         return [(rid, exc) for rid in core.abort_all()]
@@ -343,7 +384,7 @@ def generate_alone(model, prompt_ids: list[int], params: SamplingParams, max_seq
     config = EngineConfig(num_slots=1, max_seq_len=max_seq_len, max_tokens_per_step=max(1, len(prompt_ids)))
     core = EngineCore(model, config)
     core.add_request(GenerationRequest(request_id="alone", prompt_ids=prompt_ids, params=params))
-    out = []
+    out: list[int] = []
     while core.has_work():
         out.extend(e.token_id for _, e in core.step())
     return out

@@ -17,6 +17,7 @@ requests, and `check_alive` reports it so Serve restarts the replica.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -36,6 +37,7 @@ from raymoe.serve.request import (
     EngineStoppedError,
     GenerationRequest,
     InvalidRequestError,
+    TokenEvent,
 )
 
 log = logging.getLogger(__name__)
@@ -118,10 +120,8 @@ class ProcessEngine(StreamingEngine):
     def close(self) -> None:
         """Stops the child (also done by the child itself when this process goes away)."""
         if self._child.poll() is None:
-            try:
+            with contextlib.suppress(OSError):
                 self._send(("stop",))
-            except OSError:
-                pass
             try:
                 self._child.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -138,7 +138,7 @@ def serve_commands(core: EngineCore, commands: Connection, events: Connection) -
     or when the replica's end of the pipe closes."""
     last_report, idle_reported = 0.0, True
     while True:
-        items = []
+        items: list[tuple[str, TokenEvent | BaseException]] = []
         try:
             while commands.poll() or not (core.has_work() or items):
                 if not idle_reported and not commands.poll():
@@ -161,7 +161,7 @@ def serve_commands(core: EngineCore, commands: Connection, events: Connection) -
         if core.has_work():
             items += step_or_fail(core)
             idle_reported = False
-        report = (None, None)
+        report: tuple[dict | None, list | None] = (None, None)
         if time.monotonic() - last_report > STATS_INTERVAL_S:
             report, last_report = _report(core), time.monotonic()
         if items or report[0] is not None:

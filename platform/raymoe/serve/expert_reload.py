@@ -1,6 +1,6 @@
 """Gives a process's expert slots a new list of logical experts, reading only the missing ones.
 
-Live re-placement (`raymoe.serve.shard_workers.ShardWorker.stage_placement`) changes which logical
+Live re-placement (`raymoe.serve.shard_worker.ShardWorker.stage_placement`) changes which logical
 experts each shard worker's slots hold. For every MoE layer the new module is built beside the
 running one: experts the worker already holds are reused as they are (their packed oneDNN weights
 too, no copy), and the ones it lacks are read from the artifact's safetensors by name
@@ -12,15 +12,17 @@ Shapes: S slots this process holds, F expert hidden, D model dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from raymoe.inference.packed import ExpertsOnThreads
 from raymoe.models.hf_config import CheckpointError
 from raymoe.models.moe import GroupedExperts
-from raymoe.models.packed import ExpertsOnThreads
 from raymoe.models.state_dict_adapter import load_experts
 
 
@@ -36,7 +38,7 @@ class ExpertReader:
         self.model_path = Path(model_path)
         self.arch = arch
         self._stack = ExitStack()
-        self._owner: dict[str, object] = {}
+        self._owner: dict[str, Any] = {}  # tensor name -> the safe_open handle of its file
         self.num_read = 0
 
     def __enter__(self) -> ExpertReader:
@@ -46,7 +48,8 @@ class ExpertReader:
 
         for file in _weight_files(self.model_path):
             handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
-            for key in handle.keys():
+            # safe_open handles are not iterable (safetensors 0.8): .keys() is required.
+            for key in handle.keys():  # noqa: SIM118
                 self._owner[key] = handle
         return self
 
@@ -78,7 +81,9 @@ def _shape_of(experts: nn.Module) -> tuple[int, int, torch.dtype, torch.device]:
     raise TypeError(f"cannot re-place experts held by a {type(experts).__name__}")
 
 
-def experts_for_slots(current: nn.Module, keep: list[int], read) -> nn.Module:
+def experts_for_slots(
+    current: GroupedExperts | ExpertsOnThreads, keep: list[int], read: Callable[[list[int]], GroupedExperts]
+) -> GroupedExperts | ExpertsOnThreads:
     """A new experts module holding `keep` (slot order), built beside `current`.
 
     Args:
@@ -94,6 +99,7 @@ def experts_for_slots(current: nn.Module, keep: list[int], read) -> nn.Module:
     missing = sorted(set(keep) - set(held))
     fresh = read(missing)
     if isinstance(current, GroupedExperts):
+
         def source(expert: int) -> tuple[GroupedExperts, int]:
             return (current, held.index(expert)) if expert in held else (fresh, missing.index(expert))
 
@@ -108,11 +114,11 @@ def experts_for_slots(current: nn.Module, keep: list[int], read) -> nn.Module:
         return module
     if isinstance(current, ExpertsOnThreads):
         # The constructor prepares (packs) only the fresh experts; the held ones keep theirs.
-        module = type(current)(fresh, threads=current._threads)
+        packed = type(current)(fresh, threads=current._threads)
         prepared = {e: (current._gate_up[i], current._down[i]) for i, e in enumerate(held)}
-        prepared.update({e: (module._gate_up[i], module._down[i]) for i, e in enumerate(missing)})
-        module._gate_up = [prepared[e][0] for e in keep]
-        module._down = [prepared[e][1] for e in keep]
-        module.expert_ids = list(keep)
-        return module.eval()
+        prepared.update({e: (packed._gate_up[i], packed._down[i]) for i, e in enumerate(missing)})
+        packed._gate_up = [prepared[e][0] for e in keep]
+        packed._down = [prepared[e][1] for e in keep]
+        packed.expert_ids = list(keep)
+        return packed.eval()
     raise TypeError(f"cannot re-place experts held by a {type(current).__name__}")

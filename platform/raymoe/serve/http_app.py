@@ -4,10 +4,12 @@ Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/complet
 (`stream: true` gives server-sent events in OpenAI's chunk format ending with `data: [DONE]`).
 Every error leaves as OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}`:
 bad input 400 naming the field (FastAPI's 422 is replaced), missing or wrong API key 401,
-unknown model 404, engine queue full 429 with Retry-After. The app is built around an injected
+unknown model 404, engine queue full 429 with Retry-After, more requests than the replica admits
+(`raymoe.serve.admission`) 429 or 503 with Retry-After. The app is built around an injected
 engine, so HTTP tests run it with a fake engine and no Ray. With a `TrafficSampler` every request
 that completes (a stopped stream included, a failed or abandoned one not) is counted, and the
-sampled ones are recorded for the traffic windows (`raymoe.serve.traffic_sampler`).
+sampled ones are recorded for the traffic windows (`raymoe.serve.traffic_sampler`). The error
+JSON and refusals are built in `raymoe.serve.openai_errors`, the SSE bodies in `raymoe.serve.sse`.
 """
 
 from __future__ import annotations
@@ -16,37 +18,25 @@ import hmac
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raymoe.data.chat_tokenizer import ChatTokenizer
 from raymoe.serve import openai_schemas as oai
+from raymoe.serve.admission import Admission, AdmissionMiddleware
 from raymoe.serve.engine import Engine
+from raymoe.serve.openai_errors import APIError, come_back_later, overloaded, validation_error
 from raymoe.serve.request import SamplingParams
+from raymoe.serve.sse import response_json, sse_stream
 from raymoe.serve.text_stream import Observer, RequestRefused, TextStream
 from raymoe.serve.traffic_sampler import RequestFeatures, TrafficSampler
 
 log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    """An error answered as OpenAI error JSON."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        error = oai.ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
-        return JSONResponse(oai.ErrorResponse(error=error).model_dump(), status_code=self.status,
-                            headers=self.headers)
 
 
 @dataclass
@@ -66,86 +56,46 @@ class OpenAIServer:
     count: Callable[[str, int], None] | None = None
     # Samples finished requests into Parquet windows for the drift job; None = off.
     traffic: TrafficSampler | None = None
+    # Caps the generation requests this replica takes at once (None = no cap, as in HTTP tests);
+    # beyond it requests are refused at once with `backpressure_status`.
+    admission: Admission | None = None
+    backpressure_status: int = 503
 
 
-# Pydantic adds the union member to an error's location (prompt.str, prompt.list[int]).
-_TYPE_NAMES = {"str", "int", "float", "bool"}
-_TYPE_PREFIXES = ("list[", "dict[", "function-", "constrained-", "literal[")
+class _CountAnswers:
+    """ASGI middleware: `server.count(path, status)` as each HTTP answer starts. Plain ASGI, not
+    `@app.middleware("http")`, whose wrapper costs every request a task and every streamed chunk
+    a hop through a memory stream."""
 
+    def __init__(self, app, *, server: OpenAIServer):
+        self.app, self.server = app, server
 
-def _field_name(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    kept = [p for p in parts if p not in _TYPE_NAMES and not p.startswith(_TYPE_PREFIXES)]
-    return ".".join(kept) or "body"
+    async def __call__(self, scope, receive, send) -> None:
+        count = self.server.count
+        if scope["type"] != "http" or count is None:
+            await self.app(scope, receive, send)
+            return
 
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                count(scope["path"], message["status"])
+            await send(message)
 
-def _validation_error(exc: RequestValidationError) -> APIError:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    # A union field fails once per member; the deepest failure is the member the input meant.
-    same_field = [e for e in errors if tuple(e.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
-    first = max(same_field or [first], key=lambda e: len(e.get("loc", ())))
-    if first.get("type") == "json_invalid":
-        return APIError(400, f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
-    name = _field_name(tuple(first.get("loc", ())))
-    if name == "body":
-        return APIError(400, "request body must be a JSON object", code="invalid_value")
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {json.dumps(value, default=str)[:80]})"
-    return APIError(400, f"{name}: {first.get('msg')}{shown}", param=name, code="invalid_value")
-
-
-def _dump(obj) -> dict:
-    """Response JSON without null fields, except `finish_reason`, which OpenAI always sends."""
-    data = obj.model_dump(exclude_none=True)
-    for choice, model in zip(data.get("choices", []), obj.choices):
-        choice["finish_reason"] = model.finish_reason
-    return data
-
-
-def _sse(obj) -> str:
-    data = obj if isinstance(obj, str) else json.dumps(_dump(obj), separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-async def _sse_stream(stream: TextStream, chunk: Callable, tail: Callable, head=(),
-                      interval: int = 1) -> AsyncIterator[str]:
-    """SSE body: the head events, one per non-empty chunk, the tail events, `[DONE]`; a failure
-    midway (the 200 is already sent) ends the stream with an error event. The first chunk is
-    written at once; later ones go `interval` events per write (the events are unchanged)."""
-    pending: list[str] = []
-    sent_first = False
-    try:
-        for obj in head:
-            yield _sse(obj)
-        async for delta, event in stream:
-            if (obj := chunk(delta, event)) is not None:
-                pending.append(_sse(obj))
-                if not sent_first or len(pending) >= interval:
-                    yield "".join(pending)
-                    pending.clear()
-                    sent_first = True
-        pending.extend(_sse(obj) for obj in tail())
-    except Exception:
-        log.exception("stream failed")
-        error = oai.ErrorBody(message="internal server error", type="server_error")
-        pending.append(_sse(oai.ErrorResponse(error=error).model_dump_json()))
-    finally:
-        await stream.aclose()
-    yield "".join(pending) + _sse("[DONE]")
+        await self.app(scope, receive, counted)
 
 
 def create_app(server: OpenAIServer) -> FastAPI:
     """Builds the FastAPI app serving `server`."""
     app = FastAPI(title="raymoe OpenAI-compatible server")
     tokenizer = server.tokenizer
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        if server.count is not None:
-            server.count(request.url.path, response.status_code)
-        return response
+    if server.admission is not None:
+        app.add_middleware(
+            AdmissionMiddleware,
+            admission=server.admission,
+            refusal=lambda a: overloaded(a, server.backpressure_status, server.retry_after_s).response(),
+        )
+    # Added last, so outermost: refusals are counted like any answer.
+    app.add_middleware(_CountAnswers, server=server)
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -157,7 +107,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
             json.loads(await request.body())
         except ValueError as err:
             return APIError(400, f"request body is not valid JSON: {err}", code="invalid_json").response()
-        return _validation_error(exc).response()
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
@@ -166,7 +116,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):
-        log.exception("internal error")
+        log.error("internal error", exc_info=exc)
         return APIError(500, "internal server error", type_="server_error").response()
 
     def check_auth(request: Request) -> None:
@@ -175,8 +125,12 @@ def create_app(server: OpenAIServer) -> FastAPI:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         # compare_digest: the time taken does not reveal how much of the key matched.
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
-            raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                "missing or invalid API key (send Authorization: Bearer <key>)",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def model_cards() -> list[oai.ModelCard]:
         cards = [oai.ModelCard(id=server.model_id)]
@@ -190,26 +144,48 @@ def create_app(server: OpenAIServer) -> FastAPI:
         base, _, adapter = name.partition(":")
         if base == server.model_id and adapter in server.adapters:
             return adapter
-        raise APIError(404, f"model {name!r} does not exist; served: {[c.id for c in model_cards()]}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"model {name!r} does not exist; served: {[c.id for c in model_cards()]}",
+            param="model",
+            code="model_not_found",
+        )
 
-    def sampling(body, prompt_ids: list[int], prompt_field: str, max_tokens: int | None,
-                 default_max: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling(
+        body,
+        prompt_ids: list[int],
+        prompt_field: str,
+        max_tokens: int | None,
+        default_max: int | None,
+        logprobs: int | None,
+    ) -> SamplingParams:
         limit = server.engine.max_seq_len
         if not prompt_ids:
             raise APIError(400, f"{prompt_field}: must not be empty", param=prompt_field)
         if len(prompt_ids) >= limit:
-            raise APIError(400, f"{prompt_field}: {len(prompt_ids)} tokens, the context is {limit} tokens and "
-                           "at least one must be left for the output", param=prompt_field,
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"{prompt_field}: {len(prompt_ids)} tokens, the context is {limit} tokens and "
+                "at least one must be left for the output",
+                param=prompt_field,
+                code="context_length_exceeded",
+            )
         room = limit - len(prompt_ids)
         max_tokens = max_tokens if max_tokens is not None else min(default_max or room, room)
         if max_tokens > room:
-            raise APIError(400, f"max_tokens: {max_tokens} + {len(prompt_ids)} prompt tokens exceeds the "
-                           f"context of {limit} tokens", param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens: {max_tokens} + {len(prompt_ids)} prompt tokens exceeds the context of {limit} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
-            seed=body.seed, logprobs=logprobs,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),
+            seed=body.seed,
+            logprobs=logprobs,
             stop_token_ids=[] if body.ignore_eos else tokenizer.stop_token_ids,
         )
 
@@ -220,7 +196,8 @@ def create_app(server: OpenAIServer) -> FastAPI:
     def traced(features: RequestFeatures | None, chunk: Callable, tail: Callable) -> tuple[Callable, Callable]:
         """A streamed reply's chunk and tail callbacks, also feeding `features`; the tail runs
         only when the stream has completed, which is when the request is recorded."""
-        if features is None:
+        traffic = server.traffic
+        if features is None or traffic is None:  # features come from traffic: both or neither
             return chunk, tail
 
         def chunk_(delta, event):
@@ -228,30 +205,30 @@ def create_app(server: OpenAIServer) -> FastAPI:
             return chunk(delta, event)
 
         def tail_():
-            server.traffic.record(features)
+            traffic.record(features)
             return tail()
 
         return chunk_, tail_
 
     def record(features: RequestFeatures | None, pairs) -> None:
-        if features is not None:
+        if features is not None and server.traffic is not None:  # features come from traffic
             for delta, event in pairs:
                 features.add(delta, event)
             server.traffic.record(features)
 
-    async def open_stream(route, body, prompt_ids, params, adapter,
-                          features: RequestFeatures | None = None) -> TextStream:
-        stream = TextStream(server.engine, tokenizer, prompt_ids, params, adapter, body.stop_list(), route,
-                            server.observe)
+    async def open_stream(
+        route, body, prompt_ids, params, adapter, features: RequestFeatures | None = None
+    ) -> TextStream:
+        stream = TextStream(
+            server.engine, tokenizer, prompt_ids, params, adapter, body.stop_list(), route, server.observe
+        )
         stream.request.record_features = features is not None and features.sampled
         try:
             await stream.start()
         except RequestRefused as exc:
-            retry = exc.status in (429, 503)
-            headers = {"Retry-After": str(server.retry_after_s)} if retry else None
-            code = "rate_limit_exceeded" if exc.status == 429 else None
-            type_ = {429: "rate_limit_error", 503: "server_error"}.get(exc.status, "invalid_request_error")
-            raise APIError(exc.status, str(exc), type_, exc.param, code, headers) from None
+            if exc.status in (429, 503):
+                raise come_back_later(exc.status, str(exc), server.retry_after_s) from None
+            raise APIError(exc.status, str(exc), param=exc.param) from None
         return stream
 
     def usage(stream: TextStream) -> oai.Usage:
@@ -273,11 +250,15 @@ def create_app(server: OpenAIServer) -> FastAPI:
             text = tokenizer.token_text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        return oai.ChoiceLogprobs(content=[
-            oai.TokenLogprob(**entry(e.token_id, e.logprob),
-                             top_logprobs=[oai.TopLogprob(**entry(t, v)) for t, v in (e.top_logprobs or {}).items()])
-            for e in events
-        ])
+        return oai.ChoiceLogprobs(
+            content=[
+                oai.TokenLogprob(
+                    **entry(e.token_id, e.logprob),
+                    top_logprobs=[oai.TopLogprob(**entry(t, v)) for t, v in (e.top_logprobs or {}).items()],
+                )
+                for e in events
+            ]
+        )
 
     def include_usage(body) -> bool:
         return bool(body.stream_options and body.stream_options.include_usage)
@@ -302,8 +283,13 @@ def create_app(server: OpenAIServer) -> FastAPI:
             if max(prompt_ids) >= vocab:
                 raise APIError(400, f"prompt: token ids must be below the vocabulary size {vocab}", param="prompt")
         params = sampling(body, prompt_ids, "prompt", body.max_tokens, 16, body.logprobs)
-        features = trace(prompt_ids, adapter, lambda: body.prompt if isinstance(body.prompt, str)
-                         else tokenizer.decode(prompt_ids, skip_special_tokens=False))
+        features = trace(
+            prompt_ids,
+            adapter,
+            lambda: (
+                body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt_ids, skip_special_tokens=False)
+            ),
+        )
         stream = await open_stream("/v1/completions", body, prompt_ids, params, adapter, features)
         rid, want_lp = f"cmpl-{uuid.uuid4().hex}", body.logprobs is not None
 
@@ -311,6 +297,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
             return oai.CompletionResponse(id=rid, model=body.model, choices=choices, usage=usage_)
 
         if body.stream:
+
             def chunk(delta, event):
                 lp = completion_logprobs([(delta, event)]) if want_lp else None
                 return response([oai.CompletionChoice(text=delta, logprobs=lp)]) if delta or lp else None
@@ -320,13 +307,17 @@ def create_app(server: OpenAIServer) -> FastAPI:
                 return last + ([response([], usage(stream))] if include_usage(body) else [])
 
             chunk, tail = traced(features, chunk, tail)
-            return StreamingResponse(_sse_stream(stream, chunk, tail, interval=server.stream_interval),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                sse_stream(stream, chunk, tail, interval=server.stream_interval), media_type="text/event-stream"
+            )
         pairs = [pair async for pair in stream]
         record(features, pairs)
-        choice = oai.CompletionChoice(text="".join(d for d, _ in pairs), finish_reason=stream.finish_reason,
-                                      logprobs=completion_logprobs(pairs) if want_lp else None)
-        return _dump(response([choice], usage(stream)))
+        choice = oai.CompletionChoice(
+            text="".join(d for d, _ in pairs),
+            finish_reason=stream.finish_reason,
+            logprobs=completion_logprobs(pairs) if want_lp else None,
+        )
+        return response_json(response([choice], usage(stream)))
 
     @app.post("/v1/chat/completions")
     async def chat(body: oai.ChatCompletionRequest, request: Request):
@@ -334,16 +325,23 @@ def create_app(server: OpenAIServer) -> FastAPI:
         adapter = resolve_model(body.model)
         try:
             prompt_ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-        except Exception as exc:  # the template's raise_exception: the messages do not fit it
+        except Exception as exc:  # noqa: BLE001 - a model's template may raise anything
             raise APIError(400, f"messages: {exc}", param="messages") from None
         top = body.top_logprobs or 0
-        params = sampling(body, prompt_ids, "messages", body.max_completion_tokens or body.max_tokens, None,
-                          top if body.logprobs else None)
+        params = sampling(
+            body,
+            prompt_ids,
+            "messages",
+            body.max_completion_tokens or body.max_tokens,
+            None,
+            top if body.logprobs else None,
+        )
         features = trace(prompt_ids, adapter, lambda: tokenizer.decode(prompt_ids, skip_special_tokens=False))
         stream = await open_stream("/v1/chat/completions", body, prompt_ids, params, adapter, features)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
         if body.stream:
+
             def chunk_of(choices, usage_=None):
                 return oai.ChatCompletionChunk(id=rid, model=body.model, choices=choices, usage=usage_)
 
@@ -359,13 +357,19 @@ def create_app(server: OpenAIServer) -> FastAPI:
 
             head = [chunk_of([oai.ChatChunkChoice(delta=oai.DeltaMessage(role="assistant", content=""))])]
             chunk, tail = traced(features, chunk, tail)
-            return StreamingResponse(_sse_stream(stream, chunk, tail, head, server.stream_interval),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                sse_stream(stream, chunk, tail, head, server.stream_interval), media_type="text/event-stream"
+            )
         pairs = [pair async for pair in stream]
         record(features, pairs)
         message = oai.AssistantMessage(content="".join(d for d, _ in pairs))
-        choice = oai.ChatChoice(message=message, finish_reason=stream.finish_reason,
-                                logprobs=chat_logprobs([e for _, e in pairs]) if body.logprobs else None)
-        return _dump(oai.ChatCompletionResponse(id=rid, model=body.model, choices=[choice], usage=usage(stream)))
+        choice = oai.ChatChoice(
+            message=message,
+            finish_reason=stream.finish_reason,
+            logprobs=chat_logprobs([e for _, e in pairs]) if body.logprobs else None,
+        )
+        return response_json(
+            oai.ChatCompletionResponse(id=rid, model=body.model, choices=[choice], usage=usage(stream))
+        )
 
     return app

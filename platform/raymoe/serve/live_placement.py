@@ -50,11 +50,21 @@ def replica_placement(engine, num_experts: int) -> dict:
     model = _sharded(engine)
     if model is None:
         slots = list(range(num_experts))
-        return {"ep": 1, "num_experts": num_experts, "slot_expert": slots,
-                "expert_copies": [1] * num_experts, "version": 0}
+        return {
+            "ep": 1,
+            "num_experts": num_experts,
+            "slot_expert": slots,
+            "expert_copies": [1] * num_experts,
+            "version": 0,
+        }
     p = model.placement
-    return {"ep": p.ep, "num_experts": p.num_experts, "slot_expert": list(p.slot_expert),
-            "expert_copies": expert_copies_of(p.slot_expert, p.num_experts), "version": model.placement_version}
+    return {
+        "ep": p.ep,
+        "num_experts": p.num_experts,
+        "slot_expert": list(p.slot_expert),
+        "expert_copies": expert_copies_of(p.slot_expert, p.num_experts),
+        "version": model.placement_version,
+    }
 
 
 def apply_on_replica(engine, slot_expert: list[int], timeout_s: float = 300.0) -> dict:
@@ -75,10 +85,18 @@ def apply_on_replica(engine, slot_expert: list[int], timeout_s: float = 300.0) -
     if placement.slot_expert == current.slot_expert:
         return {**replica_placement(engine, current.num_experts), "changed": False, "loaded": 0, "seconds": 0.0}
     result = model.apply_placement(placement, timeout_s=timeout_s)
-    log.info("re-placement %d applied: %d expert-layers loaded, %.3f s", result["version"], result["loaded"],
-             result["seconds"])
-    return {**replica_placement(engine, current.num_experts), "changed": True, "loaded": result["loaded"],
-            "seconds": result["seconds"]}
+    log.info(
+        "re-placement %d applied: %d expert-layers loaded, %.3f s",
+        result["version"],
+        result["loaded"],
+        result["seconds"],
+    )
+    return {
+        **replica_placement(engine, current.num_experts),
+        "changed": True,
+        "loaded": result["loaded"],
+        "seconds": result["seconds"],
+    }
 
 
 def connect_ray() -> None:
@@ -101,9 +119,12 @@ def _running_replicas(app_name: str, deployment: str) -> int:
         raise ConfigError(f"apply.app_name: no Serve application {app_name!r} (running: {sorted(status.applications)})")
     deployments = status.applications[app_name].deployments
     if deployment not in deployments:
-        raise ConfigError(f"apply.deployment: application {app_name!r} has no deployment {deployment!r} "
-                          f"(it has {sorted(deployments)})")
-    return int(deployments[deployment].replica_states.get("RUNNING", 0))
+        raise ConfigError(
+            f"apply.deployment: application {app_name!r} has no deployment {deployment!r} "
+            f"(it has {sorted(deployments)})"
+        )
+    # Keyed by Serve's ReplicaState, a str enum: compared with its name, not imported from _private.
+    return sum(n for state, n in deployments[deployment].replica_states.items() if state == "RUNNING")
 
 
 def app_placement(app_name: str, deployment: str, timeout_s: float = 60.0) -> dict:
@@ -115,8 +136,9 @@ def app_placement(app_name: str, deployment: str, timeout_s: float = 60.0) -> di
     return handle.placement.remote().result(timeout_s=timeout_s)
 
 
-def apply_to_app(slot_expert: list[int], *, app_name: str, deployment: str, timeout_s: float = 300.0,
-                 max_calls: int = 0) -> list[dict]:
+def apply_to_app(
+    slot_expert: list[int], *, app_name: str, deployment: str, timeout_s: float = 300.0, max_calls: int = 0
+) -> list[dict]:
     """Applies `slot_expert` to every running replica of a Serve app (Ray must be connected).
 
     Args:
@@ -144,8 +166,15 @@ def apply_to_app(slot_expert: list[int], *, app_name: str, deployment: str, time
         if len(answers) >= expected:
             break
     if len(answers) < expected:
-        raise RuntimeError(f"{app_name}/{deployment}: {len(answers)} of {expected} replicas answered; "
-                           f"rerun to reach the others (a replica that has the placement answers at once)")
-    log.info("placement applied to %d replica(s) of %s/%s in %.2f s", len(answers), app_name, deployment,
-             time.perf_counter() - start)
+        raise RuntimeError(
+            f"{app_name}/{deployment}: {len(answers)} of {expected} replicas answered; "
+            f"rerun to reach the others (a replica that has the placement answers at once)"
+        )
+    log.info(
+        "placement applied to %d replica(s) of %s/%s in %.2f s",
+        len(answers),
+        app_name,
+        deployment,
+        time.perf_counter() - start,
+    )
     return list(answers.values())

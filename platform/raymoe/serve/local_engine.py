@@ -7,8 +7,9 @@ child process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import torch
 
@@ -52,10 +53,8 @@ class StreamingEngine:
         """Hands (request id, event or error) pairs to the event loop, which queues them."""
         if self._loop is None:
             return  # no request has come yet: nobody to tell
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(self._deliver, items)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
 
     def _deliver(self, items) -> None:
         for rid, item in items:
@@ -63,7 +62,7 @@ class StreamingEngine:
             if queue is not None:
                 queue.put_nowait(item)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Streams `request`'s tokens; leaving early (client gone, stop string) aborts it."""
         self.check_alive()
         self._loop = asyncio.get_running_loop()  # the loop streaming the requests (tests make several)
@@ -95,8 +94,9 @@ class LocalEngine(StreamingEngine):
     there is work and hands each step's events to the event loop. The next step starts while the
     loop is still streaming the last one's tokens. Implements `Engine`."""
 
-    def __init__(self, core: EngineCore | None = None, *, build: Callable[[], EngineCore] | None = None,
-                 num_threads: int = 0):
+    def __init__(
+        self, core: EngineCore | None = None, *, build: Callable[[], EngineCore] | None = None, num_threads: int = 0
+    ):
         """Starts the engine thread, which runs `build` first when given (loading the model where
         it will run, see `raymoe.serve.app.build_engine`); waits for the build and re-raises its
         error.
@@ -113,10 +113,15 @@ class LocalEngine(StreamingEngine):
         self._wake = threading.Event()
         self._died: BaseException | None = None
         self._num_threads = num_threads or (core.config.num_threads if core is not None else 0)
-        self.core = core
+        self.core: EngineCore  # set by _run: the given core, or what `build` made
+        if core is not None:
+            given = core
+
+            def build() -> EngineCore:
+                return given
+
         started = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(build or (lambda: core), started),
-                                        name="raymoe-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(build, started), name="raymoe-engine", daemon=True)
         self._thread.start()
         started.wait()
         if self._died is not None:
@@ -124,7 +129,7 @@ class LocalEngine(StreamingEngine):
         self.max_seq_len = self.core.max_seq_len
 
     @classmethod
-    def from_model(cls, model, config: EngineConfig) -> "LocalEngine":
+    def from_model(cls, model, config: EngineConfig) -> LocalEngine:
         return cls(EngineCore(model, config))
 
     def _run(self, build: Callable[[], EngineCore], started: threading.Event) -> None:
@@ -145,7 +150,7 @@ class LocalEngine(StreamingEngine):
                     continue
                 if items := step_or_fail(self.core):
                     self._post(items)
-        except BaseException as exc:  # noqa: BLE001 - reported by check_alive and to every waiting request
+        except BaseException as exc:  # reported by check_alive and to every waiting request
             self._died = exc
             error = EngineStoppedError(f"engine thread stopped: {exc!r}")
             self._post([(rid, error) for rid in list(self._queues)])

@@ -7,6 +7,10 @@ Text (prompts, stop strings, detokenization) stays in the HTTP layer; engines se
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# Why generation ended: an end token or stop string ("stop"), or max_tokens / max_seq_len ("length").
+FinishReason = Literal["stop", "length"]
 
 
 class EngineOverloadedError(RuntimeError):
@@ -60,7 +64,7 @@ class TokenEvent:
     token_id: int
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     # Requests with `record_features` only (None otherwise, so events stay small):
     # log-probability of this token under the model's distribution (nats, before temperature).

@@ -26,9 +26,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return gen
 
 
-def truncate_logits(
-    logits_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor
-) -> torch.Tensor:
+def truncate_logits(logits_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
     """Sets logits outside each row's top-k and top-p nucleus to -inf (top_k 0 / top_p 1 = off)."""
     sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
     rank_V = torch.arange(logits_BV.shape[-1], device=logits_BV.device)
@@ -93,7 +91,7 @@ def sample(
         return Sampled(tokens_B, None, [None] * len(params))
     logprobs_BV = logits_BV.log_softmax(dim=-1)
     chosen_B = logprobs_BV.gather(-1, tokens_B[:, None])[:, 0]
-    top = []
+    top: list[dict[int, float] | None] = []
     for i, p in enumerate(params):
         if not want[i] or not p.logprobs:
             top.append({} if want[i] else None)

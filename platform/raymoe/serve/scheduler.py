@@ -113,6 +113,13 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def held_slot(self) -> int:
+        """The KV-cache row of a running sequence (only a running sequence holds one)."""
+        if self.slot is None:
+            raise RuntimeError(f"sequence {self.seq_id} holds no KV slot (status {self.status.name})")
+        return self.slot
+
 
 @dataclass
 class ScheduledChunk:
@@ -184,14 +191,13 @@ class Scheduler:
                 f"exceeds max_seq_len={cfg.max_seq_len}"
             )
         if cfg.blocks_for(total) > cfg.num_kv_blocks:
-            raise ValueError(
-                f"request needs {cfg.blocks_for(total)} KV blocks, the budget is "
-                f"{cfg.num_kv_blocks}"
-            )
+            raise ValueError(f"request needs {cfg.blocks_for(total)} KV blocks, the budget is {cfg.num_kv_blocks}")
         if len(self.waiting) >= cfg.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests waiting (max_waiting)")
         seq = Sequence(
-            seq_id=seq_id, prompt_ids=list(prompt_ids), max_new_tokens=max_new_tokens,
+            seq_id=seq_id,
+            prompt_ids=list(prompt_ids),
+            max_new_tokens=max_new_tokens,
             arrival=next(self._arrivals),
         )
         self._seqs[seq_id] = seq
@@ -238,7 +244,7 @@ class Scheduler:
                 preempted.append(victim)
                 decodes = [c for c in decodes if c.seq is not victim]
             if seq.status is SeqStatus.RUNNING:
-                decodes.append(ScheduledChunk(seq, seq.slot, seq.num_computed, seq.token_ids[-1:]))
+                decodes.append(ScheduledChunk(seq, seq.held_slot, seq.num_computed, seq.token_ids[-1:]))
         budget -= len(decodes)
 
         # Running sequences still prefilling (their prompt blocks were reserved at admission).
@@ -289,23 +295,21 @@ class Scheduler:
             seq.num_computed = chunk.start + len(chunk.token_ids)
             if seq.num_computed == seq.num_tokens:
                 seq.output_ids.append(sampled[seq.seq_id])
-                if (
-                    len(seq.output_ids) >= seq.max_new_tokens
-                    or seq.num_tokens >= self.config.max_seq_len
-                ):
-                    finished.append(self.finish(seq.seq_id, "length"))
+                if len(seq.output_ids) >= seq.max_new_tokens or seq.num_tokens >= self.config.max_seq_len:
+                    self.finish(seq.seq_id, "length")
+                    finished.append(seq)
         return finished
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _chunk(self, seq: Sequence, budget: int) -> ScheduledChunk:
         n = min(seq.num_tokens - seq.num_computed, budget)
         start = seq.num_computed
-        return ScheduledChunk(seq, seq.slot, start, seq.token_slice(start, start + n))
+        return ScheduledChunk(seq, seq.held_slot, start, seq.token_slice(start, start + n))
 
     def _release(self, seq: Sequence) -> None:
         self.free_blocks += seq.num_blocks
         seq.num_blocks = 0
-        self.free_slots.append(seq.slot)
+        self.free_slots.append(seq.held_slot)
         seq.slot = None
 
     def _preempt(self, seq: Sequence) -> None:

@@ -28,7 +28,7 @@ class ServeMetrics:
     _task: asyncio.Task | None = None
 
     @classmethod
-    def create(cls, model: str) -> "ServeMetrics":
+    def create(cls, model: str) -> ServeMetrics:
         """Metrics on when Ray is up (inside a replica); a no-op recorder otherwise."""
         try:
             import ray

@@ -1,15 +1,15 @@
 """Expert-parallel serving: N shard workers (Ray actors) behind a model-like proxy.
 
 The Serve replica keeps its engine (scheduler, sampling) and swaps the model for a
-`ShardedModel`. Each `ShardWorker` holds the dense weights, its expert slots (placement as data,
-EPLB replicas allowed) and its own KV cache rows; the workers form one gloo (CPU) / NCCL (GPU)
-group and every MoE layer's dispatcher is an `AllToAllDispatcher` over it (DESIGN.md "Expert
-shards in Ray actors").
+`ShardedModel`. Each `ShardWorker` (`raymoe.serve.shard_worker`) holds the dense weights, its
+expert slots (placement as data, EPLB replicas allowed) and its own KV cache rows; the workers
+form one gloo (CPU) / NCCL (GPU) group and every MoE layer's dispatcher is an `AllToAllDispatcher`
+over it (DESIGN.md "Expert shards in Ray actors").
 
 Attention is data-parallel over the batch: engine slot s lives on worker s mod N as local cache
 row s // N, so a sequence always meets its own keys. Each engine step sends every worker one Ray
 call with all of that step's forwards (decode batch and prefill groups) restricted to its rows,
-run in one pass (`raymoe.models.forward_jobs`); a worker with no rows still runs every MoE layer
+run in one pass (`raymoe.inference.forward_jobs`); a worker with no rows still runs every MoE layer
 with zero tokens, so the collectives line up. Logits of each forward's sampled position come
 back and are put back in row order.
 
@@ -26,170 +26,14 @@ Shapes: B batch rows, T tokens, V vocabulary, D model dim, L MoE layers, E exper
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import torch
 
-from raymoe.models.forward_jobs import ForwardJob, run_forward_jobs
+from raymoe.inference.forward_jobs import ForwardJob
 from raymoe.parallel.layout import ExpertPlacement
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-class ShardWorker:
-    """One expert shard (a Ray actor): dense weights + its expert slots + its KV cache rows."""
-
-    def __init__(self, model_path: str, rank: int, world_size: int, placement: dict, num_threads: int = 0,
-                 use_gpu: bool = False, cpu_kernels: str = "default", expert_threads: int = 1):
-        from raymoe.cpu_allocator import keep_freed_memory
-        from raymoe.models import load_hf
-
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.rank = rank
-        self.world_size = world_size
-        self.model_path = model_path
-        self.placement = ExpertPlacement(**placement)
-        self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        # Built on the meta device; only the dense weights and this worker's experts are read.
-        self.model = load_hf(model_path, expert_ids=self.placement.experts_of(rank)).to(self.device).eval()
-        self.cpu_kernels, self.expert_threads = cpu_kernels, expert_threads
-        self.cache = None
-        # (version, placement, [(moe, experts, dispatcher) per MoE layer]) built by stage_placement.
-        self._staged: tuple | None = None
-        if self.device.type == "cpu":
-            keep_freed_memory()
-
-    def rendezvous_address(self) -> str:
-        """`tcp://ip:port` on this worker's node (asked of worker 0 only)."""
-        import ray
-
-        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
-
-    def join_group(self, init_method: str, timeout_s: float = 120.0) -> list[int]:
-        """Joins the group (all workers call this at once) and keeps this rank's expert slots.
-
-        `timeout_s` bounds every collective: when a peer dies mid-step the survivors fail the step
-        instead of waiting forever (torch's default is 30 minutes).
-        """
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
-        from raymoe.parallel.layout import ParallelLayout, shard_model_experts
-
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
-                                timeout=timedelta(seconds=timeout_s))
-        shard_model_experts(self.model, ParallelLayout(ep=self.world_size), self.rank,
-                            ep_group=dist.group.WORLD, placement=self.placement, allow_replicas=True)
-        from raymoe.models.packed import pack_fp32, wants_packed_weights
-
-        if wants_packed_weights(self.cpu_kernels, self.model):
-            pack_fp32(self.model, self.expert_threads)  # after sharding: only this worker's experts
-        return self.placement.experts_of(self.rank)
-
-    def make_cache(self, num_slots: int, max_seq_len: int) -> int:
-        """Allocates this worker's KV cache rows; returns its size in bytes."""
-        from raymoe.models import KVCache
-
-        dtype = next(self.model.parameters()).dtype
-        self.cache = KVCache(self.model.cfg, num_slots, max_seq_len, dtype=dtype, device=self.device)
-        return self.cache.nbytes()
-
-    @torch.inference_mode()
-    def run(self, jobs: list[ForwardJob | None]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-        """Runs one engine step's forwards in order (None = no rows here, join the collectives).
-
-        Returns:
-            Per job the logits (B_local, V) at each row's `last_B` position (None for empty jobs),
-            and the (L, E) tokens routed per expert summed over the jobs (this worker's tokens).
-        """
-        moe_layers = list(self.model.moe_layers())
-        tokens_LE = torch.zeros(len(moe_layers), self.model.cfg.moe.num_experts, dtype=torch.long)
-        # Every worker makes the same passes, so each MoE layer's all-to-all lines up: one pass
-        # over this worker's jobs (possibly none), or with capacity-limited routing one per job.
-        if self.model.cfg.moe.capacity_factor is None:
-            passes = [[job for job in jobs if job is not None]]
-        else:
-            passes = [[] if job is None else [job] for job in jobs]
-        logits = []
-        for batch in passes:
-            logits += run_forward_jobs(self.model, [job.to(self.device) for job in batch], self.cache)
-            for i, moe in enumerate(moe_layers):
-                tokens_LE[i] += moe.last_tokens_per_expert_E.cpu()
-        found = iter(logits)
-        return [None if job is None else next(found).cpu() for job in jobs], tokens_LE
-
-    def slot_rows(self) -> list[list[int]]:
-        """Per MoE layer, the rows each local expert slot has computed so far."""
-        return [moe.dispatcher.rows_per_local_slot.tolist() for moe in self.model.moe_layers()]
-
-    def stage_placement(self, version: int, slot_expert: list[int]) -> dict:
-        """Builds every MoE layer's experts and dispatcher for the placement `slot_expert` beside
-        the running ones (see `raymoe.serve.expert_reload`); `commit_placement` swaps them in.
-
-        Returns:
-            `rank`, `experts` (this rank's new slot list), `loaded` (expert-layers read from the
-            artifact) and `seconds`.
-        """
-        import torch.distributed as dist
-
-        from raymoe.models.hf_io import read_hf_config
-        from raymoe.models.moe import MoE
-        from raymoe.parallel.all_to_all import AllToAllDispatcher
-        from raymoe.serve.expert_reload import ExpertReader, experts_for_slots
-
-        start = time.perf_counter()
-        placement = ExpertPlacement(num_experts=self.model.cfg.moe.num_experts, ep=self.world_size,
-                                    slot_expert=list(slot_expert))
-        keep = placement.experts_of(self.rank)
-        staged = []
-        arch = getattr(self.model, "hf_architecture", None) or read_hf_config(self.model_path)[1]
-        with torch.no_grad(), ExpertReader(self.model_path, arch) as reader:
-            for layer_id, layer in enumerate(self.model.layers):
-                if not isinstance(layer.ffn, MoE):
-                    continue
-                moe = layer.ffn
-                experts = experts_for_slots(moe.experts, keep,
-                                            lambda missing, i=layer_id, m=moe: reader.read(i, missing, m.experts))
-                staged.append((moe, experts, AllToAllDispatcher(dist.group.WORLD, placement=placement,
-                                                                 ep_rank=self.rank)))
-        self._staged = (version, placement, staged)
-        return {"rank": self.rank, "experts": keep, "loaded": reader.num_read,
-                "seconds": time.perf_counter() - start}
-
-    def commit_placement(self, version: int) -> list[int]:
-        """Swaps in the staged placement `version` (between two `run` calls); the old experts are
-        freed. Returns this rank's slot list."""
-        if self._staged is None or self._staged[0] != version:
-            raise RuntimeError(f"rank {self.rank}: no staged placement version {version} to commit")
-        _, placement, staged = self._staged
-        for moe, experts, dispatcher in staged:
-            moe.experts = experts
-            moe.dispatcher = dispatcher
-        self.placement, self._staged = placement, None
-        return placement.experts_of(self.rank)
-
-    def drop_staged(self, version: int) -> None:
-        """Forgets a staged placement that will not be committed (another worker failed to stage)."""
-        if self._staged is not None and self._staged[0] == version:
-            self._staged = None
-
-    def ping(self) -> bool:
-        return True
-
-    def shutdown(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+from raymoe.serve.shard_worker import ShardWorker
 
 
 class _LayerStats:
@@ -238,9 +82,19 @@ class ShardedModel:
         self._apply_lock = threading.Lock()
 
     @classmethod
-    def launch(cls, model_path: str, ep: int, *, redundant_experts: list[int] | None = None,
-               num_cpus: float = 1.0, num_gpus: float = 0.0, num_threads: int = 0,
-               cpu_kernels: str = "default", expert_threads: int = 1, timeout_s: float = 300.0) -> ShardedModel:
+    def launch(
+        cls,
+        model_path: str,
+        ep: int,
+        *,
+        redundant_experts: list[int] | None = None,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        num_threads: int = 0,
+        cpu_kernels: str = "default",
+        expert_threads: int = 1,
+        timeout_s: float = 300.0,
+    ) -> ShardedModel:
         """Starts `ep` shard workers in a SPREAD placement group and joins them into one group.
 
         Args:
@@ -250,7 +104,7 @@ class ShardedModel:
             num_cpus: CPUs per worker (fractions are fine on one machine).
             num_gpus: GPUs per worker; > 0 selects NCCL.
             num_threads: torch threads per worker; 0 = torch's default.
-            cpu_kernels: "onednn" packs each worker's fp32 CPU weights (see `raymoe.models.packed`).
+            cpu_kernels: "onednn" packs each worker's fp32 CPU weights (see `raymoe.inference.packed`).
             expert_threads: with "onednn", threads running each worker's experts side by side.
             timeout_s: how long to wait for the placement group and the workers.
 
@@ -275,10 +129,10 @@ class ShardedModel:
             actor = ray.remote(ShardWorker)
             workers = [
                 actor.options(
-                    num_cpus=num_cpus, num_gpus=num_gpus,
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-                ).remote(model_path, r, ep, placement.to_dict(), num_threads, num_gpus > 0, cpu_kernels,
-                         expert_threads)
+                ).remote(model_path, r, ep, placement.to_dict(), num_threads, num_gpus > 0, cpu_kernels, expert_threads)
                 for r in range(ep)
             ]
             init_method = ray.get(workers[0].rendezvous_address.remote(), timeout=timeout_s)
@@ -363,15 +217,18 @@ class ShardedModel:
 
         from raymoe.config import require
 
-        require(placement.num_experts == self.cfg.moe.num_experts and placement.ep == self.num_workers,
-                f"placement (num_experts={placement.num_experts}, ep={placement.ep}) does not fit the "
-                f"served model (num_experts={self.cfg.moe.num_experts}) on ep={self.num_workers} workers")
+        require(
+            placement.num_experts == self.cfg.moe.num_experts and placement.ep == self.num_workers,
+            f"placement (num_experts={placement.num_experts}, ep={placement.ep}) does not fit the "
+            f"served model (num_experts={self.cfg.moe.num_experts}) on ep={self.num_workers} workers",
+        )
         with self._apply_lock:
             start = time.perf_counter()
             version = self.placement_version + 1
             try:
-                staged = ray.get([w.stage_placement.remote(version, placement.slot_expert) for w in self.workers],
-                                 timeout=timeout_s)
+                staged = ray.get(
+                    [w.stage_placement.remote(version, placement.slot_expert) for w in self.workers], timeout=timeout_s
+                )
             except BaseException:
                 for w in self.workers:
                     w.drop_staged.remote(version)
@@ -381,8 +238,12 @@ class ShardedModel:
                 commits = [w.commit_placement.remote(version) for w in self.workers]
                 self.placement, self.placement_version = placement, version
             ray.get(commits, timeout=timeout_s)
-        return {"version": version, "loaded": sum(s["loaded"] for s in staged), "stage_s": stage_s,
-                "seconds": time.perf_counter() - start}
+        return {
+            "version": version,
+            "loaded": sum(s["loaded"] for s in staged),
+            "stage_s": stage_s,
+            "seconds": time.perf_counter() - start,
+        }
 
     def check_health(self) -> None:
         """Raises if a worker died; never waits (a worker busy in a step answers next time).

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from raymoe.serve.detokenize import StopStringDetokenizer
 from raymoe.serve.engine import Engine
 from raymoe.serve.request import (
     EngineOverloadedError,
     EngineStoppedError,
+    FinishReason,
     GenerationRequest,
     InvalidRequestError,
     SamplingParams,
@@ -39,16 +40,26 @@ Observer = Callable[[str, int, float | None, float | None, float, int], None]
 class TextStream:
     """Runs one request on `engine` and turns its tokens into text."""
 
-    def __init__(self, engine: Engine, tokenizer, prompt_ids: list[int], params: SamplingParams,
-                 adapter: str | None, stop: list[str], route: str, observe: Observer | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None,
+        stop: list[str],
+        route: str,
+        observe: Observer | None = None,
+    ):
         self.engine, self.params, self.route, self.observe = engine, params, route, observe
         self.prompt_ids = prompt_ids
-        self.request = GenerationRequest(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, params=params,
-                                         adapter=adapter)
+        self.request = GenerationRequest(
+            request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, params=params, adapter=adapter
+        )
         self.detok = StopStringDetokenizer(tokenizer, stop)
-        self.finish_reason = "length"
+        self.finish_reason: FinishReason = "length"
         self.num_tokens = 0
-        self._events: AsyncIterator[TokenEvent] | None = None
+        self._events: AsyncGenerator[TokenEvent, None] | None = None
         self._first: TokenEvent | None = None
         self._t0 = time.perf_counter()
         self._t_first: float | None = None
@@ -74,12 +85,12 @@ class TextStream:
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, TokenEvent]]:
         try:
-            event = self._first
-            while event is not None:
+            event, events = self._first, self._events  # both None unless start() got a first token
+            while event is not None and events is not None:
                 yield self._text_of(event), event
                 if self.detok.stopped or event.finish_reason:
                     break
-                event = await anext(self._events, None)
+                event = await anext(events, None)
         finally:
             await self.aclose()
 

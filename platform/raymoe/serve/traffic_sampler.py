@@ -82,8 +82,10 @@ class TrafficConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require(not self.enabled or bool(self.output_dir),
-                "app.traffic.output_dir must be set when app.traffic.enabled is true")
+        require(
+            not self.enabled or bool(self.output_dir),
+            "app.traffic.output_dir must be set when app.traffic.enabled is true",
+        )
         require(0 < self.sample_rate <= 1, f"app.traffic.sample_rate must be in (0, 1], got {self.sample_rate}")
         require(self.window_seconds > 0, f"app.traffic.window_seconds must be > 0, got {self.window_seconds}")
         require(self.window_requests >= 1, f"app.traffic.window_requests must be >= 1, got {self.window_requests}")
@@ -175,9 +177,17 @@ class _Window:
 class TrafficSampler:
     """Buffers sampled requests of one replica and writes them as Parquet windows."""
 
-    def __init__(self, config: TrafficConfig, *, model_id: str, vocab_size: int,
-                 expert_counts: Callable[[], Any], replica_tag: str | None = None,
-                 clock: Callable[[], float] = time.time, background: bool = True):
+    def __init__(
+        self,
+        config: TrafficConfig,
+        *,
+        model_id: str,
+        vocab_size: int,
+        expert_counts: Callable[[], Any],
+        replica_tag: str | None = None,
+        clock: Callable[[], float] = time.time,
+        background: bool = True,
+    ):
         """Starts the first window; with `background`, also the thread that writes windows.
 
         Args:
@@ -216,8 +226,9 @@ class TrafficSampler:
             self._thread = threading.Thread(target=self._run, name="raymoe-traffic", daemon=True)
             self._thread.start()
 
-    def start(self, prompt_ids: list[int], adapter: str | None = None,
-              prompt_text: Callable[[], str] | None = None) -> RequestFeatures:
+    def start(
+        self, prompt_ids: list[int], adapter: str | None = None, prompt_text: Callable[[], str] | None = None
+    ) -> RequestFeatures:
         """Decides whether a new request is sampled (run it with `record_features` if so).
 
         Args:
@@ -245,7 +256,7 @@ class TrafficSampler:
                     return
                 self._ended.append(self._end_window())
             self._wake.set()
-        except Exception:  # noqa: BLE001 - monitoring must not break serving
+        except Exception:  # monitoring must not break serving
             log.exception("traffic: could not record a request")
 
     def _row(self, r: RequestFeatures) -> dict[str, Any]:
@@ -314,12 +325,20 @@ class TrafficSampler:
 
         # Two windows ending in the same millisecond (a close right after a full window) must
         # not share a name.
-        end_ms = max(int(round(window.end * 1000)), self._last_end_ms + 1)
+        end_ms = max(round(window.end * 1000), self._last_end_ms + 1)
         self._last_end_ms = end_ms
-        meta = {"format": FORMAT, "start": window.start, "end": window.end, "model": self.model_id,
-                "vocab_size": self.vocab_size, "token_buckets": self.num_buckets,
-                "sample_rate": self.config.sample_rate, "num_requests_seen": window.num_seen,
-                "num_sampled": len(window.rows), "expert_load": window.load_LE.tolist()}
+        meta = {
+            "format": FORMAT,
+            "start": window.start,
+            "end": window.end,
+            "model": self.model_id,
+            "vocab_size": self.vocab_size,
+            "token_buckets": self.num_buckets,
+            "sample_rate": self.config.sample_rate,
+            "num_requests_seen": window.num_seen,
+            "num_sampled": len(window.rows),
+            "expert_load": window.load_LE.tolist(),
+        }
         schema = window_schema(self.config.store_text).with_metadata({META_KEY: json.dumps(meta)})
         table = pa.Table.from_pylist(window.rows, schema=schema)
         path = Path(self.config.output_dir) / f"window-{end_ms:013d}-{self.replica_tag}.parquet"
@@ -341,7 +360,7 @@ class TrafficSampler:
     def _logged(self, write: Callable[[], list[Path]]) -> None:
         try:
             write()
-        except Exception:  # noqa: BLE001 - the next window is tried again
+        except Exception:  # the next window is tried again
             log.exception("traffic: writing a window to %s failed; its rows are lost", self.config.output_dir)
 
     def close(self) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from raymoe.models.transformer import MoETransformer
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+
+def apply_activation_checkpointing(model: MoETransformer) -> None:
     """Wraps every `model.layers[i].forward` in `torch.utils.checkpoint` (use_reentrant=False)."""
     for layer in model.layers:
         if getattr(layer, "_raymoe_checkpointed", False):
@@ -25,4 +26,5 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         layer.forward = wrapped
-        layer._raymoe_checkpointed = True
+        # torch types Module.__setattr__'s value as Tensor | Module; a plain flag is stored as is.
+        layer._raymoe_checkpointed = True  # type: ignore[assignment]

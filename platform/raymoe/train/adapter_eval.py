@@ -35,25 +35,35 @@ def read_eval_records(path: str | Path) -> list[list[dict[str, str]]]:
 
 
 @torch.no_grad()
-def answer_loss(model: MoETransformer, tokenizer: ChatTokenizer, records: list[list[dict[str, str]]],
-                max_seq_len: int, batch_size: int = 16) -> float:
+def answer_loss(
+    model: MoETransformer,
+    tokenizer: ChatTokenizer,
+    records: list[list[dict[str, str]]],
+    max_seq_len: int,
+    batch_size: int = 16,
+) -> float:
     """Mean cross-entropy (nats per answer token) of the final answers given their prompts."""
-    examples = [e for e, _, _ in (tokenize_messages(m, tokenizer, max_seq_len, "left") for m in records)
-                if e is not None]
+    examples = [
+        e for e, _, _ in (tokenize_messages(m, tokenizer, max_seq_len, "left") for m in records) if e is not None
+    ]
     total, count = 0.0, 0
     pad = tokenizer.stop_token_ids[0] if tokenizer.stop_token_ids else 0
     for start in range(0, len(examples), batch_size):
-        input_ids_BT, targets_BT = collate(examples[start:start + batch_size], pad)
+        input_ids_BT, targets_BT = collate(examples[start : start + batch_size], pad)
         logits_BTV = model(input_ids_BT)
-        total += float(F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1),
-                                       ignore_index=-100, reduction="sum"))
+        total += float(
+            F.cross_entropy(
+                logits_BTV.reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
         count += int((targets_BT != -100).sum())
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def greedy_answers(model: MoETransformer, tokenizer: ChatTokenizer, records: list[list[dict[str, str]]],
-                   max_new_tokens: int) -> list[str]:
+def greedy_answers(
+    model: MoETransformer, tokenizer: ChatTokenizer, records: list[list[dict[str, str]]], max_new_tokens: int
+) -> list[str]:
     """Each record's greedy answer, cut at the first end-of-turn / EOS token."""
     stops = set(tokenizer.stop_token_ids)
     answers = []
@@ -69,18 +79,26 @@ def greedy_answers(model: MoETransformer, tokenizer: ChatTokenizer, records: lis
     return answers
 
 
-def evaluate_model(model: MoETransformer, tokenizer: ChatTokenizer, records: list[list[dict[str, str]]],
-                   max_seq_len: int, max_new_tokens: int) -> dict[str, float]:
+def evaluate_model(
+    model: MoETransformer,
+    tokenizer: ChatTokenizer,
+    records: list[list[dict[str, str]]],
+    max_seq_len: int,
+    max_new_tokens: int,
+) -> dict[str, float]:
     """{"loss", "exact_match", "examples"} of `model` on `records`."""
     model.eval()
     predictions = greedy_answers(model, tokenizer, records, max_new_tokens)
-    return {"loss": answer_loss(model, tokenizer, records, max_seq_len),
-            "exact_match": score_exact_match(predictions, [m[-1]["content"] for m in records]),
-            "examples": len(records)}
+    return {
+        "loss": answer_loss(model, tokenizer, records, max_seq_len),
+        "exact_match": score_exact_match(predictions, [m[-1]["content"] for m in records]),
+        "examples": len(records),
+    }
 
 
-def evaluate_base_and_adapter(base_dir: str, adapter_dir: str, eval_path: str, max_seq_len: int,
-                              max_new_tokens: int) -> dict[str, dict[str, float]]:
+def evaluate_base_and_adapter(
+    base_dir: str, adapter_dir: str, eval_path: str, max_seq_len: int, max_new_tokens: int
+) -> dict[str, dict[str, float]]:
     """Before/after table: the base artifact and the base with the adapter folded in."""
     tokenizer = ChatTokenizer.from_dir(base_dir)
     records = read_eval_records(eval_path)
@@ -102,9 +120,9 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-
-def held_out_quality(artifact: str, adapter: str, eval_path: str, max_seq_len: int,
-                     max_new_tokens: int) -> dict[str, float]:
+def held_out_quality(
+    artifact: str, adapter: str, eval_path: str, max_seq_len: int, max_new_tokens: int
+) -> dict[str, float]:
     """{"loss", "perplexity", "exact_match" (when max_new_tokens > 0), "examples"} of the artifact
     (with `adapter` folded in, if given) on the records of `eval_path`: the drift job's quality
     point."""

@@ -34,8 +34,7 @@ class AdapterTrainer:
         seed: adapter initialisation seed (same on every rank).
     """
 
-    def __init__(self, base_dir: str, lora: LoRAConfig, optim: OptimConfig, groups: ParallelGroups,
-                 seed: int):
+    def __init__(self, base_dir: str, lora: LoRAConfig, optim: OptimConfig, groups: ParallelGroups, seed: int):
         self.groups = groups
         if groups.layout.ep > 1:
             # Read and allocate only this rank's experts, then install the all-to-all.
@@ -49,13 +48,18 @@ class AdapterTrainer:
         self.model.train()
         # LoRA adapters are not decayed towards zero by default (peft + transformers' Trainer
         # decay them like any weight; OptimConfig.weight_decay says how much).
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                                           eps=optim.eps, weight_decay=optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
+        )
         self.clip_norm = optim.clip_norm
 
-    def step(self, micro_batches: list[tuple[torch.Tensor, ...]], lr: float,
-             global_target_counts: list[int], extra_loss: Callable[[], torch.Tensor] | None = None
-             ) -> StepResult:
+    def step(
+        self,
+        micro_batches: list[tuple[torch.Tensor, ...]],
+        lr: float,
+        global_target_counts: list[int],
+        extra_loss: Callable[[], torch.Tensor] | None = None,
+    ) -> StepResult:
         """One optimizer step of the adapter over this rank's micro-batches.
 
         Args:
@@ -65,9 +69,17 @@ class AdapterTrainer:
                 is their mean, whatever the layout.
             extra_loss: added to the loss (FedProx's proximal term).
         """
-        return train_step(self.model, self.optimizer, micro_batches, groups=self.groups, lr=lr,
-                          clip_norm=self.clip_norm, update_bias=False, extra_loss=extra_loss,
-                          global_target_counts=global_target_counts)
+        return train_step(
+            self.model,
+            self.optimizer,
+            micro_batches,
+            groups=self.groups,
+            lr=lr,
+            clip_norm=self.clip_norm,
+            update_bias=False,
+            extra_loss=extra_loss,
+            global_target_counts=global_target_counts,
+        )
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's adapter as peft-named tensors (live views: clone before keeping them)."""

@@ -12,7 +12,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from raymoe.config import ConfigError, from_dict, require, to_dict
+from raymoe.config import (
+    ConfigError,
+    from_dict,
+    require,
+    require_at_least,
+    require_positive,
+    require_resource,
+    to_dict,
+)
 from raymoe.models.config import FLAVOURS, ModelConfig, flavour
 from raymoe.parallel.layout import ParallelLayout
 
@@ -34,12 +42,12 @@ class OptimConfig:
     grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
-        require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        require_positive("optim", self, "lr", "eps")
         require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        require(self.clip_norm >= 0, f"optim.clip_norm must be >= 0, got {self.clip_norm}")
-        require(self.grad_accum_steps >= 1,
-                f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        require_at_least("optim", self, warmup_steps=0, weight_decay=0, clip_norm=0, grad_accum_steps=1)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            require(0 <= value < 1, f"optim.{name} must be in [0, 1), got {value}")
 
 
 @dataclass(kw_only=True)
@@ -57,8 +65,7 @@ class TrainDataConfig:
     def __post_init__(self) -> None:
         require(bool(self.path), "data.path must be set (an ingest output directory)")
         require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
-        require(self.global_batch_size >= 1,
-                f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
+        require(self.global_batch_size >= 1, f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
 
 
 @dataclass(kw_only=True)
@@ -133,13 +140,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.flavour in FLAVOURS, f"flavour {self.flavour!r} unknown; known: {list(FLAVOURS)}")
         require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        require(self.num_cpus_per_worker > 0,
-                f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}")
-        require(self.memory_per_worker_gb >= 0,
-                f"memory_per_worker_gb must be >= 0, got {self.memory_per_worker_gb}")
-        require(self.num_threads_per_worker >= 1,
-                f"num_threads_per_worker must be >= 1, got {self.num_threads_per_worker}")
-        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        require_resource("num_cpus_per_worker", self.num_cpus_per_worker)
+        require(self.num_cpus_per_worker > 0, f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}")
+        require_at_least(
+            "",
+            self,
+            memory_per_worker_gb=0,
+            num_workers=0,
+            num_threads_per_worker=1,
+            log_every=1,
+            peak_tflops_per_worker=0,
+        )
         model = self.model_config()
         self.layout.validate(num_experts=model.moe.num_experts)
         world = self.layout.world_size
@@ -200,16 +211,25 @@ def check_before_launch(cfg: TrainConfig) -> None:
     from raymoe.train.memory import WorkerMemoryError
 
     if "://" in cfg.data.path:
-        raise ConfigError(f"data.path={cfg.data.path!r}: workers read the shards from a local or "
-                          f"mounted directory; URIs are not supported")
+        raise ConfigError(
+            f"data.path={cfg.data.path!r}: workers read the shards from a local or "
+            f"mounted directory; URIs are not supported"
+        )
     if not os.path.isdir(cfg.data.path):
-        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; it must be an ingest "
-                          f"output: run python -m pipelines.ingest with output_dir={cfg.data.path} "
-                          f"first")
+        raise ConfigError(
+            f"data.path={cfg.data.path!r} does not exist; it must be an ingest "
+            f"output: run python -m pipelines.ingest with output_dir={cfg.data.path} "
+            f"first"
+        )
     model = cfg.model_config()
     try:
-        check_ingest_output(cfg.data.path, seq_len=cfg.data.seq_len, vocab_size=model.vocab_size,
-                            global_batch_size=cfg.data.global_batch_size, verify=False)
+        check_ingest_output(
+            cfg.data.path,
+            seq_len=cfg.data.seq_len,
+            vocab_size=model.vocab_size,
+            global_batch_size=cfg.data.global_batch_size,
+            verify=False,
+        )
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     if cfg.memory_per_worker_gb:
@@ -238,5 +258,9 @@ def check_layout_memory(cfg: TrainConfig) -> int:
     # Contiguous placement: every ep rank holds the same number of experts; rank 0 stands for all.
     for moe in model.moe_layers():
         slice_grouped_experts(moe.experts, placement.experts_of(0))
-    return check_fits(model, layout=f"ep={cfg.layout.ep} x dp={cfg.layout.dp}",
-                      memory_per_worker_gb=cfg.memory_per_worker_gb, address_space=False)
+    return check_fits(
+        model,
+        layout=f"ep={cfg.layout.ep} x dp={cfg.layout.dp}",
+        memory_per_worker_gb=cfg.memory_per_worker_gb,
+        address_space=False,
+    )

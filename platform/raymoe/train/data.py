@@ -36,8 +36,9 @@ class IngestData:
     num_rows: int
 
 
-def check_ingest_output(path: str, *, seq_len: int, vocab_size: int, global_batch_size: int,
-                        verify: bool = True) -> IngestData:
+def check_ingest_output(
+    path: str, *, seq_len: int, vocab_size: int, global_batch_size: int, verify: bool = True
+) -> IngestData:
     """Checks that the ingest output at `path` can feed a run, holding no tokens.
 
     Args:
@@ -58,12 +59,14 @@ def check_ingest_output(path: str, *, seq_len: int, vocab_size: int, global_batc
         raise ValueError(
             f"data.seq_len={seq_len} needs rows of {seq_len + 1} tokens but the ingest output at "
             f"data.path={path!r} has row_len={manifest['row_len']} (pack.seq_len="
-            f"{manifest['seq_len']})")
+            f"{manifest['seq_len']})"
+        )
     tokenizer = manifest["tokenizer"]
     if tokenizer.get("vocab_size", 0) > vocab_size:
         raise ValueError(
             f"data.path={path!r} was tokenized with a vocabulary of {tokenizer['vocab_size']}, "
-            f"more than model.vocab_size={vocab_size}")
+            f"more than model.vocab_size={vocab_size}"
+        )
     shards = [s for s in manifest["shards"] if s["split"] == "train"]
     if not shards:
         raise ValueError(f"data.path={path!r}: the ingest manifest lists no train shards")
@@ -71,10 +74,15 @@ def check_ingest_output(path: str, *, seq_len: int, vocab_size: int, global_batc
         verify_shards(root, manifest, split="train")
     num_rows = sum(s["rows"] for s in shards)
     if num_rows < global_batch_size:
-        raise ValueError(f"data.path={path!r} has {num_rows} train rows, fewer than "
-                         f"data.global_batch_size={global_batch_size}")
-    return IngestData(path=str(root.resolve()), manifest_path=str((root / "manifest.json").resolve()),
-                      tokenizer_dir=str((root / tokenizer["dir"]).resolve()), num_rows=num_rows)
+        raise ValueError(
+            f"data.path={path!r} has {num_rows} train rows, fewer than data.global_batch_size={global_batch_size}"
+        )
+    return IngestData(
+        path=str(root.resolve()),
+        manifest_path=str((root / "manifest.json").resolve()),
+        tokenizer_dir=str((root / tokenizer["dir"]).resolve()),
+        num_rows=num_rows,
+    )
 
 
 class TrainBatches:
@@ -89,15 +97,14 @@ class TrainBatches:
         seed: shuffling seed.
     """
 
-    def __init__(self, path: str, *, seq_len: int, global_batch_size: int, world_size: int,
-                 rank: int, seed: int):
+    def __init__(self, path: str, *, seq_len: int, global_batch_size: int, world_size: int, rank: int, seed: int):
         # The driver verified the shards' checksums; each worker would otherwise reread them all.
-        cfg = LoaderConfig(data_dir=path, batch_size=global_batch_size // world_size, seed=seed,
-                           verify=False)
+        cfg = LoaderConfig(data_dir=path, batch_size=global_batch_size // world_size, seed=seed, verify=False)
         self.loader = TokenLoader(cfg, rank=rank, world_size=world_size)
         if self.loader.row_len != seq_len + 1:
-            raise ValueError(f"{path}: expected rows of data.seq_len + 1 = {seq_len + 1} tokens, "
-                             f"got {self.loader.row_len}")
+            raise ValueError(
+                f"{path}: expected rows of data.seq_len + 1 = {seq_len + 1} tokens, got {self.loader.row_len}"
+            )
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Micro-batch `index` (0-based over the whole run) for this worker.

@@ -13,6 +13,7 @@ to the checkpoint and the data manifest it was trained on.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,10 @@ import torch
 
 from raymoe.atomic_io import atomic_write, atomic_write_json, sha256_file
 from raymoe.config import from_dict
-from raymoe.models import MoETransformer, ModelConfig
+from raymoe.models import ModelConfig, MoETransformer
 from raymoe.models.hf_io import save_hf_config
 from raymoe.models.state_dict_adapter import held_tensors
-from raymoe.train.checkpoint import CheckpointReader, latest_valid_checkpoint, step_dir_name
+from raymoe.train.checkpoint_format import CheckpointReader, latest_valid_checkpoint, step_dir_name
 from raymoe.train.tensor_files import LazyTensor, write_tensor_file
 
 EXPORT_MANIFEST = "raymoe_manifest.json"
@@ -70,9 +71,14 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
         entries = []
         for held in held_tensors(names, arch):
             file = reader.file_for(held)
-            entries.append((held.key, LazyTensor(
-                file.dtype(held.key), file.shape(held.key),
-                lambda file=file, key=held.key: reader.read(file, key))))
+            entries.append(
+                (
+                    held.key,
+                    LazyTensor(
+                        file.dtype(held.key), file.shape(held.key), functools.partial(reader.read, file, held.key)
+                    ),
+                )
+            )
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as fh:
@@ -89,8 +95,7 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
         "data_manifest": data.get("manifest", ""),
         "tokenizer_dir": tokenizer_dir or "",
         "train_config": manifest.get("train_config", {}),
-        "files": {p.name: sha256_file(p) for p in sorted(out.iterdir())
-                  if p.is_file() and p.name != EXPORT_MANIFEST},
+        "files": {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != EXPORT_MANIFEST},
     }
     atomic_write_json(out / EXPORT_MANIFEST, export)
     return export

@@ -36,12 +36,17 @@ def prepare_data(cfg: FinetuneConfig) -> dict[str, Any]:
         if not usable:
             raise ConfigError(f"eval_path={cfg.eval_path!r} holds no valid record")
     if len(examples) < cfg.global_batch_size:
-        raise ConfigError(f"data.path={cfg.data.path!r} has {len(examples)} usable records "
-                          f"({len(entries)} quarantined), fewer than global_batch_size={cfg.global_batch_size}")
+        raise ConfigError(
+            f"data.path={cfg.data.path!r} has {len(examples)} usable records "
+            f"({len(entries)} quarantined), fewer than global_batch_size={cfg.global_batch_size}"
+        )
     if entries:  # written once the run is known to go ahead (a refused run writes nothing)
         write_quarantine(cfg.output_dir, entries)
-    return {"examples": len(examples), "quarantined": quarantine_counts(entries),
-            "answer_tokens": sum(sum(t != -100 for t in e.labels) for e in examples)}
+    return {
+        "examples": len(examples),
+        "quarantined": quarantine_counts(entries),
+        "answer_tokens": sum(sum(t != -100 for t in e.labels) for e in examples),
+    }
 
 
 def _loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -61,8 +66,11 @@ def _loop_per_worker(loop_config: dict[str, Any]) -> None:
         from raymoe.monitor import metrics as m
 
         if metrics["rank"] == 0:
-            print(f"step {metrics['step']}/{cfg.steps}  loss {metrics['loss']:.4f}  "
-                  f"tok/s {metrics['tokens_per_s']:.0f}  lr {metrics['lr']:.2e}", flush=True)
+            print(
+                f"step {metrics['step']}/{cfg.steps}  loss {metrics['loss']:.4f}  "
+                f"tok/s {metrics['tokens_per_s']:.0f}  lr {metrics['lr']:.2e}",
+                flush=True,
+            )
             run = {"run": cfg.name}
             m.ray_metric(m.FINETUNE_STEP).set(metrics["step"], tags=run)
             m.ray_metric(m.FINETUNE_LOSS).set(metrics["loss"], tags=run)
@@ -76,7 +84,7 @@ def _loop_per_worker(loop_config: dict[str, Any]) -> None:
 def absolute(cfg: FinetuneConfig) -> FinetuneConfig:
     """The config with local paths made absolute (workers run in their own directories)."""
     data = cfg.to_dict()
-    for key in ("base", "output_dir", "eval_path", "storage_path"):
+    for key in ("base", "debug_base", "output_dir", "eval_path", "storage_path"):
         if data[key] and "://" not in data[key]:
             data[key] = os.path.abspath(data[key])
     data["data"]["path"] = os.path.abspath(data["data"]["path"])
@@ -101,24 +109,36 @@ def run_finetune(cfg: FinetuneConfig, data: dict[str, Any] | None = None) -> dic
 
     cfg = absolute(cfg)
     check_before_launch(cfg)
-    if cfg.make_debug_base and not os.path.isfile(os.path.join(cfg.base, "config.json")):
+    if cfg.writes_debug_base and not os.path.isfile(os.path.join(cfg.base, "config.json")):
         make_debug_base(cfg)
         check_before_launch(cfg)
     data = data or prepare_data(cfg)
-    print(f"fine-tuning {cfg.base} on {data['examples']} records "
-          f"({sum(data['quarantined'].values())} quarantined), {cfg.steps} steps, "
-          f"layout ep={cfg.layout.ep} x dp={cfg.layout.dp}", flush=True)
+    print(
+        f"fine-tuning {cfg.base} on {data['examples']} records "
+        f"({sum(data['quarantined'].values())} quarantined), {cfg.steps} steps, "
+        f"layout ep={cfg.layout.ep} x dp={cfg.layout.dp}",
+        flush=True,
+    )
     threads = str(cfg.num_threads_per_worker)
     trainer = TorchTrainer(
         _loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict()},
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.layout.world_size,
-                                               resources_per_worker={"CPU": cfg.num_cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=cfg.storage_path,
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                                             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.layout.world_size, resources_per_worker={"CPU": cfg.num_cpus_per_worker}
+        ),
+        # ray.train exports Train v2's RunConfig, which takes worker_runtime_env; mypy reads v1's.
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]
+            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=cfg.storage_path,
+            worker_runtime_env={
+                "env_vars": {
+                    "OMP_NUM_THREADS": threads,
+                    "MKL_NUM_THREADS": threads,
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                }
+            },
+        ),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -127,8 +147,9 @@ def run_finetune(cfg: FinetuneConfig, data: dict[str, Any] | None = None) -> dic
     if cfg.eval_path:
         from raymoe.train.adapter_eval import evaluate_base_and_adapter, format_table
 
-        summary["eval"] = evaluate_base_and_adapter(cfg.base, cfg.adapter_dir, cfg.eval_path,
-                                                    cfg.data.max_seq_len, cfg.eval_max_new_tokens)
+        summary["eval"] = evaluate_base_and_adapter(
+            cfg.base, cfg.adapter_dir, cfg.eval_path, cfg.data.max_seq_len, cfg.eval_max_new_tokens
+        )
         print(format_table(summary["eval"]), flush=True)
     if cfg.merge:
         from raymoe.models.lora_merge import merge_adapter

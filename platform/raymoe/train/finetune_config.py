@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raymoe.config import ConfigError, require, to_dict
+from raymoe.config import ConfigError, require, require_at_least, require_resource, same_path, to_dict
 from raymoe.data.sft import SFTDataConfig
 from raymoe.models.lora import LoRAConfig
 from raymoe.parallel.layout import ParallelLayout
@@ -32,8 +32,10 @@ class FinetuneConfig:
     # HF-format artifact to adapt (`raymoe export` output); its tokenizer's chat template renders
     # the records.
     base: str
-    # Write a small random-weight debug artifact at `base` when none is there (debug config only).
-    make_debug_base: bool = False
+    # The one path where a small random-weight debug base may be written (debug configs only):
+    # when `base` is this path and holds no artifact, the job writes one there first. Any other
+    # `base` must hold an artifact already. "" = never write one.
+    debug_base: str = ""
     # Training records (JSONL); data.max_seq_len bounds prompt + answer tokens.
     data: SFTDataConfig
     # Held-out records for the before/after evaluation (loss and exact match); empty = none.
@@ -60,17 +62,21 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         require(self.global_batch_size >= 1, f"global_batch_size must be >= 1, got {self.global_batch_size}")
-        require(self.global_batch_size % self.layout.world_size == 0,
-                f"global_batch_size={self.global_batch_size} must be divisible by the world size "
-                f"layout.ep * layout.dp = {self.layout.world_size}")
-        require(self.eval_max_new_tokens >= 1,
-                f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}")
-        require(self.num_cpus_per_worker > 0,
-                f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}")
-        require(self.num_threads_per_worker >= 1,
-                f"num_threads_per_worker must be >= 1, got {self.num_threads_per_worker}")
-        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        require(
+            self.global_batch_size % self.layout.world_size == 0,
+            f"global_batch_size={self.global_batch_size} must be divisible by the world size "
+            f"layout.ep * layout.dp = {self.layout.world_size}",
+        )
+        require(bool(self.base), "base must be set (an HF-format artifact directory)")
+        require_resource("num_cpus_per_worker", self.num_cpus_per_worker)
+        require(self.num_cpus_per_worker > 0, f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}")
+        require_at_least("", self, eval_max_new_tokens=1, num_threads_per_worker=1, log_every=1)
         require(bool(self.output_dir), "output_dir must be set")
+
+    @property
+    def writes_debug_base(self) -> bool:
+        """True when `base` is the debug config's own `debug_base` path."""
+        return bool(self.debug_base) and same_path(self.base, self.debug_base)
 
     @property
     def adapter_dir(self) -> str:
@@ -98,17 +104,13 @@ def check_before_launch(cfg: FinetuneConfig) -> None:
     Raises:
         ConfigError: naming the key and its value.
     """
+    from raymoe.artifact_check import check_artifact
     from raymoe.models import read_hf_config
 
     base = Path(cfg.base)
-    if not (base / "config.json").is_file() and not cfg.make_debug_base:
-        raise ConfigError(f"base={cfg.base!r} is not an HF-format artifact (no config.json); "
-                          "export one with `raymoe export` or point base at one")
-    if (base / "config.json").is_file():
-        try:
-            model_cfg, _ = read_hf_config(base)
-        except ValueError as exc:
-            raise ConfigError(f"base={cfg.base!r}: {exc}") from None
+    if (base / "config.json").is_file() or not cfg.writes_debug_base:
+        check_artifact("base", cfg.base)
+        model_cfg, _ = read_hf_config(base)
         try:
             cfg.layout.validate(num_experts=model_cfg.moe.num_experts)
         except ConfigError as exc:

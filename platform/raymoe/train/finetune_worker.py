@@ -50,8 +50,7 @@ def pad_token_id(tokenizer: ChatTokenizer) -> int:
     return tokenizer.stop_token_ids[0] if tokenizer.stop_token_ids else 0
 
 
-def run_finetune_worker(cfg: FinetuneConfig,
-                        report: Callable[[dict[str, Any]], None] | None = None) -> FinetuneSummary:
+def run_finetune_worker(cfg: FinetuneConfig, report: Callable[[dict[str, Any]], None] | None = None) -> FinetuneSummary:
     """Trains the adapter for `cfg.steps` steps; rank 0 writes it to `cfg.adapter_dir`."""
     torch.set_num_threads(cfg.num_threads_per_worker)
     groups = build_groups(cfg.layout)
@@ -68,21 +67,29 @@ def run_finetune_worker(cfg: FinetuneConfig,
     window_tokens = 0
     for step in range(cfg.steps):
         whole = [examples[i] for i in batches.indices(step)]
-        micro = sft_micro_batch(whole[groups.rank * local:(groups.rank + 1) * local], pad)
-        result = trainer.step([micro], lr=lr_at(step, cfg.optim, cfg.steps),
-                              global_target_counts=[answer_tokens(whole)])
+        micro = sft_micro_batch(whole[groups.rank * local : (groups.rank + 1) * local], pad)
+        result = trainer.step(
+            [micro], lr=lr_at(step, cfg.optim, cfg.steps), global_target_counts=[answer_tokens(whole)]
+        )
         summary.losses.append(result.loss)
         window_tokens += sum(len(e.input_ids) - 1 for e in whole)
         done = step + 1
         if report is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             now = time.perf_counter()
-            report({"step": done, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9), "rank": groups.rank})
+            report(
+                {
+                    "step": done,
+                    "loss": result.loss,
+                    "grad_norm": result.grad_norm,
+                    "lr": result.lr,
+                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    "rank": groups.rank,
+                }
+            )
             summary.tokens += window_tokens
             window_start, window_tokens = now, 0
     summary.seconds = time.perf_counter() - start
     tensors = trainer.adapter_tensors()  # collective: every rank takes part
     if groups.rank == 0:
-        write_peft_adapter(cfg.adapter_dir, cfg.lora, tensors,
-                           extra_config={"base_model_name_or_path": cfg.base})
+        write_peft_adapter(cfg.adapter_dir, cfg.lora, tensors, extra_config={"base_model_name_or_path": cfg.base})
     return summary

@@ -35,9 +35,11 @@ def _format_eta(seconds: float) -> str:
 
 def console_line(metrics: dict[str, Any], total_steps: int) -> str:
     """The line rank 0 prints: step, loss, tokens/s and ETA."""
-    return (f"step {metrics['step']}/{total_steps}  loss {metrics['loss']:.4f}  "
-            f"tok/s {metrics['tokens_per_s']:.0f}  lr {metrics['lr']:.2e}  "
-            f"gnorm {metrics['grad_norm']:.3f}  eta {_format_eta(metrics['eta_s'])}")
+    return (
+        f"step {metrics['step']}/{total_steps}  loss {metrics['loss']:.4f}  "
+        f"tok/s {metrics['tokens_per_s']:.0f}  lr {metrics['lr']:.2e}  "
+        f"gnorm {metrics['grad_norm']:.3f}  eta {_format_eta(metrics['eta_s'])}"
+    )
 
 
 class RayReporter:
@@ -70,11 +72,9 @@ class RayReporter:
             metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / peak
         # Counters only take positive increments (ep=1 moves nothing).
         if result is not None and result.all_to_all_bytes > 0:
-            m.ray_metric(m.TRAIN_ALL_TO_ALL_BYTES).inc(result.all_to_all_bytes,
-                                                        tags={**run, "rank": str(rank)})
+            m.ray_metric(m.TRAIN_ALL_TO_ALL_BYTES).inc(result.all_to_all_bytes, tags={**run, "rank": str(rank)})
         if result is not None and result.all_to_all_seconds > 0:
-            m.ray_metric(m.TRAIN_ALL_TO_ALL_SECONDS).inc(result.all_to_all_seconds,
-                                                          tags={**run, "rank": str(rank)})
+            m.ray_metric(m.TRAIN_ALL_TO_ALL_SECONDS).inc(result.all_to_all_seconds, tags={**run, "rank": str(rank)})
         if rank == 0 and "tokens_per_s" not in metrics:
             print(f"step {metrics['step']}/{self.cfg.steps}: already complete", flush=True)
         elif rank == 0:
@@ -96,20 +96,21 @@ class RayReporter:
                     mean = sum(counts_E) / max(len(counts_E), 1)
                     m.ray_metric(m.TRAIN_LOAD_IMBALANCE).set(max(counts_E) / max(mean, 1e-9), tags=tags)
                     for expert, count in enumerate(counts_E):
-                        m.ray_metric(m.TRAIN_TOKENS_PER_EXPERT).set(
-                            count, tags={**tags, "expert": str(expert)})
+                        m.ray_metric(m.TRAIN_TOKENS_PER_EXPERT).set(count, tags={**tags, "expert": str(expert)})
         # Every worker reports at the same steps (ray.train.report is a barrier). Rank 0 also
         # registers the sharded checkpoint it just committed through a pointer (a tiny JSON file
         # naming it): Ray Train knows it (Result.checkpoint) without copying the shards.
         report = {k: v for k, v in metrics.items() if k != "rank"}
         if rank == 0 and "checkpoint_path" in metrics:
             with tempfile.TemporaryDirectory() as tmp:
-                pointer = {"uri": self.cfg.checkpoint.uri, "path": metrics["checkpoint_path"],
-                           "step": metrics["step"]}
+                pointer = {"uri": self.cfg.checkpoint.uri, "path": metrics["checkpoint_path"], "step": metrics["step"]}
                 with open(os.path.join(tmp, POINTER_FILE), "w") as fh:
                     json.dump(pointer, fh)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"pointer-step-{metrics['step']:08d}")
+                ray.train.report(
+                    report,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"pointer-step-{metrics['step']:08d}",
+                )
         else:
             ray.train.report(report)
 
@@ -166,9 +167,12 @@ def run_training(cfg: TrainConfig):
     check_before_launch(cfg)
     # Workers run in their own directories: relative paths are resolved here, in the driver.
     cfg = from_dict(TrainConfig, absolute_paths(cfg.to_dict()))
-    data = check_ingest_output(cfg.data.path, seq_len=cfg.data.seq_len,
-                               vocab_size=cfg.model_config().vocab_size,
-                               global_batch_size=cfg.data.global_batch_size)
+    data = check_ingest_output(
+        cfg.data.path,
+        seq_len=cfg.data.seq_len,
+        vocab_size=cfg.model_config().vocab_size,
+        global_batch_size=cfg.data.global_batch_size,
+    )
     extra = {"data": {"manifest": data.manifest_path, "tokenizer_dir": data.tokenizer_dir}}
     loop_config = {"cfg": cfg.to_dict(), "extra": extra, "active_params": active_params(cfg)}
     threads = str(cfg.num_threads_per_worker)
@@ -180,18 +184,25 @@ def run_training(cfg: TrainConfig):
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.world_size, use_gpu=cfg.use_gpu,
+            num_workers=cfg.world_size,
+            use_gpu=cfg.use_gpu,
             resources_per_worker=resources,
         ),
-        run_config=ray.train.RunConfig(
+        # ray.train exports Train v2's RunConfig, which takes worker_runtime_env; mypy reads v1's.
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]
             # A fresh Ray Train run name each time: reusing one would make Ray resume that run's
             # state. Our own resume goes through checkpoint.uri.
             name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
             # Ray Train's print patch would echo rank 0's console line a second time via logging.
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                                             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={
+                "env_vars": {
+                    "OMP_NUM_THREADS": threads,
+                    "MKL_NUM_THREADS": threads,
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                }
+            },
         ),
     )
     return trainer.fit()

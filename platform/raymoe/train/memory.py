@@ -14,7 +14,8 @@ import resource
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+
+from raymoe.models.transformer import MoETransformer
 
 # Parameter + gradient + AdamW exp_avg + exp_avg_sq, all in the parameter's dtype.
 TRAIN_BYTES_PER_PARAM_BYTE = 4
@@ -37,7 +38,7 @@ class ShardBytes:
         return self.dense + self.experts
 
 
-def shard_bytes(model: nn.Module) -> ShardBytes:
+def shard_bytes(model: MoETransformer) -> ShardBytes:
     """Parameter bytes `model` holds (works on the meta device: nothing is allocated)."""
     expert_ids = {id(p) for moe in model.moe_layers() for p in moe.experts.parameters()}
     dense = experts = 0
@@ -52,8 +53,12 @@ def shard_bytes(model: nn.Module) -> ShardBytes:
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's state (AdamW: moments and step counters)."""
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
-               for t in state.values() if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
 
 
 def _status_kib(field: str) -> int | None:
@@ -84,8 +89,9 @@ def address_space_headroom() -> int | None:
     return max(soft - used, 0)
 
 
-def check_fits(model: nn.Module, *, layout: str, memory_per_worker_gb: float = 0.0,
-               address_space: bool = True) -> int:
+def check_fits(
+    model: MoETransformer, *, layout: str, memory_per_worker_gb: float = 0.0, address_space: bool = True
+) -> int:
     """Fails before allocation when this worker's training tensors cannot fit its limit.
 
     Args:
@@ -118,5 +124,6 @@ def check_fits(model: nn.Module, *, layout: str, memory_per_worker_gb: float = 0
                 f"and {experts[0] if experts else 0} of {num_experts} experts per MoE layer "
                 f"({held.experts / GIB:.2f} GiB) needs ~{need / GIB:.2f} GiB for parameters, "
                 f"gradients and AdamW state, more than {what} ({limit / GIB:.2f} GiB); raise "
-                f"layout.ep so each worker holds fewer experts")
+                f"layout.ep so each worker holds fewer experts"
+            )
     return need

@@ -9,15 +9,15 @@ applies the same update and the routers stay identical.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
+from raymoe.models.transformer import MoETransformer
 from raymoe.parallel.grad_sync import clip_gradients, sync_gradients
 from raymoe.parallel.groups import ParallelGroups
 from raymoe.train.config import OptimConfig
@@ -37,7 +37,7 @@ class StepResult:
     all_to_all_seconds: float  # this worker's forward all-to-all time
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: MoETransformer, cfg: OptimConfig) -> torch.optim.AdamW:
     """Fused AdamW; matrices (including stacked experts) decay, vectors (norms, biases) do not.
 
     The fused kernel (CPU and CUDA) updates every parameter in one call. Its vectorised loop
@@ -48,10 +48,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=True)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -61,9 +59,9 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def train_step(
-    model: nn.Module,
+    model: MoETransformer,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: Sequence[tuple[torch.Tensor, ...]],
     *,
     groups: ParallelGroups,
     lr: float,
@@ -100,8 +98,11 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
     moe_layers = list(model.moe_layers())
-    counts_LE = torch.zeros(len(moe_layers), moe_layers[0].cfg.num_experts, dtype=torch.long,
-                            device=device) if moe_layers else torch.zeros(0, 0, dtype=torch.long)
+    counts_LE = (
+        torch.zeros(len(moe_layers), moe_layers[0].cfg.num_experts, dtype=torch.long, device=device)
+        if moe_layers
+        else torch.zeros(0, 0, dtype=torch.long)
+    )
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     aux_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
@@ -121,7 +122,8 @@ def train_step(
                 logits_NV = model.lm_head(h_BTD[keep_BT]).float()
             # Scaled by world: the gradient sync and the reported loss average over workers.
             ce = F.cross_entropy(logits_NV, targets_BT[keep_BT], reduction="sum") * (
-                groups.world_size / max(global_target_counts[index], 1))
+                groups.world_size / max(global_target_counts[index], 1)
+            )
         aux = model.aux_loss().to(device)
         loss = ce + aux if extra_loss is None else ce + aux + extra_loss()
         (loss / n).backward()
@@ -137,8 +139,7 @@ def train_step(
         group["lr"] = lr
     optimizer.step()
 
-    totals = torch.stack([ce_sum / n, aux_sum / n, torch.tensor(float(tokens), dtype=torch.float64,
-                                                                   device=device)])
+    totals = torch.stack([ce_sum / n, aux_sum / n, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
     if groups.distributed:
         # One collective for both: counts are integers far below 2**53, exact in float64.
         packed = torch.cat([totals, counts_LE.reshape(-1).to(torch.float64)])
@@ -158,7 +159,12 @@ def train_step(
             a2a_bytes += snap.bytes_sent
             a2a_seconds += snap.seconds
     return StepResult(
-        loss=float(totals[0]), aux_loss=float(totals[1]), grad_norm=grad_norm, lr=lr,
-        tokens=int(totals[2]), tokens_per_expert_LE=counts_LE.cpu(), all_to_all_bytes=a2a_bytes,
+        loss=float(totals[0]),
+        aux_loss=float(totals[1]),
+        grad_norm=grad_norm,
+        lr=lr,
+        tokens=int(totals[2]),
+        tokens_per_expert_LE=counts_LE.cpu(),
+        all_to_all_bytes=a2a_bytes,
         all_to_all_seconds=a2a_seconds,
     )

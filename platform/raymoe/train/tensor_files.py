@@ -24,8 +24,15 @@ from typing import Any
 import torch
 
 DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
@@ -41,7 +48,7 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     flat = tensor.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def _prepare(tensor: torch.Tensor) -> torch.Tensor:
@@ -100,8 +107,7 @@ def write_tensor_file(
         if dtype not in DTYPES:
             raise TensorFileError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
         if tensor_digests:
             view = _byte_view(_produce(name, source, dtype, shape))
@@ -118,16 +124,17 @@ def write_tensor_file(
         view = _byte_view(_produce(name, source, _TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"])))
         file_digest.update(view)
         out.write(view)
-    return WrittenFile(sha256=_DIGEST_PREFIX + file_digest.hexdigest(), bytes=len(head) + offset,
-                       header_sha256=_DIGEST_PREFIX + hashlib.sha256(head).hexdigest())
+    return WrittenFile(
+        sha256=_DIGEST_PREFIX + file_digest.hexdigest(),
+        bytes=len(head) + offset,
+        header_sha256=_DIGEST_PREFIX + hashlib.sha256(head).hexdigest(),
+    )
 
 
-def _produce(name: str, source: torch.Tensor | LazyTensor, dtype: torch.dtype,
-             shape: tuple[int, ...]) -> torch.Tensor:
+def _produce(name: str, source: torch.Tensor | LazyTensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     tensor = _prepare(source.get() if isinstance(source, LazyTensor) else source)
     if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-        raise TensorFileError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
-                              f"announced as {dtype} {shape}")
+        raise TensorFileError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, announced as {dtype} {shape}")
     return tensor
 
 
@@ -195,8 +202,9 @@ class TensorFile:
         out = torch.empty(entry["shape"], dtype=dtype)
         view = _byte_view(out)
         if len(view) != end - begin:
-            raise TensorFileError(f"{self.name}: tensor {key!r} spans {end - begin} bytes, its "
-                                  f"shape and dtype need {len(view)}")
+            raise TensorFileError(
+                f"{self.name}: tensor {key!r} spans {end - begin} bytes, its shape and dtype need {len(view)}"
+            )
         if len(view):
             self.handle.seek(self.data_start + begin)
             got = self.handle.readinto(view)

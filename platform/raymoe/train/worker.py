@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -64,8 +65,9 @@ def worker_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def build_sharded_model(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, *,
-                        init: bool = True) -> MoETransformer:
+def build_sharded_model(
+    cfg: TrainConfig, groups: ParallelGroups, device: torch.device, *, init: bool = True
+) -> MoETransformer:
     """This rank's model: dense weights + its experts, allocated on `device` and initialised once.
 
     Built on the meta device and sharded there, so the experts of other ranks are never
@@ -80,8 +82,7 @@ def build_sharded_model(cfg: TrainConfig, groups: ParallelGroups, device: torch.
     with torch.device("meta"):
         model = MoETransformer(cfg.model_config())
     shard_model_experts(model, cfg.layout, groups.rank, ep_group=groups.ep_group)
-    check_fits(model, layout=f"ep={cfg.layout.ep} x dp={cfg.layout.dp}",
-               memory_per_worker_gb=cfg.memory_per_worker_gb)
+    check_fits(model, layout=f"ep={cfg.layout.ep} x dp={cfg.layout.dp}", memory_per_worker_gb=cfg.memory_per_worker_gb)
     model.materialize(device, seed=cfg.seed, init=init)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -126,25 +127,37 @@ def run_worker(
                 # New layout: the old per-rank RNG streams do not map onto the new ranks.
                 torch.manual_seed(cfg.seed + 1000 * start_step + groups.rank)
             if groups.rank == 0:
-                log.warning("resumed from %s (step %d, saved at layout %s)", loaded.path,
-                            loaded.step, loaded.layout)
+                log.warning("resumed from %s (step %d, saved at layout %s)", loaded.path, loaded.step, loaded.layout)
 
-    batches = TrainBatches(cfg.data.path, seq_len=cfg.data.seq_len,
-                           global_batch_size=cfg.data.global_batch_size,
-                           world_size=groups.world_size, rank=groups.rank, seed=cfg.data.seed)
-    summary = WorkerSummary(start_step=start_step, final_step=start_step,
-                            startup_s=time.perf_counter() - started)
+    batches = TrainBatches(
+        cfg.data.path,
+        seq_len=cfg.data.seq_len,
+        global_batch_size=cfg.data.global_batch_size,
+        world_size=groups.world_size,
+        rank=groups.rank,
+        seed=cfg.data.seed,
+    )
+    summary = WorkerSummary(start_step=start_step, final_step=start_step, startup_s=time.perf_counter() - started)
     # Every checkpoint can rebuild its model and says how it was trained (export needs both).
-    extra_manifest = {"model_config": to_dict(cfg.model_config()), "train_config": cfg.to_dict(),
-                      **(extra_manifest or {})}
+    extra_manifest = {
+        "model_config": to_dict(cfg.model_config()),
+        "train_config": cfg.to_dict(),
+        **(extra_manifest or {}),
+    }
     accum = cfg.optim.grad_accum_steps
     run_start = time.perf_counter()
     window_start, window_tokens = run_start, 0
     for step in range(start_step, cfg.steps):
         micro = [batches.batch(data_position + i) for i in range(accum)]
-        result = train_step(model, optimizer, micro, groups=groups,
-                            lr=lr_at(step, cfg.optim, cfg.steps), clip_norm=cfg.optim.clip_norm,
-                            bf16=cfg.bf16)
+        result = train_step(
+            model,
+            optimizer,
+            micro,
+            groups=groups,
+            lr=lr_at(step, cfg.optim, cfg.steps),
+            clip_norm=cfg.optim.clip_norm,
+            bf16=cfg.bf16,
+        )
         data_position += accum
         done = step + 1
         summary.losses.append(result.loss)
@@ -155,21 +168,30 @@ def run_worker(
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.steps:
             t0 = time.perf_counter()
             checkpoint_path = save_checkpoint(
-                cfg.checkpoint.uri, step=done, data_position=data_position, model=model,
-                optimizer=optimizer, groups=groups, keep=cfg.checkpoint.keep,
-                extra={**extra_manifest,
-                       "metrics": {"loss": result.loss, "grad_norm": result.grad_norm}})
+                cfg.checkpoint.uri,
+                step=done,
+                data_position=data_position,
+                model=model,
+                optimizer=optimizer,
+                groups=groups,
+                keep=cfg.checkpoint.keep,
+                extra={**extra_manifest, "metrics": {"loss": result.loss, "grad_norm": result.grad_norm}},
+            )
             checkpoint_seconds = time.perf_counter() - t0
             summary.checkpoints.append(done)
-        if report is not None and (done % cfg.log_every == 0 or done == cfg.steps
-                                   or checkpoint_seconds is not None):
+        if report is not None and (done % cfg.log_every == 0 or done == cfg.steps or checkpoint_seconds is not None):
             now = time.perf_counter()
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             steps_per_s = (done - start_step) / max(now - run_start, 1e-9)
-            metrics = {
-                "step": done, "loss": result.loss, "aux_loss": result.aux_loss,
-                "grad_norm": result.grad_norm, "lr": result.lr, "tokens_per_s": tokens_per_s,
-                "eta_s": (cfg.steps - done) / max(steps_per_s, 1e-9), "start_step": start_step,
+            metrics: dict[str, Any] = {
+                "step": done,
+                "loss": result.loss,
+                "aux_loss": result.aux_loss,
+                "grad_norm": result.grad_norm,
+                "lr": result.lr,
+                "tokens_per_s": tokens_per_s,
+                "eta_s": (cfg.steps - done) / max(steps_per_s, 1e-9),
+                "start_step": start_step,
                 "rank": groups.rank,
             }
             if checkpoint_seconds is not None:
@@ -180,9 +202,16 @@ def run_worker(
     if report is not None and start_step >= cfg.steps:
         # Restarted after the last checkpoint was already final: nothing to train, but the caller
         # still gets the run's final numbers.
-        report({"step": start_step, "start_step": start_step, "rank": groups.rank,
-                "loss": resumed_metrics.get("loss", float("nan")), "checkpoint_path": resumed_path},
-               None)
+        report(
+            {
+                "step": start_step,
+                "start_step": start_step,
+                "rank": groups.rank,
+                "loss": resumed_metrics.get("loss", float("nan")),
+                "checkpoint_path": resumed_path,
+            },
+            None,
+        )
     held = shard_bytes(model)
     summary.dense_bytes, summary.expert_bytes = held.dense, held.experts
     summary.optimizer_bytes = optimizer_bytes(optimizer)

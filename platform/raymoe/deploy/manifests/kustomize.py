@@ -75,13 +75,17 @@ def base_kustomization(namespace: str, files: list[str]) -> str:
         "namespace": Note(namespace, "Every resource file carries it too, so each also applies on its own."),
         "resources": files,
     }
-    return emit(tree, "The raymoe platform on KubeRay: cluster, serving, schedule, monitoring, security.\n"
-                      "RayJobs are in jobs/ (created one at a time with `kubectl create -f`, not applied here).\n"
-                      "Rendered by `raymoe manifests render`; do not edit.")
+    return emit(
+        tree,
+        "The raymoe platform on KubeRay: cluster, serving, schedule, monitoring, security.\n"
+        "RayJobs are in jobs/ (created one at a time with `kubectl create -f`, not applied here).\n"
+        "Rendered by `raymoe manifests render`; do not edit.",
+    )
 
 
-def overlay_files(name: str, description: str, namespace: str, base: dict[str, dict],
-                  overlay: dict[str, dict]) -> dict[str, str]:
+def overlay_files(
+    name: str, description: str, namespace: str, base: dict[str, dict], overlay: dict[str, dict]
+) -> dict[str, str]:
     """kustomization.yaml + one patch file per changed resource, keyed by file name.
 
     Args:
@@ -92,8 +96,7 @@ def overlay_files(name: str, description: str, namespace: str, base: dict[str, d
             both must hold the same files.
     """
     if set(base) != set(overlay):
-        raise ValueError(f"overlay {name}: base and overlay render different files: "
-                         f"{sorted(set(base) ^ set(overlay))}")
+        raise ValueError(f"overlay {name}: base and overlay render different files: {sorted(set(base) ^ set(overlay))}")
     files: dict[str, str] = {}
     patches = []
     for file in sorted(base):

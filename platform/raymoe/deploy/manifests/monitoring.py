@@ -18,10 +18,13 @@ from raymoe.deploy.manifests.yaml_text import Note
 
 
 def _metadata(values: DeployValues, name: str, component: str, *, release: bool = False) -> dict:
-    labels = pods.labels(values, component)
+    base = pods.labels(values, component)
+    labels: dict[str, str] | Note = base
     if release:
-        labels = Note(dict(labels, release=values.monitoring.prometheus_release),
-                      "kube-prometheus-stack's Prometheus selects monitors and rules by `release`.")
+        labels = Note(
+            dict(base, release=values.monitoring.prometheus_release),
+            "kube-prometheus-stack's Prometheus selects monitors and rules by `release`.",
+        )
     return {"name": name, "namespace": values.namespace, "labels": labels}
 
 
@@ -32,13 +35,18 @@ def podmonitor(values: DeployValues) -> dict:
         "metadata": _metadata(values, f"{values.name}-ray", "monitoring", release=True),
         "spec": {
             "jobLabel": "ray.io/cluster",
-            "selector": Note({"matchLabels": {"ray.io/is-ray-node": "yes"}},
-                             "Every Ray pod KubeRay creates (head and workers of all clusters here)."),
-            "podTargetLabels": Note(["ray.io/cluster", "ray.io/node-type"],
-                                    "Copied onto every series as ray_io_cluster / ray_io_node_type: the\n"
-                                    "dashboards' `cluster` variable filters on ray_io_cluster."),
-            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics",
-                                     "interval": values.monitoring.scrape_interval}],
+            "selector": Note(
+                {"matchLabels": {"ray.io/is-ray-node": "yes"}},
+                "Every Ray pod KubeRay creates (head and workers of all clusters here).",
+            ),
+            "podTargetLabels": Note(
+                ["ray.io/cluster", "ray.io/node-type"],
+                "Copied onto every series as ray_io_cluster / ray_io_node_type: the\n"
+                "dashboards' `cluster` variable filters on ray_io_cluster.",
+            ),
+            "podMetricsEndpoints": [
+                {"port": "metrics", "path": "/metrics", "interval": values.monitoring.scrape_interval}
+            ],
         },
     }
 
@@ -51,9 +59,12 @@ def prometheusrule(values: DeployValues) -> dict:
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": _metadata(values, f"{values.name}-alerts", "monitoring", release=True),
-        "spec": {"groups": Note(
-            [{"name": name, "rules": [r.to_dict() for r in rules]} for name, rules in groups.items()],
-            "raymoe.monitor.alerts, with the TTFT SLO of these values; runbook: docs/alerts.md.")},
+        "spec": {
+            "groups": Note(
+                [{"name": name, "rules": [r.to_dict() for r in rules]} for name, rules in groups.items()],
+                "raymoe.monitor.alerts, with the TTFT SLO of these values; runbook: docs/alerts.md.",
+            )
+        },
     }
 
 
@@ -64,12 +75,19 @@ def dashboard_configmaps(values: DeployValues) -> dict[str, dict]:
     out = {}
     for name, model in rendered().items():
         meta = _metadata(values, f"{values.name}-dashboard-{name}", "monitoring")
-        meta["labels"] = Note(dict(meta["labels"], grafana_dashboard="1"),
-                              "Grafana's dashboard sidecar (kube-prometheus-stack) loads ConfigMaps with this label.")
-        meta["annotations"] = Note({"grafana_folder": "raymoe"},
-                                   "The folder the sidecar files it under (its folderAnnotation setting).")
-        out[name] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-                     "data": {f"{name}.json": json.dumps(model, indent=2, sort_keys=True) + "\n"}}
+        meta["labels"] = Note(
+            dict(meta["labels"], grafana_dashboard="1"),
+            "Grafana's dashboard sidecar (kube-prometheus-stack) loads ConfigMaps with this label.",
+        )
+        meta["annotations"] = Note(
+            {"grafana_folder": "raymoe"}, "The folder the sidecar files it under (its folderAnnotation setting)."
+        )
+        out[name] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta,
+            "data": {f"{name}.json": json.dumps(model, indent=2, sort_keys=True) + "\n"},
+        }
     return out
 
 
@@ -80,8 +98,12 @@ def dashboards_push_job(values: DeployValues) -> dict:
         "image": values.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["raymoe", "dashboards", "push", "--url", values.monitoring.grafana_url, "--folder", "raymoe"],
-        "env": [Note(pods.secret_env("GRAFANA_TOKEN", values.secrets.grafana_token, "token", optional=False),
-                     "A Grafana service-account token with the Editor role.")],
+        "env": [
+            Note(
+                pods.secret_env("GRAFANA_TOKEN", values.secrets.grafana_token, "token", optional=False),
+                "A Grafana service-account token with the Editor role.",
+            )
+        ],
         "resources": pods.resources(PodResources(cpu="200m", memory="256Mi")),
         "securityContext": pods.container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
@@ -93,8 +115,12 @@ def dashboards_push_job(values: DeployValues) -> dict:
         "spec": {
             "backoffLimit": 3,
             "ttlSecondsAfterFinished": Note(3600, "Deleted an hour after it ends; re-apply to push again."),
-            "template": pods.one_shot_pod_template(values, container, component="monitoring",
-                                                   service_account=sa_name(values, WORKER_SA),
-                                                   volumes=[{"name": "tmp", "emptyDir": {}}]),
+            "template": pods.one_shot_pod_template(
+                values,
+                container,
+                component="monitoring",
+                service_account=sa_name(values, WORKER_SA),
+                volumes=[{"name": "tmp", "emptyDir": {}}],
+            ),
         },
     }

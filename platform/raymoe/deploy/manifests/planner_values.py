@@ -37,14 +37,20 @@ def values_from_plan(plan: dict, base: DeployValues) -> DeployValues:
     v = copy.deepcopy(base)
     ep, gpn = int(plan["layout"]["ep"]), int(plan["gpus_per_node"])
     num_slots = int(plan["decode"]["batch_per_gpu"]) * ep
-    node = PodResources(cpu=str(CPUS_PER_GPU * gpn + NODE_CPU_RESERVE),
-                        memory=f"{MEMORY_GIB_PER_GPU * gpn}Gi", gpu=gpn)
+    node = PodResources(cpu=str(CPUS_PER_GPU * gpn + NODE_CPU_RESERVE), memory=f"{MEMORY_GIB_PER_GPU * gpn}Gi", gpu=gpn)
     model = plan["model"]
     v.serve.app.update(
-        model_path=v.storage.path("models", model), model_id=model,
-        ep=ep, num_cpus=1.0, num_gpus=0.0, shard_num_gpus=1.0, shard_num_cpus=float(CPUS_PER_GPU),
-        max_ongoing_requests=2 * num_slots, max_queued_requests=2 * num_slots,
-        engine=dict(v.serve.app.get("engine", {}), num_slots=num_slots, max_waiting=num_slots))
+        model_path=v.storage.path("models", model),
+        model_id=model,
+        ep=ep,
+        num_cpus=1.0,
+        num_gpus=0.0,
+        shard_num_gpus=1.0,
+        shard_num_cpus=float(CPUS_PER_GPU),
+        max_ongoing_requests=2 * num_slots,
+        max_queued_requests=2 * num_slots,
+        engine=dict(v.serve.app.get("engine", {}), num_slots=num_slots, max_waiting=num_slots),
+    )
     if ep == 1:
         v.serve.app.update(num_gpus=1.0, num_cpus=float(CPUS_PER_GPU))
         for key in ("shard_num_gpus", "shard_num_cpus"):
@@ -58,7 +64,8 @@ def values_from_plan(plan: dict, base: DeployValues) -> DeployValues:
     v.serve.scaling.min_replicas = max(1, int(plan["replicas"]))
     v.serve.scaling.max_replicas = 2 * v.serve.scaling.min_replicas
     v.worker_groups = [g for g in v.worker_groups if g.resources.gpu == 0] + [
-        WorkerGroupValues(name="gpu", min_replicas=0, max_replicas=int(plan["nodes_per_replica"]) * 2, resources=node)]
+        WorkerGroupValues(name="gpu", min_replicas=0, max_replicas=int(plan["nodes_per_replica"]) * 2, resources=node)
+    ]
     return v
 
 

@@ -15,8 +15,9 @@ def cpu_dev(base: DeployValues) -> DeployValues:
     v = copy.deepcopy(base)
     v.namespace = f"{base.namespace}-dev"
     v.head = PodResources(cpu="1", memory="4Gi")
-    v.worker_groups = [WorkerGroupValues(name="cpu", min_replicas=0, max_replicas=2,
-                                         resources=PodResources(cpu="2", memory="8Gi"))]
+    v.worker_groups = [
+        WorkerGroupValues(name="cpu", min_replicas=0, max_replicas=2, resources=PodResources(cpu="2", memory="8Gi"))
+    ]
     v.silo_resources = PodResources(cpu="1", memory="4Gi")
     v.autoscaler.idle_timeout_s = 30
     v.storage.size = "20Gi"
@@ -33,8 +34,9 @@ def gpu_prod(base: DeployValues) -> DeployValues:
     v.head = PodResources(cpu="4", memory="16Gi")
     v.worker_groups = [
         WorkerGroupValues(name="cpu", min_replicas=2, max_replicas=8, resources=PodResources(cpu="8", memory="32Gi")),
-        WorkerGroupValues(name="gpu", min_replicas=0, max_replicas=8,
-                          resources=PodResources(cpu="12", memory="96Gi", gpu=1)),
+        WorkerGroupValues(
+            name="gpu", min_replicas=0, max_replicas=8, resources=PodResources(cpu="12", memory="96Gi", gpu=1)
+        ),
     ]
     v.gcs_ft.redis_address = f"{base.name}-redis:6379"
     v.storage.size = "1Ti"

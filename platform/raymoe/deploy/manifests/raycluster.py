@@ -20,8 +20,7 @@ def sa_name(values: DeployValues, role: str) -> str:
     return f"{values.name}-{role}"
 
 
-def worker_group(values: DeployValues, group: WorkerGroupValues, *, component: str,
-                 serving: bool = False) -> dict:
+def worker_group(values: DeployValues, group: WorkerGroupValues, *, component: str, serving: bool = False) -> dict:
     """One `workerGroupSpecs` entry."""
     container = pods.ray_container(values, "ray-worker", group.resources, head=False, serving=serving)
     spec = {
@@ -35,45 +34,72 @@ def worker_group(values: DeployValues, group: WorkerGroupValues, *, component: s
         spec["resources"] = Note(
             {k: str(v) for k, v in sorted(group.ray_resources.items())},
             "Custom Ray resources only this group's nodes offer (a federated silo's data lives\n"
-            "there); CPU, GPU and memory still come from the container limits.")
-    spec["template"] = pods.pod_template(values, container, component=component,
-                                         service_account=sa_name(values, WORKER_SA), token=False,
-                                         gpu=group.resources.gpu > 0)
+            "there); CPU, GPU and memory still come from the container limits.",
+        )
+    spec["template"] = pods.pod_template(
+        values,
+        container,
+        component=component,
+        service_account=sa_name(values, WORKER_SA),
+        token=False,
+        gpu=group.resources.gpu > 0,
+    )
     return spec
 
 
 def silo_groups(values: DeployValues) -> list[WorkerGroupValues]:
     """One single-node group per federated silo, offering `silo_<name>` (federated/config.py)."""
-    return [WorkerGroupValues(name=f"silo-{s}", min_replicas=0, max_replicas=1,
-                              resources=values.silo_resources, ray_resources={f"silo_{s}": 1})
-            for s in values.silos]
+    return [
+        WorkerGroupValues(
+            name=f"silo-{s}",
+            min_replicas=0,
+            max_replicas=1,
+            resources=values.silo_resources,
+            ray_resources={f"silo_{s}": 1},
+        )
+        for s in values.silos
+    ]
 
 
 def head_group(values: DeployValues, *, component: str) -> dict:
     container = pods.ray_container(values, "ray-head", values.head, head=True)
     return {
-        "serviceType": Note("ClusterIP", "Dashboard/jobs (8265), GCS (6379) and client (10001) stay inside the\n"
-                                         "cluster; the NetworkPolicies narrow them to this namespace."),
+        "serviceType": Note(
+            "ClusterIP",
+            "Dashboard/jobs (8265), GCS (6379) and client (10001) stay inside the\n"
+            "cluster; the NetworkPolicies narrow them to this namespace.",
+        ),
         "rayStartParams": {
-            "num-cpus": Note("0", "No tasks or actors on the head: it keeps the GCS, dashboard, autoscaler\n"
-                                  "and job drivers responsive whatever the workers are doing."),
-            "dashboard-host": Note("0.0.0.0", "The job submitter pod and the operator reach the dashboard over the pod IP."),
+            "num-cpus": Note(
+                "0",
+                "No tasks or actors on the head: it keeps the GCS, dashboard, autoscaler\n"
+                "and job drivers responsive whatever the workers are doing.",
+            ),
+            "dashboard-host": Note(
+                "0.0.0.0", "The job submitter pod and the operator reach the dashboard over the pod IP."
+            ),
             "metrics-export-port": str(pods.PORTS["metrics"]),
         },
-        "template": pods.pod_template(values, container, component=component,
-                                      service_account=sa_name(values, HEAD_SA), token=True, gpu=False),
+        "template": pods.pod_template(
+            values, container, component=component, service_account=sa_name(values, HEAD_SA), token=True, gpu=False
+        ),
     }
 
 
 def autoscaler_options(values: DeployValues) -> dict:
     return {
-        "version": Note("v2", "Autoscaler v2 (Ray >= 2.10, KubeRay >= 1.1): scales per node type and\n"
-                              "removes exactly the idle nodes."),
-        "upscalingMode": Note(values.autoscaler.upscaling_mode,
-                              "Default/Aggressive: add every node the pending demand needs at once;\n"
-                              "Conservative: at most as many new nodes as are already running."),
-        "idleTimeoutSeconds": Note(values.autoscaler.idle_timeout_s,
-                                   "A worker idle this long is removed (down to the group's minReplicas)."),
+        "version": Note(
+            "v2",
+            "Autoscaler v2 (Ray >= 2.10, KubeRay >= 1.1): scales per node type and\nremoves exactly the idle nodes.",
+        ),
+        "upscalingMode": Note(
+            values.autoscaler.upscaling_mode,
+            "Default/Aggressive: add every node the pending demand needs at once;\n"
+            "Conservative: at most as many new nodes as are already running.",
+        ),
+        "idleTimeoutSeconds": Note(
+            values.autoscaler.idle_timeout_s, "A worker idle this long is removed (down to the group's minReplicas)."
+        ),
         "imagePullPolicy": "IfNotPresent",
         "resources": pods.resources(PodResources(cpu="500m", memory="512Mi")),
         "securityContext": pods.container_security(),
@@ -83,8 +109,7 @@ def autoscaler_options(values: DeployValues) -> dict:
 def gcs_fault_tolerance(values: DeployValues) -> dict:
     return {
         "redisAddress": values.gcs_ft.redis_address,
-        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": values.secrets.redis_password,
-                                                         "key": "password"}}},
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": values.secrets.redis_password, "key": "password"}}},
     }
 
 
@@ -94,15 +119,18 @@ def cluster_spec(values: DeployValues, groups: list[dict], *, component: str) ->
         "rayVersion": Note(values.ray_version, "Must match the image's Ray; KubeRay picks probes and auth by it."),
         "enableInTreeAutoscaling": Note(True, "KubeRay adds the Ray autoscaler as a sidecar of the head pod."),
         "autoscalerOptions": autoscaler_options(values),
-        "authOptions": Note({"mode": "token"},
-                            "Token auth for the dashboard, jobs API and GCS: KubeRay creates the token\n"
-                            "Secret and gives it to every Ray container and the job submitter."),
+        "authOptions": Note(
+            {"mode": "token"},
+            "Token auth for the dashboard, jobs API and GCS: KubeRay creates the token\n"
+            "Secret and gives it to every Ray container and the job submitter.",
+        ),
     }
     if values.gcs_ft.enabled:
         spec["gcsFaultToleranceOptions"] = Note(
             gcs_fault_tolerance(values),
             "GCS fault tolerance: cluster metadata in Redis, so a restarted head resumes jobs,\n"
-            "actors and Serve routing instead of starting an empty cluster.")
+            "actors and Serve routing instead of starting an empty cluster.",
+        )
     spec["headGroupSpec"] = head_group(values, component=component)
     spec["workerGroupSpecs"] = groups
     return spec

@@ -38,22 +38,27 @@ def serve_config(values: DeployValues) -> dict:
         # the Service.
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": values.serve.port},
-        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
-                          "args": serve_args(values)}],
+        "applications": [
+            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": serve_args(values)}
+        ],
     }
 
 
 def serving_group(values: DeployValues) -> WorkerGroupValues:
     plan = plan_serving(values.serve)
-    return WorkerGroupValues(name="serve", min_replicas=plan.min_nodes, max_replicas=plan.max_nodes,
-                             resources=values.serve.worker)
+    return WorkerGroupValues(
+        name="serve", min_replicas=plan.min_nodes, max_replicas=plan.max_nodes, resources=values.serve.worker
+    )
 
 
 def rayservice(values: DeployValues) -> dict:
     plan = plan_serving(values.serve)
     group = worker_group(values, serving_group(values), component="serve", serving=True)
-    fit = (f"{plan.replicas_per_node} replicas per pod" if plan.nodes_per_replica == 1
-           else f"{plan.nodes_per_replica} pods per replica")
+    fit = (
+        f"{plan.replicas_per_node} replicas per pod"
+        if plan.nodes_per_replica == 1
+        else f"{plan.nodes_per_replica} pods per replica"
+    )
     group["minReplicas"] = Note(plan.min_nodes, f"Serve's min_replicas at {fit}: the floor always has nodes.")
     group["maxReplicas"] = Note(plan.max_nodes, f"Serve's max_replicas at {fit}: room for the ceiling, no more.")
     return {
@@ -61,15 +66,21 @@ def rayservice(values: DeployValues) -> dict:
         "kind": "RayService",
         "metadata": {"name": values.name, "namespace": values.namespace, "labels": pods.labels(values, "serve")},
         "spec": {
-            "upgradeStrategy": Note({"type": "NewCluster"},
-                                    "Zero-downtime upgrades: a changed rayClusterConfig starts a new cluster,\n"
-                                    "traffic moves when its app is healthy, then the old one goes.\n"
-                                    "NewClusterWithIncrementalUpgrade needs the Gateway API; None would only\n"
-                                    "update serveConfigV2 in place."),
-            "excludeHeadPodFromServeSvc": Note(True, "The head runs no replicas (num-cpus 0): keep it out of the Serve Service."),
-            "serveConfigV2": Note(yaml.safe_dump(serve_config(values), sort_keys=False, width=1000),
-                                  "Serve config: one app built by raymoe.serve.app:build_app from `args`;\n"
-                                  "args.autoscaling comes from the TTFT SLO (raymoe.deploy.manifests.serve_policy)."),
+            "upgradeStrategy": Note(
+                {"type": "NewCluster"},
+                "Zero-downtime upgrades: a changed rayClusterConfig starts a new cluster,\n"
+                "traffic moves when its app is healthy, then the old one goes.\n"
+                "NewClusterWithIncrementalUpgrade needs the Gateway API; None would only\n"
+                "update serveConfigV2 in place.",
+            ),
+            "excludeHeadPodFromServeSvc": Note(
+                True, "The head runs no replicas (num-cpus 0): keep it out of the Serve Service."
+            ),
+            "serveConfigV2": Note(
+                yaml.safe_dump(serve_config(values), sort_keys=False, width=1000),
+                "Serve config: one app built by raymoe.serve.app:build_app from `args`;\n"
+                "args.autoscaling comes from the TTFT SLO (raymoe.deploy.manifests.serve_policy).",
+            ),
             "rayClusterConfig": cluster_spec(values, [group], component="serve"),
         },
     }

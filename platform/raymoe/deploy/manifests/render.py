@@ -26,8 +26,10 @@ from raymoe.deploy.manifests.schedule import drift_configmap, drift_cronjob
 from raymoe.deploy.manifests.values import PIPELINES, DeployValues
 from raymoe.deploy.manifests.yaml_text import emit, plain
 
-FOOTER = ("Rendered by `raymoe manifests render` (raymoe.deploy.manifests) from DeployValues; do not edit:\n"
-          "change the values and render again (tests/unit/test_k8s_manifests.py checks it is current).")
+FOOTER = (
+    "Rendered by `raymoe manifests render` (raymoe.deploy.manifests) from DeployValues; do not edit:\n"
+    "change the values and render again (tests/unit/test_k8s_manifests.py checks it is current)."
+)
 
 
 def platform_resources(values: DeployValues) -> dict[str, tuple[dict, str]]:
@@ -44,7 +46,10 @@ def platform_resources(values: DeployValues) -> dict[str, tuple[dict, str]]:
     for name, tree in security.network_policies(values).items():
         out[f"networkpolicy.{name}.yaml"] = (tree, "who may connect to which Ray pod ports")
     out["persistentvolumeclaim.data.yaml"] = (data_claim(values), "the shared data volume")
-    out["raycluster.raymoe.yaml"] = (raycluster(values), "long-running cluster for interactive work and `ray job submit`")
+    out["raycluster.raymoe.yaml"] = (
+        raycluster(values),
+        "long-running cluster for interactive work and `ray job submit`",
+    )
     out["rayservice.serve.yaml"] = (rayservice(values), "the OpenAI-compatible API on Ray Serve, autoscaled")
     out["configmap.drift-rayjob.yaml"] = (drift_configmap(values), "the drift RayJob the CronJob creates")
     out["cronjob.drift.yaml"] = (drift_cronjob(values), "runs the drift check on a schedule")
@@ -57,8 +62,11 @@ def platform_resources(values: DeployValues) -> dict[str, tuple[dict, str]]:
 
 
 def job_resources(values: DeployValues) -> dict[str, tuple[dict, str]]:
-    return {f"rayjob.{name}.yaml": (rayjob(values, name), f"pipelines.{name} on its own cluster")
-            for name in PIPELINES if name in values.jobs}
+    return {
+        f"rayjob.{name}.yaml": (rayjob(values, name), f"pipelines.{name} on its own cluster")
+        for name in PIPELINES
+        if name in values.jobs
+    }
 
 
 def _text(tree: dict, description: str) -> str:
@@ -95,8 +103,9 @@ def render_manifests(values: DeployValues | None = None, *, overlays: bool = Tru
             raise ConfigError(f"overlay {preset}: {exc} (render without overlays, or change the values)") from None
         overlay_plain = {file: plain(tree) for file, (tree, _) in platform_resources(preset_values).items()}
         doc = (derive.__doc__ or preset).strip().splitlines()[0]
-        for file, text in overlay_files(preset, f"Overlay {preset}: {doc}", preset_values.namespace,
-                                        base_plain, overlay_plain).items():
+        for file, text in overlay_files(
+            preset, f"Overlay {preset}: {doc}", preset_values.namespace, base_plain, overlay_plain
+        ).items():
             files[f"overlays/{preset}/{file}"] = text
         for file, (tree, description) in job_resources(preset_values).items():
             files[f"overlays/{preset}/jobs/{file}"] = _text(tree, description)
@@ -109,7 +118,7 @@ def write_manifests(files: dict[str, str], out_dir: str | Path) -> list[Path]:
     from raymoe.atomic_io import atomic_write_bytes
 
     out_dir = Path(out_dir)
-    stale = {p for p in out_dir.rglob("*.yaml")} - {out_dir / f for f in files} if out_dir.is_dir() else set()
+    stale = set(out_dir.rglob("*.yaml")) - {out_dir / f for f in files} if out_dir.is_dir() else set()
     for path in stale:
         os.remove(path)
     return [atomic_write_bytes(out_dir / f, text.encode()) for f, text in sorted(files.items())]
@@ -118,9 +127,11 @@ def write_manifests(files: dict[str, str], out_dir: str | Path) -> list[Path]:
 def stale_files(files: dict[str, str], out_dir: str | Path) -> list[str]:
     """Paths under `out_dir` that differ from `files`, are missing, or are no longer rendered."""
     out_dir = Path(out_dir)
-    problems = [f for f, text in sorted(files.items())
-                if not (out_dir / f).is_file() or (out_dir / f).read_text() != text]
+    problems = [
+        f for f, text in sorted(files.items()) if not (out_dir / f).is_file() or (out_dir / f).read_text() != text
+    ]
     if out_dir.is_dir():
-        problems += sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.yaml")
-                           if str(p.relative_to(out_dir)) not in files)
+        problems += sorted(
+            str(p.relative_to(out_dir)) for p in out_dir.rglob("*.yaml") if str(p.relative_to(out_dir)) not in files
+        )
     return problems

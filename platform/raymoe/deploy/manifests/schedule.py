@@ -42,15 +42,21 @@ def drift_configmap(values: DeployValues) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": f"{values.name}-drift-rayjob", "namespace": values.namespace,
-                     "labels": pods.labels(values, "drift-schedule")},
+        "metadata": {
+            "name": f"{values.name}-drift-rayjob",
+            "namespace": values.namespace,
+            "labels": pods.labels(values, "drift-schedule"),
+        },
         "data": {MANIFEST_KEY: emit(job)},
     }
 
 
 def drift_cronjob(values: DeployValues) -> dict:
-    volumes = [{"name": "manifest", "configMap": {"name": f"{values.name}-drift-rayjob"}},
-               {"name": "tmp", "emptyDir": {}}]
+    volumes = [
+        {"name": "manifest", "configMap": {"name": f"{values.name}-drift-rayjob"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    security = pods.container_security()
     container = {
         "name": "create-rayjob",
         "image": values.kubectl_image,
@@ -62,39 +68,49 @@ def drift_cronjob(values: DeployValues) -> dict:
             Note({"name": "HOME", "value": "/tmp"}, "kubectl keeps its discovery cache under $HOME."),
         ],
         "resources": pods.resources(PodResources(cpu="100m", memory="128Mi")),
-        "securityContext": pods.container_security(),
-        "volumeMounts": [{"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+        # The kubectl image's nonroot user.
+        "securityContext": Note(dict(security.value, runAsUser=65532), security.why),
+        "volumeMounts": [
+            {"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
     }
     pod_security = dict(pods.pod_security(), runAsUser=65532, runAsGroup=65532, fsGroup=65532)
-    container["securityContext"] = Note(dict(container["securityContext"].value, runAsUser=65532),
-                                        container["securityContext"].why)
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
-        "metadata": {"name": f"{values.name}-drift", "namespace": values.namespace,
-                     "labels": pods.labels(values, "drift-schedule")},
+        "metadata": {
+            "name": f"{values.name}-drift",
+            "namespace": values.namespace,
+            "labels": pods.labels(values, "drift-schedule"),
+        },
         "spec": {
             "schedule": values.drift_schedule,
             "concurrencyPolicy": Note("Forbid", "One creator at a time; the script also skips while a check runs."),
-            "startingDeadlineSeconds": Note(600, "A run missed by more than this (controller down) is skipped, not piled up."),
+            "startingDeadlineSeconds": Note(
+                600, "A run missed by more than this (controller down) is skipped, not piled up."
+            ),
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,
-            "jobTemplate": {"spec": {
-                "backoffLimit": 2,
-                "activeDeadlineSeconds": 300,
-                "ttlSecondsAfterFinished": 86400,
-                "template": {
-                    "metadata": {"labels": pods.labels(values, "drift-schedule")},
-                    "spec": {
-                        "serviceAccountName": Note(f"{values.name}-{SCHEDULER_SA}",
-                                                   "May get, create and delete RayJobs in this namespace, nothing else."),
-                        "securityContext": Note(pod_security, "The kubectl image's nonroot user (65532)."),
-                        "restartPolicy": "Never",
-                        "containers": [container],
-                        "volumes": volumes,
+            "jobTemplate": {
+                "spec": {
+                    "backoffLimit": 2,
+                    "activeDeadlineSeconds": 300,
+                    "ttlSecondsAfterFinished": 86400,
+                    "template": {
+                        "metadata": {"labels": pods.labels(values, "drift-schedule")},
+                        "spec": {
+                            "serviceAccountName": Note(
+                                f"{values.name}-{SCHEDULER_SA}",
+                                "May get, create and delete RayJobs in this namespace, nothing else.",
+                            ),
+                            "securityContext": Note(pod_security, "The kubectl image's nonroot user (65532)."),
+                            "restartPolicy": "Never",
+                            "containers": [container],
+                            "volumes": volumes,
+                        },
                     },
-                },
-            }},
+                }
+            },
         },
     }

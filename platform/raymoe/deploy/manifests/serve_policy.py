@@ -40,8 +40,9 @@ class ServePlan:
     max_nodes: int
 
 
-def target_ongoing_requests(num_slots: int, ttft_slo_s: float, request_s: float, prefill_s: float,
-                            max_ongoing_requests: int) -> float:
+def target_ongoing_requests(
+    num_slots: int, ttft_slo_s: float, request_s: float, prefill_s: float, max_ongoing_requests: int
+) -> float:
     """Requests in flight per replica that keep a queued request's TTFT within the SLO.
 
     Args:
@@ -87,7 +88,8 @@ def placement(app: dict, worker: PodResources) -> tuple[int, int]:
     if int(app.get("ep", 1)) == 1 or (gpus > 0 and worker.gpu == 0):
         raise ConfigError(
             f"serve: one replica needs {cpus:g} CPU and {gpus:g} GPU (num_cpus/num_gpus plus ep x "
-            f"shard resources) but serve.worker offers {node_cpus} CPU and {worker.gpu} GPU")
+            f"shard resources) but serve.worker offers {node_cpus} CPU and {worker.gpu} GPU"
+        )
     spans = max(math.ceil(cpus / node_cpus), math.ceil(gpus / worker.gpu) if gpus > 0 else 1)
     return 1, spans
 
@@ -96,12 +98,25 @@ def plan_serving(serve: ServeValues) -> ServePlan:
     """Serve autoscaling config and serving worker-group bounds from the serve values."""
     app, s = serve.app, serve.scaling
     engine = app.get("engine", {})
-    target = target_ongoing_requests(int(engine.get("num_slots", 8)), s.ttft_slo_s, s.request_s,
-                                     s.prefill_s, int(app.get("max_ongoing_requests", 32)))
+    target = target_ongoing_requests(
+        int(engine.get("num_slots", 8)),
+        s.ttft_slo_s,
+        s.request_s,
+        s.prefill_s,
+        int(app.get("max_ongoing_requests", 32)),
+    )
     per_node, spans = placement(app, serve.worker)
-    autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                   "target_ongoing_requests": target, "upscale_delay_s": s.upscale_delay_s,
-                   "downscale_delay_s": s.downscale_delay_s}
-    return ServePlan(autoscaling=autoscaling, replicas_per_node=per_node, nodes_per_replica=spans,
-                     min_nodes=math.ceil(s.min_replicas / per_node) * spans,
-                     max_nodes=math.ceil(s.max_replicas / per_node) * spans)
+    autoscaling = {
+        "min_replicas": s.min_replicas,
+        "max_replicas": s.max_replicas,
+        "target_ongoing_requests": target,
+        "upscale_delay_s": s.upscale_delay_s,
+        "downscale_delay_s": s.downscale_delay_s,
+    }
+    return ServePlan(
+        autoscaling=autoscaling,
+        replicas_per_node=per_node,
+        nodes_per_replica=spans,
+        min_nodes=math.ceil(s.min_replicas / per_node) * spans,
+        max_nodes=math.ceil(s.max_replicas / per_node) * spans,
+    )

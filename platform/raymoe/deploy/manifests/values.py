@@ -28,14 +28,18 @@ _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
 
 
 def _check_name(name: str, key: str, max_len: int = 40) -> None:
-    require(bool(_DNS1035.match(name)) and len(name) <= max_len,
-            f"{key}={name!r}: expected a DNS-1035 label (lower-case letters, digits, '-'; starts "
-            f"with a letter) of at most {max_len} characters")
+    require(
+        bool(_DNS1035.match(name)) and len(name) <= max_len,
+        f"{key}={name!r}: expected a DNS-1035 label (lower-case letters, digits, '-'; starts "
+        f"with a letter) of at most {max_len} characters",
+    )
 
 
 def _check_quantity(value: str, key: str) -> None:
-    require(isinstance(value, str) and bool(_QUANTITY.match(value)),
-            f"{key}={value!r}: expected a Kubernetes quantity string such as '500m', '4' or '16Gi'")
+    require(
+        isinstance(value, str) and bool(_QUANTITY.match(value)),
+        f"{key}={value!r}: expected a Kubernetes quantity string such as '500m', '4' or '16Gi'",
+    )
 
 
 @dataclass(kw_only=True)
@@ -71,9 +75,11 @@ class WorkerGroupValues:
 
     def __post_init__(self) -> None:
         _check_name(self.name, "worker_groups[].name", 30)
-        require(0 <= self.min_replicas <= self.max_replicas,
-                f"worker group {self.name}: need 0 <= min_replicas ({self.min_replicas}) <= "
-                f"max_replicas ({self.max_replicas})")
+        require(
+            0 <= self.min_replicas <= self.max_replicas,
+            f"worker group {self.name}: need 0 <= min_replicas ({self.min_replicas}) <= "
+            f"max_replicas ({self.max_replicas})",
+        )
 
 
 @dataclass(kw_only=True)
@@ -87,8 +93,10 @@ class AutoscalerValues:
 
     def __post_init__(self) -> None:
         require(self.idle_timeout_s >= 0, f"autoscaler.idle_timeout_s must be >= 0, got {self.idle_timeout_s}")
-        require(self.upscaling_mode in ("Default", "Aggressive", "Conservative"),
-                f"autoscaler.upscaling_mode must be Default, Aggressive or Conservative, got {self.upscaling_mode!r}")
+        require(
+            self.upscaling_mode in ("Default", "Aggressive", "Conservative"),
+            f"autoscaler.upscaling_mode must be Default, Aggressive or Conservative, got {self.upscaling_mode!r}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -167,10 +175,14 @@ class ServeScalingValues:
 
     def __post_init__(self) -> None:
         require(self.min_replicas >= 1, f"serve.scaling.min_replicas must be >= 1, got {self.min_replicas}")
-        require(self.max_replicas >= self.min_replicas,
-                f"serve.scaling.max_replicas={self.max_replicas} must be >= min_replicas={self.min_replicas}")
-        require(self.ttft_slo_s > 0 and self.request_s > 0 and self.prefill_s >= 0,
-                "serve.scaling: ttft_slo_s and request_s must be > 0, prefill_s >= 0")
+        require(
+            self.max_replicas >= self.min_replicas,
+            f"serve.scaling.max_replicas={self.max_replicas} must be >= min_replicas={self.min_replicas}",
+        )
+        require(
+            self.ttft_slo_s > 0 and self.request_s > 0 and self.prefill_s >= 0,
+            "serve.scaling: ttft_slo_s and request_s must be > 0, prefill_s >= 0",
+        )
 
 
 @dataclass(kw_only=True)
@@ -179,17 +191,19 @@ class ServeValues:
 
     # `raymoe.serve.app:build_app` args, as in pipelines/configs/serve.debug.yaml's `app:`;
     # autoscaling is filled in from `scaling` (serve_policy.py), model_path is required.
-    app: dict = field(default_factory=lambda: {
-        "model_path": "/mnt/raymoe/models/train",
-        "model_id": "raymoe",
-        "num_cpus": 2.0,
-        "max_ongoing_requests": 32,
-        "max_queued_requests": 64,
-        "backpressure_status": 503,
-        "engine": {"num_slots": 8, "max_tokens_per_step": 256, "max_waiting": 64},
-        "api_key_env": "RAYMOE_API_KEY",
-        "traffic": {"enabled": True, "output_dir": "/mnt/raymoe/traffic"},
-    })
+    app: dict = field(
+        default_factory=lambda: {
+            "model_path": "/mnt/raymoe/models/train",
+            "model_id": "raymoe",
+            "num_cpus": 2.0,
+            "max_ongoing_requests": 32,
+            "max_queued_requests": 64,
+            "backpressure_status": 503,
+            "engine": {"num_slots": 8, "max_tokens_per_step": 256, "max_waiting": 64},
+            "api_key_env": "RAYMOE_API_KEY",
+            "traffic": {"enabled": True, "output_dir": "/mnt/raymoe/traffic"},
+        }
+    )
     scaling: ServeScalingValues = field(default_factory=ServeScalingValues)
     # One serving node: the pod shape of the RayService's worker group.
     worker: PodResources = field(default_factory=lambda: PodResources(cpu="4", memory="16Gi"))
@@ -223,12 +237,16 @@ class DeployValues:
     image: str = "registry.example.com/raymoe:0.1.0"
     ray_version: str = RAY_VERSION
     head: PodResources = field(default_factory=lambda: PodResources(cpu="2", memory="8Gi"))
-    worker_groups: list[WorkerGroupValues] = field(default_factory=lambda: [
-        WorkerGroupValues(name="cpu", min_replicas=1, max_replicas=4,
-                          resources=PodResources(cpu="4", memory="16Gi")),
-        WorkerGroupValues(name="gpu", min_replicas=0, max_replicas=2,
-                          resources=PodResources(cpu="8", memory="64Gi", gpu=1)),
-    ])
+    worker_groups: list[WorkerGroupValues] = field(
+        default_factory=lambda: [
+            WorkerGroupValues(
+                name="cpu", min_replicas=1, max_replicas=4, resources=PodResources(cpu="4", memory="16Gi")
+            ),
+            WorkerGroupValues(
+                name="gpu", min_replicas=0, max_replicas=2, resources=PodResources(cpu="8", memory="64Gi", gpu=1)
+            ),
+        ]
+    )
     # Federated silos: one worker group each, offering the `silo_<name>` resource only there.
     silos: list[str] = field(default_factory=lambda: ["code", "prose", "chat"])
     silo_resources: PodResources = field(default_factory=lambda: PodResources(cpu="2", memory="8Gi"))
@@ -247,8 +265,10 @@ class DeployValues:
     def __post_init__(self) -> None:
         _check_name(self.name, "name", 20)
         _check_name(self.namespace, "namespace", 63)
-        require(":" in self.image.rsplit("/", 1)[-1] or "@sha256:" in self.image,
-                f"image={self.image!r}: pin a tag or a digest")
+        require(
+            ":" in self.image.rsplit("/", 1)[-1] or "@sha256:" in self.image,
+            f"image={self.image!r}: pin a tag or a digest",
+        )
         names = [g.name for g in self.worker_groups] + [f"silo-{s}" for s in self.silos]
         require(len(names) == len(set(names)), f"worker group names must be unique, got {names}")
         for silo in self.silos:
@@ -265,27 +285,49 @@ def default_jobs(storage: StorageValues) -> dict[str, JobValues]:
     """
     d = storage.path
     return {
-        "ingest": JobValues(config="pipelines/configs/ingest.debug.yaml", overrides=[
-            f"output_dir={d('data', 'ingest')}",
-            # Rows of 128 + 1 tokens: the sequence length the train job trains at.
-            "pack.seq_len=128"], active_deadline_s=2 * 3600),
-        "train": JobValues(config="pipelines/configs/train.debug.yaml", overrides=[
-            f"data.path={d('data', 'ingest')}",
-            f"checkpoint.uri={d('checkpoints', 'train')}", f"storage_path={d('ray-train')}",
-            f"history_path={d('train', 'train-history.jsonl')}"],
+        "ingest": JobValues(
+            config="pipelines/configs/ingest.debug.yaml",
+            overrides=[
+                f"output_dir={d('data', 'ingest')}",
+                # Rows of 128 + 1 tokens: the sequence length the train job trains at.
+                "pack.seq_len=128",
+            ],
+            active_deadline_s=2 * 3600,
+        ),
+        "train": JobValues(
+            config="pipelines/configs/train.debug.yaml",
+            overrides=[
+                f"data.path={d('data', 'ingest')}",
+                f"checkpoint.uri={d('checkpoints', 'train')}",
+                f"storage_path={d('ray-train')}",
+                f"history_path={d('train', 'train-history.jsonl')}",
+            ],
             # The Hugging Face artifact serving, fine-tuning and drift read.
             then=[["raymoe", "export", d("checkpoints", "train"), d("models", "train")]],
-            active_deadline_s=12 * 3600, backoff_limit=1),
-        "finetune": JobValues(config="pipelines/configs/finetune.debug.yaml", overrides=[
-            f"base={d('models', 'train')}", "make_debug_base=false",
-            f"output_dir={d('finetune')}", f"storage_path={d('ray-train')}"],
-            active_deadline_s=6 * 3600, backoff_limit=1),
-        "federated": JobValues(config="pipelines/configs/federated.debug.yaml", overrides=[
-            f"base={d('models', 'train')}", "make_debug_base=false",
-            f"output_dir={d('federated')}"], active_deadline_s=6 * 3600),
-        "drift": JobValues(config="pipelines/configs/drift.debug.yaml", overrides=[
-            "make_debug_traffic=false", f"current.dir={d('traffic')}",
-            f"output_dir={d('drift')}", f"quality.artifact={d('models', 'train')}",
-            # Gauges stay up one scrape interval after the check, then the job ends.
-            "publish_metrics=true", "linger_s=60"], active_deadline_s=3600),
+            active_deadline_s=12 * 3600,
+            backoff_limit=1,
+        ),
+        "finetune": JobValues(
+            config="pipelines/configs/finetune.debug.yaml",
+            overrides=[f"base={d('models', 'train')}", f"output_dir={d('finetune')}", f"storage_path={d('ray-train')}"],
+            active_deadline_s=6 * 3600,
+            backoff_limit=1,
+        ),
+        "federated": JobValues(
+            config="pipelines/configs/federated.debug.yaml",
+            overrides=[f"base={d('models', 'train')}", f"output_dir={d('federated')}"],
+            active_deadline_s=6 * 3600,
+        ),
+        "drift": JobValues(
+            config="pipelines/configs/drift.debug.yaml",
+            overrides=[
+                f"current.dir={d('traffic')}",
+                f"output_dir={d('drift')}",
+                f"quality.artifact={d('models', 'train')}",
+                # Gauges stay up one scrape interval after the check, then the job ends.
+                "publish_metrics=true",
+                "linger_s=60",
+            ],
+            active_deadline_s=3600,
+        ),
     }

@@ -18,15 +18,21 @@ def folder_uid_for(title: str) -> str:
 
 
 def add_dashboards_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dashboards", help="write or upload the Grafana dashboards",
-                       description="The raymoe Grafana dashboards (training, serving, experts, drift, "
-                       "federated), generated from the metric registry.")
+    p = sub.add_parser(
+        "dashboards",
+        help="write or upload the Grafana dashboards",
+        description="The raymoe Grafana dashboards (training, serving, experts, drift, "
+        "federated), generated from the metric registry.",
+    )
     verbs = p.add_subparsers(dest="verb", required=True)
 
-    export_p = verbs.add_parser("export", help="write the dashboard JSON and Grafana provisioning files",
-                                description="Writes DIR/<name>.json per dashboard and "
-                                "DIR/provisioning/{dashboards,datasources}.yaml for Grafana file "
-                                "provisioning.")
+    export_p = verbs.add_parser(
+        "export",
+        help="write the dashboard JSON and Grafana provisioning files",
+        description="Writes DIR/<name>.json per dashboard and "
+        "DIR/provisioning/{dashboards,datasources}.yaml for Grafana file "
+        "provisioning.",
+    )
     export_p.add_argument("dir", help="output directory")
 
     def run_export(args: argparse.Namespace) -> int:
@@ -38,22 +44,26 @@ def add_dashboards_command(sub: argparse._SubParsersAction) -> None:
 
     export_p.set_defaults(func=run_export)
 
-    push_p = verbs.add_parser("push", help="upload the dashboards to a Grafana server",
-                              description="Creates the folder if missing, then creates or replaces "
-                              "each dashboard by uid (running it again updates, never duplicates). "
-                              "The token is read from GRAFANA_TOKEN (a service-account token with the "
-                              "Editor role).")
+    push_p = verbs.add_parser(
+        "push",
+        help="upload the dashboards to a Grafana server",
+        description="Creates the folder if missing, then creates or replaces "
+        "each dashboard by uid (running it again updates, never duplicates). "
+        "The token is read from GRAFANA_TOKEN (a service-account token with the "
+        "Editor role).",
+    )
     push_p.add_argument("--url", required=True, help="Grafana base URL, e.g. http://localhost:3000")
-    push_p.add_argument("--folder", default="raymoe",
-                        help="folder title (default: raymoe); its uid is the title in lower-case "
-                        "with dashes")
+    push_p.add_argument(
+        "--folder",
+        default="raymoe",
+        help="folder title (default: raymoe); its uid is the title in lower-case with dashes",
+    )
 
     def run_push(args: argparse.Namespace) -> int:
         from raymoe.monitor.dashboards.grafana_push import GrafanaPushError, push
 
         try:
-            results = push(args.url, os.environ.get("GRAFANA_TOKEN"), args.folder,
-                           folder_uid_for(args.folder))
+            results = push(args.url, os.environ.get("GRAFANA_TOKEN"), args.folder, folder_uid_for(args.folder))
         except GrafanaPushError as exc:
             print(f"raymoe dashboards push: {exc}", file=sys.stderr)
             return 1

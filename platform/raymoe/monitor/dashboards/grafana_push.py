@@ -71,8 +71,12 @@ class GrafanaPushError(RuntimeError):
     """Grafana could not be reached or refused a request; the message says which and why."""
 
 
-def export(directory: str | Path, *, dashboards_path: str = DEFAULT_DASHBOARDS_PATH,
-           prometheus_url: str = DEFAULT_PROMETHEUS_URL) -> list[Path]:
+def export(
+    directory: str | Path,
+    *,
+    dashboards_path: str = DEFAULT_DASHBOARDS_PATH,
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL,
+) -> list[Path]:
     """Writes every dashboard and the provisioning files under `directory`, each atomically.
 
     Args:
@@ -87,7 +91,8 @@ def export(directory: str | Path, *, dashboards_path: str = DEFAULT_DASHBOARDS_P
     paths = [atomic_write_json(directory / f"{name}.json", model) for name, model in rendered().items()]
     provisioning = directory / "provisioning"
     dashboards_yaml = _DASHBOARDS_YAML.format(
-        folder_title=DEFAULT_FOLDER_TITLE, folder_uid=DEFAULT_FOLDER_UID, dashboards_path=dashboards_path)
+        folder_title=DEFAULT_FOLDER_TITLE, folder_uid=DEFAULT_FOLDER_UID, dashboards_path=dashboards_path
+    )
     paths.append(atomic_write_bytes(provisioning / "dashboards.yaml", dashboards_yaml.encode()))
     datasources_yaml = _DATASOURCES_YAML.format(prometheus_url=prometheus_url)
     paths.append(atomic_write_bytes(provisioning / "datasources.yaml", datasources_yaml.encode()))
@@ -99,21 +104,27 @@ def _clear_errors(url: str, timeout_s: float) -> Iterator[None]:
     """Turns grafana-client / niquests failures into a GrafanaPushError that says what to do."""
     import niquests
     from grafana_client.client import (
-        GrafanaClientError, GrafanaException, GrafanaTimeoutError, GrafanaUnauthorizedError,
+        GrafanaClientError,
+        GrafanaException,
+        GrafanaTimeoutError,
+        GrafanaUnauthorizedError,
     )
 
     try:
         yield
     except GrafanaUnauthorizedError as exc:
-        raise GrafanaPushError(f"Grafana at {url} rejected the token (401 Unauthorized): set "
-                               "GRAFANA_TOKEN to a valid service-account token") from exc
+        raise GrafanaPushError(
+            f"Grafana at {url} rejected the token (401 Unauthorized): set "
+            "GRAFANA_TOKEN to a valid service-account token"
+        ) from exc
     except GrafanaTimeoutError as exc:
         raise GrafanaPushError(f"Grafana at {url} did not answer within {timeout_s} s") from exc
     except GrafanaClientError as exc:
         if exc.status_code == 403:
             raise GrafanaPushError(
                 f"Grafana at {url} denied the request (403 Access denied): the token needs the Editor "
-                f"role or folders:create + dashboards:write; Grafana said: {exc.message}") from exc
+                f"role or folders:create + dashboards:write; Grafana said: {exc.message}"
+            ) from exc
         raise GrafanaPushError(f"Grafana at {url} refused a request: {exc.message}") from exc
     except GrafanaException as exc:
         raise GrafanaPushError(f"Grafana at {url} failed: {exc.message}") from exc
@@ -133,8 +144,14 @@ def _ensure_folder(api, title: str, uid: str) -> dict:
     return api.folder.create_folder(title, uid=uid)
 
 
-def push(url: str, token: str | None = None, folder_title: str = DEFAULT_FOLDER_TITLE,
-         folder_uid: str = DEFAULT_FOLDER_UID, *, timeout_s: float = 10.0) -> list[dict]:
+def push(
+    url: str,
+    token: str | None = None,
+    folder_title: str = DEFAULT_FOLDER_TITLE,
+    folder_uid: str = DEFAULT_FOLDER_UID,
+    *,
+    timeout_s: float = 10.0,
+) -> list[dict]:
     """Uploads every dashboard into one Grafana folder, replacing earlier versions by uid.
 
     Args:
@@ -166,7 +183,14 @@ def push(url: str, token: str | None = None, folder_title: str = DEFAULT_FOLDER_
     with _clear_errors(url, timeout_s):
         _ensure_folder(api, folder_title, folder_uid)
         for name, model in rendered().items():
-            results.append(api.dashboard.update_dashboard({
-                "dashboard": model, "folderUid": folder_uid, "overwrite": True,
-                "message": f"raymoe dashboards push: {name}"}))
+            results.append(
+                api.dashboard.update_dashboard(
+                    {
+                        "dashboard": model,
+                        "folderUid": folder_uid,
+                        "overwrite": True,
+                        "message": f"raymoe dashboards push: {name}",
+                    }
+                )
+            )
     return results

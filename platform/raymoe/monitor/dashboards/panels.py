@@ -81,8 +81,14 @@ class Variable:
 
 # Every dashboard's first variable. It reads the label on any series, not on one raymoe metric,
 # so a cluster that only trains (or only serves) is listed on every dashboard.
-CLUSTER = Variable("cluster", "Cluster", None, CLUSTER_LABEL,
-                   "KubeRay cluster (pod label ray.io/cluster, copied by KubeRay's PodMonitor).", ())
+CLUSTER = Variable(
+    "cluster",
+    "Cluster",
+    None,
+    CLUSTER_LABEL,
+    "KubeRay cluster (pod label ray.io/cluster, copied by KubeRay's PodMonitor).",
+    (),
+)
 
 
 @dataclass(frozen=True)
@@ -100,8 +106,9 @@ class Dashboard:
 
     def exprs(self) -> list[str]:
         """Every panel query with the label filter in place."""
-        return [t.expr.replace("{filters}", self.label_filter)
-                for row in self.rows for p in row.panels for t in p.targets]
+        return [
+            t.expr.replace("{filters}", self.label_filter) for row in self.rows for p in row.panels for t in p.targets
+        ]
 
 
 def sel(spec: MetricSpec, *matchers: str, part: str = "") -> str:
@@ -109,8 +116,10 @@ def sel(spec: MetricSpec, *matchers: str, part: str = "") -> str:
     `sel(SERVE_REQUESTS, 'status=~"5.."')` -> `ray_raymoe_serve_requests_total{{filters}, status=~"5.."}`.
     `part` is `_bucket`, `_sum` or `_count` for a histogram."""
     if (spec.kind == "histogram") != bool(part):
-        raise ValueError(f"{spec.name}: part={part!r}, but a {spec.kind} needs "
-                         f"{'_bucket/_sum/_count' if spec.kind == 'histogram' else 'none'}")
+        raise ValueError(
+            f"{spec.name}: part={part!r}, but a {spec.kind} needs "
+            f"{'_bucket/_sum/_count' if spec.kind == 'histogram' else 'none'}"
+        )
     return f"{prometheus_name(spec)}{part}{{{', '.join(('{filters}', *matchers))}}}"
 
 
@@ -121,41 +130,91 @@ def _series_names(spec: MetricSpec) -> list[str]:
 
 
 def _render_target(target: Target, ref_id: str, label_filter: str) -> dict:
-    return {"refId": ref_id, "datasource": DATASOURCE, "editorMode": "code",
-            "expr": target.expr.replace("{filters}", label_filter), "legendFormat": target.legend or "__auto",
-            "range": True, "instant": False, "format": "time_series"}
+    return {
+        "refId": ref_id,
+        "datasource": DATASOURCE,
+        "editorMode": "code",
+        "expr": target.expr.replace("{filters}", label_filter),
+        "legendFormat": target.legend or "__auto",
+        "range": True,
+        "instant": False,
+        "format": "time_series",
+    }
 
 
 def _render_panel(panel: Panel, panel_id: int, pos: dict, label_filter: str) -> dict:
     refs = [chr(ord("A") + i) for i in range(len(panel.targets))]
-    out = {"id": panel_id, "type": panel.kind, "title": panel.title, "description": panel.description,
-           "datasource": DATASOURCE, "gridPos": pos,
-           "targets": [_render_target(t, r, label_filter) for t, r in zip(panel.targets, refs)]}
-    dashed = [{"matcher": {"id": "byFrameRefID", "options": r},
-               "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}]}
-              for t, r in zip(panel.targets, refs) if t.dashed]
+    out = {
+        "id": panel_id,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": DATASOURCE,
+        "gridPos": pos,
+        "targets": [_render_target(t, r, label_filter) for t, r in zip(panel.targets, refs)],
+    }
+    dashed = [
+        {
+            "matcher": {"id": "byFrameRefID", "options": r},
+            "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}],
+        }
+        for t, r in zip(panel.targets, refs)
+        if t.dashed
+    ]
     if panel.kind == "timeseries":
-        out["fieldConfig"] = {"defaults": {"unit": panel.unit, "custom": {
-            "drawStyle": "line", "lineWidth": 1, "fillOpacity": 10, "showPoints": "never",
-            "spanNulls": False}}, "overrides": dashed}
-        out["options"] = {"legend": {"showLegend": True, "displayMode": "table", "placement": "bottom",
-                                     "calcs": ["lastNotNull", "max"]},
-                          "tooltip": {"mode": "multi", "sort": "desc"}}
+        out["fieldConfig"] = {
+            "defaults": {
+                "unit": panel.unit,
+                "custom": {
+                    "drawStyle": "line",
+                    "lineWidth": 1,
+                    "fillOpacity": 10,
+                    "showPoints": "never",
+                    "spanNulls": False,
+                },
+            },
+            "overrides": dashed,
+        }
+        out["options"] = {
+            "legend": {
+                "showLegend": True,
+                "displayMode": "table",
+                "placement": "bottom",
+                "calcs": ["lastNotNull", "max"],
+            },
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
     elif panel.kind == "stat":
         out["fieldConfig"] = {"defaults": {"unit": panel.unit}, "overrides": []}
-        out["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                          "colorMode": "value", "graphMode": "area", "textMode": "auto",
-                          "justifyMode": "auto", "orientation": "auto"}
+        out["options"] = {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+            "textMode": "auto",
+            "justifyMode": "auto",
+            "orientation": "auto",
+        }
     else:
         # Each series is one row named by its legend (an expert id), already computed: Grafana must
         # not re-bucket, and "unknown" layout labels rows by name instead of reading bucket bounds.
         out["fieldConfig"] = {"defaults": {"unit": panel.unit}, "overrides": []}
-        out["options"] = {"calculate": False, "cellGap": 1, "cellValues": {"unit": panel.unit},
-                          "color": {"mode": "scheme", "scheme": "Oranges", "scale": "exponential",
-                                    "exponent": 0.5, "steps": 64, "fill": "dark-orange"},
-                          "yAxis": {"axisPlacement": "left", "axisLabel": "expert"},
-                          "rowsFrame": {"layout": "unknown"}, "legend": {"show": True},
-                          "tooltip": {"mode": "single", "yHistogram": False}}
+        out["options"] = {
+            "calculate": False,
+            "cellGap": 1,
+            "cellValues": {"unit": panel.unit},
+            "color": {
+                "mode": "scheme",
+                "scheme": "Oranges",
+                "scale": "exponential",
+                "exponent": 0.5,
+                "steps": 64,
+                "fill": "dark-orange",
+            },
+            "yAxis": {"axisPlacement": "left", "axisLabel": "expert"},
+            "rowsFrame": {"layout": "unknown"},
+            "legend": {"show": True},
+            "tooltip": {"mode": "single", "yHistogram": False},
+        }
     if panel.repeat:
         out |= {"repeat": panel.repeat, "repeatDirection": "h", "maxPerRow": 4}
     return out
@@ -163,13 +222,24 @@ def _render_panel(panel: Panel, panel_id: int, pos: dict, label_filter: str) -> 
 
 def _render_variable(var: Variable) -> dict:
     query = var.query()
-    return {"name": var.name, "label": var.title, "description": var.description, "type": "query",
-            "datasource": DATASOURCE, "definition": query,
-            "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery",
-                      "qryType": 1},
-            "includeAll": True, "allValue": ".*", "multi": True,
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-            "options": [], "refresh": 2, "regex": "", "sort": 3 if var.numeric else 1, "hide": 0}
+    return {
+        "name": var.name,
+        "label": var.title,
+        "description": var.description,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery", "qryType": 1},
+        "includeAll": True,
+        "allValue": ".*",
+        "multi": True,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "options": [],
+        "refresh": 2,
+        "regex": "",
+        "sort": 3 if var.numeric else 1,
+        "hide": 0,
+    }
 
 
 def render(dashboard: Dashboard) -> dict:
@@ -177,8 +247,16 @@ def render(dashboard: Dashboard) -> dict:
     panels, panel_id, y = [], 0, 0
     for row in dashboard.rows:
         panel_id += 1
-        panels.append({"id": panel_id, "type": "row", "title": row.title, "collapsed": False,
-                       "gridPos": {"h": 1, "w": _GRID_WIDTH, "x": 0, "y": y}, "panels": []})
+        panels.append(
+            {
+                "id": panel_id,
+                "type": "row",
+                "title": row.title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": _GRID_WIDTH, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
         y, x, row_height = y + 1, 0, 0
         for panel in row.panels:
             if x + panel.width > _GRID_WIDTH:
@@ -188,17 +266,45 @@ def render(dashboard: Dashboard) -> dict:
             panels.append(_render_panel(panel, panel_id, pos, dashboard.label_filter))
             x, row_height = x + panel.width, max(row_height, panel.height)
         y += row_height
-    datasource = {"name": "datasource", "label": "Data source", "type": "datasource",
-                  "query": "prometheus", "current": {}, "options": [], "refresh": 1, "regex": "",
-                  "hide": 0, "includeAll": False, "multi": False}
+    datasource = {
+        "name": "datasource",
+        "label": "Data source",
+        "type": "datasource",
+        "query": "prometheus",
+        "current": {},
+        "options": [],
+        "refresh": 1,
+        "regex": "",
+        "hide": 0,
+        "includeAll": False,
+        "multi": False,
+    }
     return {
-        "id": None, "uid": dashboard.uid, "title": dashboard.title,
-        "description": dashboard.description, "tags": ["raymoe"], "editable": True,
-        "schemaVersion": SCHEMA_VERSION, "graphTooltip": 1, "timezone": "browser",
-        "time": {"from": "now-6h", "to": "now"}, "refresh": "30s", "links": [],
-        "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                                  "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
-                                  "name": "Annotations & Alerts", "type": "dashboard"}]},
+        "id": None,
+        "uid": dashboard.uid,
+        "title": dashboard.title,
+        "description": dashboard.description,
+        "tags": ["raymoe"],
+        "editable": True,
+        "schemaVersion": SCHEMA_VERSION,
+        "graphTooltip": 1,
+        "timezone": "browser",
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
+        "links": [],
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
         "templating": {"list": [datasource, *(_render_variable(v) for v in dashboard.variables)]},
         "panels": panels,
     }
@@ -221,8 +327,11 @@ def _metric_names(query: str) -> list[tuple[str, bool]]:
     text = re.sub(r"\{[^{}]*\}", "{}", _QUOTED.sub('""', query))
     text = _GROUPING.sub("", re.sub(r"\[[^\]]*\]", "", text))
     text = re.sub(r"label_values\((.*?)(?:,\s*)?\w+\)$", r"(\1)", text)  # drop the label argument
-    return [(m.group(1), m.group(2) == "{") for m in _IDENTIFIER.finditer(text)
-            if m.group(2) != "(" and m.group(1) not in _KEYWORDS]
+    return [
+        (m.group(1), m.group(2) == "{")
+        for m in _IDENTIFIER.finditer(text)
+        if m.group(2) != "(" and m.group(1) not in _KEYWORDS
+    ]
 
 
 def _check_query(query: str, label_filter: str, defined: set[str]) -> list[str]:
@@ -237,18 +346,20 @@ def _check_query(query: str, label_filter: str, defined: set[str]) -> list[str]:
             continue
         labels = {CLUSTER_LABEL, *spec.tag_keys} | ({"le"} if name.endswith("_bucket") else set())
         allowed |= labels
-        problems += [f"{name!r} has no label {lbl!r} (its labels: {sorted(labels)})"
-                     for lbl in _MATCHER.findall(_QUOTED.sub('""', body)) if lbl not in labels]
+        problems += [
+            f"{name!r} has no label {lbl!r} (its labels: {sorted(labels)})"
+            for lbl in _MATCHER.findall(_QUOTED.sub('""', body))
+            if lbl not in labels
+        ]
         if label_filter and label_filter not in body:
             problems.append(f"{name!r} selector lacks the shared filter {label_filter!r}")
-    grouped = [lbl.strip() for group in _GROUPING.findall(_QUOTED.sub('""', query))
-               for lbl in group.split(",")]
+    grouped = [lbl.strip() for group in _GROUPING.findall(_QUOTED.sub('""', query)) for lbl in group.split(",")]
     if match := re.fullmatch(r"label_values\((?:.*,)?\s*(\w+)\)", query):
         grouped.append(match.group(1))
-    problems += [f"label {lbl!r} is on none of the query's metrics" for lbl in grouped
-                 if lbl and lbl not in allowed]
-    problems += [f"variable ${v} is not defined" for v in _VARIABLE.findall(query)
-                 if not v.startswith("__") and v not in defined]
+    problems += [f"label {lbl!r} is on none of the query's metrics" for lbl in grouped if lbl and lbl not in allowed]
+    problems += [
+        f"variable ${v} is not defined" for v in _VARIABLE.findall(query) if not v.startswith("__") and v not in defined
+    ]
     return [f"{p} in: {query}" for p in problems]
 
 
@@ -265,6 +376,9 @@ def check_dashboard(dashboard: Dashboard) -> list[str]:
                 problems.append(f"panel {panel.title!r} has no query")
             if panel.repeat and panel.repeat not in defined:
                 problems.append(f"panel {panel.title!r} repeats over undefined ${panel.repeat}")
-            problems += [f"variable ${v} in title {panel.title!r} is not defined"
-                         for v in _VARIABLE.findall(panel.title) if v not in defined]
+            problems += [
+                f"variable ${v} in title {panel.title!r} is not defined"
+                for v in _VARIABLE.findall(panel.title)
+                if v not in defined
+            ]
     return [f"{dashboard.uid}: {p}" for p in problems]
