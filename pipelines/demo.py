@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
             check_port_free(plan.serve.http.host, plan.serve.http.port)
 
+    from raymoe.console import Console
     from raymoe.demo.memory import PeakRSS
-    from raymoe.demo.progress import Console
     from raymoe.demo.runner import print_summary, run_demo
 
     memory = PeakRSS().start()

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from raymoe.config import exit_on_config_error, job_arg_parser, load_job_config
+from raymoe.console import Console, JobFailed
 from raymoe.monitor.drift_job_config import DriftJobConfig, check_before_launch
 from raymoe.storage import print_wrote
 
@@ -69,8 +70,8 @@ def check_quality(cfg: DriftJobConfig) -> dict:
     return point
 
 
-def check_once(cfg: DriftJobConfig, evaluate: bool) -> bool:
-    """One check (+ quality, + actions); True when anything drifted or decayed."""
+def check_once(cfg: DriftJobConfig, evaluate: bool) -> tuple[bool, str]:
+    """One check (+ quality, + actions): whether anything drifted or decayed, and the verdict."""
     from raymoe.monitor import metrics as m
     from raymoe.monitor.drift_actions import act_on
     from raymoe.monitor.drift_check import publish_drift, run_check, write_outputs
@@ -94,10 +95,10 @@ def check_once(cfg: DriftJobConfig, evaluate: bool) -> bool:
         log_path=Path(cfg.output_dir) / "actions.jsonl",
     )
     verdict = f"DRIFT in {', '.join(result.summary['drifted_features'])}" if result.drifted else "no drift"
-    print(f"drift: {verdict} ({result.meta['current_requests']} requests vs {result.meta['reference']})")
+    verdict += f" ({result.meta['current_requests']} requests vs {result.meta['reference']})"
     if quality is not None:
-        print(
-            f"quality: perplexity {quality['perplexity']:.3f}, decay x{quality['decay']:.3f}"
+        verdict += (
+            f"; quality: perplexity {quality['perplexity']:.3f}, decay x{quality['decay']:.3f}"
             + (f", exact match {quality['exact_match']:.1%}" if "exact_match" in quality else "")
             + (" - DECAYED" if decayed else "")
         )
@@ -107,7 +108,7 @@ def check_once(cfg: DriftJobConfig, evaluate: bool) -> bool:
         from raymoe.monitor.run_report import QUALITY_HISTORY_FILE
 
         print_wrote("quality history", Path(cfg.output_dir) / QUALITY_HISTORY_FILE)
-    return result.drifted or decayed
+    return result.drifted or decayed, verdict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             init_ray()
     while True:
         try:
-            drifted = check_once(cfg, evaluate)
-        except ValueError as exc:  # windows or a manifest that cannot be compared
-            print(f"drift: {exc}", file=sys.stderr)
+            with Console().stage("drift", bar=False) as stage:
+                try:
+                    drifted, stage.summary = check_once(cfg, evaluate)
+                except ValueError as exc:  # windows or a manifest that cannot be compared
+                    raise JobFailed(str(exc)) from exc
+        except JobFailed:
             return 2
         if cfg.interval_s == 0:
             time.sleep(cfg.linger_s)  # keeps the gauges up for a scrape

@@ -17,6 +17,7 @@ import os
 import sys
 
 from raymoe.config import exit_on_config_error, parse_job_args
+from raymoe.console import Console, JobFailed
 from raymoe.federated.config import FederatedConfig
 from raymoe.federated.job import check_before_launch
 from raymoe.ray_runtime import init_ray
@@ -33,11 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     from raymoe.federated.server import FederatedJobFailed
 
     try:
-        summary = run_federated(cfg)
-    except FederatedJobFailed as exc:
-        print(f"federated job stopped: {exc}", file=sys.stderr)
+        with Console().stage("federated", total=cfg.rounds, unit="round") as stage:
+            try:
+                summary = run_federated(cfg)
+            except FederatedJobFailed as exc:
+                raise JobFailed(f"federated job stopped: {exc}") from exc
+            stage.summary = f"{summary['rounds']} rounds over {len(cfg.silos)} silos"
+    except JobFailed:
         return 1
-    print(f"done: {summary['rounds']} rounds")
     print_wrote("adapter", summary["adapter"])
     print_wrote("metrics", os.path.join(cfg.output_dir, "metrics.json"))
     return 0

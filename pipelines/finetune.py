@@ -17,6 +17,7 @@ import os
 import sys
 
 from raymoe.config import exit_on_config_error, job_arg_parser, load_job_config
+from raymoe.console import Console
 from raymoe.ray_runtime import init_ray
 from raymoe.storage import print_wrote
 from raymoe.train.finetune_config import FinetuneConfig, check_before_launch
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_config_error(args.debug):
         cfg = load_job_config(FinetuneConfig, args)
         check_before_launch(cfg)
-        from raymoe.train.finetune import make_debug_base, prepare_data, run_finetune
+        from raymoe.train.finetune import make_debug_base, prepare_data, run_finetune, summary_line
 
         if cfg.writes_debug_base and not os.path.isfile(os.path.join(cfg.base, "config.json")):
             make_debug_base(cfg)
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(cfg)
     with exit_on_config_error():  # RAY_ADDRESS naming no reachable cluster
         init_ray()
-    summary = run_finetune(cfg, data)
+    with Console().stage("finetune", total=cfg.steps) as stage:
+        summary = run_finetune(cfg, data)
+        stage.summary = summary_line(cfg, data, summary)
     print_wrote("adapter", summary["adapter"])
     if "merged" in summary:
         print_wrote("merged artifact", summary["merged"])

@@ -15,6 +15,7 @@ import os
 import sys
 
 from raymoe.config import exit_on_config_error, parse_job_args
+from raymoe.console import Console
 from raymoe.data.ingest import run_ingest
 from raymoe.data.ingest_config import IngestConfig, check_before_launch
 from raymoe.data.manifest import MANIFEST_NAME
@@ -28,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     with exit_on_config_error():  # RAY_ADDRESS naming no reachable cluster
         init_ray(num_cpus=cfg.execution.num_cpus)
-    run_ingest(cfg)
+    # Ingest draws a bar per phase (clean, dedup, tokenize) itself.
+    with Console().stage("ingest", bar=False) as stage:
+        manifest = run_ingest(cfg)
+        stage.summary = (
+            f"{len(manifest['shards'])} shards of {manifest['seq_len']}-token rows, "
+            f"{manifest['counts']['quarantined_total']} records quarantined"
+        )
     print_wrote("ingest output", cfg.output_dir)
     print_wrote("manifest", os.path.join(cfg.output_dir, MANIFEST_NAME))
     return 0

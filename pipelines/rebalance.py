@@ -23,6 +23,7 @@ import logging
 import sys
 
 from raymoe.config import parse_job_args
+from raymoe.console import Console, JobFailed
 from raymoe.deploy.rebalance_config import RebalanceJobConfig
 
 
@@ -33,7 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         RebalanceJobConfig, argv, prog="python -m pipelines.rebalance", description=__doc__, check=prepare
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(cfg)
+    try:
+        with Console().stage("rebalance", bar=False) as stage:
+            status = run(cfg)
+            if status != 0:
+                raise JobFailed(f"exit status {status} (the reason is above)")
+            stage.summary = f"placement for the measured load in {cfg.output_dir}"
+    except JobFailed:
+        return status
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from raymoe.config import ConfigError, exit_on_config_error, job_arg_parser, load_job_config, qualify, to_dict
+from raymoe.console import Console
 from raymoe.ray_runtime import init_ray
 from raymoe.serve.app import build_app
 from raymoe.serve.openai_client import post_json
@@ -80,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         init_ray()
     from ray import serve
 
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    serve.run(application, name=cfg.app_name, route_prefix=cfg.route_prefix)
     base_url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
-    print(f"serving {cfg.app.model_id!r} at {base_url}/v1 (OpenAI API)", flush=True)
+    # The stage ends when every replica is up (serve.run returns then).
+    with Console().stage("serve") as stage:
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        serve.run(application, name=cfg.app_name, route_prefix=cfg.route_prefix)
+        stage.summary = f"serving {cfg.app.model_id!r} at {base_url}/v1 (OpenAI API)"
     if not cfg.block:
         reply = smoke_request(base_url, cfg.app.model_id, api_key)
         print(json.dumps({"smoke_reply": reply["choices"][0]["message"], "usage": reply["usage"]}), flush=True)

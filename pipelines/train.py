@@ -19,6 +19,7 @@ import os
 import sys
 
 from raymoe.config import exit_on_config_error, parse_job_args
+from raymoe.console import Console, JobFailed
 from raymoe.ray_runtime import init_ray
 from raymoe.storage import print_wrote
 from raymoe.train.config import TrainConfig, check_before_launch
@@ -33,12 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after the checks: a bad config fails without paying for Ray Train's import.
     from raymoe.train.loop import run_training
 
-    result = run_training(cfg)
-    if result.error is not None:
-        print(f"training failed: {result.error}", file=sys.stderr)
+    try:
+        with Console().stage("train", total=cfg.steps) as stage:
+            result = run_training(cfg)
+            if result.error is not None:
+                raise JobFailed(f"training failed: {result.error}")
+            metrics = result.metrics or {}
+            stage.summary = (
+                f"step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}, "
+                f"ep={cfg.layout.ep} x dp={cfg.layout.dp}"
+            )
+    except JobFailed:
         return 1
-    metrics = result.metrics or {}
-    print(f"done: step {metrics.get('step')} loss {metrics.get('loss', float('nan')):.4f}")
     print_wrote("checkpoints", cfg.checkpoint.uri)
     if cfg.history_path and os.path.isfile(cfg.history_path):
         print_wrote("history", cfg.history_path)

@@ -87,8 +87,14 @@ def run_pipeline(name: str, argv: list[str]) -> int:
     asks_help = any(a in ("-h", "--help") for a in argv)
     if name == "demo" and not asks_help and not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", DEMO_CONFIG, *argv]
+    from raymoe.config import INVOKED_AS
+
     module = importlib.import_module(f"pipelines.{name}")
-    return module.main(resolve_config_args(argv))
+    token = INVOKED_AS.set(f"raymoe {name}")
+    try:
+        return module.main(resolve_config_args(argv))
+    finally:
+        INVOKED_AS.reset(token)
 
 
 def add_pipeline_verbs(sub: argparse._SubParsersAction) -> None:

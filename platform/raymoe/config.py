@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import dataclasses
 import math
 import os
@@ -298,10 +299,17 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+# The command name a pipeline's usage and errors show: `raymoe train` when the `raymoe` CLI runs
+# the pipeline (`raymoe.cli_pipelines.run_pipeline` sets it), else the `python -m` form.
+INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("INVOKED_AS", default=None)
+
+
 def job_arg_parser(cls: type, *, prog: str, description: str):
     """The command line every pipeline shares:
     `--config FILE [--storage-root ROOT] [--debug] [key.sub=value ...]`."""
-    parser = _ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _ArgumentParser(
+        prog=INVOKED_AS.get() or prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help=f"YAML file with a {cls.__name__}")
     parser.add_argument(
         "--storage-root",

@@ -141,16 +141,16 @@ ALLOWED: dict[str, set[str]] = {
         "raymoe.serve",
     },
     # The main job end to end (`raymoe demo`): like pipelines, it calls every stage's library code.
-    # demo drives every stage; psutil measures the whole demo's peak RSS, tqdm draws its bars.
+    # demo drives every stage; psutil measures the whole demo's peak RSS; console draws its bars.
     "demo": {
         STDLIB,
         "numpy",
         "psutil",
         "ray",
-        "tqdm",
         "raymoe.artifact_check",
         "raymoe.atomic_io",
         "raymoe.config",
+        "raymoe.console",
         "raymoe.data",
         "raymoe.demo",
         "raymoe.deploy",
@@ -163,6 +163,8 @@ ALLOWED: dict[str, set[str]] = {
     },
     # Top-level modules. config re-exports the model config's checks (one ConfigError class).
     "atomic_io": {STDLIB},
+    # Every job's progress bars and result lines.
+    "console": {STDLIB, "tqdm"},
     # config -> storage: a job's config is resolved against the storage root as it loads.
     "config": {STDLIB, "yaml", "raymoe.models", "raymoe.storage"},
     # Where a job's outputs go (the storage root and which config keys resolve against it).
@@ -195,7 +197,8 @@ ALLOWED: dict[str, set[str]] = {
         "raymoe.train",
     },
     # The one place that imports pipelines: `raymoe <pipeline>` runs `pipelines.<name>.main`.
-    "cli_pipelines": {STDLIB, "pipelines"},
+    # config: the command name a pipeline's usage shows (`raymoe train`).
+    "cli_pipelines": {STDLIB, "pipelines", "raymoe.config"},
 }
 
 

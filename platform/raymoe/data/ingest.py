@@ -69,8 +69,16 @@ def _pause_point(name: str, count: int) -> None:
 def _progress(total: float, desc: str, unit: str, enabled: bool):
     from tqdm import tqdm
 
+    # Away from a terminal (a job's log) the bar is a line every 10 s, as the console's stages draw it.
     return tqdm(
-        total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr, dynamic_ncols=True
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=True,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
     )
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from raymoe.atomic_io import atomic_write_json
+from raymoe.console import Console
 from raymoe.demo import live, markers, stages
 from raymoe.demo.plan import DemoPlan
-from raymoe.demo.progress import Console
 
 ORDER = [
     "ingest",

@@ -99,7 +99,7 @@ def export(run, stage) -> Done:
 
 
 def finetune(run, stage) -> Done:
-    from raymoe.train.finetune import prepare_data, run_finetune
+    from raymoe.train.finetune import prepare_data, run_finetune, summary_line
     from raymoe.train.finetune_config import check_before_launch
 
     cfg = run.plan.finetune
@@ -107,15 +107,11 @@ def finetune(run, stage) -> Done:
     data = prepare_data(cfg)
     run.ensure_ray()
     summary = run_finetune(cfg, data)
-    task = Path(cfg.data.path).parent.name
-    line = f"LoRA r={cfg.lora.rank}, {cfg.steps} steps on {data['examples']} records of {task}"
-    if "eval" in summary:
-        base, tuned = summary["eval"]["base"], summary["eval"]["adapter"]
-        line += (
-            f", held-out answer loss {base['loss']:.2f} -> {tuned['loss']:.2f} "
-            f"(exact match {base['exact_match']:.0%} -> {tuned['exact_match']:.0%})"
-        )
-    return Done(line, {"adapter": str(Path(summary["adapter"]) / "adapter_config.json")}, {"eval": summary.get("eval")})
+    return Done(
+        summary_line(cfg, data, summary),
+        {"adapter": str(Path(summary["adapter"]) / "adapter_config.json")},
+        {"eval": summary.get("eval")},
+    )
 
 
 def federated(run, stage) -> Done:

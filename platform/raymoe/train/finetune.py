@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from raymoe.atomic_io import atomic_write_json
@@ -98,6 +99,19 @@ def make_debug_base(cfg: FinetuneConfig) -> None:
     with open(cfg.data.path, encoding="utf-8") as fh:
         texts = [line for line in fh if line.strip()]
     make_debug_artifact(cfg.base, seed=cfg.seed, vocab_size=1024, corpus=texts, max_seq_len=512)
+
+
+def summary_line(cfg: FinetuneConfig, data: dict[str, Any], summary: dict[str, Any]) -> str:
+    """One line for the console: the adapter, the steps, the records and the held-out change."""
+    task = Path(cfg.data.path).parent.name
+    line = f"LoRA r={cfg.lora.rank}, {cfg.steps} steps on {data['examples']} records of {task}"
+    if "eval" in summary:
+        base, tuned = summary["eval"]["base"], summary["eval"]["adapter"]
+        line += (
+            f", held-out answer loss {base['loss']:.2f} -> {tuned['loss']:.2f} "
+            f"(exact match {base['exact_match']:.0%} -> {tuned['exact_match']:.0%})"
+        )
+    return line
 
 
 def run_finetune(cfg: FinetuneConfig, data: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,14 +1,18 @@
-"""The demo's one console style: a tqdm bar while a stage runs, one line when it is done.
+"""The one console style of every job: a tqdm bar while a stage runs, one line when it is done.
 
     ✓ train: 300 steps, loss 7.62 -> 4.97, ep=2 x dp=1 (94 s)
     ↺ train: reused (300 steps, loss 7.62 -> 4.97, ep=2 x dp=1)
     ✗ train failed after 12 s: <the error>; its output: runs/demo/logs/train.log
 
-While a stage runs, whatever it prints (the library calls' own lines, Ray's worker lines forwarded
-to the driver, loggers writing to the console) goes to `<log_dir>/<stage>.log` instead; a line
-saying `step N/M` (the training and fine-tuning loops' console lines) moves the stage's bar. Bars
-go to stderr, the one-line results to stdout. `verbose` keeps every stage's output on the console
-and draws no bars.
+A line saying `step N/M` (the training and fine-tuning loops' console lines, the federated rounds')
+moves the stage's bar. Bars go to stderr, the one-line results to stdout. Two ways to run:
+- with a `log_dir` (the demo): whatever a stage prints (the library calls' own lines, Ray's worker
+  lines forwarded to the driver, loggers writing to the console) goes to `<log_dir>/<stage>.log`
+  instead, so the console shows only bars and result lines; `verbose` keeps every stage's output on
+  the console and draws no bars;
+- without one (`python -m pipelines.<name>`, `raymoe <name>`): the output passes through to the
+  console, above the bar on a terminal; where stderr is not a terminal (a log file, `ray job
+  submit`) no bar is drawn, and the output and result lines read as a plain log.
 """
 
 from __future__ import annotations
@@ -25,30 +29,43 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-STEP_LINE = re.compile(r"\bstep (\d+)/(\d+)\b")
+# `step 20/300 ...` (training, fine-tuning) and `round 2/3 ...` (federated) lines move a bar.
+STEP_LINE = re.compile(r"\b(?:step|round) (\d+)/(\d+)\b")
 # How much of a line without its newline yet (tqdm's carriage-return updates) is kept for matching.
 MAX_PARTIAL = 4096
 
 
+class JobFailed(Exception):
+    """A job's own failure (a training run that ended in error, data that cannot be compared), not
+    a bug: the stage's ✗ line says it and the pipeline exits non-zero without a traceback."""
+
+
 class _StageStream(io.TextIOBase):
     """Stands in for a console stream (sys.stdout or sys.stderr): while a stage runs, what is
-    written goes to the stage's log and each complete line to the stage (`route`); between stages
-    it goes to the console stream itself. A logger that took this stream as sys.stderr during one
-    stage therefore writes to the next stage's log, never to a closed file."""
+    written goes to the stage's sink (its log, or the console) and each complete line to the
+    stage (`route`); between stages it goes to the console stream itself. A logger that took this
+    stream as sys.stderr during one stage therefore writes to the next stage's sink, never to a
+    closed file."""
 
     def __init__(self, console: TextIO):
         self._console = console
-        self._log: TextIO | None = None
+        self._sink: TextIO | None = None
         self._on_line: Callable[[str], None] = lambda line: None
         self._lock = threading.Lock()  # Ray's log thread and the stage write at once
         self._partial = ""
 
-    def route(self, log: TextIO | None, on_line: Callable[[str], None] = lambda line: None) -> None:
-        """Sends what is written to `log` (and its lines to `on_line`); None = to the console."""
+    def route(self, sink: TextIO | None, on_line: Callable[[str], None] = lambda line: None) -> None:
+        """Sends what is written to `sink` (and its lines to `on_line`); None = to the console
+        with no line handling. The console itself may be the sink."""
         with self._lock:
-            if self._log is not None:
-                self._log.flush()
-            self._log, self._on_line, self._partial = log, on_line, ""
+            if self._sink is not None:
+                self._sink.flush()
+            self._sink, self._on_line, self._partial = sink, on_line, ""
+
+    @property
+    def console(self) -> TextIO:
+        """The console stream this one stands in for."""
+        return self._console
 
     @property
     def encoding(self) -> str:  # type: ignore[override]  # TextIOBase declares it a plain attribute
@@ -61,14 +78,14 @@ class _StageStream(io.TextIOBase):
         return False
 
     def fileno(self) -> int:
-        return (self._log or self._console).fileno()
+        return (self._sink or self._console).fileno()
 
     def write(self, text: str) -> int:
         with self._lock:
-            if self._log is None:
+            if self._sink is None:
                 self._console.write(text)
                 return len(text)
-            self._log.write(text)
+            self._sink.write(text)
             *lines, partial = (self._partial + text).split("\n")
             self._partial = partial[-MAX_PARTIAL:]
             on_line = self._on_line
@@ -78,7 +95,27 @@ class _StageStream(io.TextIOBase):
 
     def flush(self) -> None:
         with self._lock:
-            (self._log or self._console).flush()
+            (self._sink or self._console).flush()
+
+
+class _AboveBar(io.TextIOBase):
+    """A stage's sink on a terminal while its bar is drawn: each complete line is written above the
+    bar (the bar is cleared, the line written, the bar drawn again); partial lines wait."""
+
+    def __init__(self, console: TextIO, bar):
+        self._console, self._bar, self._partial = console, bar, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        if lines:
+            self._bar.clear()
+            self._console.write("".join(line + "\n" for line in lines))
+            self._console.flush()
+            self._bar.refresh()
+        return len(text)
+
+    def flush(self) -> None:
+        self._console.flush()
 
 
 class Stage:
@@ -115,10 +152,17 @@ class Stage:
 
 
 class Console:
-    """Where the demo talks to its user (see the module docstring)."""
+    """Where a job talks to its user (see the module docstring)."""
 
-    def __init__(self, log_dir: Path, *, verbose: bool = False, out: TextIO | None = None, err: TextIO | None = None):
-        self.log_dir = Path(log_dir)
+    def __init__(
+        self,
+        log_dir: Path | None = None,
+        *,
+        verbose: bool = False,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+    ):
+        self.log_dir = None if log_dir is None else Path(log_dir)
         self.verbose = verbose
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -133,10 +177,11 @@ class Console:
         self.line(f"↺ {name}: reused" + (f" ({summary})" if summary else ""))
 
     @contextlib.contextmanager
-    def stage(self, name: str, total: int | None = None, unit: str = "step") -> Iterator[Stage]:
-        """Runs the body as stage `name`: a bar (of `total` `unit`s, or a clock when None) and the
-        captured output while it runs, then `✓ name: <stage.summary> (N s)`; on an exception,
-        the `✗` line and the log's last lines, and the exception goes on."""
+    def stage(self, name: str, total: int | None = None, unit: str = "step", *, bar: bool = True) -> Iterator[Stage]:
+        """Runs the body as stage `name`: a bar (of `total` `unit`s, or a clock when None) while it
+        runs, then `✓ name: <stage.summary> (N s)`; on an exception, the `✗` line (and, with a
+        log, the log's last lines), and the exception goes on. `bar=False`: the body draws its own
+        bars (ingest's per-phase bars), so a stage without a log draws none."""
         if self.verbose:
             self.line(f"▶ {name}")
             stage = Stage(name, None, None)
@@ -147,18 +192,49 @@ class Console:
                 raise
             self.line(f"✓ {name}: {stage.summary} ({stage.seconds:.0f} s)")
             return
+        if self.log_dir is None:
+            with self._passed_through(name, total, unit, bar) as stage:
+                yield stage
+            return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
+        with (
+            self._with_bar(name, total, unit, log_path) as stage,
+            open(log_path, "a", encoding="utf-8", buffering=1) as log,
+        ):
+            log.write(f"--- {name} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            with self._captured(log, stage.on_line):
+                yield stage
+
+    @contextlib.contextmanager
+    def _passed_through(self, name: str, total: int | None, unit: str, bar: bool) -> Iterator[Stage]:
+        """A stage whose output stays on the console: above its bar on a terminal, as it is
+        (no bar) elsewhere."""
+        if not (self.tty and bar):
+            stage = Stage(name, None, None)
+            try:
+                with self._captured(None, stage.on_line):
+                    yield stage
+            except BaseException as exc:
+                self._failed(stage, exc)
+                raise
+            self.line(f"✓ {name}: {stage.summary} ({stage.seconds:.0f} s)")
+            return
+        with self._with_bar(name, total, unit, None) as stage:
+            above = _AboveBar(self.out, stage.bar)
+            with self._captured(above, stage.on_line):  # type: ignore[arg-type]  # a TextIO enough
+                yield stage
+
+    @contextlib.contextmanager
+    def _with_bar(self, name: str, total: int | None, unit: str, log_path: Path | None) -> Iterator[Stage]:
+        """Draws the stage's bar (its clock ticking) around the body, then its result line."""
         bar = self._bar(name, total, unit)
         stage = Stage(name, bar, log_path)
         stop = threading.Event()
         ticker = threading.Thread(target=self._tick, args=(bar, stop), daemon=True)
         ticker.start()
         try:
-            with open(log_path, "a", encoding="utf-8", buffering=1) as log:
-                log.write(f"--- {name} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-                with self._captured(log, stage.on_line):
-                    yield stage
+            yield stage
         except BaseException as exc:
             stop.set()
             bar.close()
@@ -170,8 +246,9 @@ class Console:
 
     @contextlib.contextmanager
     def quiet(self, name: str) -> Iterator[None]:
-        """Runs the body with its output in `<log_dir>/<name>.log` (no bar, no line)."""
-        if self.verbose:
+        """Runs the body with its output in `<log_dir>/<name>.log` (no bar, no line); without a
+        log directory the output stays on the console."""
+        if self.verbose or self.log_dir is None:
             yield
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -182,8 +259,9 @@ class Console:
             yield
 
     @contextlib.contextmanager
-    def _captured(self, log: TextIO, on_line: Callable[[str], None]) -> Iterator[None]:
-        """sys.stdout, sys.stderr and every logging handler writing to the console -> `log`."""
+    def _captured(self, sink: TextIO | None, on_line: Callable[[str], None]) -> Iterator[None]:
+        """sys.stdout, sys.stderr and every logging handler writing to the console -> `sink`
+        (None: each to its own console stream), and every complete line to `on_line`."""
         out, err = self._streams
         consoles = {id(s): out for s in (self.out, sys.stdout, sys.__stdout__)}
         consoles.update({id(s): err for s in (self.err, sys.stderr, sys.__stderr__)})
@@ -194,7 +272,7 @@ class Console:
                 if plain and id(handler.stream) in consoles and handler.stream not in self._streams:
                     moved.append((handler, handler.setStream(consoles[id(handler.stream)])))
         for stream in self._streams:
-            stream.route(log, on_line)
+            stream.route(stream.console if sink is None else sink, on_line)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 yield

@@ -1,5 +1,5 @@
-"""The demo's console: a stage's output goes to its log, its step lines move its bar, and it ends
-with one line (✓, or ✗ and the error going on)."""
+"""The jobs' console: a stage's output goes to its log (the demo) or passes through (a pipeline run
+alone), its step lines move its bar, and it ends with one line (✓, or ✗ and the error going on)."""
 
 import io
 import logging
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from raymoe.demo.progress import Console, _StageStream
+from raymoe.console import Console, _StageStream
 
 
 class Terminal(io.StringIO):
@@ -115,3 +115,51 @@ def test_a_logger_set_up_during_a_stage_writes_to_the_next_stages_log(tmp_path):
     assert "from the train stage" in (tmp_path / "logs" / "train.log").read_text()
     assert "from the train stage" not in (tmp_path / "logs" / "ingest.log").read_text()
     assert "after the stages" in err.getvalue() and "Logging error" not in err.getvalue()
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_pipeline_stage_passes_its_output_through_and_ends_with_one_line():
+    # Prepare: no log directory (a pipeline run alone), stderr not a terminal (a job's log).
+    out, err = Terminal(), Terminal()
+    console = Console(out=out, err=err)
+    # Execute
+    with console.stage("train", total=30) as stage:
+        print("(RayTrainWorker pid=7) step 20/30  loss 6.6270")
+        print("a warning", file=sys.stderr)
+        stage.summary = "30 steps"
+    # Assert: each line on its own stream as written, no bar drawn, then the result line.
+    assert stage.bar is None
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "(RayTrainWorker pid=7) step 20/30  loss 6.6270"
+    assert lines[1].startswith("✓ train: 30 steps (") and len(lines) == 2
+    assert err.getvalue() == "a warning\n"
+
+
+def test_on_a_terminal_the_output_goes_above_the_bar_and_moves_it():
+    # Prepare
+    out, err = Tty(), Tty()
+    console = Console(out=out, err=err)
+    # Execute: a line in two writes.
+    with console.stage("finetune", total=10) as stage:
+        print("step 4/10 ", end="")
+        print("loss 2.5")
+        at = stage.bar.n
+        stage.summary = "10 steps"
+    # Assert: the whole line reached the console once; the bar followed it and went to stderr.
+    assert at == 4
+    assert out.getvalue().count("step 4/10 loss 2.5\n") == 1
+    assert out.getvalue().splitlines()[-1].startswith("✓ finetune: 10 steps (")
+    assert "finetune" in err.getvalue()
+
+
+def test_a_failed_pipeline_stage_says_so_and_the_error_goes_on():
+    out, err = Terminal(), Terminal()
+    console = Console(out=out, err=err)
+    with pytest.raises(RuntimeError, match="worker died"), console.stage("train"):
+        raise RuntimeError("worker died")
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith("✗ train failed after 0 s: worker died")
