@@ -65,8 +65,9 @@ def _full_then_slice(cfg: TrainConfig, groups) -> MoETransformer:
 def _worker(rank: int, cfg_dict: dict, mode: str, save: bool) -> dict:
     """Starts one worker the `mode` way, steps once; returns its start-up seconds and memory."""
     from raymoe.parallel.groups import build_groups
+    from raymoe.parallel.shard_memory import peak_rss_bytes, shard_bytes
     from raymoe.train.checkpoint import resume_checkpoint, save_checkpoint
-    from raymoe.train.memory import optimizer_bytes, peak_rss_bytes, shard_bytes
+    from raymoe.train.memory import optimizer_bytes
     from raymoe.train.step import build_optimizer, train_step
     from raymoe.train.worker import build_sharded_model
 

@@ -8,34 +8,20 @@ from raymoe.parallel.layout import ParallelLayout, shard_model_experts
 
 
 def test_sharded_load_reads_only_held_experts(tmp_path, monkeypatch) -> None:
-    # Prepare: a debug artifact; every tensor read through safe_open is recorded.
+    # Prepare: a debug artifact; every tensor read from its files is recorded.
     full = MoETransformer(flavour("debug"))
     full.init_weights(seed=7)
     save_hf(full, tmp_path)
     import raymoe.models.hf_io as hf_io
 
     read: list[str] = []
-    real_open = hf_io.safe_open
+    real_read = hf_io.read_weight
 
-    class Recording:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_open(*args, **kwargs)
+    def recording_read(reader, key):
+        read.append(key)
+        return real_read(reader, key)
 
-        def __enter__(self):
-            self.handle = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.handle.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.handle.get_tensor(key)
-
-    monkeypatch.setattr(hf_io, "safe_open", Recording)
+    monkeypatch.setattr(hf_io, "read_weight", recording_read)
     # Execute: the share of ep rank 1 of 4 (experts 2 and 3).
     part = load_hf(tmp_path, expert_ids=[2, 3])
     # Assert: expert tensors read are exactly experts 2 and 3 of each MoE layer (3 matrices each).

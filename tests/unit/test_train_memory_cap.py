@@ -16,8 +16,8 @@ import pytest
 
 from raymoe.config import ConfigError, from_dict
 from raymoe.parallel.launch import spawn_gloo
+from raymoe.parallel.shard_memory import GIB, WorkerMemoryError
 from raymoe.train.config import TrainConfig, check_before_launch
-from raymoe.train.memory import GIB, WorkerMemoryError
 from raymoe.train.worker import run_worker
 from tests.unit.ingest_output import write_ingest_output
 

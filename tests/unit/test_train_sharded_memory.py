@@ -33,7 +33,8 @@ MIB = 1024**2
 def _one_step_memory(rank, cfg_dict):
     """Builds this rank's model, runs one optimizer step; returns its byte counts and peak RSS."""
     from raymoe.parallel.groups import build_groups
-    from raymoe.train.memory import optimizer_bytes, peak_rss_bytes, shard_bytes
+    from raymoe.parallel.shard_memory import peak_rss_bytes, shard_bytes
+    from raymoe.train.memory import optimizer_bytes
     from raymoe.train.step import build_optimizer, train_step
     from raymoe.train.worker import build_sharded_model
 

@@ -4,8 +4,8 @@ Live re-placement (`raymoe.serve.shard_worker.ShardWorker.stage_placement`) chan
 experts each shard worker's slots hold. For every MoE layer the new module is built beside the
 running one: experts the worker already holds are reused as they are (their packed oneDNN weights
 too, no copy), and the ones it lacks are read from the artifact's safetensors by name
-(`state_dict_adapter.expert_key`); no other tensor of the checkpoint is read. The running module
-is untouched until the caller swaps the new one in.
+(`state_dict_adapter.expert_key`), each by a ranged read; no other tensor of the checkpoint is
+read. The running module is untouched until the caller swaps the new one in.
 
 Shapes: S slots this process holds, F expert hidden, D model dim.
 """
@@ -15,15 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from raymoe.inference.packed import ExpertsOnThreads
 from raymoe.models.hf_config import CheckpointError
+from raymoe.models.hf_io import _weight_files, open_weight_file, read_weight
 from raymoe.models.moe import GroupedExperts
 from raymoe.models.state_dict_adapter import load_experts
+from raymoe.models.tensor_files import TensorFile
 
 
 class ExpertReader:
@@ -38,19 +39,13 @@ class ExpertReader:
         self.model_path = Path(model_path)
         self.arch = arch
         self._stack = ExitStack()
-        self._owner: dict[str, Any] = {}  # tensor name -> the safe_open handle of its file
+        self._owner: dict[str, TensorFile] = {}  # tensor name -> the ranged reader of its file
         self.num_read = 0
 
     def __enter__(self) -> ExpertReader:
-        from safetensors import safe_open
-
-        from raymoe.models.hf_io import _weight_files
-
         for file in _weight_files(self.model_path):
-            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
-            # safe_open handles are not iterable (safetensors 0.8): .keys() is required.
-            for key in handle.keys():  # noqa: SIM118
-                self._owner[key] = handle
+            reader = open_weight_file(self._stack, file)
+            self._owner.update(dict.fromkeys(reader.keys(), reader))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -59,7 +54,7 @@ class ExpertReader:
     def _get(self, key: str) -> torch.Tensor:
         if key not in self._owner:
             raise CheckpointError(f"{self.model_path}: checkpoint is missing tensor {key!r}")
-        return self._owner[key].get_tensor(key)
+        return read_weight(self._owner[key], key)
 
     def read(self, layer_id: int, expert_ids: list[int], like: nn.Module) -> GroupedExperts:
         """A `GroupedExperts` of `expert_ids` (in that order) of transformer layer `layer_id`, with

@@ -46,9 +46,20 @@ class ShardWorker:
         use_gpu: bool = False,
         cpu_kernels: str = "default",
         expert_threads: int = 1,
+        memory_per_worker_gb: float = 0.0,
     ):
+        """Loads the dense weights and this rank's experts of `placement` from `model_path`.
+
+        Before any tensor is allocated or read, the worker's parameter bytes are checked against
+        `memory_per_worker_gb` (0 = none) and this process's RLIMIT_AS headroom
+        (`raymoe.serve.shard_memory`).
+
+        Raises:
+            WorkerMemoryError: the share does not fit; names the layout, the estimate and the limit.
+        """
         from raymoe.cpu_allocator import keep_freed_memory
         from raymoe.models import load_hf
+        from raymoe.serve.shard_memory import check_shard_fits
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -57,8 +68,11 @@ class ShardWorker:
         self.model_path = model_path
         self.placement = ExpertPlacement(**placement)
         self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        # Built on the meta device; only the dense weights and this worker's experts are read.
-        self.model = load_hf(model_path, expert_ids=self.placement.experts_of(rank)).to(self.device).eval()
+        # Built on the meta device and checked there; only the dense weights and this worker's
+        # experts are allocated and read.
+        fits = functools.partial(check_shard_fits, layout=f"ep={world_size}", memory_per_worker_gb=memory_per_worker_gb)
+        self.model = load_hf(model_path, expert_ids=self.placement.experts_of(rank), check=fits)
+        self.model = self.model.to(self.device).eval()
         self.cpu_kernels, self.expert_threads = cpu_kernels, expert_threads
         self.cache: KVCache | None = None  # make_cache
         # (version, placement, [(moe, experts, dispatcher) per MoE layer]) built by stage_placement.

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from raymoe.models.state_dict_adapter import HeldTensor, held_tensors, optimizer_key
+from raymoe.models.tensor_files import write_tensor_file
 from raymoe.models.transformer import MoETransformer
 from raymoe.parallel.groups import ParallelGroups
 from raymoe.train.checkpoint_format import (
@@ -43,7 +44,6 @@ from raymoe.train.checkpoint_format import (
     step_dir_name,
     write_manifest,
 )
-from raymoe.train.tensor_files import write_tensor_file
 
 log = logging.getLogger(__name__)
 

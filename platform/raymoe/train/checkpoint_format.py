@@ -16,7 +16,7 @@ Layout under `checkpoint.uri` (any pyarrow filesystem: local path, s3://, gs://,
 Tensor names are the sharded names of `raymoe.models.state_dict_adapter` (Hugging Face names, one
 tensor per expert, the balance bias kept for every architecture, AdamW state as
 `optim.exp_avg.<name>`, `optim.exp_avg_sq.<name>`, `optim.step.<name>`). Every file records one
-SHA-256 per tensor in its header (`raymoe.train.tensor_files`).
+SHA-256 per tensor in its header (`raymoe.models.tensor_files`).
 
 `CheckpointReader` opens a checkpoint's files on demand, each header checked against the manifest
 (what a resuming worker uses: see `raymoe.train.checkpoint`); `verify_checkpoint` checks whole
@@ -38,8 +38,8 @@ import torch
 
 from raymoe.models.hf_config import hf_architecture_for
 from raymoe.models.state_dict_adapter import HeldTensor
+from raymoe.models.tensor_files import TensorFile, TensorFileError
 from raymoe.models.transformer import MoETransformer
-from raymoe.train.tensor_files import TensorFile, TensorFileError
 
 log = logging.getLogger(__name__)
 

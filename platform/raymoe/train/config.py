@@ -207,8 +207,8 @@ def check_before_launch(cfg: TrainConfig) -> None:
     Raises:
         ConfigError: naming the field and its value.
     """
+    from raymoe.parallel.shard_memory import WorkerMemoryError
     from raymoe.train.data import check_ingest_output
-    from raymoe.train.memory import WorkerMemoryError
 
     if "://" in cfg.data.path:
         raise ConfigError(

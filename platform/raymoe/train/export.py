@@ -25,8 +25,8 @@ from raymoe.config import from_dict
 from raymoe.models import ModelConfig, MoETransformer
 from raymoe.models.hf_io import save_hf_config
 from raymoe.models.state_dict_adapter import held_tensors
+from raymoe.models.tensor_files import LazyTensor, write_tensor_file
 from raymoe.train.checkpoint_format import CheckpointReader, latest_valid_checkpoint, step_dir_name
-from raymoe.train.tensor_files import LazyTensor, write_tensor_file
 
 EXPORT_MANIFEST = "raymoe_manifest.json"
 

@@ -24,11 +24,12 @@ from raymoe.config import to_dict
 from raymoe.models import MoETransformer
 from raymoe.parallel.groups import ParallelGroups, build_groups
 from raymoe.parallel.layout import shard_model_experts
+from raymoe.parallel.shard_memory import peak_rss_bytes, shard_bytes
 from raymoe.train.activation_checkpoint import apply_activation_checkpointing
 from raymoe.train.checkpoint import resume_checkpoint, save_checkpoint
 from raymoe.train.config import TrainConfig
 from raymoe.train.data import TrainBatches
-from raymoe.train.memory import check_fits, optimizer_bytes, peak_rss_bytes, shard_bytes
+from raymoe.train.memory import check_fits, optimizer_bytes
 from raymoe.train.schedule import lr_at
 from raymoe.train.step import StepResult, build_optimizer, train_step
 
