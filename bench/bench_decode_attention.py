@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.harness import print_table, write_results
+from bench.harness import print_table, run_line, write_results
 
 
 def decode_steps(model, prompts: list[list[int]], steps: int) -> tuple[float, list[int]]:
@@ -66,6 +66,9 @@ def main(argv: list[str]) -> int:
     from raymoe.serve.debug_artifact import debug_config
 
     torch.set_num_threads(1)  # as the serving engine runs (one engine thread)
+    # Expert threads take one torch thread each (raymoe.inference.cpu_threads).
+    machine = run_line("fp32 (oneDNN-packed weights)", f"1 engine thread, MoE experts on {args.expert_threads} threads")
+    print(machine, flush=True)
     shape = dict(dim=256, num_layers=4) if args.quick else dict(dim=512, num_layers=8)
     contexts = [64, 256] if args.quick else [100, 300, 900]
     steps = 8 if args.quick else 16
@@ -119,6 +122,7 @@ def main(argv: list[str]) -> int:
             "ratios": ratios,
             "ms_per_step": {f"{c}/{n}": v * 1e3 for (c, n), v in best.items()},
             "quick": args.quick,
+            "machine_line": machine,
         },
     )
     print(f"wrote {path}")

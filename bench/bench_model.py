@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from bench.harness import best_seconds, gemm_peak_flops, print_table, write_results
+from bench.harness import best_seconds, gemm_peak_flops, print_table, run_line, write_results
 from raymoe.inference.packed import pack_fp32
 from raymoe.models import load_hf
 from raymoe.models.generate import generate
@@ -142,6 +142,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    machine = run_line("fp32 (both sides; packed rows: oneDNN-packed fp32 weights)", args.threads)
+    print(machine, flush=True)
     q = args.quick
     peak = gemm_peak_flops()
     rows = [bench_moe_layer(tokens=1024 if q else 4096)]
@@ -169,6 +171,7 @@ def main() -> None:
             "train_mfu": mfu,
             "transformers_train_mfu": ref_mfu,
             "decode_agreement": agreement,
+            "machine_line": machine,
         },
     )
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench.harness import print_table, write_results
+from bench.harness import print_table, run_line, write_results
 from raymoe.config import from_dict
 from raymoe.parallel.launch import spawn_gloo
 from raymoe.train.config import TrainConfig
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=2, help="alternate the two setups this many times; the best round of each counts"
     )
     args = parser.parse_args(argv)
+    # train_step's bf16 autocast is GPU only: both setups train in fp32 here.
+    machine = run_line("fp32", "1 process x 2 threads vs ep=2: 2 processes x 1 thread")
+    print(machine, flush=True)
 
     # Alternating rounds, best of each: on a shared machine a neighbour's burst hits one round,
     # not the comparison.
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_1m": load[0],
             "single_step_s": single_steps,
             "ep2_step_s": ep_step,
+            "machine_line": machine,
         },
     )
     return 0

@@ -67,9 +67,11 @@ def write_results(name: str, data: dict) -> Path:
     return atomic_write_json(RESULTS_DIR / f"{name}.json", data)
 
 
-# The flags that decide fp32 vs bf16 speed on a CPU (ENVIRONMENT.md: AMX machines run bf16 GEMMs
-# 3.5-7x faster than fp32).
-CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+# The flags that decide a CPU's GEMM speed, oldest ISA first. AVX2 is the widest vector unit where
+# AVX-512 is missing; AVX512-BF16 and AMX-BF16 decide fp32 vs bf16 speed (ENVIRONMENT.md: AMX
+# machines run bf16 GEMMs 3.5-7x faster than fp32); AVX512-VNNI and AMX-INT8 decide the speed of
+# the INT8 serving path's int8 x int8 -> int32 kernels.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 def cpu_model_and_flags() -> tuple[str, set[str]]:
@@ -86,7 +88,27 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
 
 
 def machine_line() -> str:
-    """CPU model, cores and the flags that decide fp32 vs bf16 speed."""
+    """CPU model, cores and which of `CPU_FLAGS` it has."""
     model, flags = cpu_model_and_flags()
     have = [f for f in CPU_FLAGS if f in flags]
     return f"{model}, {os.cpu_count()} cores, flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
+
+
+def run_line(dtype: str | torch.dtype, threads: int | str | None = None) -> str:
+    """The line every benchmark prints once near the top and stores as `machine_line`.
+
+    Args:
+        dtype: what the benchmark computes in, as it would say it ("fp32", or "fp32 (INT8 rows:
+            int8 weights)" where rows differ); a torch dtype is written without its `torch.` prefix.
+        threads: the torch threads it runs with; a string where setups differ (written as given,
+            e.g. "1 process x 2 threads vs 2 processes x 1 thread"); None: `torch.get_num_threads()`.
+
+    Returns:
+        `machine: <machine_line()>; torch <version>, <N> threads (or the string), dtype <dtype>`.
+    """
+    name = str(dtype).removeprefix("torch.")
+    if threads is None:
+        threads = torch.get_num_threads()
+    if isinstance(threads, int):
+        threads = f"{threads} thread{'' if threads == 1 else 's'}"
+    return f"machine: {machine_line()}; torch {torch.__version__}, {threads}, dtype {name}"

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from bench.harness import best_seconds, print_table, write_results
+from bench.harness import best_seconds, print_table, run_line, write_results
 
 PROMPT_WORDS = "experts route tokens to workers and back again while the batch keeps decoding"
 
@@ -298,6 +298,12 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    machine = run_line(
+        "fp32 (INT8 rows: int8 weights, activations quantized to int8 per call, int32 accumulation)",
+        f"transformers peer 1..{args.threads} threads (best kept), engine {args.engine_threads} torch "
+        f"thread(s) with MoE experts on {args.expert_threads} threads",
+    )
+    print(machine, flush=True)
     shape: dict[str, Any] = dict(dim=256, num_layers=4) if args.quick else dict(dim=512, num_layers=8)
     max_tokens = 16 if args.quick else 64
     # (concurrency, requests): four waves at 8 and 32, so ramp-up and drain are a small part.
@@ -464,6 +470,7 @@ def main(argv: list[str]) -> int:
             "ratios": ratios,
             "targets": TARGETS,
             "quick": args.quick,
+            "machine_line": machine,
         },
     )
     print(f"wrote {path}")
