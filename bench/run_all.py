@@ -23,6 +23,7 @@ BENCHMARKS = [
     "bench_placement",
     "bench_planner_cpu",
     "serve_load",
+    "bench_serve_overload",
 ]
 # The `make demo` run: when it is there, serve_load checks INT8 perplexity on its trained model.
 DEMO_MODEL, DEMO_HELDOUT = Path("runs/demo/model"), Path("runs/demo/data/val")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from raymoe.inference.quantize import Int8GroupedExperts, Int8Linear, quantize_int8, quantize_rows
+from raymoe.inference.quantize import Int8GroupedExperts, Int8Linear, _reduce_range, quantize_int8, quantize_rows
 from raymoe.models import MoETransformer
 from raymoe.models.lora import attach_adapters, load_peft_adapter, save_peft_adapter, set_row_adapters
 from raymoe.serve.debug_artifact import debug_config
@@ -16,6 +16,12 @@ from raymoe.serve.engine import EngineConfig, EngineCore, generate_alone
 from raymoe.serve.request import GenerationRequest, SamplingParams
 
 RANK, ALPHA = 4, 8.0  # peft scaling = alpha / r = 2
+
+
+# Median relative change per token, INT8 vs fp32. Without VNNI fbgemm quantizes activations to
+# 7 bits (`_reduce_range`), which doubles their rounding step and so the bound (medians measured
+# on an AVX2-only EPYC: 0.082 and 0.118).
+MEDIAN_BOUND = 0.16 if _reduce_range() else 0.08
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +156,7 @@ def test_int8_model_stays_close_to_fp32_and_serves(base):
     # 64-wide random model); a few move a lot where rounding flips a near-tied routing choice,
     # so the bound is on the median token.
     per_token = (b - a).norm(dim=-1) / a.norm(dim=-1)
-    assert per_token.median() < 0.08
+    assert per_token.median() < MEDIAN_BOUND
     out = generate_alone(model, [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=5))
     assert len(out) == 5
 
@@ -184,5 +190,5 @@ def test_served_int8_model_with_adapters(base, adapter_dir, tmp_path):
     # INT8 quantizes each call's activations with one scale, so rows are compared in the same batch.
     torch.testing.assert_close(base_rows, int8_base, rtol=1e-5, atol=1e-5)
     per_token = (sql_row - fp32_merged).norm(dim=-1) / fp32_merged.norm(dim=-1)
-    assert per_token.median() < 0.08
+    assert per_token.median() < MEDIAN_BOUND
     assert not torch.allclose(sql_row, base_rows[0], atol=1e-3)

@@ -223,11 +223,14 @@ def test_ingest_prints_its_output_and_manifest(tmp_path, monkeypatch, capsys, re
     import pipelines.ingest as job
 
     monkeypatch.setattr(job, "init_ray", lambda **_: None)
-    monkeypatch.setattr(job, "run_ingest", lambda cfg: None)
+    manifest = {"shards": [{}, {}], "seq_len": 256, "counts": {"quarantined_total": 3}}
+    monkeypatch.setattr(job, "run_ingest", lambda cfg: manifest)
 
     assert job.main(["--config", str(CONFIGS / "ingest.debug.yaml"), "--storage-root", str(tmp_path)]) == 0
 
-    assert wrote(capsys.readouterr().out) == {
+    out = capsys.readouterr().out
+    assert "✓ ingest: 2 shards of 256-token rows, 3 records quarantined (" in out
+    assert wrote(out) == {
         "ingest output": f"{tmp_path}/runs/ingest/debug",
         "manifest": f"{tmp_path}/runs/ingest/debug/manifest.json",
     }
@@ -261,10 +264,27 @@ def test_train_prints_checkpoints_and_history(tmp_path, monkeypatch, capsys, rep
 
     assert job.main(["--config", str(CONFIGS / "train.debug.yaml"), "--storage-root", str(tmp_path)]) == 0
 
-    assert wrote(capsys.readouterr().out) == {
+    out = capsys.readouterr().out
+    assert "✓ train: step 2, loss 1.0000, ep=2 x dp=1 (" in out
+    assert wrote(out) == {
         "checkpoints": f"{tmp_path}/runs/train-debug/checkpoints",
         "history": f"{tmp_path}/runs/train-debug/train-history.jsonl",
     }
+
+
+def test_a_failed_training_run_says_so_in_one_line_and_exits_1(tmp_path, monkeypatch, capsys, repo_cwd):
+    import pipelines.train as job
+    import raymoe.train.loop as loop
+
+    monkeypatch.setattr(job, "check_before_launch", lambda cfg: None)
+    monkeypatch.setattr(job, "init_ray", lambda: None)
+    monkeypatch.setattr(loop, "run_training", lambda cfg: types.SimpleNamespace(error="worker 1 died", metrics=None))
+
+    assert job.main(["--config", str(CONFIGS / "train.debug.yaml"), "--storage-root", str(tmp_path)]) == 1
+
+    captured = capsys.readouterr()
+    assert captured.err.startswith("✗ train failed after ") and "training failed: worker 1 died" in captured.err
+    assert "Traceback" not in captured.err and "wrote " not in captured.out
 
 
 def test_finetune_prints_the_debug_base_adapter_and_metrics(tmp_path, monkeypatch, capsys, repo_cwd):
@@ -274,7 +294,7 @@ def test_finetune_prints_the_debug_base_adapter_and_metrics(tmp_path, monkeypatc
     monkeypatch.setattr(job, "check_before_launch", lambda cfg: None)
     monkeypatch.setattr(job, "init_ray", lambda: None)
     monkeypatch.setattr(finetune, "make_debug_base", lambda cfg: None)
-    monkeypatch.setattr(finetune, "prepare_data", lambda cfg: {})
+    monkeypatch.setattr(finetune, "prepare_data", lambda cfg: {"examples": 8})
     monkeypatch.setattr(finetune, "run_finetune", lambda cfg, data: {"adapter": cfg.adapter_dir})
 
     assert job.main(["--config", str(CONFIGS / "finetune.debug.yaml"), "--storage-root", str(tmp_path)]) == 0
