@@ -41,8 +41,11 @@ class FakeEngine:
         capacity: int = 1000,
         eos_after: int | None = None,
         stopped: bool = False,
+        stop_after: int | None = None,
     ):
         self.stopped = stopped  # as an engine whose thread or process has died
+        # Dies after this many tokens of a request (a shard worker's node lost mid-request).
+        self.stop_after = stop_after
         self.reply_ids = reply_ids
         self.max_seq_len = max_seq_len
         self.capacity = capacity
@@ -68,6 +71,8 @@ class FakeEngine:
                 if self.gate is not None:
                     await self.gate.wait()
                 await asyncio.sleep(0)
+                if self.stop_after is not None and i == self.stop_after:
+                    raise EngineStoppedError("a shard worker failed (ActorDiedError)")
                 reason: FinishReason | None
                 if self.eos_after is not None and i == self.eos_after:
                     token, reason = p.stop_token_ids[0], "stop"

@@ -289,6 +289,16 @@ def test_a_dead_engine_is_503_with_retry_after_not_500(tokenizer):
         assert r.json()["error"]["type"] == "server_error" and "engine" in r.json()["error"]["message"]
 
 
+def test_an_engine_dying_mid_request_is_503_with_retry_after_not_500(tokenizer):
+    # Prepare: the engine dies after two tokens of the request (a shard worker's node went).
+    c, _ = make_client(tokenizer, stop_after=2)
+    # Execute
+    r = c.post("/v1/completions", json={"model": "moe", "prompt": "Hello", "max_tokens": 8})
+    # Assert: retryable, OpenAI error JSON, not the generic 500.
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "server_error" and "shard worker failed" in r.json()["error"]["message"]
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()

@@ -31,7 +31,7 @@ from raymoe.serve import openai_schemas as oai
 from raymoe.serve.admission import Admission, AdmissionMiddleware
 from raymoe.serve.engine import Engine
 from raymoe.serve.openai_errors import APIError, come_back_later, overloaded, validation_error
-from raymoe.serve.request import SamplingParams
+from raymoe.serve.request import EngineStoppedError, SamplingParams
 from raymoe.serve.sse import response_json, sse_stream
 from raymoe.serve.text_stream import Observer, RequestRefused, TextStream
 from raymoe.serve.traffic_sampler import RequestFeatures, TrafficSampler
@@ -100,6 +100,13 @@ def create_app(server: OpenAIServer) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(EngineStoppedError)
+    async def _engine_stopped(_, exc: EngineStoppedError):
+        # The engine died under a request that had its first token already (one without is
+        # refused in `open_stream`): retryable too, Serve's health check replaces the replica.
+        message = f"engine unavailable ({exc}); the replica restarts, retry later"
+        return come_back_later(503, message, server.retry_after_s).response()
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError):

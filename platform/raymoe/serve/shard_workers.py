@@ -33,6 +33,7 @@ import torch
 
 from raymoe.inference.forward_jobs import ForwardJob
 from raymoe.parallel.layout import ExpertPlacement
+from raymoe.serve.request import EngineStoppedError
 from raymoe.serve.shard_worker import ShardWorker
 
 
@@ -74,6 +75,9 @@ class ShardedModel:
         self._layers = [_LayerStats(cfg.moe.num_experts) for _ in range(num_moe)]
         self.num_ray_calls = 0
         self._pings: list = []
+        # The error of the step that broke the group (a worker died or failed mid-collective);
+        # from then on every step and health check fails at once (see `forward_jobs`).
+        self._broken: BaseException | None = None
         # Placement versions: 0 = the one the workers started with; +1 per applied placement.
         self.placement_version = 0
         # Held while a step's calls (or a placement commit) are sent, so that every worker sees
@@ -162,8 +166,16 @@ class ShardedModel:
         return _RemoteCache(num_slots, max_seq_len, nbytes)
 
     def forward_jobs(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
-        """Runs one engine step's forwards on the workers; returns each job's logits (B, V)."""
+        """Runs one engine step's forwards on the workers; returns each job's logits (B, V).
+
+        Raises:
+            EngineStoppedError: a worker failed in this step or an earlier one (see below).
+        """
         import ray
+
+        if self._broken is not None:
+            failed = type(self._broken).__name__
+            raise EngineStoppedError(f"shard workers out of service since a step failed ({failed})")
 
         N = self.num_workers
         per_worker: list[list[ForwardJob | None]] = [[] for _ in range(N)]
@@ -181,7 +193,15 @@ class ShardedModel:
                     per_worker[w].append(local)
         with self._send_lock:
             refs = [w.run.remote(per_worker[i]) for i, w in enumerate(self.workers)]
-        results = ray.get(refs)
+        try:
+            results = ray.get(refs)
+        except ray.exceptions.RayError as exc:
+            # A worker died (e.g. its node went) or failed inside a collective: the survivors'
+            # group is out of step for good. The step's requests get EngineStoppedError (503,
+            # retry), later steps fail without calling the workers, and check_health fails so
+            # that Serve replaces the replica and its workers.
+            self._broken = exc
+            raise EngineStoppedError(f"a shard worker failed ({type(exc).__name__})") from exc
         self.num_ray_calls += N
         tokens_LE = sum(tokens for _, tokens in results)
         for layer, tokens_E in zip(self._layers, tokens_LE):
@@ -246,13 +266,16 @@ class ShardedModel:
         }
 
     def check_health(self) -> None:
-        """Raises if a worker died; never waits (a worker busy in a step answers next time).
+        """Raises if a worker died or a step broke the group; never waits (a worker busy in a
+        step answers next time).
 
         Pings sent at the previous check are read only once all have answered; a dead actor's
         ping resolves at once with `RayActorError`, which propagates.
         """
         import ray
 
+        if self._broken is not None:
+            raise EngineStoppedError("shard workers out of service since a step failed") from self._broken
         if self._pings:
             ready, _ = ray.wait(self._pings, num_returns=len(self._pings), timeout=0)
             if len(ready) < len(self._pings):
