@@ -59,6 +59,18 @@ class Place:
         (path / "config.json").write_text(json.dumps(hf))
         return path
 
+    def artifact_config_only(self) -> Path:
+        """config.json of a 4-layer d256 model and its tokenizer, no weights (checks read only these)."""
+        from raymoe.data.tokenizer import save_tokenizer, train_tokenizer
+        from raymoe.models.hf_config import config_to_hf
+        from raymoe.serve.debug_artifact import debug_config
+
+        path = self.inputs / "config-only"
+        save_tokenizer(train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300), path)
+        hf = config_to_hf(debug_config(vocab_size=512, dim=256, num_layers=4), "MixtralForCausalLM")
+        (path / "config.json").write_text(json.dumps(hf))
+        return path
+
     def files(self) -> dict[str, bytes | None]:
         """Every path under the test's directory, with a file's bytes (None for a directory)."""
         return {
@@ -162,6 +174,17 @@ CASES = {
             "vocab_size=64",
             "expected a tokenizer no larger than the model's vocabulary",
         ],
+    ),
+    # A shard worker's share of the model against its memory budget, from the artifact's config.
+    "serve-memory-budget": (
+        "serve",
+        lambda p: [
+            *config("serve"),
+            f"app.model_path={p.artifact_config_only()}",
+            "app.ep=2",
+            "app.memory_per_worker_gb=0.01",
+        ],
+        ["layout ep=2", "4 of 8 experts per MoE layer", "memory_per_worker_gb=0.01", "raise ep"],
     ),
     # YAML syntax: the file and the line.
     "malformed-yaml": ("serve", lambda p: ["--config", str(p.bad_yaml())], ["config file '", "serve.yaml' line 4"]),

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from raymoe.config import from_dict, to_dict
+from raymoe.config import ConfigError, from_dict, to_dict
 from raymoe.serve.engine import EngineCore
 from raymoe.serve.serve_config import ServeConfig, list_adapters, read_api_key
 
@@ -29,10 +29,20 @@ log = logging.getLogger(__name__)
 
 
 def check_expert_slots(cfg: ServeConfig) -> None:
-    """With ep > 1 and the artifact readable here, fails before any replica starts when the
-    expert slots (num_experts + len(redundant_experts)) do not split evenly over ep."""
+    """With the artifact readable here, fails before any replica starts when the expert slots
+    (num_experts + len(redundant_experts)) do not split evenly over ep, or when one worker's share
+    does not fit `memory_per_worker_gb`. A path only the cluster can read is checked when the
+    shard workers start."""
     if cfg.ep > 1:
-        expert_copies(cfg)  # a path only the cluster can read is checked when the shard workers start
+        expert_copies(cfg)
+    if cfg.memory_per_worker_gb and (Path(cfg.model_path) / "config.json").is_file():
+        from raymoe.parallel.shard_memory import WorkerMemoryError
+        from raymoe.serve.shard_memory import check_layout_fits
+
+        try:
+            check_layout_fits(cfg.model_path, cfg.ep, cfg.redundant_experts, cfg.memory_per_worker_gb)
+        except WorkerMemoryError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def expert_copies(cfg: ServeConfig) -> list[int]:
@@ -69,6 +79,7 @@ def build_core(cfg: ServeConfig, adapters: list[str]) -> EngineCore:
             num_threads=cfg.shard_num_threads,
             cpu_kernels=cfg.engine.cpu_kernels,
             expert_threads=cfg.engine.expert_threads,
+            memory_per_worker_gb=cfg.memory_per_worker_gb,
         )
         return EngineCore(sharded, cfg.engine, kv_cache_factory=sharded.make_cache)
     return EngineCore(load_model(cfg, adapters), cfg.engine)
@@ -104,8 +115,11 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
 
     from raymoe.inference.packed import pack_fp32, wants_packed_weights
     from raymoe.models import load_hf
+    from raymoe.serve.shard_memory import check_shard_fits
 
-    model = load_hf(cfg.model_path)
+    # The whole model in this process: checked against the budget before any tensor is read.
+    fits = functools.partial(check_shard_fits, layout="ep=1", memory_per_worker_gb=cfg.memory_per_worker_gb)
+    model = load_hf(cfg.model_path, check=fits)
     if cfg.num_gpus > 0 and torch.cuda.is_available():
         model = model.to("cuda")
     if adapters:

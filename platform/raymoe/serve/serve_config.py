@@ -76,6 +76,11 @@ class ServeConfig:
     shard_num_cpus: float = 1.0
     shard_num_gpus: float = 0.0
     shard_num_threads: int = 0
+    # Memory budget (GiB) of the process holding the weights (each shard worker with ep > 1, the
+    # replica with ep = 1); 0 = none. A share of the model that does not fit is refused before any
+    # tensor is read, naming the layout, the estimate and the limit; with ep > 1 Ray also reserves
+    # it (`memory`) for each shard worker. The KV cache comes on top.
+    memory_per_worker_gb: float = 0.0
     # Streamed SSE events sent per HTTP write after the first (which goes at once, for TTFT).
     # Every token stays its own OpenAI chunk; larger values cut per-write cost through the proxy.
     stream_interval: int = 1
@@ -110,6 +115,10 @@ class ServeConfig:
         )
         require(self.shard_num_cpus > 0, f"shard_num_cpus must be > 0, got {self.shard_num_cpus!r}")
         require(self.shard_num_threads >= 0, f"shard_num_threads must be >= 0, got {self.shard_num_threads}")
+        require(
+            self.memory_per_worker_gb >= 0,
+            f"memory_per_worker_gb must be >= 0 (0 = none), got {self.memory_per_worker_gb}",
+        )
         require(not (self.int8 and self.num_gpus > 0), "int8 uses CPU int8 kernels; set num_gpus=0 or int8=false")
         require(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
         require(self.max_queued_requests >= -1, f"max_queued_requests must be >= -1, got {self.max_queued_requests}")

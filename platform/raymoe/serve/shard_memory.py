@@ -45,3 +45,25 @@ def check_shard_fits(
                 f"({limit / GIB:.2f} GiB); raise ep so each shard worker holds fewer experts"
             )
     return held.total
+
+
+def check_layout_fits(model_path: str, ep: int, redundant_experts: list[int], memory_per_worker_gb: float) -> None:
+    """The driver's check, before any replica starts: rank 0's share of the layout (every rank
+    holds as many slots) against `memory_per_worker_gb`, from the artifact's config alone.
+
+    Raises:
+        WorkerMemoryError: as `check_shard_fits`.
+    """
+    import torch
+
+    from raymoe.models.hf_io import read_hf_config
+    from raymoe.parallel.layout import ExpertPlacement, slice_grouped_experts
+
+    cfg, _ = read_hf_config(model_path)
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    if ep > 1:
+        placement = ExpertPlacement.with_redundant(cfg.moe.num_experts, ep, list(redundant_experts))
+        for moe in model.moe_layers():
+            slice_grouped_experts(moe.experts, placement.experts_of(0))
+    check_shard_fits(model, layout=f"ep={ep}", memory_per_worker_gb=memory_per_worker_gb, address_space=False)

@@ -97,6 +97,7 @@ class ShardedModel:
         num_threads: int = 0,
         cpu_kernels: str = "default",
         expert_threads: int = 1,
+        memory_per_worker_gb: float = 0.0,
         timeout_s: float = 300.0,
     ) -> ShardedModel:
         """Starts `ep` shard workers in a SPREAD placement group and joins them into one group.
@@ -110,6 +111,8 @@ class ShardedModel:
             num_threads: torch threads per worker; 0 = torch's default.
             cpu_kernels: "onednn" packs each worker's fp32 CPU weights (see `raymoe.inference.packed`).
             expert_threads: with "onednn", threads running each worker's experts side by side.
+            memory_per_worker_gb: each worker's budget (0 = none): reserved from Ray (`memory`)
+                and checked by the worker before it reads a tensor (`raymoe.serve.shard_memory`).
             timeout_s: how long to wait for the placement group and the workers.
 
         Raises:
@@ -123,7 +126,12 @@ class ShardedModel:
 
         cfg, _ = read_hf_config(model_path)
         placement = ExpertPlacement.with_redundant(cfg.moe.num_experts, ep, list(redundant_experts or []))
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus > 0 else {})}
+        memory = int(memory_per_worker_gb * 1024**3)
+        bundle: dict[str, float] = {"CPU": num_cpus}
+        if num_gpus > 0:
+            bundle["GPU"] = num_gpus
+        if memory:
+            bundle["memory"] = memory
         # SPREAD: on a cluster the shards land on different nodes when they can (memory of each
         # node holds 1/ep of the experts); on one machine they share it.
         pg = placement_group([dict(bundle) for _ in range(ep)], strategy="SPREAD")
@@ -135,8 +143,19 @@ class ShardedModel:
                 actor.options(
                     num_cpus=num_cpus,
                     num_gpus=num_gpus,
+                    memory=memory or None,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-                ).remote(model_path, r, ep, placement.to_dict(), num_threads, num_gpus > 0, cpu_kernels, expert_threads)
+                ).remote(
+                    model_path,
+                    r,
+                    ep,
+                    placement.to_dict(),
+                    num_threads,
+                    num_gpus > 0,
+                    cpu_kernels,
+                    expert_threads,
+                    memory_per_worker_gb,
+                )
                 for r in range(ep)
             ]
             init_method = ray.get(workers[0].rendezvous_address.remote(), timeout=timeout_s)
