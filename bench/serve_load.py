@@ -19,8 +19,23 @@ fp32 weights (the serving default) and with INT8 weights, and held-out perplexit
 (`--ppl-artifact` + `--heldout-shards`: a trained artifact and its ingest's val shards; without
 them, the random bench model, where the perplexity change means little).
 
-    python -m bench.serve_load          # ~4-5 min on 2 cores; writes bench/results/serve.json
-    python -m bench.serve_load --quick  # fewer requests, smaller model (smoke run)
+Shapes (`SHAPES`; all random Mixtral-shaped models, 8 experts top-2, F = 2 x dim):
+- default, the standard shape: d512 x 8 layers, F1024, vocab 32000; each request sends 128 token
+  ids and gets 128 new tokens. The ids are random (`random_prompt_ids`: a numpy Generator seeded
+  with (PROMPT_SEED, i) draws request i's ids uniformly from the tokenizer's non-special ids), so
+  every request's prompt differs and the peer's batch-8 rows are eight different prompts. The
+  tokenizer is trained to the model's full 32000 ids (the built-in sentences plus seeded random
+  words, `tokenizer_corpus`): with the built-in sentences alone it has ~425 ids, and a generated id
+  above those decodes to "", so most tokens would stream no text and TTFT / TPOT would time the
+  rare token that has some.
+- `--quick`: the earlier default (d512 x 8 layers, tokenizer trained to at most 2048 ids on the
+  built-in sentences, so ~425, 64 new tokens, `request_prompt(i)` text of ~15 tokens), kept so
+  earlier numbers stay reproducible.
+- `--smoke`: the smallest run (d256 x 4 layers, 16 new tokens, fewer requests), for CI-like checks.
+
+    python -m bench.serve_load          # standard shape; ~15-30 min on 2 cores; writes bench/results/serve.json
+    python -m bench.serve_load --quick  # the earlier default, ~4-5 min
+    python -m bench.serve_load --smoke  # ~1-2 min
     python -m bench.serve_load --ppl-artifact runs/demo/model --heldout-shards runs/demo/ingest/val
 """
 
@@ -37,9 +52,11 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench.harness import best_seconds, print_table, run_line, write_results
@@ -47,9 +64,103 @@ from bench.harness import best_seconds, print_table, run_line, write_results
 PROMPT_WORDS = "experts route tokens to workers and back again while the batch keeps decoding"
 
 
+PROMPT_SEED = 20261130  # request i's random prompt ids come from a Generator seeded (PROMPT_SEED, i)
+
+
 def request_prompt(i: int) -> str:
-    """The prompt of request i, at every load level, in the engine-alone rows and for the peer."""
+    """The text prompt of request i at the quick and smoke shapes, at every load level, in the
+    engine-alone rows and for the peer."""
     return f"{i} {PROMPT_WORDS}"
+
+
+def random_prompt_ids(i: int, length: int, vocab_size: int) -> list[int]:
+    """Request i's prompt at the standard shape: `length` ids drawn uniformly from the tokenizer's
+    ids after its special tokens (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`), seeded by
+    (PROMPT_SEED, i) so each request's prompt differs and every run sends the same ones."""
+    from raymoe.data.tokenizer import SPECIAL_TOKENS
+
+    rng = np.random.default_rng([PROMPT_SEED, i])
+    return rng.integers(len(SPECIAL_TOKENS), vocab_size, size=length).tolist()
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchShape:
+    """One size of the benchmark: the random model, its tokenizer, the prompts and the load levels."""
+
+    name: str
+    dim: int
+    num_layers: int
+    # The tokenizer's training target: byte-level BPE stops early when the corpus has no more
+    # merges (the built-in sentences give ~425 ids); the model's vocabulary is the tokenizer's.
+    vocab_size: int
+    # Seeded random words added to the tokenizer's corpus so it reaches `vocab_size`; 0 = none.
+    num_corpus_words: int
+    # Prompt length in tokens (random ids, `random_prompt_ids`); 0 = `request_prompt(i)` text.
+    prompt_tokens: int
+    new_tokens: int
+    # (concurrency, requests): four waves at 8 and 32 (except smoke), so ramp-up and drain are a small part.
+    levels: tuple[tuple[int, int], ...]
+
+
+SHAPES = {
+    "standard": BenchShape(
+        name="standard",
+        dim=512,
+        num_layers=8,
+        vocab_size=32000,
+        num_corpus_words=20000,
+        prompt_tokens=128,
+        new_tokens=128,
+        levels=((1, 4), (8, 32), (32, 128)),
+    ),
+    "quick": BenchShape(
+        name="quick",
+        dim=512,
+        num_layers=8,
+        vocab_size=2048,
+        num_corpus_words=0,
+        prompt_tokens=0,
+        new_tokens=64,
+        levels=((1, 4), (8, 32), (32, 128)),
+    ),
+    "smoke": BenchShape(
+        name="smoke",
+        dim=256,
+        num_layers=4,
+        vocab_size=2048,
+        num_corpus_words=0,
+        prompt_tokens=0,
+        new_tokens=16,
+        levels=((1, 2), (8, 8), (32, 32)),
+    ),
+}
+
+
+def tokenizer_corpus(num_words: int, seed: int = 0) -> list[str]:
+    """The built-in sentences plus `num_words` seeded random lowercase words (4-10 letters), in
+    lines of 50 and twice over (BPE merges need a pair seen twice): enough distinct merges for a
+    32000-id tokenizer (20000 words reach it in ~1 s)."""
+    from raymoe.serve.debug_artifact import CORPUS
+
+    if not num_words:
+        return list(CORPUS)
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, n)) for n in rng.integers(4, 11, num_words)]
+    lines = [" ".join(words[i : i + 50]) for i in range(0, num_words, 50)]
+    return list(CORPUS) + lines * 2
+
+
+def request_prompts(shape: BenchShape, vocab_size: int, count: int) -> list[str | list[int]]:
+    """The `prompt` requests 0..count-1 send to /v1/completions: text, or token ids (standard shape)."""
+    if not shape.prompt_tokens:
+        return [request_prompt(i) for i in range(count)]
+    return [random_prompt_ids(i, shape.prompt_tokens, vocab_size) for i in range(count)]
+
+
+def prompt_token_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    """The ids the server runs for `prompt` (it encodes text the same way)."""
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
 
 
 TARGETS = {
@@ -68,7 +179,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-async def one_request(http, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+async def one_request(http, url: str, model: str, prompt: str | list[int], max_tokens: int) -> dict:
     body = {
         "model": model,
         "prompt": prompt,
@@ -95,16 +206,18 @@ async def one_request(http, url: str, model: str, prompt: str, max_tokens: int) 
     return {"status": 200, "ttft": first - sent, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens}
 
 
-async def load_level(url: str, model: str, concurrency: int, num_requests: int, max_tokens: int) -> dict:
+async def load_level(url: str, model: str, concurrency: int, prompts: list[str | list[int]], max_tokens: int) -> dict:
+    """One load level: `prompts` (request i sends prompts[i]) through `concurrency` clients."""
     import httpx
 
+    num_requests = len(prompts)
     queue = list(range(num_requests))
     results = []
 
     async def worker(http):
         while queue:
             i = queue.pop()
-            results.append(await one_request(http, url, model, request_prompt(i), max_tokens))
+            results.append(await one_request(http, url, model, prompts[i], max_tokens))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
@@ -127,7 +240,7 @@ async def load_level(url: str, model: str, concurrency: int, num_requests: int, 
 
 
 def server_prompts(tokenizer, count: int) -> list[list[int]]:
-    """The token ids of the first `count` requests' prompts (`request_prompt`)."""
+    """The token ids of the first `count` requests' text prompts (`request_prompt`; quick and smoke shapes)."""
     return [tokenizer.encode(request_prompt(i)) for i in range(count)]
 
 
@@ -195,9 +308,10 @@ def engine_decode(models: dict, prompt_ids: list[int], max_tokens: int) -> dict:
     }
 
 
-def engine_concurrent(models: dict, tokenizer, concurrency: int, num_requests: int, max_tokens: int) -> dict:
+def engine_concurrent(models: dict, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict:
     """Engine tokens/s (no HTTP) with `concurrency` requests in flight, a new one joining as one
-    finishes (the load levels' workload, in process): what the server would do without HTTP."""
+    finishes (the load levels' workload, in process, request i running `prompts[i]`): what the
+    server would do without HTTP."""
     from raymoe.serve.engine import EngineConfig, EngineCore
     from raymoe.serve.request import GenerationRequest, SamplingParams
 
@@ -205,15 +319,13 @@ def engine_concurrent(models: dict, tokenizer, concurrency: int, num_requests: i
     result = {}
     for name, model in (("fp32", models["fp32 packed"]), ("int8", models["int8"])):
         core = EngineCore(model, EngineConfig(num_slots=32, max_tokens_per_step=256))
-        pending = list(range(num_requests))
+        pending = list(range(len(prompts)))
 
         def admit(core=core, pending=pending):
             i = pending.pop()
-            core.add_request(
-                GenerationRequest(request_id=str(i), prompt_ids=tokenizer.encode(request_prompt(i)), params=params)
-            )
+            core.add_request(GenerationRequest(request_id=str(i), prompt_ids=prompts[i], params=params))
 
-        for _ in range(min(concurrency, num_requests)):
+        for _ in range(min(concurrency, len(prompts))):
             admit()
         start, tokens = time.perf_counter(), 0
         while core.has_work():
@@ -268,7 +380,11 @@ def free_port() -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="the earlier default shape (d512 x 8, vocab ~425, 64 tokens)"
+    )
+    size.add_argument("--smoke", action="store_true", help="the smallest shape (d256 x 4, 16 tokens), for smoke runs")
     parser.add_argument("--threads", type=int, default=2, help="the peer runs at 1..THREADS torch threads (best kept)")
     parser.add_argument(
         "--engine-threads",
@@ -304,24 +420,58 @@ def main(argv: list[str]) -> int:
         f"thread(s) with MoE experts on {args.expert_threads} threads",
     )
     print(machine, flush=True)
-    shape: dict[str, Any] = dict(dim=256, num_layers=4) if args.quick else dict(dim=512, num_layers=8)
-    max_tokens = 16 if args.quick else 64
-    # (concurrency, requests): four waves at 8 and 32, so ramp-up and drain are a small part.
-    levels = [(1, 2), (8, 8), (32, 32)] if args.quick else [(1, 4), (8, 32), (32, 128)]
+    bench_shape = SHAPES["smoke" if args.smoke else "quick" if args.quick else "standard"]
+    max_tokens = bench_shape.new_tokens
+    levels = list(bench_shape.levels)
 
     from raymoe.data.chat_tokenizer import ChatTokenizer
+    from raymoe.models.hf_io import read_hf_config
     from raymoe.ray_runtime import init_ray
     from raymoe.serve.app import build_app
     from raymoe.serve.debug_artifact import CORPUS, make_debug_artifact
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     artifact = args.artifact or str(
-        make_debug_artifact(tmp / "bench-moe", seed=0, vocab_size=2048, max_seq_len=1024, **shape)
+        make_debug_artifact(
+            tmp / "bench-moe",
+            seed=0,
+            vocab_size=bench_shape.vocab_size,
+            corpus=tokenizer_corpus(bench_shape.num_corpus_words),
+            dim=bench_shape.dim,
+            num_layers=bench_shape.num_layers,
+            max_seq_len=1024,
+        )
     )
     model_id = Path(artifact.rstrip("/")).name
     tokenizer = ChatTokenizer.from_dir(artifact)
-    prompts = server_prompts(tokenizer, 8)
+    # Request i sends all_prompts[i] at every level; the engine rows and the peer run its ids.
+    all_prompts = request_prompts(bench_shape, tokenizer.tokenizer.get_vocab_size(), max(n for _, n in levels))
+    all_prompt_ids = [prompt_token_ids(tokenizer, p) for p in all_prompts]
+    prompts = all_prompt_ids[:8]
     prompt_ids = prompts[0]
+    cfg, _ = read_hf_config(artifact)
+    lengths = sorted({len(p) for p in all_prompt_ids})
+    shape: dict[str, Any] = {
+        "name": bench_shape.name,
+        "dim": cfg.dim,
+        "num_layers": cfg.num_layers,
+        "num_experts": cfg.moe.num_experts if cfg.moe else 0,
+        "experts_per_token": cfg.moe.num_experts_per_tok if cfg.moe else 0,
+        "expert_hidden_dim": cfg.moe.expert_hidden_dim if cfg.moe else 0,
+        "vocab_size": cfg.vocab_size,
+        "tokenizer_vocab_size": tokenizer.tokenizer.get_vocab_size(),
+        "prompt_tokens": lengths[0] if len(lengths) == 1 else [lengths[0], lengths[-1]],
+        "prompts": "random ids, distinct per request" if bench_shape.prompt_tokens else "request_prompt(i) text",
+        "new_tokens": max_tokens,
+        "levels": levels,
+    }
+    prompt_len = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+    shape_line = (
+        f"shape: {bench_shape.name}: d{cfg.dim} x {cfg.num_layers} layers, {shape['num_experts']} experts "
+        f"top-{shape['experts_per_token']}, F{shape['expert_hidden_dim']}, vocab {cfg.vocab_size}; prompts "
+        f"{prompt_len} tokens ({shape['prompts']}), {max_tokens} new tokens"
+    )
+    print(shape_line, flush=True)
     # The ratios use "batch 1" and "batch 8"; the third shows what one repeated prompt measures.
     peer_batches = {"batch 1": prompts[:1], "batch 8": prompts, "batch 8, one prompt x8": [prompt_ids] * 8}
     if bool(args.ppl_artifact) != bool(args.heldout_shards):
@@ -379,11 +529,11 @@ def main(argv: list[str]) -> int:
             for name, tokens_per_s in engine_decode(models, prompt_ids, max_tokens).items():
                 keep(("engine", name), tokens_per_s, lambda r: r)
             c, n = levels[-1]
-            for name, tokens_per_s in engine_concurrent(models, tokenizer, c, n, max_tokens).items():
+            for name, tokens_per_s in engine_concurrent(models, all_prompt_ids[:n], c, max_tokens).items():
                 keep(("engine concurrent", name), tokens_per_s, lambda r: r)
             for weights, prefix in SERVED.items():
                 for c, n in levels:
-                    result = asyncio.run(load_level(url + prefix.rstrip("/"), model_id, c, n, max_tokens))
+                    result = asyncio.run(load_level(url + prefix.rstrip("/"), model_id, c, all_prompts[:n], max_tokens))
                     keep(("serve", weights, c), {**result, "weights": weights}, lambda r: r["tokens_per_s"])
     finally:
         serve.shutdown()
@@ -419,10 +569,13 @@ def main(argv: list[str]) -> int:
     table += [
         [f"raymoe engine {k} (no HTTP), {levels[-1][0]} concurrent", v, "", "", "", ""] for k, v in concurrent.items()
     ]
-    what = args.artifact or f"random model d{shape['dim']} x {shape['num_layers']} layers, 8 experts top-2"
+    what = args.artifact or (
+        f"random model d{shape['dim']} x {shape['num_layers']} layers, {shape['num_experts']} experts "
+        f"top-{shape['experts_per_token']}, vocab {shape['vocab_size']}"
+    )
     print_table(
-        f"Serving {what}, {max_tokens} output tokens, engine {args.engine_threads} thread(s), "
-        f"experts on {args.expert_threads}",
+        f"Serving {what}, {prompt_len}-token prompts, {max_tokens} output tokens, "
+        f"engine {args.engine_threads} thread(s), experts on {args.expert_threads}",
         ["system", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"],
         table,
     )
@@ -458,9 +611,12 @@ def main(argv: list[str]) -> int:
             "expert_threads": args.expert_threads,
             "model": {
                 "artifact": args.artifact or "random debug artifact",
-                **shape,
-                "vocab_size": tokenizer.tokenizer.get_vocab_size(),
+                "dim": shape["dim"],
+                "num_layers": shape["num_layers"],
+                "vocab_size": shape["vocab_size"],
             },
+            "shape": shape,
+            "shape_line": shape_line,
             "output_tokens": max_tokens,
             "served": served,
             "transformers": list(peers.values()),
@@ -470,6 +626,7 @@ def main(argv: list[str]) -> int:
             "ratios": ratios,
             "targets": TARGETS,
             "quick": args.quick,
+            "smoke": args.smoke,
             "machine_line": machine,
         },
     )
