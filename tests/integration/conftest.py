@@ -6,6 +6,8 @@ federated tests) shut it down; stopped at the end of the session.
 
 import pytest
 
+from tests.integration import local_processes
+
 
 @pytest.fixture(scope="module")
 def ray_cluster(request):
@@ -13,9 +15,14 @@ def ray_cluster(request):
 
     if not ray.is_initialized():
         # 4 logical CPUs on a 2-core machine: Train workers and Serve replicas ask for fractions.
+        # Without the dashboard Ray still starts a stub on dashboard_port (8265 by default), which
+        # Ray Train's placement-group cleaner asks whether the run's controller lives: another
+        # local cluster's dashboard on 8265 answers "no such actor" and the cleaner removes this
+        # run's placement group. A free port keeps the stub this cluster's own.
         ray.init(
             num_cpus=4,
             include_dashboard=False,
+            dashboard_port=local_processes.free_port(),
             _node_ip_address="127.0.0.1",
             log_to_driver=False,
             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
