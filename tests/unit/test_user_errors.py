@@ -49,25 +49,20 @@ class Place:
 
     def artifact_with_small_vocab(self) -> Path:
         """config.json of a 64-token model beside a byte-level tokenizer of more than 256 tokens."""
-        from raymoe.data.tokenizer import save_tokenizer, train_tokenizer
-        from raymoe.models.hf_config import config_to_hf
-        from raymoe.serve.debug_artifact import debug_config
-
-        path = self.inputs / "small-vocab"
-        save_tokenizer(train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300), path)
-        hf = config_to_hf(debug_config(vocab_size=64, dim=32, num_layers=1), "MixtralForCausalLM")
-        (path / "config.json").write_text(json.dumps(hf))
-        return path
+        return self._config_only_artifact("small-vocab", vocab_size=64, dim=32, num_layers=1)
 
     def artifact_config_only(self) -> Path:
         """config.json of a 4-layer d256 model and its tokenizer, no weights (checks read only these)."""
+        return self._config_only_artifact("config-only", vocab_size=512, dim=256, num_layers=4)
+
+    def _config_only_artifact(self, name: str, **shape) -> Path:
         from raymoe.data.tokenizer import save_tokenizer, train_tokenizer
         from raymoe.models.hf_config import config_to_hf
         from raymoe.serve.debug_artifact import debug_config
 
-        path = self.inputs / "config-only"
+        path = self.inputs / name
         save_tokenizer(train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300), path)
-        hf = config_to_hf(debug_config(vocab_size=512, dim=256, num_layers=4), "MixtralForCausalLM")
+        hf = config_to_hf(debug_config(**shape), "MixtralForCausalLM")
         (path / "config.json").write_text(json.dumps(hf))
         return path
 
