@@ -12,4 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-torch.set_num_threads(2)
+# `make test` runs two pytest workers (pytest-xdist), one per core: a torch thread each. Alone,
+# a process gets both cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)

@@ -20,6 +20,9 @@ def ray_cluster(request):
         # local cluster's dashboard on 8265 answers "no such actor" and the cleaner removes this
         # run's placement group. A free port keeps the stub this cluster's own.
         ray.init(
+            # "local": a new cluster, never one that a `ray start` elsewhere on the machine (another
+            # test module, another pytest worker) left its address for in /tmp/ray.
+            address="local",
             num_cpus=4,
             include_dashboard=False,
             dashboard_port=local_processes.free_port(),

@@ -5,6 +5,7 @@ import functools
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,9 @@ from raymoe.serve.engine_process import ProcessEngine
 from raymoe.serve.request import EngineOverloadedError, EngineStoppedError, InvalidRequestError
 from raymoe.serve.serve_config import ServeConfig
 from tests.unit.engine_streams import collect, greedy
+
+# Added to the engine child's niceness in the shared engine (engine.process_nice).
+NICE = 5
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def config(tmp_path_factory) -> ServeConfig:
 
 @pytest.fixture(scope="module")
 def engine(config):
-    engine = ProcessEngine(functools.partial(build_core, config, []), num_threads=1)
+    engine = ProcessEngine(functools.partial(build_core, config, []), num_threads=2, nice=NICE)
     yield engine
     engine.close()
 
@@ -69,6 +73,26 @@ def test_leaving_early_aborts_and_stats_and_expert_counts_come_back(engine, conf
     assert engine.stats()["running"] == 0 and engine.stats()["generated_tokens"] > 0
     counts = engine.expert_counts()
     assert counts.shape == (2, 8) and counts.sum() > 0
+
+
+def thread_niceness(pid: int) -> dict[int, int]:
+    """tid -> niceness of every thread of `pid` (field 19 of /proc/PID/task/TID/stat)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        out[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_every_engine_thread_runs_at_the_lowered_priority(engine):
+    # Prepare: a request makes torch start its 2-thread OpenMP team in the child.
+    asyncio.run(collect(engine, "warm", [1, 2], 3))
+    # Execute
+    niceness = thread_niceness(engine._child.pid)
+    # Assert: the engine's threads (several) sit NICE above this process; this one is unchanged.
+    assert len(niceness) >= 2
+    assert set(niceness.values()) == {os.getpriority(os.PRIO_PROCESS, 0) + NICE}
 
 
 def test_a_failed_build_raises_its_error_in_the_replica(tmp_path):

@@ -105,7 +105,8 @@ def build_engine(cfg: ServeConfig):
     if cfg.ep == 1 and cfg.engine.own_process:
         from raymoe.serve.engine_process import ProcessEngine
 
-        return ProcessEngine(build, num_threads=cfg.engine.num_threads), adapters
+        engine = ProcessEngine(build, num_threads=cfg.engine.num_threads, nice=cfg.engine.process_nice)
+        return engine, adapters
     return LocalEngine(build=build, num_threads=cfg.engine.num_threads), adapters
 
 

@@ -85,6 +85,11 @@ class EngineConfig:
     # ep=1: run the engine in a child process of the replica (`raymoe.serve.engine_process`),
     # off the GIL that the replica's event loop and Ray Serve's threads hold; false = a thread.
     own_process: bool = True
+    # With own_process: the engine process's niceness (0-19, higher = lower CPU priority). On a
+    # machine where the engine's steps take every core, the HTTP side (Serve's proxy, the
+    # replica's event loop) then gets a core the moment it has work, so a refusal or a first
+    # token is not queued behind steps; the engine takes back what the HTTP side leaves idle.
+    process_nice: int = 10
 
     def __post_init__(self) -> None:
         # What the replica's SchedulerConfig will check, checked before anything starts.
@@ -99,7 +104,9 @@ class EngineConfig:
             num_threads=0,
             expert_threads=1,
             max_seq_len=0,
+            process_nice=0,
         )
+        require(self.process_nice <= 19, f"engine.process_nice must be in 0..19, got {self.process_nice}")
         require(self.max_seq_len != 1, "engine.max_seq_len must be 0 (the model's) or >= 2, got 1")
         require(
             self.max_tokens_per_step >= self.num_slots,

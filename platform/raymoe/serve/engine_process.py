@@ -49,13 +49,14 @@ STATS_INTERVAL_S = 0.25
 class ProcessEngine(StreamingEngine):
     """An `EngineCore` in a child process; implements `Engine`."""
 
-    def __init__(self, build: Callable[[], EngineCore], num_threads: int = 0):
+    def __init__(self, build: Callable[[], EngineCore], num_threads: int = 0, nice: int = 0):
         """Starts the child, sends it `build` (pickled: a module-level function or a partial of
         one) and waits until it has built the core; re-raises the build's error.
 
         Args:
             build: makes the core, in the child.
             num_threads: torch threads of the child (0 = torch's default).
+            nice: added to the child's niceness (`engine.process_nice`), before it builds.
         """
         super().__init__()
         commands_in, self._commands = Pipe(duplex=False)
@@ -68,7 +69,7 @@ class ProcessEngine(StreamingEngine):
         events_out.close()
         self._send_lock = threading.Lock()
         self._died: BaseException | None = None
-        self._send(("build", build, num_threads))
+        self._send(("build", build, num_threads, nice))
         kind, *payload = self._receive()
         if kind == "failed":
             self._child.wait()
@@ -168,9 +169,22 @@ def serve_commands(core: EngineCore, commands: Connection, events: Connection) -
             events.send(("events", items, *report))
 
 
+def lower_priority(nice: int) -> None:
+    """Adds `nice` to the niceness of every thread of this process. Linux keeps niceness per
+    thread (a new thread inherits its creator's), so the threads that importing torch may have
+    started are reniced one by one; those started later (torch's OpenMP team) inherit it."""
+    target = os.getpriority(os.PRIO_PROCESS, 0) + nice
+    tasks = "/proc/self/task"
+    for tid in os.listdir(tasks) if os.path.isdir(tasks) else ["0"]:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.setpriority(os.PRIO_PROCESS, int(tid), min(target, 19))
+
+
 def main(argv: list[str]) -> None:
     commands, events = Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False)
-    _, build, num_threads = commands.recv()
+    _, build, num_threads, nice = commands.recv()
+    if nice:
+        lower_priority(nice)
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
