@@ -38,11 +38,11 @@ lint: venv
 	$(PY) -m mypy
 
 # Lint first: a finding fails the run before the slower tests start. Two pytest workers
-# (pytest-xdist), a module each at a time: the integration tests spend most of their time waiting
-# on Ray processes, so the second core is idle with one worker. TEST_WORKERS=0 runs in one process.
+# (pytest-xdist): one runs every test that starts Ray clusters, in order; the other the unit
+# modules (groups in tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: venv prometheus lint
-	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup tests
 
 test-unit: venv prometheus
 	$(PY) -m pytest -q tests/unit

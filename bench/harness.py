@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -112,3 +113,10 @@ def run_line(dtype: str | torch.dtype, threads: int | str | None = None) -> str:
     if isinstance(threads, int):
         threads = f"{threads} thread{'' if threads == 1 else 's'}"
     return f"machine: {machine_line()}; torch {torch.__version__}, {threads}, dtype {name}"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server the benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,21 +13,18 @@ cosines to 0.988. So the bf16 run replays the fp32 run's expert choices (`_Routi
 compared is the bf16 arithmetic. That the router itself stays fp32 under autocast, as
 `Router.forward` documents, is checked on its own.
 
-Skipped without CUDA. RAYMOE_GPU_TEST_ON_CPU=1 runs it with the CPU's bf16 autocast standing in
-(`train_step` autocasts on CUDA only), to check the test logic.
+Skipped without CUDA. RAYMOE_GPU_TEST_ON_CPU=1 runs it with the CPU's bf16 autocast (what
+`train.precision: auto` uses on CPUs with AMX or AVX512-BF16), to check the test logic.
 """
-
-from contextlib import nullcontext
 
 import torch
 
-import raymoe.train.step as train_step_module
 from raymoe.models import MoETransformer, flavour
 from raymoe.parallel.groups import build_groups
 from raymoe.parallel.layout import ParallelLayout
 from raymoe.train.config import OptimConfig
 from raymoe.train.step import build_optimizer, train_step
-from tests.gpu.target_device import DEVICE_TYPE, ON_CPU, requires_cuda
+from tests.gpu.target_device import DEVICE_TYPE, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -48,11 +45,6 @@ GRAD_MIN_COSINE = 0.99
 # than 2 * lr; at most FLIP_FRACTION of a tensor's elements differ by more than lr / 2 (measured:
 # 1.6% on the worst tensor, a norm weight whose 128 gradients are sums of small terms).
 FLIP_FRACTION = 0.05
-
-
-def _autocast_on_cpu(device: torch.device, bf16: bool):
-    """What train_step's `_autocast` does on CUDA, on the CPU (the RAYMOE_GPU_TEST_ON_CPU check)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 class _Routing:
@@ -95,10 +87,8 @@ def _one_step(init_state: dict, ids_BT: torch.Tensor, bf16: bool, routing: _Rout
     return result.loss, grads, weights, {p.dtype for p in model.parameters()}
 
 
-def test_bf16_step_is_close_to_the_fp32_step(monkeypatch):
+def test_bf16_step_is_close_to_the_fp32_step():
     # Prepare: one initialised model, one batch of 8 sequences of 32 tokens (+ the next token).
-    if ON_CPU:
-        monkeypatch.setattr(train_step_module, "_autocast", _autocast_on_cpu)
     init = MoETransformer(flavour("debug"))
     init.init_weights(seed=0)
     init_state = {k: v.to(DEVICE_TYPE) for k, v in init.state_dict().items()}

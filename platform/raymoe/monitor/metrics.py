@@ -55,6 +55,12 @@ TRAIN_MFU = MetricSpec(
 )
 TRAIN_GRAD_NORM = MetricSpec("raymoe_train_grad_norm", "gauge", "Global gradient norm before clipping.", ("run",))
 TRAIN_LR = MetricSpec("raymoe_train_lr", "gauge", "Learning rate of the last step.", ("run",))
+TRAIN_PRECISION_INFO = MetricSpec(
+    "raymoe_train_precision_info",
+    "gauge",
+    "1, labelled with the dtype the run computes in (train.precision resolved: fp32 or bf16).",
+    ("run", "dtype"),
+)
 TRAIN_TOKENS_PER_EXPERT = MetricSpec(
     "raymoe_train_tokens_per_expert",
     "gauge",
@@ -91,6 +97,7 @@ TRAIN_METRICS: list[MetricSpec] = [
     TRAIN_MFU,
     TRAIN_GRAD_NORM,
     TRAIN_LR,
+    TRAIN_PRECISION_INFO,
     TRAIN_TOKENS_PER_EXPERT,
     TRAIN_LOAD_IMBALANCE,
     TRAIN_ALL_TO_ALL_BYTES,
@@ -148,6 +155,14 @@ SERVE_EXPERT_COPIES = MetricSpec(
     ("model", "expert"),
 )
 
+SERVE_ENGINE_INFO = MetricSpec(
+    "raymoe_serve_engine_info",
+    "gauge",
+    "1 per replica engine, labelled with its compute dtype (the config's dtype resolved: fp32, bf16, "
+    "or int8 for INT8 weights).",
+    ("model", "dtype"),
+)
+
 SERVE_METRICS: list[MetricSpec] = [
     SERVE_REQUESTS,
     SERVE_TTFT_SECONDS,
@@ -161,6 +176,7 @@ SERVE_METRICS: list[MetricSpec] = [
     SERVE_PREEMPTIONS,
     SERVE_TOKENS_PER_EXPERT,
     SERVE_EXPERT_COPIES,
+    SERVE_ENGINE_INFO,
 ]
 # --- end serve -------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raymoe.config import ConfigError, from_dict, to_dict
+from raymoe.precision import Precision
 from raymoe.serve.engine import EngineCore
 from raymoe.serve.serve_config import ServeConfig, list_adapters, read_api_key
 
@@ -65,6 +66,21 @@ def expert_copies(cfg: ServeConfig) -> list[int]:
     return expert_copies_of(placement.slot_expert, num_experts)
 
 
+def engine_precision(cfg: ServeConfig) -> Precision:
+    """The dtype the engine computes in (`cfg.dtype` resolved for the device it runs on)."""
+    import torch
+
+    from raymoe.precision import resolve_precision
+
+    on_gpu = (cfg.shard_num_gpus if cfg.ep > 1 else cfg.num_gpus) > 0 and torch.cuda.is_available()
+    return resolve_precision(cfg.dtype, "cuda" if on_gpu else "cpu")
+
+
+def engine_dtype_label(cfg: ServeConfig) -> str:
+    """The `dtype` label of raymoe_serve_engine_info: int8, or the resolved compute dtype."""
+    return "int8" if cfg.int8 else engine_precision(cfg).name
+
+
 def build_core(cfg: ServeConfig, adapters: list[str]) -> EngineCore:
     """Loads the artifact and makes the engine core (in the thread or process that runs it)."""
     if cfg.ep > 1:
@@ -80,6 +96,7 @@ def build_core(cfg: ServeConfig, adapters: list[str]) -> EngineCore:
             cpu_kernels=cfg.engine.cpu_kernels,
             expert_threads=cfg.engine.expert_threads,
             memory_per_worker_gb=cfg.memory_per_worker_gb,
+            dtype=engine_precision(cfg).name,
         )
         return EngineCore(sharded, cfg.engine, kv_cache_factory=sharded.make_cache)
     return EngineCore(load_model(cfg, adapters), cfg.engine)
@@ -127,7 +144,9 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
         from raymoe.models.lora import attach_adapters
 
         attach_adapters(model, {name: Path(cfg.lora_dir) / name for name in adapters})
-    # After LoRA: the adapters' base layers are quantized or packed, their A/B stay fp32.
+    if engine_precision(cfg).is_bf16 and not cfg.int8:
+        model = model.to(torch.bfloat16)  # after LoRA: the adapters' A/B too
+    # After LoRA: the adapters' base layers are quantized or packed (fp32 only), their A/B stay fp32.
     if cfg.int8:
         from raymoe.inference.quantize import quantize_int8
 
@@ -237,6 +256,12 @@ def _deployment_class():
             self.server = build_server(self.config, replica_tag())
             self.metrics = ServeMetrics.create(self.config.model_id)
             self.metrics.expert_copies = expert_copies(self.config)
+            dtype = engine_dtype_label(self.config)
+            log.warning(
+                "engine computes in %s",
+                "int8 weights (int8: true)" if dtype == "int8" else engine_precision(self.config).describe(),
+            )
+            self.metrics.set_engine_dtype(dtype)
             self.server.observe = self.metrics.observe_request
             self.server.count = self.metrics.count_request
             if self.metrics.enabled:

@@ -19,6 +19,7 @@ from raymoe.config import (
     require_resource,
     same_path,
 )
+from raymoe.precision import PRECISIONS
 from raymoe.serve.engine import EngineConfig
 from raymoe.serve.traffic_sampler import TrafficConfig
 
@@ -84,6 +85,11 @@ class ServeConfig:
     # Streamed SSE events sent per HTTP write after the first (which goes at once, for TTFT).
     # Every token stays its own OpenAI chunk; larger values cut per-write cost through the proxy.
     stream_interval: int = 1
+    # Compute dtype of the weights, activations and KV cache: "auto" = bf16 where the device has
+    # fast bf16 (AMX / AVX512-BF16 CPUs, bf16 CUDA devices), fp32 elsewhere; "fp32" / "bf16"
+    # force either (`raymoe.precision`). Logged at start and the `dtype` label of
+    # raymoe_serve_engine_info. Ignored with int8.
+    dtype: str = "auto"
     # Weight-only INT8 (per-output-channel scales) for the linear layers and experts.
     int8: bool = False
     # Directory of peft-format LoRA adapters, one sub-directory per adapter name ("" = none).
@@ -107,6 +113,7 @@ class ServeConfig:
             all(isinstance(e, int) and e >= 0 for e in self.redundant_experts),
             f"redundant_experts must be expert ids >= 0, got {self.redundant_experts}",
         )
+        require(self.dtype in PRECISIONS, f"dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
         require(self.stream_interval >= 1, f"stream_interval must be >= 1, got {self.stream_interval}")
         require_positive("", self, "health_check_period_s")
         require(

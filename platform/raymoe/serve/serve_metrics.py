@@ -69,6 +69,11 @@ class ServeMetrics:
             for expert, n in enumerate(self.expert_copies):
                 gauge.set(n, {"model": self.model, "expert": str(expert)})
 
+    def set_engine_dtype(self, dtype: str) -> None:
+        """raymoe_serve_engine_info{dtype} = 1 (the gauge keeper re-reports it while the replica lives)."""
+        if self.enabled:
+            m.ray_metric(m.SERVE_ENGINE_INFO).set(1, {"model": self.model, "dtype": dtype})
+
     def sample_engine(self, engine) -> None:
         """One sample of the engine's gauges and counter deltas."""
         if not self.enabled:

@@ -47,6 +47,7 @@ class ShardWorker:
         cpu_kernels: str = "default",
         expert_threads: int = 1,
         memory_per_worker_gb: float = 0.0,
+        dtype: str = "fp32",
     ):
         """Loads the dense weights and this rank's experts of `placement` from `model_path`.
 
@@ -72,7 +73,7 @@ class ShardWorker:
         # experts are allocated and read.
         fits = functools.partial(check_shard_fits, layout=f"ep={world_size}", memory_per_worker_gb=memory_per_worker_gb)
         self.model = load_hf(model_path, expert_ids=self.placement.experts_of(rank), check=fits)
-        self.model = self.model.to(self.device).eval()
+        self.model = self.model.to(self.device, torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
         self.cpu_kernels, self.expert_threads = cpu_kernels, expert_threads
         self.cache: KVCache | None = None  # make_cache
         # (version, placement, [(moe, experts, dispatcher) per MoE layer]) built by stage_placement.

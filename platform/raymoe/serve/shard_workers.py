@@ -98,6 +98,7 @@ class ShardedModel:
         cpu_kernels: str = "default",
         expert_threads: int = 1,
         memory_per_worker_gb: float = 0.0,
+        dtype: str = "fp32",
         timeout_s: float = 300.0,
     ) -> ShardedModel:
         """Starts `ep` shard workers in a SPREAD placement group and joins them into one group.
@@ -113,6 +114,8 @@ class ShardedModel:
             expert_threads: with "onednn", threads running each worker's experts side by side.
             memory_per_worker_gb: each worker's budget (0 = none): reserved from Ray (`memory`)
                 and checked by the worker before it reads a tensor (`raymoe.serve.shard_memory`).
+            dtype: "fp32" or "bf16", the same for every worker (their all-to-alls exchange
+                activations of it), resolved by the replica (`raymoe.serve.app.engine_precision`).
             timeout_s: how long to wait for the placement group and the workers.
 
         Raises:
@@ -155,6 +158,7 @@ class ShardedModel:
                     cpu_kernels,
                     expert_threads,
                     memory_per_worker_gb,
+                    dtype,
                 )
                 for r in range(ep)
             ]

@@ -23,6 +23,7 @@ from raymoe.config import (
 )
 from raymoe.models.config import FLAVOURS, ModelConfig, flavour
 from raymoe.parallel.layout import ParallelLayout
+from raymoe.precision import PRECISIONS
 
 
 @dataclass(kw_only=True)
@@ -123,8 +124,10 @@ class TrainConfig:
     # torch intra-op threads per worker.
     num_threads_per_worker: int = 1
     use_gpu: bool = False
-    # bf16 autocast; applied on GPU only (this CPU has no bf16 units, see ENVIRONMENT.md).
-    bf16: bool = True
+    # Compute dtype: "auto" = bf16 autocast (fp32 master weights, fp32 routing and loss) where
+    # the device has fast bf16 (AMX / AVX512-BF16 CPUs, bf16 CUDA devices), fp32 elsewhere;
+    # "fp32" or "bf16" force either (`raymoe.precision`).
+    precision: str = "auto"
     # Recompute each block in backward instead of storing its activations.
     activation_checkpointing: bool = False
     log_every: int = 10
@@ -140,6 +143,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.flavour in FLAVOURS, f"flavour {self.flavour!r} unknown; known: {list(FLAVOURS)}")
         require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        require(
+            self.precision in PRECISIONS,
+            f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
         require_resource("num_cpus_per_worker", self.num_cpus_per_worker)
         require(self.num_cpus_per_worker > 0, f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}")
         require_at_least(

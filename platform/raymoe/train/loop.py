@@ -84,6 +84,7 @@ class RayReporter:
             m.ray_metric(m.TRAIN_TOKENS_PER_SECOND).set(metrics["tokens_per_s"], tags=run)
             m.ray_metric(m.TRAIN_GRAD_NORM).set(metrics["grad_norm"], tags=run)
             m.ray_metric(m.TRAIN_LR).set(metrics["lr"], tags=run)
+            m.ray_metric(m.TRAIN_PRECISION_INFO).set(1, tags={**run, "dtype": metrics["precision"]})
             if "mfu" in metrics:
                 m.ray_metric(m.TRAIN_MFU).set(metrics["mfu"], tags=run)
             if "checkpoint_s" in metrics:

@@ -25,6 +25,7 @@ from raymoe.models import MoETransformer
 from raymoe.parallel.groups import ParallelGroups, build_groups
 from raymoe.parallel.layout import shard_model_experts
 from raymoe.parallel.shard_memory import peak_rss_bytes, shard_bytes
+from raymoe.precision import resolve_precision
 from raymoe.train.activation_checkpoint import apply_activation_checkpointing
 from raymoe.train.checkpoint import resume_checkpoint, save_checkpoint
 from raymoe.train.config import TrainConfig
@@ -112,6 +113,9 @@ def run_worker(
     groups = build_groups(cfg.layout)
     torch.manual_seed(cfg.seed + groups.rank)
     device = worker_device(cfg)
+    precision = resolve_precision(cfg.precision, device)
+    if groups.rank == 0:
+        log.warning("training computes in %s", precision.describe())
     # Resuming: the weights come from the checkpoint, so they are not drawn first.
     model = build_sharded_model(cfg, groups, device, init=not cfg.checkpoint.resume)
     optimizer = build_optimizer(model, cfg.optim)
@@ -157,7 +161,7 @@ def run_worker(
             groups=groups,
             lr=lr_at(step, cfg.optim, cfg.steps),
             clip_norm=cfg.optim.clip_norm,
-            bf16=cfg.bf16,
+            bf16=precision.is_bf16,
         )
         data_position += accum
         done = step + 1
@@ -194,6 +198,7 @@ def run_worker(
                 "eta_s": (cfg.steps - done) / max(steps_per_s, 1e-9),
                 "start_step": start_step,
                 "rank": groups.rank,
+                "precision": precision.name,
             }
             if checkpoint_seconds is not None:
                 metrics["checkpoint_s"] = checkpoint_seconds

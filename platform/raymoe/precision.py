@@ -1,0 +1,83 @@
+"""The compute dtype by capability: bf16 where the hardware multiplies bf16 fast, fp32 elsewhere.
+
+A CPU with AMX (`amx_bf16`) or AVX512-BF16 runs bf16 GEMMs several times faster than fp32 (on
+the 2-core Xeon of issue 16: 1,000-2,000 GFLOP/s against 280-300), and reads half the weight
+bytes per decoded token. A CPU without them (AVX2 only, plain AVX-512) emulates bf16 through fp32
+conversions and is slower in bf16 than in fp32. So `auto`, the default of `train.precision` and
+of the serving config's `dtype`, picks bf16 only where the flags say the units are there (or on a
+CUDA device that supports bf16); `fp32` and `bf16` force either. The choice and its reason are
+logged by the jobs and exported as the `dtype` label of `raymoe_train_precision_info` and
+`raymoe_serve_engine_info`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+PrecisionSetting = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+# /proc/cpuinfo flags of CPUs with bf16 arithmetic in hardware (Intel AMX, AVX512-BF16 on Intel
+# Cooper Lake and later, AMD Zen 4 and later).
+FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags the kernel reports (Linux); empty where there is no /proc/cpuinfo."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved compute dtype and why it was chosen."""
+
+    name: Literal["fp32", "bf16"]
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.name == "bf16" else torch.float32
+
+    @property
+    def is_bf16(self) -> bool:
+        return self.name == "bf16"
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+def resolve_precision(
+    setting: str, device: torch.device | str = "cpu", flags: frozenset[str] | None = None
+) -> Precision:
+    """The dtype to compute in on `device` for `setting` ("auto", "fp32" or "bf16").
+
+    Args:
+        setting: the config value; "auto" decides by capability.
+        device: where the model runs.
+        flags: the CPU's flags (default: this machine's, from /proc/cpuinfo).
+    """
+    if setting not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
+    if setting != "auto":
+        return Precision(setting, "set in the config")  # type: ignore[arg-type]
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision("bf16", "auto: this CUDA device supports bf16")
+        return Precision("fp32", "auto: this CUDA device has no bf16")
+    found = sorted(set(FAST_BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+    if found:
+        return Precision("bf16", f"auto: the CPU has {' and '.join(found)}")
+    return Precision("fp32", f"auto: the CPU has neither {' nor '.join(FAST_BF16_FLAGS)}, bf16 would be emulated")
