@@ -118,9 +118,22 @@ def run_job(cluster, name: str, timeout_s: float = 600) -> tuple[str, int | None
     commands[0] += " " + " ".join(shlex.quote(o.replace(MOUNT, str(cluster["mount"]))) for o in TINY[name])
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     client = JobSubmissionClient(cluster["dashboard"])
-    job_id = client.submit_job(
-        entrypoint=" && ".join(commands), runtime_env=runtime_env, entrypoint_num_cpus=spec.get("entrypointNumCpus", 0)
-    )
+    # The head's job agent registers a little after the dashboard answers (later still on busy
+    # cores); until then Ray answers 500 "No available agent to submit job, please try again
+    # later", as KubeRay's submitter would retry.
+    agent_deadline = time.monotonic() + 120
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=" && ".join(commands),
+                runtime_env=runtime_env,
+                entrypoint_num_cpus=spec.get("entrypointNumCpus", 0),
+            )
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > agent_deadline:
+                raise
+            time.sleep(2)
     deadline = time.monotonic() + timeout_s
     while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.monotonic() < deadline, f"{name} still {status} after {timeout_s} s"

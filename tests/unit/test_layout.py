@@ -56,6 +56,7 @@ ALLOWED: dict[str, set[str]] = {
         "raymoe.models",
         "raymoe.monitor",
         "raymoe.parallel",
+        "raymoe.precision",
         "raymoe.serve",
         "raymoe.train",
     },
@@ -80,6 +81,7 @@ ALLOWED: dict[str, set[str]] = {
         "raymoe.models",
         "raymoe.monitor",
         "raymoe.parallel",
+        "raymoe.precision",
         "raymoe.serve",
     },
     # federated -> train: silos reuse the adapter trainer and its optimizer config;
@@ -163,6 +165,8 @@ ALLOWED: dict[str, set[str]] = {
     },
     # Top-level modules. config re-exports the model config's checks (one ConfigError class).
     "atomic_io": {STDLIB},
+    # The compute dtype by the CPU's flags (train and serve decide with it).
+    "precision": {STDLIB, "torch"},
     # Every job's progress bars and result lines.
     "console": {STDLIB, "tqdm"},
     # config -> storage: a job's config is resolved against the storage root as it loads.
