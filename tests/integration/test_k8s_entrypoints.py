@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -76,7 +74,6 @@ def cluster(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(app_dir)  # raylet, workers and job drivers inherit it, as /opt/raymoe in the image
     dashboard_port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rk8s-", dir="/tmp")
     try:
         ray.init(
             address="local",
@@ -86,16 +83,11 @@ def cluster(tmp_path_factory):
             dashboard_host="127.0.0.1",
             dashboard_port=dashboard_port,
             _node_ip_address="127.0.0.1",
-            # Its own temp dir: the job supervisor finds the GCS for each job's RAY_ADDRESS through
-            # the address file in the temp dir, which in /tmp/ray names the newest cluster on the
-            # machine, possibly another test's. Short: Ray's socket paths live under it.
-            _temp_dir=temp_dir,
             log_to_driver=False,
         )
         yield {"app_dir": app_dir, "mount": mount, "dashboard": f"http://127.0.0.1:{dashboard_port}"}
     finally:
         ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
         os.chdir(cwd)
         for key, value in saved_env.items():
             if value is None:
@@ -121,7 +113,7 @@ def run_job(cluster, name: str, timeout_s: float = 600) -> tuple[str, int | None
     # The head's job agent registers a little after the dashboard answers (later still on busy
     # cores); until then Ray answers 500 "No available agent to submit job, please try again
     # later", as KubeRay's submitter would retry.
-    agent_deadline = time.monotonic() + 120
+    agent_deadline = time.monotonic() + 60
     while True:
         try:
             job_id = client.submit_job(
