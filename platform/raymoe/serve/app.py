@@ -256,12 +256,11 @@ def _deployment_class():
             self.server = build_server(self.config, replica_tag())
             self.metrics = ServeMetrics.create(self.config.model_id)
             self.metrics.expert_copies = expert_copies(self.config)
-            dtype = engine_dtype_label(self.config)
+            precision = engine_precision(self.config)
             log.warning(
-                "engine computes in %s",
-                "int8 weights (int8: true)" if dtype == "int8" else engine_precision(self.config).describe(),
+                "engine computes in %s", "int8 weights (int8: true)" if self.config.int8 else precision.describe()
             )
-            self.metrics.set_engine_dtype(dtype)
+            self.metrics.set_engine_dtype("int8" if self.config.int8 else precision.name)
             self.server.observe = self.metrics.observe_request
             self.server.count = self.metrics.count_request
             if self.metrics.enabled:
