@@ -37,14 +37,12 @@ lint: venv
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-# Lint first: a finding fails the run before the slower tests start. One process by default.
-# TEST_WORKERS=2 runs two pytest workers (pytest-xdist): one takes every test that starts Ray
-# clusters, in order, the other the unit modules (groups in tests/conftest.py); 23 min instead of
-# 41 on 2 cores, but two tests still fail that way (a k8s job agent that never registers, another
-# module's runs in Prometheus), so it is not the default yet.
-TEST_WORKERS ?= 0
+# Lint first: a finding fails the run before the slower tests start. Two pytest workers
+# (pytest-xdist), one per core, each taking whole test modules (`--dist loadfile`), so a module's
+# Ray cluster and fixtures stay in one process. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: venv prometheus lint
-	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-unit: venv prometheus
 	$(PY) -m pytest -q tests/unit

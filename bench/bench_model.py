@@ -3,8 +3,10 @@
 1. MoE layer forward+backward tokens/s vs transformers' MixtralSparseMoeBlock
    (d512, 8 experts top-2, F1024, 4096 tokens).
 2. Full train step (batch 8 x seq 512, fused AdamW for both) tokens/s and MFU vs MixtralForCausalLM at the same
-   config (d512, 8 layers, 8 experts top-2, F1024, vocab 32000). MFU = model FLOP/s over the fp32
-   GEMM peak measured in this run.
+   config (d512, 8 layers, 8 experts top-2, F1024, vocab 32000), in fp32 and under bf16 autocast
+   for both sides, then each side at its faster dtype (target >= 1.3x). raymoe's side is the
+   trainer's own `train_step`. MFU = model FLOP/s over the GEMM peak of the row's dtype, measured
+   in this run.
 3. Greedy decode tokens/s at batch 1 and 8 (prompt 128, 128 new tokens) vs `generate`, with
    PyTorch's default kernels and with oneDNN-packed weights (the serving engine's default).
 
@@ -19,7 +21,6 @@ import functools
 import tempfile
 
 import torch
-import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from bench.harness import best_seconds, gemm_peak_flops, print_table, run_line, write_results
@@ -77,38 +78,73 @@ def bench_moe_layer(tokens: int) -> list:
     return ["MoE layer fwd+bwd (tokens/s)", tokens / our_s, tokens / ref_s, ref_s / our_s]
 
 
-def bench_train_step(batch: int, seq: int, num_layers: int, peak: float) -> tuple[list, tuple[float, float, float]]:
+def bench_train_step(batch: int, seq: int, num_layers: int) -> tuple[list[list], dict]:
+    """Train-step rows: raymoe's trainer step (`raymoe.train.step.train_step`) against a plain
+    transformers step, each in fp32 and under bf16 autocast (fp32 weights and AdamW state), then
+    each side at its faster dtype. MFU is over the GEMM peak of the dtype a row ran in."""
+    from raymoe.parallel.groups import build_groups
+    from raymoe.parallel.layout import ParallelLayout
+    from raymoe.precision import resolve_precision
+    from raymoe.train.step import train_step
+
     reference, ours = mixtral_pair(num_layers=num_layers, vocab=32000, seq=seq)
     ids = torch.randint(0, 32000, (batch, seq + 1))
+    inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     # The same optimizer for both (fused AdamW, as raymoe's trainer and transformers' Trainer
     # default to), so the ratio measures the models.
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-4, fused=True)
     our_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
     reference.train()
-    ours.train()
+    groups = build_groups(ParallelLayout(ep=1, dp=1))
 
-    def ref_step():
-        loss = reference(ids[:, :-1], labels=ids[:, :-1]).loss
+    def ref_step(bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = reference(inputs, labels=ids[:, :-1]).loss
         loss.backward()
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
-    def our_step():
-        logits = ours(ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        our_opt.step()
-        our_opt.zero_grad(set_to_none=True)
+    def our_step(bf16: bool):
+        # What every raymoe training worker runs: autocast, loss, backward, clip, AdamW, bias.
+        train_step(ours, our_opt, [(inputs, targets)], groups=groups, lr=1e-4, clip_norm=1.0, bf16=bf16)
 
     tokens = batch * seq
-    ref_s = best_seconds(ref_step, repeats=2)
-    our_s = best_seconds(our_step, repeats=2)
-    # The peak is re-measured right after the steps and the higher one kept: a peak taken while
-    # something else held the cores would inflate MFU.
-    peak = max(peak, gemm_peak_flops())
-    mfu = train_flops_per_token(ours, seq) * tokens / our_s / peak
-    ref_mfu = train_flops_per_token(ours, seq) * tokens / ref_s / peak
-    return ["train step (tokens/s)", tokens / our_s, tokens / ref_s, ref_s / our_s], (mfu, ref_mfu, peak)
+    flops = train_flops_per_token(ours, seq) * tokens
+    seconds: dict[tuple[str, str], float] = {}
+    for dtype in ("fp32", "bf16"):
+        bf16 = dtype == "bf16"
+        seconds["transformers", dtype] = best_seconds(functools.partial(ref_step, bf16), repeats=2)
+        seconds["raymoe", dtype] = best_seconds(functools.partial(our_step, bf16), repeats=2)
+    # Peaks measured after the steps: one taken while something else held the cores would
+    # inflate MFU.
+    peaks = {"fp32": gemm_peak_flops(), "bf16": gemm_peak_flops(dtype=torch.bfloat16)}
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        ours_s, ref_s = seconds["raymoe", dtype], seconds["transformers", dtype]
+        rows.append([f"train step, {dtype} (tokens/s)", tokens / ours_s, tokens / ref_s, ref_s / ours_s])
+    best = {side: min(("fp32", "bf16"), key=lambda d: seconds[side, d]) for side in ("raymoe", "transformers")}
+    ours_s, ref_s = seconds["raymoe", best["raymoe"]], seconds["transformers", best["transformers"]]
+    rows.append(
+        [
+            f"train step, each at its faster dtype (raymoe {best['raymoe']}, transformers {best['transformers']})",
+            tokens / ours_s,
+            tokens / ref_s,
+            ref_s / ours_s,
+        ]
+    )
+    mfu = {
+        f"{side} {dtype}": flops / seconds[side, dtype] / peaks[dtype]
+        for side in ("raymoe", "transformers")
+        for dtype in ("fp32", "bf16")
+    }
+    info = {
+        "mfu": mfu,
+        "gemm_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
+        "best_dtype": best,
+        "auto_precision": resolve_precision("auto", "cpu").describe(),
+        "best_ratio": ref_s / ours_s,
+    }
+    return rows, info
 
 
 def bench_decode(batch: int, prompt: int, new: int, num_layers: int) -> tuple[list[list], float]:
@@ -142,23 +178,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    machine = run_line("fp32 (both sides; packed rows: oneDNN-packed fp32 weights)", args.threads)
+    machine = run_line(
+        "fp32, train rows also bf16 autocast (fp32 weights); packed rows: oneDNN-packed fp32 weights", args.threads
+    )
     print(machine, flush=True)
     q = args.quick
-    peak = gemm_peak_flops()
     rows = [bench_moe_layer(tokens=1024 if q else 4096)]
-    train_row, (mfu, ref_mfu, peak) = bench_train_step(
-        batch=2 if q else 8, seq=128 if q else 512, num_layers=2 if q else 8, peak=peak
-    )
-    rows.append(train_row)
+    train_rows, train = bench_train_step(batch=2 if q else 8, seq=128 if q else 512, num_layers=2 if q else 8)
+    rows += train_rows
     agreement = {}
     for batch in (1, 8):
         decode_rows, agreement[batch] = bench_decode(batch, prompt=128, new=32 if q else 128, num_layers=2 if q else 8)
         rows += decode_rows
     header = ["measure", "raymoe", "transformers", "ratio (raymoe / transformers)"]
-    table = print_table(f"Model core vs transformers ({args.threads} threads, fp32)", header, rows)
+    table = print_table(f"Model core vs transformers ({args.threads} threads)", header, rows)
+    peaks = train["gemm_peak_gflops"]
     print(
-        f"\nGEMM peak {peak / 1e9:.0f} GFLOP/s; train MFU raymoe {mfu:.1%}, transformers {ref_mfu:.1%}; "
+        f"\nGEMM peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; train MFU (over the "
+        "peak of its dtype): " + ", ".join(f"{k} {v:.1%}" for k, v in train["mfu"].items()) + "\n"
+        f"train.precision auto here: {train['auto_precision']}; train step at each side's faster dtype: "
+        f"{train['best_ratio']:.2f}x (target >= 1.3)\n"
         f"greedy decode token agreement b1 {agreement[1]:.0%}, b8 {agreement[8]:.0%}"
     )
     write_results(
@@ -167,9 +206,10 @@ def main() -> None:
             "quick": q,
             "rows": [dict(zip(header, r)) for r in rows],
             "table": table,
-            "gemm_peak_gflops": peak / 1e9,
-            "train_mfu": mfu,
-            "transformers_train_mfu": ref_mfu,
+            "gemm_peak_gflops": peaks,
+            "train_mfu": train["mfu"],
+            "train_best_dtype": train["best_dtype"],
+            "train_auto_precision": train["auto_precision"],
             "decode_agreement": agreement,
             "machine_line": machine,
         },

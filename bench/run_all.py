@@ -17,6 +17,7 @@ BENCHMARKS = [
     "bench_mla_decode",
     "bench_ingest",
     "bench_train_ep",
+    "bench_bf16_loss",
     "bench_train_startup",
     "bench_finetune",
     "bench_federated",

@@ -43,6 +43,7 @@ class LocalBackend:
         temperature: 0 = greedy.
         seed: sampling seed (None = random).
         num_threads: torch threads (0 = torch's default).
+        dtype: the engine's compute dtype (auto = bf16 on CPUs with AMX or AVX512-BF16, else fp32).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class LocalBackend:
         temperature: float = 0.7,
         seed: int | None = None,
         num_threads: int = 0,
+        dtype: str = "auto",
     ):
         from pathlib import Path
 
@@ -71,6 +73,7 @@ class LocalBackend:
             model_path=model_path,
             lora_dir=str(adapter_path.parent) if adapter_path else "",
             engine=EngineConfig(num_slots=1, own_process=False),
+            dtype=dtype,
         )
         self.adapter = adapter_path.name if adapter_path else None
         self.tokenizer = ChatTokenizer.from_dir(model_path)
@@ -306,6 +309,12 @@ def add_chat_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", metavar="N", type=int, default=0, help="with --model: torch threads (default: torch's choice)"
     )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="with --model: compute dtype (default auto: bf16 where the CPU has AMX or AVX512-BF16, else fp32)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         if args.max_tokens < 1:
@@ -317,7 +326,9 @@ def add_chat_command(sub: argparse._SubParsersAction) -> None:
             if args.url:
                 backend: Backend = RemoteBackend(args.url, api_key=args.api_key, model_id=args.model_id, **sampling)
             else:
-                backend = LocalBackend(args.model, adapter=args.adapter, num_threads=args.threads, **sampling)
+                backend = LocalBackend(
+                    args.model, adapter=args.adapter, num_threads=args.threads, dtype=args.dtype, **sampling
+                )
         except ChatError as exc:
             print(f"raymoe chat: {exc}", file=sys.stderr)
             return 2

@@ -21,6 +21,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def own_agent_port():
+    """Inside it, `ray.init(address="local")` gives the new cluster's dashboard agent a free port.
+
+    `ray.init` has no argument for that port (`ray start --dashboard-agent-listen-port` has), so
+    every local cluster asks for Ray's fixed 52365. Under `make test` two test modules run at once,
+    each may start one, and only the first agent can listen there; the other cluster's Jobs API then
+    answers "No available agent to submit job" (measured). `ray.init` builds its `RayParams` by
+    keyword through the module attribute, so a subclass put there for the call supplies the port.
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams
+
+    class RayParamsWithFreeAgentPort(original):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("dashboard_agent_listen_port", free_port())
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = RayParamsWithFreeAgentPort
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
+
+
 def marked_pids(marker: str) -> list[int]:
     """Processes (other than this one) whose environment has RAYMOE_TEST_CLUSTER=marker."""
     needle = f"{MARKER_VAR}={marker}".encode()

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration import local_processes
 from tests.integration.local_processes import free_port
 
 pytestmark = pytest.mark.slow
@@ -74,20 +77,28 @@ def cluster(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(app_dir)  # raylet, workers and job drivers inherit it, as /opt/raymoe in the image
     dashboard_port = free_port()
+    # Its own temp dir: Ray's job supervisor gives each job driver the RAY_ADDRESS it reads from
+    # the address file in the cluster's temp dir, and /tmp/ray's names whichever cluster on the
+    # machine started last (under `make test`, often another module's). Short: Ray's socket paths
+    # under it must stay within AF_UNIX's 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rmk8s-", dir="/tmp")
     try:
-        ray.init(
-            address="local",
-            num_cpus=4,
-            resources={"silo_code": 1, "silo_prose": 1, "silo_chat": 1},
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dashboard_port,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-        )
+        with local_processes.own_agent_port():
+            ray.init(
+                address="local",
+                num_cpus=4,
+                resources={"silo_code": 1, "silo_prose": 1, "silo_chat": 1},
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=temp_dir,
+                log_to_driver=False,
+            )
         yield {"app_dir": app_dir, "mount": mount, "dashboard": f"http://127.0.0.1:{dashboard_port}"}
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         os.chdir(cwd)
         for key, value in saved_env.items():
             if value is None:

@@ -38,6 +38,7 @@ from raymoe.config import from_dict
 from raymoe.monitor.dashboards import DASHBOARDS
 from raymoe.monitor.dashboards.panels import Dashboard
 from raymoe.train.config import TrainConfig
+from tests.integration import local_processes
 from tests.integration.local_processes import free_port as _free_port
 from tests.integration.prometheus_server import (
     PROMETHEUS,
@@ -78,17 +79,19 @@ def cluster():
 
     if ray.is_initialized():
         ray.shutdown()  # the shared test cluster; the next module's `ray_cluster` starts it again
-    ray.init(
-        address="local",
-        num_cpus=4,  # 2 cores: Train workers and the Serve replica ask for fractions
-        # The federated silos' resources, all on this one node (each silo still gets its own actor).
-        resources={f"silo_{name}": 1 for name in SILOS},
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
-    )
+    with local_processes.own_agent_port():
+        ray.init(
+            address="local",
+            num_cpus=4,  # 2 cores: Train workers and the Serve replica ask for fractions
+            # The federated silos' resources, all on this one node (each silo still gets its own actor).
+            resources={f"silo_{name}": 1 for name in SILOS},
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),  # not 8265, which another module's cluster may hold
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
+        )
     yield ray
     ray.shutdown()
 

@@ -144,6 +144,7 @@ def test_http_app_with_two_shard_workers(ray_cluster, artifact8):
             build_app(
                 {
                     "model_path": artifact8,
+                    "dtype": "fp32",  # compared with the fp32 model's greedy tokens
                     "num_cpus": 0.25,
                     "api_key_env": "",
                     "ep": 2,

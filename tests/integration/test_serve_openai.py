@@ -57,6 +57,8 @@ def server(ray_cluster, artifact, lora, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {
         "model_path": artifact,
+        # Greedy tokens are compared with transformers in fp32 (`auto` is bf16 on AMX CPUs).
+        "dtype": "fp32",
         "num_cpus": 0.25,
         "api_key_env": "",
         "api_key_file": str(key_file),

@@ -379,7 +379,8 @@ def test_chat_with_an_artifact_gives_the_engines_greedy_reply(tmp_path, monkeypa
     from raymoe.serve.engine import generate_alone
     from raymoe.serve.request import SamplingParams
 
-    # Prepare: a tiny artifact and the engine's own greedy continuation of the same chat prompt.
+    # Prepare: a tiny artifact and the engine's own greedy continuation of the same chat prompt,
+    # in fp32 (the reference's dtype; `auto` is bf16 on CPUs with AMX).
     path = make_debug_artifact(tmp_path / "m", vocab_size=300)
     tok = ChatTokenizer.from_dir(path)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
@@ -389,7 +390,22 @@ def test_chat_with_an_artifact_gives_the_engines_greedy_reply(tmp_path, monkeypa
     # Execute: scripted stdin through the console entry, then end of input.
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello world!\n"))
     assert (
-        main(["chat", "--model", str(path), "--temperature", "0", "--max-tokens", "12", "--system", "Be brief."]) == 0
+        main(
+            [
+                "chat",
+                "--model",
+                str(path),
+                "--dtype",
+                "fp32",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "12",
+                "--system",
+                "Be brief.",
+            ]
+        )
+        == 0
     )
     # Assert
     assert capsys.readouterr().out == expected + "\n"

@@ -103,8 +103,9 @@ def test_serve_engine_packs_fp32_cpu_weights_unless_told_not_to(tmp_path):
 
     artifact = str(make_debug_artifact(tmp_path / "tiny", vocab_size=300, dim=64, num_layers=1, max_seq_len=64))
     configs = [
-        ServeConfig(model_path=artifact),
-        ServeConfig(model_path=artifact, engine=EngineConfig(cpu_kernels="default")),
+        # Packing is for fp32 weights; `auto` would hold bf16 ones on CPUs with AMX.
+        ServeConfig(model_path=artifact, dtype="fp32"),
+        ServeConfig(model_path=artifact, dtype="fp32", engine=EngineConfig(cpu_kernels="default")),
         ServeConfig(model_path=artifact, int8=True),
     ]
     kinds = [{type(m).__name__ for m in load_model(cfg, []).modules()} for cfg in configs]

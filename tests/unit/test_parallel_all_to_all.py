@@ -37,7 +37,7 @@ def _reference(x_TD, ids_TK, W_EDD):
     return out
 
 
-def _worker(rank, sizes, K, routed):
+def _worker(rank, sizes, K, routed, autocast_dtype=None):
     """Runs inside a gloo process (raymoe.parallel.launch): dispatch, compute, combine, backward."""
     from raymoe.parallel.all_to_all import AllToAllDispatcher
     from raymoe.parallel.layout import ExpertPlacement
@@ -51,23 +51,24 @@ def _worker(rank, sizes, K, routed):
     x_TD.requires_grad_(True)
     for _ in range(2):  # twice: a collective skipped in the first backward desyncs the second
         x_TD.grad, W_local.grad = None, None
-        x_SD, counts, state = dispatcher.dispatch(x_TD, ids_TK)
-        # Grouped compute like GroupedExperts: one matmul per local expert, empty ones skipped.
-        pieces, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                pieces.append(x_SD[start : start + n] @ W_local[e])
-            start += n
-        y_SD = torch.cat(pieces) if pieces else x_SD.new_zeros(0, D)
-        y_TKD = dispatcher.combine(y_SD, state)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            x_SD, counts, state = dispatcher.dispatch(x_TD, ids_TK)
+            # Grouped compute like GroupedExperts: one matmul per local expert, empty ones skipped.
+            pieces, start = [], 0
+            for e, n in enumerate(counts):
+                if n:
+                    pieces.append(x_SD[start : start + n] @ W_local[e])
+                start += n
+            y_SD = torch.cat(pieces) if pieces else x_SD.new_zeros(0, D)
+            y_TKD = dispatcher.combine(y_SD, state).float()
         # A loss weighing every output differently, so a permuted row would change the grads.
         weight = torch.arange(y_TKD.numel(), dtype=torch.float32).reshape(y_TKD.shape) / 100
         (y_TKD * weight).sum().backward()
     return {"y": y_TKD.detach(), "x_grad": x_TD.grad, "w_grad": W_local.grad, "counts": counts, "local": local}
 
 
-def _run(world, sizes, K, routed):
-    return spawn_gloo(_worker, world, sizes, K, routed)
+def _run(world, sizes, K, routed, autocast_dtype=None):
+    return spawn_gloo(_worker, world, sizes, K, routed, autocast_dtype)
 
 
 # [5, 0]: a rank with no tokens still takes part in both exchanges (zero-row splits).
@@ -107,3 +108,21 @@ def test_dispatch_combine_matches_single_process(world, sizes, routed):
     # Every valid pair was computed exactly once somewhere.
     valid_pairs = sum(int((_inputs(r, sizes[r], K, routed)[1] >= 0).sum()) for r in range(world))
     assert sum(sum(res["counts"]) for res in results) == valid_pairs
+
+
+def test_bf16_autocast_with_a_rank_that_computes_nothing_matches_single_process():
+    # Prepare: every pair goes to rank 0's experts, so under bf16 autocast rank 0's expert outputs
+    # are bf16 matmul results while rank 1 has only fp32 zeros to send back. Before the combine
+    # agreed on one wire dtype, gloo read a buffer of half the expected size and aborted.
+    sizes, K, routed = [3, 4], 2, 2
+    W = _weights()
+    ref_y = [_reference(*_inputs(rank, sizes[rank], K, routed), W) for rank in range(2)]
+
+    # Execute
+    results = _run(2, sizes, K, routed, torch.bfloat16)
+
+    # Assert: both ranks finished both steps; outputs within bf16 rounding of the fp32 reference.
+    assert results[1]["counts"] == [0, 0]
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res["y"], ref_y[rank], rtol=2e-2, atol=5e-2)
+        assert res["x_grad"] is not None and torch.isfinite(res["x_grad"]).all()

@@ -43,6 +43,8 @@ def _config(data, tmp_path, name, ep, dp, accum=1, recompute=False):
             "data": {"path": str(data), "seq_len": 32, "global_batch_size": 8 // accum},
             "checkpoint": {"uri": str(tmp_path / name), "every_steps": 1},
             "activation_checkpointing": recompute,
+            # The 1e-5 bound is fp32's; `auto` would autocast to bf16 on CPUs with AMX.
+            "precision": "fp32",
         },
     )
 

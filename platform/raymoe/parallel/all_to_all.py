@@ -148,6 +148,12 @@ class AllToAllDispatcher:
             # the collectives would mismatch. Tying the empty output to the received rows keeps
             # every rank's backward issuing the same collectives in the same order.
             y_SD = y_SD + 0.0 * state.x_SD.sum()
+        # Every rank must put one dtype on the wire, or gloo reads a buffer of the wrong size and
+        # aborts the process. Under autocast the experts' output dtype is not that: a rank that
+        # computed rows holds bf16 matmul outputs, a rank that received none holds fp32 zeros.
+        device_type = y_SD.device.type
+        if torch.is_autocast_enabled(device_type):
+            y_SD = y_SD.to(torch.get_autocast_dtype(device_type))
         # Undo the local sort (row i of y_SD belongs at received position recv_perm[i]).
         inverse = torch.empty_like(state.recv_perm)
         inverse[state.recv_perm] = torch.arange(state.recv_perm.numel(), device=inverse.device)
