@@ -5,7 +5,12 @@ the 2-core Xeon of issue 16: 1,000-2,000 GFLOP/s against 280-300), and reads hal
 bytes per decoded token. A CPU without them (AVX2 only, plain AVX-512) emulates bf16 through fp32
 conversions and is slower in bf16 than in fp32. So `auto`, the default of `train.precision` and
 of the serving config's `dtype`, picks bf16 only where the flags say the units are there (or on a
-CUDA device that supports bf16); `fp32` and `bf16` force either. The choice and its reason are
+CUDA device that supports bf16), and on a CPU only for models at least AUTO_BF16_MIN_DIM wide:
+narrower GEMMs are too small for the bf16 units to pay for the conversions around them (measured
+on an AMX Xeon, 2 cores: a d128 `debug` train step 0.67x of fp32, `bench.bench_bf16_loss`; a d512
+Mixtral-shaped one 1.15x, `bench.bench_model`; d256 engine decode 0.73x, `bench.serve_load
+--smoke`). The serving engine's `auto` is fp32 on every CPU (`cpu_decode`): its bf16 decode lost
+to fp32 at each width measured. `fp32` and `bf16` force either. The choice and its reason are
 logged by the jobs and exported as the `dtype` label of `raymoe_train_precision_info` and
 `raymoe_serve_engine_info`.
 """
@@ -24,6 +29,8 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 # /proc/cpuinfo flags of CPUs with bf16 arithmetic in hardware (Intel AMX, AVX512-BF16 on Intel
 # Cooper Lake and later, AMD Zen 4 and later).
 FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# Hidden size from which `auto` picks bf16 on such a CPU (see the module docstring).
+AUTO_BF16_MIN_DIM = 512
 
 
 @functools.cache
@@ -59,7 +66,11 @@ class Precision:
 
 
 def resolve_precision(
-    setting: str, device: torch.device | str = "cpu", flags: frozenset[str] | None = None
+    setting: str,
+    device: torch.device | str = "cpu",
+    flags: frozenset[str] | None = None,
+    model_dim: int | None = None,
+    cpu_decode: bool = False,
 ) -> Precision:
     """The dtype to compute in on `device` for `setting` ("auto", "fp32" or "bf16").
 
@@ -67,6 +78,11 @@ def resolve_precision(
         setting: the config value; "auto" decides by capability.
         device: where the model runs.
         flags: the CPU's flags (default: this machine's, from /proc/cpuinfo).
+        model_dim: the model's hidden size; on a CPU, `auto` keeps models narrower than
+            AUTO_BF16_MIN_DIM in fp32 (None: not considered).
+        cpu_decode: for the serving engine; on a CPU `auto` is fp32 whatever the flags: its
+            decode reads small batches through bf16 kernels that lost to fp32 at every width
+            measured (`bench.serve_load` on an AMX Xeon: 0.73x at d256, 0.72x at d512).
     """
     if setting not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
@@ -78,6 +94,16 @@ def resolve_precision(
             return Precision("bf16", "auto: this CUDA device supports bf16")
         return Precision("fp32", "auto: this CUDA device has no bf16")
     found = sorted(set(FAST_BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+    if found and cpu_decode:
+        return Precision(
+            "fp32", f"auto: the CPU has {' and '.join(found)}, but bf16 decode measured slower than fp32 on CPUs"
+        )
+    if found and model_dim is not None and model_dim < AUTO_BF16_MIN_DIM:
+        return Precision(
+            "fp32",
+            f"auto: the CPU has {' and '.join(found)}, but a d{model_dim} model's GEMMs are too small "
+            f"for bf16 to pay off (bf16 from d{AUTO_BF16_MIN_DIM})",
+        )
     if found:
         return Precision("bf16", f"auto: the CPU has {' and '.join(found)}")
     return Precision("fp32", f"auto: the CPU has neither {' nor '.join(FAST_BF16_FLAGS)}, bf16 would be emulated")

@@ -91,6 +91,9 @@ def cluster():
             _node_ip_address="127.0.0.1",
             log_to_driver=False,
             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
+            # Processes report their metrics to the agent every 2 s instead of Ray's 10 s: each
+            # fixture below waits for its run's final values to reach Prometheus.
+            _system_config={"metrics_report_interval_ms": 2000},
         )
     yield ray
     ray.shutdown()

@@ -5,9 +5,9 @@
   size (at lr 3e-3 on the corpus, Adam's first, sign-like step turns the reduction-order noise of
   an element whose gradient nearly cancels into a gap of ~3e-5 of the weights, ~2e-4 of the
   update);
-- a 200-step ep=2 run on the shipped corpus (ingested first, as every run's data is) survives a
+- an 80-step ep=2 run on the shipped corpus (ingested first, as every run's data is) survives a
   SIGKILLed worker: Ray Train restarts the group, it resumes from the checkpointed step (not 0),
-  finishes at step 200 with no checkpoint corrupted, and the loss ends well below its start.
+  finishes at step 80 with no checkpoint corrupted, and the loss ends well below its start.
 """
 
 import math
@@ -124,17 +124,17 @@ def _train_workers() -> list[int]:
 
 
 def test_sigkill_worker_resumes_from_checkpoint_and_loss_falls(ray_cluster, corpus, tmp_path) -> None:
-    # Prepare: 200 steps, a checkpoint every 50, one restart allowed.
+    # Prepare: 80 steps, a checkpoint every 20, one restart allowed.
     cfg = _cfg(
         tmp_path,
         corpus,
         "killed",
-        steps=200,
-        checkpoint={"every_steps": 50},
+        steps=80,
+        checkpoint={"every_steps": 20},
         failure={"max_failures": 1},
         optim={"lr": 3e-3, "warmup_steps": 10},
     )
-    first = Path(cfg.checkpoint.uri) / "step-00000050" / "manifest.json"
+    first = Path(cfg.checkpoint.uri) / "step-00000020" / "manifest.json"
     killed: list[int] = []
     finished = threading.Event()
 
@@ -155,18 +155,19 @@ def test_sigkill_worker_resumes_from_checkpoint_and_loss_falls(ray_cluster, corp
         finished.set()
         killer.join()
     # Assert: a worker was killed mid-run, the group restarted from a checkpoint (not step 0)
-    # and finished at step 200.
+    # and finished at step 80.
     assert killed, "no Ray Train worker process was found to kill"
     assert result.error is None
     metrics = result.metrics
     print("final metrics after the kill:", metrics)
-    assert metrics["step"] == 200
-    assert 50 <= metrics["start_step"] < 200
-    assert metrics["start_step"] % 50 == 0
+    assert metrics["step"] == 80
+    assert 20 <= metrics["start_step"] < 80
+    assert metrics["start_step"] % 20 == 0
     steps = list_checkpoints(cfg.checkpoint.uri)
-    assert steps[-1] == 200
+    assert steps[-1] == 80
     for step in steps:
         verify_checkpoint(cfg.checkpoint.uri, step)  # raises on any corrupt file
-    # Loss: a fresh model predicts ~uniformly over 2048 tokens, ln(2048) = 7.62; 200 steps on the
-    # ingested corpus must take it well below (the margin allows for noise).
+    # Loss: a fresh model predicts ~uniformly over 2048 tokens, ln(2048) = 7.62; 80 steps on the
+    # ingested corpus must take it well below (measured: ~5.3-5.6 by steps 60-80 of this schedule,
+    # so the margin allows for noise).
     assert metrics["loss"] < math.log(2048) - 1.5, metrics

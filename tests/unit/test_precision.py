@@ -10,7 +10,7 @@ from raymoe.config import ConfigError, from_dict
 from raymoe.models import MoETransformer, flavour
 from raymoe.parallel.groups import build_groups
 from raymoe.parallel.layout import ParallelLayout
-from raymoe.precision import cpu_flags, resolve_precision
+from raymoe.precision import AUTO_BF16_MIN_DIM, cpu_flags, resolve_precision
 from raymoe.serve.app import build_core, engine_dtype_label, load_model
 from raymoe.serve.debug_artifact import make_debug_artifact
 from raymoe.serve.engine import EngineConfig
@@ -38,6 +38,25 @@ def test_auto_picks_bf16_only_where_the_cpu_has_bf16_units(flags, expected, why)
     precision = resolve_precision("auto", "cpu", flags=flags)
     assert precision.name == expected and why in precision.reason
     assert precision.dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
+
+
+@pytest.mark.parametrize(
+    "model_dim,expected", [(128, "fp32"), (256, "fp32"), (AUTO_BF16_MIN_DIM, "bf16"), (4096, "bf16")]
+)
+def test_auto_keeps_narrow_models_in_fp32_on_a_bf16_cpu(model_dim, expected):
+    precision = resolve_precision("auto", "cpu", flags=SAPPHIRE_RAPIDS, model_dim=model_dim)
+    assert precision.name == expected
+    if expected == "fp32":
+        assert f"d{model_dim} model" in precision.reason and "amx_bf16" in precision.reason
+    # Without the units the width does not matter; a forced setting is kept.
+    assert resolve_precision("auto", "cpu", flags=AVX2_EPYC, model_dim=model_dim).name == "fp32"
+    assert resolve_precision("bf16", "cpu", flags=SAPPHIRE_RAPIDS, model_dim=model_dim).name == "bf16"
+
+
+def test_auto_serves_in_fp32_on_any_cpu_and_bf16_is_still_forcible():
+    decode = resolve_precision("auto", "cpu", flags=SAPPHIRE_RAPIDS, model_dim=4096, cpu_decode=True)
+    assert decode.name == "fp32" and "decode measured slower" in decode.reason
+    assert resolve_precision("bf16", "cpu", flags=SAPPHIRE_RAPIDS, cpu_decode=True).name == "bf16"
 
 
 def test_a_setting_forces_the_dtype_whatever_the_cpu():

@@ -70,10 +70,12 @@ def engine_precision(cfg: ServeConfig) -> Precision:
     """The dtype the engine computes in (`cfg.dtype` resolved for the device it runs on)."""
     import torch
 
+    from raymoe.models.hf_io import read_hf_config
     from raymoe.precision import resolve_precision
 
     on_gpu = (cfg.shard_num_gpus if cfg.ep > 1 else cfg.num_gpus) > 0 and torch.cuda.is_available()
-    return resolve_precision(cfg.dtype, "cuda" if on_gpu else "cpu")
+    model_dim = read_hf_config(cfg.model_path)[0].dim
+    return resolve_precision(cfg.dtype, "cuda" if on_gpu else "cpu", model_dim=model_dim, cpu_decode=True)
 
 
 def engine_dtype_label(cfg: ServeConfig) -> str:

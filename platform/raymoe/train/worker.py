@@ -113,7 +113,7 @@ def run_worker(
     groups = build_groups(cfg.layout)
     torch.manual_seed(cfg.seed + groups.rank)
     device = worker_device(cfg)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, model_dim=cfg.model_config().dim)
     if groups.rank == 0:
         log.warning("training computes in %s", precision.describe())
     # Resuming: the weights come from the checkpoint, so they are not drawn first.
