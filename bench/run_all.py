@@ -24,6 +24,7 @@ BENCHMARKS = [
     "bench_placement",
     "bench_planner_cpu",
     "serve_load",
+    "bench_paged_kv",
     "bench_serve_overload",
 ]
 # The `make demo` run: when it is there, serve_load checks INT8 perplexity on its trained model.

@@ -24,6 +24,7 @@ import torch
 
 from raymoe.models.kv_cache import KVCache
 from raymoe.models.lora import set_row_adapters
+from raymoe.models.paged_kv_cache import PagedKVCache
 
 
 @dataclass
@@ -49,7 +50,7 @@ class ForwardJob:
 def run_forward_jobs(
     model,
     jobs: list[ForwardJob],
-    cache: KVCache,
+    cache: KVCache | PagedKVCache,
     adapters: list[list[str | None]] | None = None,
     keep_hidden: bool = False,
 ) -> list[torch.Tensor]:

@@ -55,21 +55,26 @@ class KVCache:
         kv_len = int(positions_BT.max()) + 1
         if kv_len > self.max_seq_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache's max_seq_len={self.max_seq_len}")
-        B, T = positions_BT.shape
+        B = positions_BT.shape[0]
         first_slot = int(slot_ids_B[0])
         contiguous = torch.equal(slot_ids_B, torch.arange(first_slot, first_slot + B, device=slot_ids_B.device))
-        aligned = torch.equal(positions_BT, positions_BT[:1].expand(B, T))
-        # Fast paths (no mask tensor): one new token per row at the same position sees every key;
-        # a prompt starting at position 0 in every row is plain causal attention.
-        if aligned and T == 1:
-            mask_B1TS, causal = None, False
-        elif aligned and kv_len == T:
-            mask_B1TS, causal = None, True
-        else:
-            key_pos = torch.arange(kv_len, device=positions_BT.device)
-            mask_B1TS, causal = (key_pos[None, None, :] <= positions_BT[:, :, None])[:, None], False
+        mask_B1TS, causal = attention_mask(positions_BT, kv_len)
         rows = slice(first_slot, first_slot + B) if contiguous else None
         return CacheView(self, slot_ids_B, positions_BT, kv_len, mask_B1TS, causal, rows)
+
+
+def attention_mask(positions_BT: torch.Tensor, kv_len: int) -> tuple[torch.Tensor | None, bool]:
+    """(mask_B1TS, causal) for queries at `positions_BT` over keys 0..kv_len-1: a query sees the
+    keys at positions <= its own. Fast paths (no mask tensor): one new token per row at the same
+    position sees every key; a prompt starting at position 0 in every row is plain causal."""
+    B, T = positions_BT.shape
+    aligned = torch.equal(positions_BT, positions_BT[:1].expand(B, T))
+    if aligned and T == 1:
+        return None, False
+    if aligned and kv_len == T:
+        return None, True
+    key_pos = torch.arange(kv_len, device=positions_BT.device)
+    return (key_pos[None, None, :] <= positions_BT[:, :, None])[:, None], False
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The serving engine: continuous batching over `MoETransformer` + `KVCache`.
+"""The serving engine: continuous batching over `MoETransformer` + `PagedKVCache`.
 
 `EngineCore.step()` asks the scheduler for a plan, turns it into forward jobs (the decode batch,
 prompt chunks), runs them in one pass over the weights (`raymoe.inference.forward_jobs`), samples
@@ -65,10 +65,14 @@ class Engine(Protocol):
 class EngineConfig:
     """Engine knobs; the scheduler's limits plus where and how the model runs."""
 
+    # Sequences running at once (rows of the block table: a slot has no KV memory of its own).
     num_slots: int = 8
-    # 0 = the model's max_seq_len; the KV cache holds num_slots x max_seq_len positions.
+    # 0 = the model's max_seq_len.
     max_seq_len: int = 0
     max_tokens_per_step: int = 128
+    # KV memory: num_kv_blocks blocks of block_size positions, handed to sequences as they grow;
+    # 0 = enough for every slot to hold max_seq_len tokens. With ep > 1 the shard workers keep
+    # full slot rows and the blocks only bound admission.
     block_size: int = 16
     num_kv_blocks: int = 0
     max_waiting: int = 64
@@ -163,7 +167,7 @@ class EngineCore:
     """
 
     def __init__(self, model, config: EngineConfig, kv_cache_factory=None):
-        from raymoe.models import KVCache
+        from raymoe.models.paged_kv_cache import PagedKVCache
 
         self.model = model.eval()
         self.config = config
@@ -177,10 +181,24 @@ class EngineCore:
             keep_freed_memory()  # activations of a step reuse freed heap blocks (no page faults)
         # INT8 models keep fp32 activations (their packed weights are not parameters).
         dtype = first.dtype if first.is_floating_point() else torch.float32
-        make_cache = kv_cache_factory or KVCache
-        self.cache = make_cache(
-            model.cfg, self.sched_config.num_slots, self.max_seq_len, dtype=dtype, device=self.device
-        )
+        if kv_cache_factory is None:
+            # KV memory is the scheduler's block budget, whatever the number of slots.
+            self.cache = PagedKVCache(
+                model.cfg,
+                self.sched_config.num_slots,
+                self.max_seq_len,
+                num_blocks=self.sched_config.num_kv_blocks,
+                block_size=self.sched_config.block_size,
+                dtype=dtype,
+                device=self.device,
+            )
+        else:
+            self.cache = kv_cache_factory(
+                model.cfg, self.sched_config.num_slots, self.max_seq_len, dtype=dtype, device=self.device
+            )
+        # Whether the cache maps positions to the scheduler's blocks (a slot-row cache, such as the
+        # shard workers', reserves full rows and ignores them).
+        self._paged = hasattr(self.cache, "assign")
         self._lock = threading.Lock()
         self._requests: dict[str, _RequestState] = {}
         # Per step: requests whose pooled prompt embedding is taken, and those embeddings.
@@ -247,6 +265,9 @@ class EngineCore:
                 if c.samples and not c.seq.output_ids and states[c.seq.seq_id].request.record_features
             }
             self._embeddings = {}
+            if self._paged:  # block lists change only in schedule(), under this lock
+                for c in plan.decodes + plan.prefills:
+                    self.cache.assign(c.slot, c.seq.block_ids)
         if plan.empty:
             return []
         self.num_preemptions += len(plan.preempted)

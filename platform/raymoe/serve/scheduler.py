@@ -9,12 +9,14 @@ prefill (Agrawal et al., 2024):
   leaves at once and its KV slot and blocks go to the next waiting request.
 - A token budget per step. Running decodes go first (one token each), prefills share what is
   left in chunks, so a long prompt is spread over several steps instead of stalling every decode.
-- KV memory is a fixed budget of blocks (`block_size` tokens each) plus a fixed number of slots
-  (rows of the KV cache). A request is admitted only when a slot is free and the blocks for its
-  whole prompt can be reserved. When a decode needs a new block and none is free, the running
-  sequence admitted last is preempted: its blocks are freed and it goes back to the head of the
-  queue; on readmission its prompt *and* the tokens it already produced are prefilled again
-  (recompute), so its output continues exactly where it stopped.
+- KV memory is a fixed budget of blocks (`block_size` tokens each), handed out by id: a
+  sequence holds the blocks its tokens reach (`Sequence.block_ids`, in position order), which the
+  engine's paged cache maps its positions to (`raymoe.models.paged_kv_cache`). A fixed number of
+  slots bounds how many sequences run at once. A request is admitted only when a slot is free and
+  the blocks for its whole prompt can be reserved. When a decode needs a new block and none is
+  free, the running sequence admitted last is preempted: its blocks are freed and it goes back to
+  the head of the queue; on readmission its prompt *and* the tokens it already produced are
+  prefilled again (recompute), so its output continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ class SeqStatus(enum.Enum):
 class SchedulerConfig:
     """Limits of one engine replica.
 
-    `num_slots` rows of the KV cache, each `max_seq_len` tokens long, bound how many sequences run
-    at once; `num_kv_blocks` bounds how many tokens they hold together (0 = enough for every slot
-    to be full, in which case preemption never happens).
+    `num_slots` bounds how many sequences run at once, each up to `max_seq_len` tokens long;
+    `num_kv_blocks` bounds how many tokens they hold together (0 = enough for every slot to be
+    full, in which case preemption never happens).
     """
 
     num_slots: int = 8
@@ -90,7 +92,8 @@ class Sequence:
     # Tokens of prompt+output whose keys/values are in the cache.
     num_computed: int = 0
     slot: int | None = None
-    num_blocks: int = 0
+    # The KV blocks holding its tokens, in position order (block i holds positions i*K..i*K+K-1).
+    block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     finish_reason: str | None = None
     arrival: int = 0
@@ -108,6 +111,10 @@ class Sequence:
         if stop <= p:
             return self.prompt_ids[start:stop]
         return self.prompt_ids[start:] + self.output_ids[: stop - p]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -165,7 +172,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order; the last is preempted first
         self.free_slots: list[int] = list(range(config.num_slots))[::-1]
-        self.free_blocks = config.num_kv_blocks
+        # Popped from the end: a freed block is the next one handed out (still in cache lines).
+        self.free_block_ids: list[int] = list(range(config.num_kv_blocks))[::-1]
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
 
@@ -235,9 +243,8 @@ class Scheduler:
                 continue
             # The token fed now occupies position num_computed; it may need a fresh block.
             while seq.status is SeqStatus.RUNNING and cfg.blocks_for(seq.num_tokens) > seq.num_blocks:
-                if self.free_blocks > 0:
-                    self.free_blocks -= 1
-                    seq.num_blocks += 1
+                if self.free_block_ids:
+                    seq.block_ids.append(self.free_block_ids.pop())
                     continue
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -268,8 +275,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             seq.slot = self.free_slots.pop()
-            seq.num_blocks = need
-            self.free_blocks -= need
+            seq.block_ids = [self.free_block_ids.pop() for _ in range(need)]
             seq.num_computed = 0
             self.running.append(seq)
             prefills.append(self._chunk(seq, budget))
@@ -301,14 +307,18 @@ class Scheduler:
         return finished
 
     # -- bookkeeping ----------------------------------------------------------------------------
+    @property
+    def free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
     def _chunk(self, seq: Sequence, budget: int) -> ScheduledChunk:
         n = min(seq.num_tokens - seq.num_computed, budget)
         start = seq.num_computed
         return ScheduledChunk(seq, seq.held_slot, start, seq.token_slice(start, start + n))
 
     def _release(self, seq: Sequence) -> None:
-        self.free_blocks += seq.num_blocks
-        seq.num_blocks = 0
+        self.free_block_ids.extend(reversed(seq.block_ids))
+        seq.block_ids = []
         self.free_slots.append(seq.held_slot)
         seq.slot = None
 
