@@ -25,6 +25,7 @@ BENCHMARKS = [
     "bench_planner_cpu",
     "serve_load",
     "bench_paged_kv",
+    "bench_expert_count",
     "bench_serve_overload",
 ]
 # The `make demo` run: when it is there, serve_load checks INT8 perplexity on its trained model.

@@ -77,9 +77,10 @@ def cluster(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(app_dir)  # raylet, workers and job drivers inherit it, as /opt/raymoe in the image
     dashboard_port = free_port()
-    # Its own temp dir: Ray's job supervisor gives each job driver the RAY_ADDRESS it reads from
-    # the address file in the cluster's temp dir, and /tmp/ray's names whichever cluster on the
-    # machine started last (under `make test`, often another module's). Short: Ray's socket paths
+    # Its own temp dir with this cluster's address file (written below, as `ray start` writes
+    # one): Ray's job supervisor gives each job driver the RAY_ADDRESS it reads from the address
+    # file in the cluster's temp dir, and without one it takes any GCS it finds running on the
+    # machine (under `make test`, often another module's cluster). Short: Ray's socket paths
     # under it must stay within AF_UNIX's 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rmk8s-", dir="/tmp")
     try:
@@ -95,6 +96,7 @@ def cluster(tmp_path_factory):
                 _temp_dir=temp_dir,
                 log_to_driver=False,
             )
+        Path(temp_dir, "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
         yield {"app_dir": app_dir, "mount": mount, "dashboard": f"http://127.0.0.1:{dashboard_port}"}
     finally:
         ray.shutdown()
