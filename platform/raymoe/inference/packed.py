@@ -29,7 +29,7 @@ from torch import nn
 from raymoe.inference.cpu_threads import SharedThreads
 from raymoe.inference.fast_attention import ThreadedDecodeAttention, can_fuse_qkv, fuse_qkv
 from raymoe.models.attention import GQAttention, MLAttention
-from raymoe.models.moe import GroupedExperts
+from raymoe.models.moe import GroupedExperts, rows_per_expert
 
 ModelT = TypeVar("ModelT", bound=nn.Module)  # the model a function changes in place and returns
 
@@ -105,7 +105,7 @@ class ExpertsOnThreads(nn.Module):
         return self._matmul(h.mul_(gate_up[:, self.hidden_dim :]), self._down[e])
 
     def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        work = [(e, x_rows) for e, x_rows in enumerate(torch.split(x_SD, counts)) if x_rows.shape[0]]
+        work = rows_per_expert(x_SD, counts)
         if not work:
             return x_SD.new_zeros(0, self.dim)
         outputs: list = [None] * len(work)
