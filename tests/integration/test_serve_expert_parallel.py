@@ -1,6 +1,7 @@
 """Expert-parallel serving: an engine over 2 shard workers (Ray actors joined by gloo) gives the
 same greedy tokens as the engine with the whole model in-process (ep=1), in one continuous batch;
-also with a redundant copy of the hottest expert, and through the HTTP app.
+the same seeded samples and log-probabilities with the workers sampling their own rows; also
+with a redundant copy of the hottest expert, and through the HTTP app.
 
 The ep=1 engine is the reference: expert parallelism changes where each expert runs, never what
 it computes, so greedy tokens must be identical.
@@ -26,17 +27,22 @@ def engine_config():
     return EngineConfig(num_slots=4, max_tokens_per_step=16, num_threads=1)
 
 
-def run_batch(core):
-    """Three requests start together; the fourth arrives after two steps (continuous batching)."""
+# Seeded sampling of every kind the sampler has, with log-probabilities asked for by some.
+SAMPLED = [
+    SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=MAX_TOKENS[0], logprobs=3),
+    SamplingParams(temperature=1.0, seed=5, max_tokens=MAX_TOKENS[1]),
+    SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[2], logprobs=2),
+    SamplingParams(temperature=0.7, top_k=20, seed=9, max_tokens=MAX_TOKENS[3], logprobs=0),
+]
+
+
+def run_batch(core, params=None, events=None):
+    """Three requests start together; the fourth arrives after two steps (continuous batching).
+    Greedy unless `params` (one per request); every event goes to `events` when given."""
 
     def add(i):
-        core.add_request(
-            GenerationRequest(
-                request_id=f"r{i}",
-                prompt_ids=PROMPTS[i],
-                params=SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i]),
-            )
-        )
+        p = params[i] if params else SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i])
+        core.add_request(GenerationRequest(request_id=f"r{i}", prompt_ids=PROMPTS[i], params=p))
 
     for i in range(3):
         add(i)
@@ -46,6 +52,8 @@ def run_batch(core):
             add(3)
         for rid, event in core.step():
             outputs.setdefault(rid, []).append(event.token_id)
+            if events is not None:
+                events.setdefault(rid, []).append(event)
         steps += 1
     return outputs, steps
 
@@ -103,6 +111,31 @@ def test_two_shard_workers_match_in_process_engine(ray_cluster, artifact8):
             poll_health()
     finally:
         model.shutdown()
+
+
+def test_workers_sample_their_rows_as_the_in_process_engine_does(ray_cluster, artifact8):
+    # Prepare: the in-process engine's seeded samples and log-probabilities.
+    from raymoe.models import load_hf
+
+    want_events: dict = {}
+    expected, _ = run_batch(EngineCore(load_hf(artifact8), engine_config()), SAMPLED, want_events)
+    model, core = sharded(artifact8)
+    try:
+        # Execute: the same requests, each worker sampling its own rows.
+        got_events: dict = {}
+        got, _ = run_batch(core, SAMPLED, got_events)
+    finally:
+        model.shutdown()
+    # Assert: the same tokens, and the same log-probabilities where they were asked for.
+    assert got == expected
+    assert len(set(map(tuple, got.values()))) == 4
+    for rid, events in want_events.items():
+        for want, event in zip(events, got_events[rid]):
+            assert (event.logprob is None) == (want.logprob is None)
+            if want.logprob is not None:
+                assert event.logprob == pytest.approx(want.logprob, abs=1e-4)
+                assert list(event.top_logprobs) == list(want.top_logprobs)
+                assert list(event.top_logprobs.values()) == pytest.approx(list(want.top_logprobs.values()), abs=1e-4)
 
 
 def test_redundant_copy_of_hot_expert_keeps_tokens_and_takes_load(ray_cluster, artifact7):

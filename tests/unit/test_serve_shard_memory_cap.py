@@ -7,8 +7,9 @@ the dense weights and a quarter of the experts, 173 MiB.
 - ep=1: `ShardWorker` refuses before allocating or reading any tensor, with an error naming the
   layout, the estimate and the limit (not an allocation failing half-way, not a kernel kill);
 - ep=4: the four capped workers load their shares (dense + 1/4 of the experts, counted by hand),
-  join one gloo group and serve a prefill and a decode step whose logits equal the whole model's
-  (the one the artifact was saved from, run uncapped in the test process).
+  join one gloo group and serve a prefill and a decode step whose greedy token and top-5
+  log-probabilities (sampled on the worker) equal the whole model's (the one the artifact was
+  saved from, run uncapped in the test process).
 The same numbers with `memory_per_worker_gb` refuse ep=1 in the worker's constructor too.
 """
 
@@ -27,6 +28,8 @@ from raymoe.inference.forward_jobs import ForwardJob, run_forward_jobs
 from raymoe.models import KVCache, MoETransformer, flavour, save_hf
 from raymoe.parallel.layout import ExpertPlacement
 from raymoe.parallel.shard_memory import WorkerMemoryError
+from raymoe.serve.request import SamplingParams
+from raymoe.serve.sampling import RowSampling
 from raymoe.serve.shard_worker import ShardWorker
 
 MIB = 1024**2
@@ -35,6 +38,7 @@ CAP_MIB = 320
 # dim 512 x hidden 512, fp32.
 EXPERT_BYTES = 7 * 16 * 3 * 512 * 512 * 4  # 336 MiB
 PROMPT_LEN = 8
+GREEDY_TOP5 = SamplingParams(temperature=0.0, logprobs=5)
 _M_ARENA_MAX = -8  # glibc mallopt parameter
 
 
@@ -98,15 +102,16 @@ def _capped_shard(rank, world, init_file, out_dir, model_path, cap_bytes):
         for job in _jobs():
             local = job.rows(row)
             local.slot_ids_B = local.slot_ids_B // world
-            (logits,), _ = worker.run([local])
-            steps.append(logits)
+            # Greedy with the top 5 log-probabilities: the worker samples its own row.
+            ((drawn,),), _ = worker.run([local], [[RowSampling(GREEDY_TOP5, None, False)]])
+            steps.append((drawn.token, drawn.top_logprobs))
         held = {"dense": 0, "experts": 0}
         for name, p in worker.model.named_parameters():
             held["experts" if ".experts." in name else "dense"] += p.numel() * p.element_size()
         result = {
             "held": held,
             "expert_ids": [list(moe.experts.expert_ids) for moe in worker.model.moe_layers()],
-            "logits": steps,
+            "draws": steps,
             "used": _status_bytes("VmPeak") - mapped,
         }
         worker.shutdown()
@@ -196,8 +201,12 @@ def test_capped_shard_workers_serve_at_ep4_and_ep1_is_refused_before_loading(art
         assert worker["expert_ids"] == [list(range(4 * rank, 4 * rank + 4))] * 7
         assert abs(held - want_ep4) <= 0.05 * want_ep4
         assert worker["used"] <= cap
-        for step, logits in enumerate(worker["logits"]):
-            torch.testing.assert_close(logits[0], want_logits[step][rank], rtol=1e-4, atol=1e-4)
+        for step, (token, top) in enumerate(worker["draws"]):
+            want_logprobs_V = want_logits[step][rank].log_softmax(-1)
+            assert token == int(want_logprobs_V.argmax())
+            values, ids = want_logprobs_V.topk(5)
+            assert list(top) == ids.tolist()
+            torch.testing.assert_close(torch.tensor(list(top.values())), values, rtol=1e-4, atol=1e-4)
 
 
 def test_memory_budget_refuses_ep1_before_reading_any_tensor(artifact, monkeypatch):

@@ -34,7 +34,7 @@ from raymoe.serve.request import (
     SamplingParams,
     TokenEvent,
 )
-from raymoe.serve.sampling import make_generator, sample
+from raymoe.serve.sampling import RowSampling, make_generator, sample_rows
 from raymoe.serve.scheduler import QueueFullError, Scheduler, SchedulerConfig, StepPlan
 
 log = logging.getLogger(__name__)
@@ -271,14 +271,15 @@ class EngineCore:
         if plan.empty:
             return []
         self.num_preemptions += len(plan.preempted)
-        rows, logits = self._forward(plan)
+        if hasattr(self.model, "forward_and_sample"):
+            rows, picked = self._forward_and_sample(plan, states)
+        else:
+            rows, logits = self._forward(plan)
+            specs = [_row_sampling(states[c.seq.seq_id]) for c in rows]
+            picked = sample_rows(torch.stack(logits), specs) if rows else []
         params = [states[c.seq.seq_id].request.params for c in rows]
-        gens = [states[c.seq.seq_id].generator for c in rows]
         record = [states[c.seq.seq_id].request.record_features for c in rows]
-        out = sample(torch.stack(logits), params, gens, record) if rows else None
-        tokens = out.tokens_B.tolist() if out else []
-        chosen = out.logprobs_B.tolist() if out and out.logprobs_B is not None else None
-        top_logprobs = out.top_logprobs if out else []
+        tokens = [p.token for p in picked]
         with self._lock:
             sampled = {c.seq.seq_id: t for c, t in zip(rows, tokens)}
             finished = {s.seq_id for s in self.scheduler.commit(plan, sampled)}
@@ -296,11 +297,11 @@ class EngineCore:
                     reason = "length"
                 event = TokenEvent(
                     token_id=token,
-                    logprob=None if chosen is None or p.logprobs is None else chosen[i],
-                    top_logprobs=top_logprobs[i],
+                    logprob=None if p.logprobs is None else picked[i].logprob,
+                    top_logprobs=picked[i].top_logprobs,
                     finish_reason=reason,
                     num_prompt_tokens=len(chunk.seq.prompt_ids),
-                    chosen_logprob=chosen[i] if record[i] and chosen is not None else None,
+                    chosen_logprob=picked[i].logprob if record[i] else None,
                     embedding=self._embeddings.get(rid),
                 )
                 events.append((rid, event))
@@ -311,22 +312,38 @@ class EngineCore:
         self.num_generated += len(events)
         return events
 
+    def _forward_and_sample(self, plan: StepPlan, states: dict[str, _RequestState]):
+        """Expert-parallel steps: each shard worker samples its own rows, so token ids cross the
+        object store instead of (B, V) logits. Returns the rows that sample and their draws; a
+        drawn-from generator comes back advanced and replaces the request's."""
+        groups, jobs = self._jobs(plan)
+        specs = [[_row_sampling(states[c.seq.seq_id]) if c.samples else None for c in group] for group in groups]
+        results = self.model.forward_and_sample(jobs, specs)
+        self._count_experts()
+        rows, picked = [], []
+        for group, job_results in zip(groups, results):
+            for chunk, result in zip(group, job_results):
+                if result is None:
+                    continue
+                if result.generator is not None:
+                    states[chunk.seq.seq_id].generator = result.generator
+                rows.append(chunk)
+                picked.append(result)
+        return rows, picked
+
     @torch.inference_mode()
     def _forward(self, plan: StepPlan):
         """Runs the step's forwards (`_jobs`) in one pass; returns the rows that sample and their
         logits, and keeps the pooled embeddings of the step's `_embed` requests in `_embeddings`
-        (by request id). The expert-parallel `ShardedModel` takes the same jobs, one Ray call per
-        worker, and keeps no hidden states (no embeddings)."""
+        (by request id). (The expert-parallel `ShardedModel` keeps no hidden states, so it has no
+        embeddings: see `_forward_and_sample`.)"""
         groups, jobs = self._jobs(plan)
-        embed, hidden_ND = self._embed, None
-        if hasattr(self.model, "forward_jobs"):
-            outputs = self.model.forward_jobs(jobs)
-        else:
-            adapters = None
-            if hasattr(self.model, "lora_context"):
-                adapters = [[self._adapter_of[c.seq.seq_id] for c in group] for group in groups]
-            outputs = run_forward_jobs(self.model, jobs, self.cache, adapters, keep_hidden=bool(embed))
-            hidden_ND = self.model.last_hidden_ND
+        embed = self._embed
+        adapters = None
+        if hasattr(self.model, "lora_context"):
+            adapters = [[self._adapter_of[c.seq.seq_id] for c in group] for group in groups]
+        outputs = run_forward_jobs(self.model, jobs, self.cache, adapters, keep_hidden=bool(embed))
+        hidden_ND = self.model.last_hidden_ND
         self._count_experts()
         rows, logits, n = [], [], 0
         for group, logits_BV in zip(groups, outputs):
@@ -395,6 +412,12 @@ class EngineCore:
             preemptions=self.num_preemptions,
         )
         return s
+
+
+def _row_sampling(state: _RequestState) -> RowSampling:
+    params = state.request.params
+    generator = state.generator if params.temperature > 0 else None
+    return RowSampling(params, generator, state.request.record_features)
 
 
 def step_or_fail(core: EngineCore) -> list[tuple[str, TokenEvent | BaseException]]:

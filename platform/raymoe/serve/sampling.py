@@ -52,7 +52,7 @@ class Sampled:
 def sample(
     logits_BV: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator],
+    generators: list[torch.Generator | None],
     record_B: list[bool] | None = None,
 ) -> Sampled:
     """Draws one token per row.
@@ -99,3 +99,33 @@ def sample(
         values, ids = logprobs_BV[i].topk(min(p.logprobs, logits_BV.shape[-1]))
         top.append(dict(zip(ids.tolist(), values.tolist())))
     return Sampled(tokens_B, chosen_B, top)
+
+
+@dataclass
+class RowSampling:
+    """How to sample one row: what a shard worker needs to sample it exactly as the engine would."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # the request's own; None for greedy rows (never drawn from)
+    record: bool  # the chosen token's log-probability is wanted (traffic windows)
+
+
+@dataclass
+class RowSample:
+    """One row's draw: the token, its log-probability and top alternatives where asked, and the
+    generator after the draw (it crossed a process boundary, so the engine keeps this copy)."""
+
+    token: int
+    logprob: float | None
+    top_logprobs: dict[int, float] | None
+    generator: torch.Generator | None
+
+
+def sample_rows(logits_BV: torch.Tensor, rows: list[RowSampling]) -> list[RowSample]:
+    """`sample` over rows described by `RowSampling`, one `RowSample` each."""
+    out = sample(logits_BV, [r.params for r in rows], [r.generator for r in rows], [r.record for r in rows])
+    chosen = out.logprobs_B.tolist() if out.logprobs_B is not None else [None] * len(rows)
+    return [
+        RowSample(token, logprob, top, r.generator)
+        for token, logprob, top, r in zip(out.tokens_B.tolist(), chosen, out.top_logprobs, rows)
+    ]

@@ -4,9 +4,10 @@ starts N of them behind the model-like `ShardedModel` the engine drives.
 
 Each engine step arrives as one `run` call with all of that step's forwards restricted to this
 worker's rows (`raymoe.inference.forward_jobs`); with no rows it still runs every MoE layer with
-zero tokens, so the collectives line up. Live re-placement is `stage_placement` (build the new
-experts and dispatchers beside the running ones) then `commit_placement` (swap them in between
-two `run` calls).
+zero tokens, so the collectives line up. The worker samples its rows itself (each request's
+generator travels with its row and comes back advanced), so token ids go back, not logits. Live
+re-placement is `stage_placement` (build the new experts and dispatchers beside the running
+ones) then `commit_placement` (swap them in between two `run` calls).
 
 Shapes: B batch rows, V vocabulary, L MoE layers, E experts.
 """
@@ -22,6 +23,7 @@ import torch
 
 from raymoe.inference.forward_jobs import ForwardJob, run_forward_jobs
 from raymoe.parallel.layout import ExpertPlacement
+from raymoe.serve.sampling import RowSample, RowSampling, sample_rows
 
 if TYPE_CHECKING:
     from raymoe.models import KVCache
@@ -131,12 +133,16 @@ class ShardWorker:
         return cache.nbytes()
 
     @torch.inference_mode()
-    def run(self, jobs: list[ForwardJob | None]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-        """Runs one engine step's forwards in order (None = no rows here, join the collectives).
+    def run(
+        self, jobs: list[ForwardJob | None], specs: list[list[RowSampling | None] | None]
+    ) -> tuple[list[list[RowSample | None] | None], torch.Tensor]:
+        """Runs one engine step's forwards in order (None = no rows here, join the collectives)
+        and samples each row that samples, as the engine would (`specs`: per job, per row, how;
+        None where the row does not sample).
 
         Returns:
-            Per job the logits (B_local, V) at each row's `last_B` position (None for empty jobs),
-            and the (L, E) tokens routed per expert summed over the jobs (this worker's tokens).
+            Per job (None for empty jobs) per row its draw (None where it does not sample), and
+            the (L, E) tokens routed per expert summed over the jobs (this worker's tokens).
         """
         if self.cache is None:
             raise RuntimeError(f"rank {self.rank}: run before make_cache")
@@ -155,7 +161,20 @@ class ShardWorker:
             for i, moe in enumerate(moe_layers):
                 tokens_LE[i] += moe.last_tokens_per_expert_E.cpu()
         found = iter(logits)
-        return [None if job is None else next(found).cpu() for job in jobs], tokens_LE
+        drawn: list[list[RowSample | None] | None] = []
+        for job, job_specs in zip(jobs, specs):
+            if job is None or job_specs is None:
+                drawn.append(None)
+                continue
+            logits_BV = next(found).cpu()  # the requests' generators are CPU generators
+            sampled = [(b, spec) for b, spec in enumerate(job_specs) if spec is not None]
+            rows: list[RowSample | None] = [None] * len(job_specs)
+            if sampled:
+                picked = sample_rows(logits_BV[[b for b, _ in sampled]], [spec for _, spec in sampled])
+                for (b, _), row in zip(sampled, picked):
+                    rows[b] = row
+            drawn.append(rows)
+        return drawn, tokens_LE
 
     def slot_rows(self) -> list[list[int]]:
         """Per MoE layer, the rows each local expert slot has computed so far."""

@@ -10,8 +10,10 @@ Attention is data-parallel over the batch: engine slot s lives on worker s mod N
 row s // N, so a sequence always meets its own keys. Each engine step sends every worker one Ray
 call with all of that step's forwards (decode batch and prefill groups) restricted to its rows,
 run in one pass (`raymoe.inference.forward_jobs`); a worker with no rows still runs every MoE layer
-with zero tokens, so the collectives line up. Logits of each forward's sampled position come
-back and are put back in row order.
+with zero tokens, so the collectives line up. Each worker samples its own rows with the
+request's sampling settings and generator (`raymoe.serve.sampling.sample_rows`), so token ids
+(and the log-probabilities asked for) come back instead of full-vocabulary logits, and are put
+back in row order.
 
 Live re-placement (`ShardedModel.apply_placement`): every worker first builds the expert modules
 and dispatchers of the new placement beside the running ones (`stage_placement`, reading from the
@@ -34,6 +36,7 @@ import torch
 from raymoe.inference.forward_jobs import ForwardJob
 from raymoe.parallel.layout import ExpertPlacement
 from raymoe.serve.request import EngineStoppedError
+from raymoe.serve.sampling import RowSample, RowSampling
 from raymoe.serve.shard_worker import ShardWorker
 
 
@@ -61,7 +64,8 @@ class ShardedModel:
 
     Offers `cfg`, `eval()`, `parameters()` (none here), `moe_layers()` (routed-token counts of
     the last step, summed over workers), `make_cache` (the engine's `kv_cache_factory`) and
-    `forward_jobs(jobs)`: all forwards of one engine step in one Ray call per worker; and
+    `forward_and_sample(jobs, specs)`: all forwards of one engine step in one Ray call per worker,
+    each worker sampling its own rows; and
     `apply_placement` (live re-placement, from another thread while the engine steps).
     """
 
@@ -188,8 +192,18 @@ class ShardedModel:
         nbytes = sum(ray.get([w.make_cache.remote(local, max_seq_len) for w in self.workers]))
         return _RemoteCache(num_slots, max_seq_len, nbytes)
 
-    def forward_jobs(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
-        """Runs one engine step's forwards on the workers; returns each job's logits (B, V).
+    def forward_and_sample(
+        self, jobs: list[ForwardJob], specs: list[list[RowSampling | None]]
+    ) -> list[list[RowSample | None]]:
+        """Runs one engine step's forwards on the workers, each sampling its own rows.
+
+        Args:
+            jobs: the step's forwards (`EngineCore._jobs`).
+            specs: per job, per row, how to sample it (None: the row does not sample).
+
+        Returns:
+            Per job, per row, the worker's draw (None where the row does not sample). Token ids
+            and the log-probabilities asked for cross the object store, not (B, V) logits.
 
         Raises:
             EngineStoppedError: a worker failed in this step or an earlier one (see below).
@@ -202,20 +216,23 @@ class ShardedModel:
 
         N = self.num_workers
         per_worker: list[list[ForwardJob | None]] = [[] for _ in range(N)]
-        row_index: list[list[torch.Tensor]] = [[] for _ in range(N)]
-        for job in jobs:
+        specs_per_worker: list[list[list[RowSampling | None] | None]] = [[] for _ in range(N)]
+        row_index: list[list[list[int]]] = [[] for _ in range(N)]
+        for job, job_specs in zip(jobs, specs):
             owner_B = job.slot_ids_B % N
             for w in range(N):
                 index_b = torch.nonzero(owner_B == w).squeeze(1)
-                row_index[w].append(index_b)
+                row_index[w].append(index_b.tolist())
                 if index_b.numel() == 0:
                     per_worker[w].append(None)
+                    specs_per_worker[w].append(None)
                 else:
                     local = job.rows(index_b)
                     local.slot_ids_B = local.slot_ids_B // N
                     per_worker[w].append(local)
+                    specs_per_worker[w].append([job_specs[b] for b in row_index[w][-1]])
         with self._send_lock:
-            refs = [w.run.remote(per_worker[i]) for i, w in enumerate(self.workers)]
+            refs = [w.run.remote(per_worker[i], specs_per_worker[i]) for i, w in enumerate(self.workers)]
         try:
             results = ray.get(refs)
         except ray.exceptions.RayError as exc:
@@ -229,13 +246,14 @@ class ShardedModel:
         tokens_LE = sum(tokens for _, tokens in results)
         for layer, tokens_E in zip(self._layers, tokens_LE):
             layer.last_tokens_per_expert_E = tokens_E
-        out = []
+        out: list[list[RowSample | None]] = []
         for j, job in enumerate(jobs):
-            logits_BV = torch.empty(job.ids_BT.shape[0], self.cfg.vocab_size, dtype=torch.float32)
-            for w, (logits, _) in enumerate(results):
-                if logits[j] is not None:
-                    logits_BV[row_index[w][j]] = logits[j]
-            out.append(logits_BV)
+            rows: list[RowSample | None] = [None] * job.ids_BT.shape[0]
+            for w, (drawn, _) in enumerate(results):
+                if drawn[j] is not None:
+                    for b, row in zip(row_index[w][j], drawn[j]):
+                        rows[b] = row
+            out.append(rows)
         return out
 
     def apply_placement(self, placement: ExpertPlacement, timeout_s: float = 300.0) -> dict:
