@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; each figure keeps its best")
     args = parser.parse_args(argv)
     from raymoe.inference import fast_attention
-    from raymoe.inference.packed import pack_fp32
+    from raymoe.inference.packed import pack_onednn
     from raymoe.models import MoETransformer
     from raymoe.serve.debug_artifact import debug_config
 
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
     cfg = debug_config(2048, max_seq_len=max(contexts) + steps + 2, **shape)
     model = MoETransformer(cfg)
     model.init_weights(seed=0)
-    pack_fp32(model, expert_threads=args.expert_threads)
+    pack_onednn(model, expert_threads=args.expert_threads)
     gen = torch.Generator().manual_seed(0)
     threshold = fast_attention.THREADED_DECODE_MIN_ROW_KEYS
     best: dict = {}

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from bench.harness import print_table, run_line, write_results
-from raymoe.inference.packed import pack_fp32
+from raymoe.inference.packed import pack_onednn
 from raymoe.models import MoETransformer
 from raymoe.serve.debug_artifact import debug_config
 from raymoe.serve.engine import EngineConfig, EngineCore
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         model.init_weights(seed=0)
         model.eval()
         default = decode_tokens_per_s(model, prompt, new_tokens)
-        packed_model = pack_fp32(copy.deepcopy(model))
+        packed_model = pack_onednn(copy.deepcopy(model))
         del model
         packed = decode_tokens_per_s(packed_model, prompt, new_tokens)
         del packed_model

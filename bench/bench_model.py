@@ -24,7 +24,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from bench.harness import best_seconds, gemm_peak_flops, print_table, run_line, write_results
-from raymoe.inference.packed import pack_fp32
+from raymoe.inference.packed import pack_onednn
 from raymoe.models import load_hf
 from raymoe.models.generate import generate
 
@@ -151,7 +151,7 @@ def bench_decode(batch: int, prompt: int, new: int, num_layers: int) -> tuple[li
     """Rows for raymoe's `generate` with PyTorch's default kernels (as transformers runs) and with
     oneDNN-packed weights (what the serving engine runs, `engine.cpu_kernels: onednn`)."""
     reference, ours = mixtral_pair(num_layers=num_layers, vocab=32000, seq=prompt + new)
-    packed = pack_fp32(copy.deepcopy(ours))
+    packed = pack_onednn(copy.deepcopy(ours))
     ids = torch.randint(3, 32000, (batch, prompt))
     ref_out = reference.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     agree = min(

@@ -26,7 +26,7 @@ import torch
 from bench.harness import machine_line, print_table, write_results
 from raymoe.deploy.cpu_fleet import cpu_roofline, measure_cpu_fleet
 from raymoe.deploy.roofline import Layout, decode_step, model_sizes
-from raymoe.inference.packed import pack_fp32
+from raymoe.inference.packed import pack_onednn
 from raymoe.models import MoETransformer
 from raymoe.models.config import flavour
 from raymoe.serve.engine import EngineConfig, EngineCore
@@ -82,7 +82,7 @@ def main() -> None:
         if name not in models:
             model = MoETransformer(flavour(name))
             model.init_weights(seed=0)
-            models[name] = pack_fp32(model.eval())
+            models[name] = pack_onednn(model.eval())
         # Three runs, the fastest step of all: other processes on a shared machine come and go.
         step_s, context = min(measure_decode(models[name], batch) for _ in range(3))
         sizes = model_sizes(flavour(name))

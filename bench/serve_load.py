@@ -292,14 +292,14 @@ def transformers_peer(artifact: str, prompts: list[list[int]], max_tokens: int, 
 def engine_models(artifact: str, expert_threads: int) -> dict:
     """The artifact as the engine rows run it: PyTorch's default fp32 kernels, packed fp32 (the
     server's fp32), bf16 and INT8; built once for every round."""
-    from raymoe.inference.packed import pack_fp32
+    from raymoe.inference.packed import pack_onednn
     from raymoe.inference.quantize import quantize_int8
     from raymoe.models import load_hf
 
     fp32 = load_hf(artifact).eval()
     return {
         "fp32 default kernels": fp32,
-        "fp32 packed": pack_fp32(copy.deepcopy(fp32), expert_threads),
+        "fp32 packed": pack_onednn(copy.deepcopy(fp32), expert_threads),
         "bf16": copy.deepcopy(fp32).to(torch.bfloat16),
         "int8": quantize_int8(copy.deepcopy(fp32), expert_threads),
     }

@@ -9,15 +9,19 @@ CUDA device that supports bf16), and on a CPU only for models at least AUTO_BF16
 narrower GEMMs are too small for the bf16 units to pay for the conversions around them (measured
 on an AMX Xeon, 2 cores: a d128 `debug` train step 0.67x of fp32, `bench.bench_bf16_loss`; a d512
 Mixtral-shaped one 1.15x, `bench.bench_model`; d256 engine decode 0.73x, `bench.serve_load
---smoke`). The serving engine's `auto` is fp32 on every CPU (`cpu_decode`): its bf16 decode lost
-to fp32 at each width measured. `fp32` and `bf16` force either. The choice and its reason are
-logged by the jobs and exported as the `dtype` label of `raymoe_train_precision_info` and
-`raymoe_serve_engine_info`.
+--smoke`). The serving engine's `auto` on such a CPU is measured, not assumed (`cpu_decode`):
+bf16 decode through PyTorch's default kernels lost to fp32 at each width on an AMX Xeon, while
+oneDNN-packed bf16 ran 1.25x fp32 on an AVX512-BF16 EPYC; so with packed kernels the engine times
+both dtypes' decode GEMMs at start-up (`raymoe.inference.decode_dtype_probe`) and takes bf16 only
+when it is at least BF16_DECODE_MIN_SPEEDUP faster, fp32 otherwise. `fp32` and `bf16` force
+either. The choice and its reason are logged by the jobs and exported as the `dtype` label of
+`raymoe_train_precision_info` and `raymoe_serve_engine_info`.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +35,9 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # Hidden size from which `auto` picks bf16 on such a CPU (see the module docstring).
 AUTO_BF16_MIN_DIM = 512
+# How much faster the start-up measurement must find bf16 decode for serving's `auto` to take it
+# (bf16 also moves the logits a little, so a tie stays fp32).
+BF16_DECODE_MIN_SPEEDUP = 1.1
 
 
 @functools.cache
@@ -71,6 +78,7 @@ def resolve_precision(
     flags: frozenset[str] | None = None,
     model_dim: int | None = None,
     cpu_decode: bool = False,
+    decode_probe: Callable[[], dict[str, float]] | None = None,
 ) -> Precision:
     """The dtype to compute in on `device` for `setting` ("auto", "fp32" or "bf16").
 
@@ -80,9 +88,11 @@ def resolve_precision(
         flags: the CPU's flags (default: this machine's, from /proc/cpuinfo).
         model_dim: the model's hidden size; on a CPU, `auto` keeps models narrower than
             AUTO_BF16_MIN_DIM in fp32 (None: not considered).
-        cpu_decode: for the serving engine; on a CPU `auto` is fp32 whatever the flags: its
-            decode reads small batches through bf16 kernels that lost to fp32 at every width
-            measured (`bench.serve_load` on an AMX Xeon: 0.73x at d256, 0.72x at d512).
+        cpu_decode: for the serving engine: on a fast-bf16 CPU, `auto` follows `decode_probe`
+            (without one it is fp32: bf16 decode through PyTorch's default kernels measured
+            0.72-0.73x of fp32 on an AMX Xeon, `bench.serve_load`).
+        decode_probe: returns the seconds of the same decode GEMMs in "fp32" and "bf16"
+            (`raymoe.inference.decode_dtype_probe`); called only when it decides.
     """
     if setting not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
@@ -95,9 +105,15 @@ def resolve_precision(
         return Precision("fp32", "auto: this CUDA device has no bf16")
     found = sorted(set(FAST_BF16_FLAGS) & (cpu_flags() if flags is None else flags))
     if found and cpu_decode:
-        return Precision(
-            "fp32", f"auto: the CPU has {' and '.join(found)}, but bf16 decode measured slower than fp32 on CPUs"
-        )
+        units = " and ".join(found)
+        if decode_probe is None:
+            return Precision("fp32", f"auto: the CPU has {units}, but unpacked bf16 decode measured slower than fp32")
+        seconds = decode_probe()
+        speedup = seconds["fp32"] / seconds["bf16"]
+        measured = f"packed bf16 decode GEMMs measured {speedup:.2f}x fp32's at start-up"
+        if speedup >= BF16_DECODE_MIN_SPEEDUP:
+            return Precision("bf16", f"auto: the CPU has {units}; {measured}")
+        return Precision("fp32", f"auto: the CPU has {units}, but {measured} (bf16 from {BF16_DECODE_MIN_SPEEDUP}x)")
     if found and model_dim is not None and model_dim < AUTO_BF16_MIN_DIM:
         return Precision(
             "fp32",

@@ -12,7 +12,7 @@ from torch import nn
 from raymoe.inference import fast_attention as attention_module
 from raymoe.inference.cpu_threads import SharedThreads
 from raymoe.inference.fast_attention import ThreadedDecodeAttention, fuse_qkv
-from raymoe.inference.packed import pack_fp32
+from raymoe.inference.packed import pack_onednn
 from raymoe.models import KVCache, MoETransformer
 from raymoe.models.attention import GQAttention, decode_attend
 from raymoe.models.lora import LoRALinear, lora_context
@@ -59,7 +59,7 @@ def test_packing_fuses_plain_projections_and_leaves_lora_wrapped_ones():
     model = MoETransformer(debug_config(96, dim=64, num_layers=2, max_seq_len=32))
     model.init_weights(seed=1)
     model.layers[0].attn.q_proj = LoRALinear(model.layers[0].attn.q_proj, lora_context(model))
-    pack_fp32(model)
+    pack_onednn(model)
     first, second = model.layers[0].attn, model.layers[1].attn
     assert first.qkv_proj is None and isinstance(first.q_proj, LoRALinear)
     assert second.qkv_proj is not None and second.q_proj is None
@@ -110,7 +110,7 @@ def test_packed_model_with_threads_decodes_long_contexts_exactly_as_with_one(mon
     for expert_threads in (1, 3):
         model = MoETransformer(cfg)
         model.init_weights(seed=5)
-        pack_fp32(model, expert_threads=expert_threads)
+        pack_onednn(model, expert_threads=expert_threads)
         assert all(layer.attn.attend_fn.threads.count == expert_threads for layer in model.layers)
         ids = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(6))
         cache = KVCache(model.cfg, num_slots=4, max_seq_len=32)

@@ -1,4 +1,4 @@
-"""oneDNN-packed fp32 weights (`engine.cpu_kernels: onednn`) against the plain fp32 model."""
+"""oneDNN-packed fp32 and bf16 weights (`engine.cpu_kernels: onednn`) against the plain model."""
 
 import copy
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from raymoe.config import ConfigError
-from raymoe.inference.packed import PackedGroupedExperts, PackedLinear, onednn_available, pack_fp32
+from raymoe.inference.packed import PackedGroupedExperts, PackedLinear, onednn_available, pack_onednn
 from raymoe.inference.quantize import quantize_int8
 from raymoe.models import MoETransformer
 from raymoe.models.config import flavour
@@ -58,7 +58,7 @@ def test_packed_model_gives_the_same_logits_and_greedy_tokens(cfg):
     model = MoETransformer(cfg)
     model.init_weights(seed=4)
     model.eval()
-    packed = pack_fp32(copy.deepcopy(model))
+    packed = pack_onednn(copy.deepcopy(model))
     assert not any(isinstance(m, (nn.Linear, GroupedExperts)) for m in packed.modules())
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_lora_rows_survive_packing():
     wrapped.add_adapter("sql", torch.randn(4, 64, generator=gen) * 0.3, torch.randn(64, 4, generator=gen) * 0.3, 2.0)
     model.layers[0].attn.q_proj = wrapped
     model.lora_context.names.add("sql")
-    packed = pack_fp32(copy.deepcopy(model))
+    packed = pack_onednn(copy.deepcopy(model))
     assert isinstance(packed.layers[0].attn.q_proj.base, PackedLinear)
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
     with torch.no_grad():
@@ -85,10 +85,28 @@ def test_lora_rows_survive_packing():
         close(packed(ids), model(ids))
 
 
-def test_non_fp32_model_is_refused_naming_its_dtype():
-    model = MoETransformer(debug_config(96, dim=64, num_layers=1, max_seq_len=32)).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="bfloat16"):
-        pack_fp32(model)
+def test_bf16_packed_model_gives_the_bf16_models_logits():
+    model = MoETransformer(debug_config(160, dim=64, num_layers=2, max_seq_len=64))
+    model.init_weights(seed=4)
+    model = model.eval().to(torch.bfloat16)
+    packed = pack_onednn(copy.deepcopy(model))
+    assert not any(isinstance(m, (nn.Linear, GroupedExperts)) for m in packed.modules())
+    ids = torch.randint(0, 160, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = packed(ids), model(ids)
+    assert {m._packed.dtype for m in packed.modules() if isinstance(m, PackedLinear)} == {torch.bfloat16}
+    # bf16 keeps 8 bits of mantissa: equal up to bf16 rounding of differently ordered sums.
+    close(got.float(), want.float(), rel=3e-2)
+
+
+def test_mixed_or_other_dtypes_are_refused_naming_them():
+    model = MoETransformer(debug_config(96, dim=64, num_layers=1, max_seq_len=32)).to(torch.float16)
+    with pytest.raises(ValueError, match="float16"):
+        pack_onednn(model)
+    model = MoETransformer(debug_config(96, dim=64, num_layers=1, max_seq_len=32))
+    model.layers[0].attn.o_proj.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"bfloat16.*float32"):
+        pack_onednn(model)
 
 
 def test_engine_config_names_a_bad_cpu_kernels_value():
@@ -103,18 +121,19 @@ def test_serve_engine_packs_fp32_cpu_weights_unless_told_not_to(tmp_path):
 
     artifact = str(make_debug_artifact(tmp_path / "tiny", vocab_size=300, dim=64, num_layers=1, max_seq_len=64))
     configs = [
-        # Packing is for fp32 weights; `auto` would hold bf16 ones on CPUs with AMX.
         ServeConfig(model_path=artifact, dtype="fp32"),
+        ServeConfig(model_path=artifact, dtype="bf16"),
         ServeConfig(model_path=artifact, dtype="fp32", engine=EngineConfig(cpu_kernels="default")),
         ServeConfig(model_path=artifact, int8=True),
     ]
     kinds = [{type(m).__name__ for m in load_model(cfg, []).modules()} for cfg in configs]
     assert "PackedGroupedExperts" in kinds[0] and "Linear" not in kinds[0]
-    assert "GroupedExperts" in kinds[1] and "PackedLinear" not in kinds[1]
-    assert "Int8GroupedExperts" in kinds[2] and "PackedLinear" not in kinds[2]
+    assert "PackedGroupedExperts" in kinds[1] and "Linear" not in kinds[1]
+    assert "GroupedExperts" in kinds[2] and "PackedLinear" not in kinds[2]
+    assert "Int8GroupedExperts" in kinds[3] and "PackedLinear" not in kinds[3]
 
 
-@pytest.mark.parametrize("convert", [pack_fp32, quantize_int8], ids=["packed-fp32", "int8"])
+@pytest.mark.parametrize("convert", [pack_onednn, quantize_int8], ids=["packed-fp32", "int8"])
 def test_experts_on_several_threads_give_exactly_the_serial_result(convert):
     torch.manual_seed(2)
     experts = GroupedExperts(64, 48, list(range(6)))
@@ -130,6 +149,6 @@ def test_experts_on_several_threads_give_exactly_the_serial_result(convert):
 
 def test_expert_threads_below_one_are_refused():
     with pytest.raises(ValueError, match="expert_threads must be >= 1, got 0"):
-        pack_fp32(nn.Linear(4, 4), expert_threads=0)
+        pack_onednn(nn.Linear(4, 4), expert_threads=0)
     with pytest.raises(ConfigError, match=r"engine\.expert_threads.*0"):
         EngineConfig(expert_threads=0)

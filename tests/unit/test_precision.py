@@ -53,10 +53,40 @@ def test_auto_keeps_narrow_models_in_fp32_on_a_bf16_cpu(model_dim, expected):
     assert resolve_precision("bf16", "cpu", flags=SAPPHIRE_RAPIDS, model_dim=model_dim).name == "bf16"
 
 
-def test_auto_serves_in_fp32_on_any_cpu_and_bf16_is_still_forcible():
-    decode = resolve_precision("auto", "cpu", flags=SAPPHIRE_RAPIDS, model_dim=4096, cpu_decode=True)
-    assert decode.name == "fp32" and "decode measured slower" in decode.reason
-    assert resolve_precision("bf16", "cpu", flags=SAPPHIRE_RAPIDS, cpu_decode=True).name == "bf16"
+def test_auto_serves_in_bf16_only_where_the_start_up_measurement_finds_it_faster():
+    calls = []
+
+    def probe(fp32_s, bf16_s):
+        def measure():
+            calls.append((fp32_s, bf16_s))
+            return {"fp32": fp32_s, "bf16": bf16_s}
+
+        return measure
+
+    def decode(flags, decode_probe=None, setting="auto"):
+        return resolve_precision(setting, "cpu", flags=flags, model_dim=512, cpu_decode=True, decode_probe=decode_probe)
+
+    # Without packed kernels to measure, a bf16 CPU serves fp32 (unpacked bf16 decode lost).
+    assert decode(SAPPHIRE_RAPIDS).name == "fp32" and "unpacked bf16 decode" in decode(SAPPHIRE_RAPIDS).reason
+    # Measured 1.30x: bf16, and the reason says so; 1.05x (within BF16_DECODE_MIN_SPEEDUP): fp32.
+    fast = decode(SAPPHIRE_RAPIDS, probe(0.013, 0.010))
+    assert fast.name == "bf16" and "1.30x" in fast.reason and "amx_bf16" in fast.reason
+    slow = decode(SAPPHIRE_RAPIDS, probe(0.0105, 0.010))
+    assert slow.name == "fp32" and "1.05x" in slow.reason
+    # A CPU without bf16 units is not measured; a forced setting is kept, unmeasured.
+    assert decode(AVX2_EPYC, probe(1.0, 0.1)).name == "fp32"
+    assert decode(SAPPHIRE_RAPIDS, probe(0.01, 1.0), setting="bf16").name == "bf16"
+    assert calls == [(0.013, 0.010), (0.0105, 0.010)]
+
+
+def test_the_decode_probe_times_both_dtypes_with_the_threads_asked_and_restores_torchs():
+    from raymoe.inference.decode_dtype_probe import decode_gemv_seconds
+
+    before = torch.get_num_threads()
+    seconds = decode_gemv_seconds(64, 1)
+    assert set(seconds) == {"fp32", "bf16"} and all(s > 0 for s in seconds.values())
+    assert torch.get_num_threads() == before
+    assert decode_gemv_seconds(64, 1) is seconds  # measured once per process
 
 
 def test_a_setting_forces_the_dtype_whatever_the_cpu():

@@ -5,7 +5,7 @@ experts compute. No Ray: the functions run on a model sliced as a shard worker s
 import pytest
 import torch
 
-from raymoe.inference.packed import pack_fp32
+from raymoe.inference.packed import pack_onednn
 from raymoe.models import load_hf
 from raymoe.models.hf_config import CheckpointError
 from raymoe.parallel.layout import slice_grouped_experts
@@ -63,7 +63,7 @@ def test_plain_experts_keep_held_and_read_only_missing(artifact):
 def test_packed_experts_reuse_packed_weights_and_compute_the_same(artifact):
     # Prepare: a packed worker (cpu_kernels onednn) holding 4..7; new slots 4, 0, 7, 2.
     full = load_hf(artifact)
-    worker = pack_fp32(worker_model(artifact, [4, 5, 6, 7]))
+    worker = pack_onednn(worker_model(artifact, [4, 5, 6, 7]))
     keep = [4, 0, 7, 2]
     layer_id, moe = 1, worker.layers[1].ffn
     current = moe.experts

@@ -1,4 +1,4 @@
-"""fp32 CPU inference with weights pre-packed for oneDNN (the `engine.cpu_kernels: onednn` path).
+"""fp32 / bf16 CPU inference with weights pre-packed for oneDNN (the `engine.cpu_kernels: onednn` path).
 
 `torch.nn.functional.linear` on CPU fp32 goes to MKL's sgemm, which packs the weight matrix on
 every call. Serving multiplies small activation blocks (a decode batch, an expert's few routed
@@ -10,9 +10,11 @@ once (`torch.ops.mkldnn._reorder_linear_weight`) and applied by `_linear_pointwi
 layers, done here once when the engine loads the model. Results equal the fp32 model's up to
 summation order (~1e-6 relative).
 
-`pack_fp32(model)` replaces each `nn.Linear` and `GroupedExperts` in place, like
+`pack_onednn(model)` replaces each `nn.Linear` and `GroupedExperts` in place, like
 `quantize_int8`; each expert's gate and up projections become one packed (2F, D) weight, so an
-expert is two oneDNN calls. Inference only: the packed weights are not parameters.
+expert is two oneDNN calls. Weights keep their dtype: a bf16 model's are packed as bf16 (oneDNN
+runs them on AVX512-BF16 / AMX units, reading half the bytes per decoded token). Inference only:
+the packed weights are not parameters.
 
 Shapes: S routed rows, D model dim, F expert hidden, O/I out/in features.
 """
@@ -40,13 +42,17 @@ log = logging.getLogger(__name__)
 BATCH_HINT = 8
 
 
+# Weight dtypes oneDNN's packed linear takes here.
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def onednn_available() -> bool:
-    """Whether this torch build can run oneDNN's packed fp32 linear."""
+    """Whether this torch build can run oneDNN's packed linear."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _pack(w_OI: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(w_OI.detach().float().contiguous(), BATCH_HINT)
+    return torch.ops.mkldnn._reorder_linear_weight(w_OI.detach().contiguous(), BATCH_HINT)
 
 
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -62,13 +68,13 @@ def _packed_matmul_2d(x_MI: torch.Tensor, packed: torch.Tensor, bias: torch.Tens
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for an inference-only fp32 `nn.Linear`, weight packed for oneDNN."""
+    """Drop-in for an inference-only fp32 or bf16 `nn.Linear`, weight packed for oneDNN."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._packed = _pack(linear.weight)
-        self._bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self._bias = None if linear.bias is None else linear.bias.detach().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _packed_matmul(x, self._packed, self._bias)
@@ -119,7 +125,7 @@ class ExpertsOnThreads(nn.Module):
 
 
 class PackedGroupedExperts(ExpertsOnThreads):
-    """`GroupedExperts` with oneDNN-packed fp32 weights: per expert one gate+up call, one down call."""
+    """`GroupedExperts` with oneDNN-packed weights: per expert one gate+up call, one down call."""
 
     def _prepare(self, w_OI: torch.Tensor) -> torch.Tensor:
         return _pack(w_OI)
@@ -158,33 +164,33 @@ def replace_matmul_modules(
     return model
 
 
-def pack_fp32(model: ModelT, expert_threads: int = 1) -> ModelT:
-    """Packs every fp32 `nn.Linear` and `GroupedExperts` of `model` for oneDNN, in place.
+def pack_onednn(model: ModelT, expert_threads: int = 1) -> ModelT:
+    """Packs every `nn.Linear` and `GroupedExperts` of `model` for oneDNN, in place.
 
     Args:
-        model: an fp32 model on CPU.
+        model: an fp32 or bf16 model on CPU.
         expert_threads: threads that run a layer's experts side by side, and its decode
             attention when it reads many cached keys (1 = the caller only); the extra threads
             are shared by all layers.
 
     Raises:
-        ValueError: the model is not fp32 on CPU, or this torch has no oneDNN.
+        ValueError: the model is not all fp32 or all bf16 on CPU, or this torch has no oneDNN.
     """
     if not onednn_available():
         raise ValueError("cpu_kernels='onednn': this torch build has no oneDNN (mkldnn); use cpu_kernels='default'")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes - {torch.float32}:
-        raise ValueError(f"cpu_kernels='onednn' packs fp32 weights; the model has {sorted(map(str, dtypes))}")
+    if len(dtypes) != 1 or not dtypes <= set(PACKED_DTYPES):
+        raise ValueError(f"cpu_kernels='onednn' packs fp32 or bf16 weights; the model has {sorted(map(str, dtypes))}")
     return replace_matmul_modules(model, PackedLinear, PackedGroupedExperts, expert_threads)
 
 
 def wants_packed_weights(cpu_kernels: str, model: nn.Module) -> bool:
-    """Whether `model` should be packed: `cpu_kernels == "onednn"` and fp32 weights on CPU.
+    """Whether `model` should be packed: `cpu_kernels == "onednn"` and fp32 or bf16 weights on CPU.
 
     Warns and answers False when oneDNN is asked for but this torch build lacks it.
     """
     first = next(model.parameters())
-    wanted = cpu_kernels == "onednn" and first.device.type == "cpu" and first.dtype == torch.float32
+    wanted = cpu_kernels == "onednn" and first.device.type == "cpu" and first.dtype in PACKED_DTYPES
     if wanted and not onednn_available():
         log.warning("cpu_kernels='onednn' but this torch has no oneDNN; using PyTorch's default kernels")
         return False

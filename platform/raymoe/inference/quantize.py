@@ -84,7 +84,7 @@ def quantize_int8(model: ModelT, expert_threads: int = 1) -> ModelT:
     """Replaces every `nn.Linear` and `GroupedExperts` in `model` (in place) by its INT8 form.
 
     Inference only (the packed weights carry no gradients); CPU only (fbgemm / oneDNN kernels).
-    `expert_threads` as in `raymoe.inference.packed.pack_fp32`.
+    `expert_threads` as in `raymoe.inference.packed.pack_onednn`.
 
     Returns:
         `model`, for chaining.

@@ -16,6 +16,7 @@ Parquet windows for the drift job (`raymoe.serve.traffic_sampler`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -70,12 +71,21 @@ def engine_precision(cfg: ServeConfig) -> Precision:
     """The dtype the engine computes in (`cfg.dtype` resolved for the device it runs on)."""
     import torch
 
+    from raymoe.inference.decode_dtype_probe import decode_gemv_seconds
+    from raymoe.inference.packed import onednn_available
     from raymoe.models.hf_io import read_hf_config
     from raymoe.precision import resolve_precision
 
     on_gpu = (cfg.shard_num_gpus if cfg.ep > 1 else cfg.num_gpus) > 0 and torch.cuda.is_available()
     model_dim = read_hf_config(cfg.model_path)[0].dim
-    return resolve_precision(cfg.dtype, "cuda" if on_gpu else "cpu", model_dim=model_dim, cpu_decode=True)
+    probe = None
+    if not on_gpu and cfg.engine.cpu_kernels == "onednn" and onednn_available():
+        # The engine's own packed kernels, timed with the threads its weights will run on.
+        threads = (cfg.shard_num_threads if cfg.ep > 1 else cfg.engine.num_threads) or torch.get_num_threads()
+        probe = functools.partial(decode_gemv_seconds, model_dim, threads)
+    return resolve_precision(
+        cfg.dtype, "cuda" if on_gpu else "cpu", model_dim=model_dim, cpu_decode=True, decode_probe=probe
+    )
 
 
 def engine_dtype_label(cfg: ServeConfig) -> str:
@@ -133,7 +143,7 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
     """The artifact as the engine runs it: on GPU when asked, INT8 or packed fp32, with adapters."""
     import torch
 
-    from raymoe.inference.packed import pack_fp32, wants_packed_weights
+    from raymoe.inference.packed import pack_onednn, wants_packed_weights
     from raymoe.models import load_hf
     from raymoe.serve.shard_memory import check_shard_fits
 
@@ -154,7 +164,7 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
 
         quantize_int8(model, expert_threads=cfg.engine.expert_threads)
     elif wants_packed_weights(cfg.engine.cpu_kernels, model):
-        pack_fp32(model, expert_threads=cfg.engine.expert_threads)
+        pack_onednn(model, expert_threads=cfg.engine.expert_threads)
     return model
 
 
@@ -255,10 +265,14 @@ def _deployment_class():
             from raymoe.serve.serve_metrics import ServeMetrics
 
             self.config = from_dict(ServeConfig, config)
+            # Decided once, here (`auto` may time both dtypes): the engine, in this process or
+            # its own, computes in what is logged and exported.
+            precision = engine_precision(self.config)
+            if not self.config.int8:
+                self.config = dataclasses.replace(self.config, dtype=precision.name)
             self.server = build_server(self.config, replica_tag())
             self.metrics = ServeMetrics.create(self.config.model_id)
             self.metrics.expert_copies = expert_copies(self.config)
-            precision = engine_precision(self.config)
             log.warning(
                 "engine computes in %s", "int8 weights (int8: true)" if self.config.int8 else precision.describe()
             )

@@ -117,10 +117,10 @@ class ShardWorker:
             placement=self.placement,
             allow_replicas=True,
         )
-        from raymoe.inference.packed import pack_fp32, wants_packed_weights
+        from raymoe.inference.packed import pack_onednn, wants_packed_weights
 
         if wants_packed_weights(self.cpu_kernels, self.model):
-            pack_fp32(self.model, self.expert_threads)  # after sharding: only this worker's experts
+            pack_onednn(self.model, self.expert_threads)  # after sharding: only this worker's experts
         return self.placement.experts_of(self.rank)
 
     def make_cache(self, num_slots: int, max_seq_len: int) -> int:
