@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,8 +16,18 @@ from raymoe.serve.debug_artifact import make_debug_artifact
 
 
 def engine_processes() -> set[int]:
+    """Engine processes whose parent is a replica of this module's app "proc" (other test modules
+    running beside this one have engine processes of their own)."""
     out = subprocess.run(["pgrep", "-f", "raymoe.serve.engine_process"], capture_output=True, text=True)
-    return {int(pid) for pid in out.stdout.split()}
+    ours = set()
+    for pid in map(int, out.stdout.split()):
+        try:
+            parent = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]
+            if "ServeReplica:proc:" in Path(f"/proc/{parent}/cmdline").read_text():
+                ours.add(pid)
+        except OSError:
+            continue  # exited meanwhile
+    return ours
 
 
 def completion(url: str) -> httpx.Response:

@@ -60,24 +60,28 @@ def test_plain_experts_keep_held_and_read_only_missing(artifact):
     assert moe.experts.expert_ids == [0, 1, 2, 3] and torch.equal(moe.experts.w_gate_EFD, before)
 
 
-def test_packed_experts_reuse_packed_weights_and_compute_the_same(artifact):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_experts_reuse_packed_weights_and_compute_the_same(artifact, dtype):
     # Prepare: a packed worker (cpu_kernels onednn) holding 4..7; new slots 4, 0, 7, 2.
-    full = load_hf(artifact)
-    worker = pack_onednn(worker_model(artifact, [4, 5, 6, 7]))
+    full = load_hf(artifact).to(dtype)
+    worker = pack_onednn(worker_model(artifact, [4, 5, 6, 7]).to(dtype))
     keep = [4, 0, 7, 2]
     layer_id, moe = 1, worker.layers[1].ffn
     current = moe.experts
     counts = [3, 1, 0, 2]
-    x_SD = torch.randn(sum(counts), SHAPE["dim"], generator=torch.Generator().manual_seed(0))
+    x_SD = torch.randn(sum(counts), SHAPE["dim"], generator=torch.Generator().manual_seed(0)).to(dtype)
     # Execute
     with ExpertReader(artifact, worker.hf_architecture) as reader:
         new = experts_for_slots(current, keep, lambda missing: reader.read(layer_id, missing, current))
         y_SD = new(x_SD, counts)
-    # Assert: kept experts share their packed weights (no copy); the output is the whole model's.
+    # Assert: kept experts share their packed weights (no copy), the fresh ones are packed in the
+    # worker's dtype; the output is the whole model's.
     assert type(new) is type(current) and new.expert_ids == keep and reader.num_read == 2
     assert new._down[0] is current._down[0] and new._gate_up[2] is current._gate_up[3]
+    assert new.weight_dtype == dtype and {w.dtype for w in new._gate_up + new._down} == {dtype}
     expected = reference_output(full.layers[1].ffn.experts, keep, x_SD, counts)
-    torch.testing.assert_close(y_SD, expected, rtol=1e-5, atol=1e-5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y_SD, expected, rtol=tolerance, atol=tolerance)
 
 
 def test_missing_tensor_is_named(artifact, tmp_path):

@@ -94,6 +94,7 @@ class ExpertsOnThreads(nn.Module):
         self.expert_ids = list(experts.expert_ids)
         self.hidden_dim = experts.w_gate_EFD.shape[1]
         self.dim = experts.w_down_EDF.shape[1]
+        self.weight_dtype = experts.w_gate_EFD.dtype  # of the weights prepared (re-placement reads alike)
         self._gate_up = [self._prepare(torch.cat([g, u])) for g, u in zip(experts.w_gate_EFD, experts.w_up_EFD)]
         self._down = [self._prepare(w) for w in experts.w_down_EDF]
         self._threads = threads or SharedThreads.start(1)

@@ -72,7 +72,7 @@ def _shape_of(experts: nn.Module) -> tuple[int, int, torch.dtype, torch.device]:
         w = experts.w_gate_EFD
         return w.shape[2], w.shape[1], w.dtype, w.device
     if isinstance(experts, ExpertsOnThreads):
-        return experts.dim, experts.hidden_dim, torch.float32, torch.device("cpu")
+        return experts.dim, experts.hidden_dim, experts.weight_dtype, torch.device("cpu")
     raise TypeError(f"cannot re-place experts held by a {type(experts).__name__}")
 
 
