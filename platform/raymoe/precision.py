@@ -9,7 +9,9 @@ CUDA device that supports bf16), and on a CPU only for models at least AUTO_BF16
 narrower GEMMs are too small for the bf16 units to pay for the conversions around them (measured
 on an AMX Xeon, 2 cores: a d128 `debug` train step 0.67x of fp32, `bench.bench_bf16_loss`; a d512
 Mixtral-shaped one 1.15x, `bench.bench_model`; d256 engine decode 0.73x, `bench.serve_load
---smoke`). The serving engine's `auto` on such a CPU is measured, not assumed (`cpu_decode`):
+--smoke`; the d256 engine's packed bf16 decode 0.88x on an AVX512-BF16 EPYC, where its GEMMs
+alone ran 2x). The serving engine's `auto` on such a CPU, for a model as wide, is measured, not
+assumed (`cpu_decode`):
 bf16 decode through PyTorch's default kernels lost to fp32 at each width on an AMX Xeon, while
 oneDNN-packed bf16 ran 1.25x fp32 on an AVX512-BF16 EPYC; so with packed kernels the engine times
 both dtypes' decode GEMMs at start-up (`raymoe.inference.decode_dtype_probe`) and takes bf16 only
@@ -88,7 +90,8 @@ def resolve_precision(
         flags: the CPU's flags (default: this machine's, from /proc/cpuinfo).
         model_dim: the model's hidden size; on a CPU, `auto` keeps models narrower than
             AUTO_BF16_MIN_DIM in fp32 (None: not considered).
-        cpu_decode: for the serving engine: on a fast-bf16 CPU, `auto` follows `decode_probe`
+        cpu_decode: for the serving engine: on a fast-bf16 CPU, `auto` for a model at least
+            AUTO_BF16_MIN_DIM wide follows `decode_probe`
             (without one it is fp32: bf16 decode through PyTorch's default kernels measured
             0.72-0.73x of fp32 on an AMX Xeon, `bench.serve_load`).
         decode_probe: returns the seconds of the same decode GEMMs in "fp32" and "bf16"
@@ -104,6 +107,12 @@ def resolve_precision(
             return Precision("bf16", "auto: this CUDA device supports bf16")
         return Precision("fp32", "auto: this CUDA device has no bf16")
     found = sorted(set(FAST_BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+    if found and model_dim is not None and model_dim < AUTO_BF16_MIN_DIM:
+        return Precision(
+            "fp32",
+            f"auto: the CPU has {' and '.join(found)}, but a d{model_dim} model's GEMMs are too small "
+            f"for bf16 to pay off (bf16 from d{AUTO_BF16_MIN_DIM})",
+        )
     if found and cpu_decode:
         units = " and ".join(found)
         if decode_probe is None:
@@ -114,12 +123,6 @@ def resolve_precision(
         if speedup >= BF16_DECODE_MIN_SPEEDUP:
             return Precision("bf16", f"auto: the CPU has {units}; {measured}")
         return Precision("fp32", f"auto: the CPU has {units}, but {measured} (bf16 from {BF16_DECODE_MIN_SPEEDUP}x)")
-    if found and model_dim is not None and model_dim < AUTO_BF16_MIN_DIM:
-        return Precision(
-            "fp32",
-            f"auto: the CPU has {' and '.join(found)}, but a d{model_dim} model's GEMMs are too small "
-            f"for bf16 to pay off (bf16 from d{AUTO_BF16_MIN_DIM})",
-        )
     if found:
         return Precision("bf16", f"auto: the CPU has {' and '.join(found)}")
     return Precision("fp32", f"auto: the CPU has neither {' nor '.join(FAST_BF16_FLAGS)}, bf16 would be emulated")

@@ -73,6 +73,11 @@ def test_auto_serves_in_bf16_only_where_the_start_up_measurement_finds_it_faster
     assert fast.name == "bf16" and "1.30x" in fast.reason and "amx_bf16" in fast.reason
     slow = decode(SAPPHIRE_RAPIDS, probe(0.0105, 0.010))
     assert slow.name == "fp32" and "1.05x" in slow.reason
+    # A model narrower than AUTO_BF16_MIN_DIM stays fp32 unmeasured (its decode is not GEMM-bound).
+    narrow = resolve_precision(
+        "auto", "cpu", flags=SAPPHIRE_RAPIDS, model_dim=256, cpu_decode=True, decode_probe=probe(1.0, 0.1)
+    )
+    assert narrow.name == "fp32" and "d256" in narrow.reason
     # A CPU without bf16 units is not measured; a forced setting is kept, unmeasured.
     assert decode(AVX2_EPYC, probe(1.0, 0.1)).name == "fp32"
     assert decode(SAPPHIRE_RAPIDS, probe(0.01, 1.0), setting="bf16").name == "bf16"
