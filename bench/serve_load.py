@@ -429,16 +429,6 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from raymoe.precision import resolve_precision
-
-    default_dtype = resolve_precision("auto").describe()
-    machine = run_line(
-        f"served default config: {default_dtype}; transformers peers fp32 and bf16 "
-        "(INT8 rows: int8 weights, activations quantized to int8 per call, int32 accumulation)",
-        f"transformers peer 1..{args.threads} threads (best kept), engine {args.engine_threads} torch "
-        f"thread(s) with MoE experts on {args.expert_threads} threads",
-    )
-    print(machine, flush=True)
     bench_shape = SHAPES["smoke" if args.smoke else "quick" if args.quick else "standard"]
     max_tokens = bench_shape.new_tokens
     levels = list(bench_shape.levels)
@@ -462,6 +452,18 @@ def main(argv: list[str]) -> int:
         )
     )
     model_id = Path(artifact.rstrip("/")).name
+    from raymoe.serve.app import engine_precision
+    from raymoe.serve.serve_config import ServeConfig
+
+    # What the served default config's replica decides for this artifact on this machine.
+    default_dtype = engine_precision(ServeConfig(model_path=artifact)).describe()
+    machine = run_line(
+        f"served default config: {default_dtype}; transformers peers fp32 and bf16 "
+        "(INT8 rows: int8 weights, activations quantized to int8 per call, int32 accumulation)",
+        f"transformers peer 1..{args.threads} threads (best kept), engine {args.engine_threads} torch "
+        f"thread(s) with MoE experts on {args.expert_threads} threads",
+    )
+    print(machine, flush=True)
     tokenizer = ChatTokenizer.from_dir(artifact)
     # Request i sends all_prompts[i] at every level; the engine rows and the peer run its ids.
     all_prompts = request_prompts(bench_shape, tokenizer.tokenizer.get_vocab_size(), max(n for _, n in levels))

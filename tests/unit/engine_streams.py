@@ -1,10 +1,22 @@
 """Helpers for tests that stream requests through an `Engine` (thread or process)."""
 
+import torch
+
 from raymoe.serve.request import GenerationRequest, SamplingParams
 
 
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n)
+
+
+def full_recompute_greedy(model, prompt, n):
+    """Reference without a KV cache: the whole sequence re-run for every new token."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(out[-1])
+    return out
 
 
 async def collect(engine, rid: str, prompt: list[int], n: int, stop_after: int | None = None) -> list[int]:

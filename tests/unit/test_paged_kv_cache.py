@@ -9,7 +9,7 @@ from raymoe.models import KVCache, MoETransformer, flavour
 from raymoe.models.paged_kv_cache import PagedKVCache
 from raymoe.serve.engine import EngineConfig, EngineCore
 from raymoe.serve.request import GenerationRequest
-from tests.unit.engine_streams import greedy
+from tests.unit.engine_streams import full_recompute_greedy, greedy
 
 
 def build(attention: str) -> MoETransformer:
@@ -25,16 +25,6 @@ def build(attention: str) -> MoETransformer:
 @pytest.fixture(scope="module", params=["mla", "gqa"])
 def model(request):
     return build(request.param)
-
-
-def full_recompute_greedy(model, prompt, n):
-    """Reference without a KV cache: the whole sequence re-run for every new token."""
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            out.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            ids.append(out[-1])
-    return out
 
 
 def run_counting_running(core) -> tuple[dict[str, list[int]], int]:

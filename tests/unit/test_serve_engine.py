@@ -3,7 +3,6 @@
 import asyncio
 
 import pytest
-import torch
 
 from raymoe.models import MoETransformer, flavour
 from raymoe.serve.engine import (
@@ -19,7 +18,7 @@ from raymoe.serve.request import (
     InvalidRequestError,
     SamplingParams,
 )
-from tests.unit.engine_streams import collect, greedy
+from tests.unit.engine_streams import collect, full_recompute_greedy, greedy
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +26,6 @@ def model():
     m = MoETransformer(flavour("debug"))
     m.init_weights(seed=0)
     return m.eval()
-
-
-def full_recompute_greedy(model, prompt, n):
-    """Reference without a KV cache: the whole sequence re-run for every new token."""
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            out.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            ids.append(out[-1])
-    return out
 
 
 def run_to_end(core):

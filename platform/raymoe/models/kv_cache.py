@@ -50,17 +50,23 @@ class KVCache:
 
     def view(self, slot_ids_B: torch.Tensor, positions_BT: torch.Tensor) -> CacheView:
         """Binds this cache to one forward pass; computes the shared mask once for all layers."""
-        if slot_ids_B.shape[0] != positions_BT.shape[0]:
-            raise ValueError(f"slot_ids has {slot_ids_B.shape[0]} rows but positions has {positions_BT.shape[0]}")
-        kv_len = int(positions_BT.max()) + 1
-        if kv_len > self.max_seq_len:
-            raise ValueError(f"position {kv_len - 1} is beyond the cache's max_seq_len={self.max_seq_len}")
+        kv_len = checked_kv_len(slot_ids_B, positions_BT, self.max_seq_len)
         B = positions_BT.shape[0]
         first_slot = int(slot_ids_B[0])
         contiguous = torch.equal(slot_ids_B, torch.arange(first_slot, first_slot + B, device=slot_ids_B.device))
         mask_B1TS, causal = attention_mask(positions_BT, kv_len)
         rows = slice(first_slot, first_slot + B) if contiguous else None
         return CacheView(self, slot_ids_B, positions_BT, kv_len, mask_B1TS, causal, rows)
+
+
+def checked_kv_len(slot_ids_B: torch.Tensor, positions_BT: torch.Tensor, max_seq_len: int) -> int:
+    """Keys a forward pass reads (its highest position + 1), after checking its rows and positions."""
+    if slot_ids_B.shape[0] != positions_BT.shape[0]:
+        raise ValueError(f"slot_ids has {slot_ids_B.shape[0]} rows but positions has {positions_BT.shape[0]}")
+    kv_len = int(positions_BT.max()) + 1
+    if kv_len > max_seq_len:
+        raise ValueError(f"position {kv_len - 1} is beyond the cache's max_seq_len={max_seq_len}")
+    return kv_len
 
 
 def attention_mask(positions_BT: torch.Tensor, kv_len: int) -> tuple[torch.Tensor | None, bool]:

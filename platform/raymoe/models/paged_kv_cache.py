@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from raymoe.models.config import ModelConfig
-from raymoe.models.kv_cache import attention_mask
+from raymoe.models.kv_cache import attention_mask, checked_kv_len
 
 
 class PagedKVCache:
@@ -88,11 +88,7 @@ class PagedKVCache:
 
     def view(self, slot_ids_B: torch.Tensor, positions_BT: torch.Tensor) -> PagedCacheView:
         """Binds this cache to one forward pass: where each new token goes, which blocks are read."""
-        if slot_ids_B.shape[0] != positions_BT.shape[0]:
-            raise ValueError(f"slot_ids has {slot_ids_B.shape[0]} rows but positions has {positions_BT.shape[0]}")
-        kv_len = int(positions_BT.max()) + 1
-        if kv_len > self.max_seq_len:
-            raise ValueError(f"position {kv_len - 1} is beyond the cache's max_seq_len={self.max_seq_len}")
+        kv_len = checked_kv_len(slot_ids_B, positions_BT, self.max_seq_len)
         blocks_BM = self.table_NM.index_select(0, slot_ids_B)[:, : -(-kv_len // self.block_size)]
         mask_B1TS, causal = attention_mask(positions_BT, kv_len)
         return PagedCacheView(
