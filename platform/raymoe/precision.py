@@ -11,11 +11,11 @@ on an AMX Xeon, 2 cores: a d128 `debug` train step 0.67x of fp32, `bench.bench_b
 Mixtral-shaped one 1.15x, `bench.bench_model`; d256 engine decode 0.73x, `bench.serve_load
 --smoke`; the d256 engine's packed bf16 decode 0.88x on an AVX512-BF16 EPYC, where its GEMMs
 alone ran 2x). The serving engine's `auto` on such a CPU, for a model as wide, is measured, not
-assumed (`cpu_decode`):
-bf16 decode through PyTorch's default kernels lost to fp32 at each width on an AMX Xeon, while
-oneDNN-packed bf16 ran 1.25x fp32 on an AVX512-BF16 EPYC; so with packed kernels the engine times
-both dtypes' decode GEMMs at start-up (`raymoe.inference.decode_dtype_probe`) and takes bf16 only
-when it is at least BF16_DECODE_MIN_SPEEDUP faster, fp32 otherwise. `fp32` and `bf16` force
+assumed (`cpu_decode`): bf16 decode through PyTorch's default kernels lost to fp32 at each width
+on an AMX Xeon, while oneDNN-packed bf16 ran 1.25x fp32 on an AVX512-BF16 EPYC; so with packed
+kernels the engine times both dtypes' decode GEMMs at start-up (`raymoe.inference.
+decode_dtype_probe`) and takes bf16 only when it is at least BF16_DECODE_MIN_SPEEDUP faster,
+fp32 otherwise. `fp32` and `bf16` force
 either. The choice and its reason are logged by the jobs and exported as the `dtype` label of
 `raymoe_train_precision_info` and `raymoe_serve_engine_info`.
 """
@@ -91,9 +91,8 @@ def resolve_precision(
         model_dim: the model's hidden size; on a CPU, `auto` keeps models narrower than
             AUTO_BF16_MIN_DIM in fp32 (None: not considered).
         cpu_decode: for the serving engine: on a fast-bf16 CPU, `auto` for a model at least
-            AUTO_BF16_MIN_DIM wide follows `decode_probe`
-            (without one it is fp32: bf16 decode through PyTorch's default kernels measured
-            0.72-0.73x of fp32 on an AMX Xeon, `bench.serve_load`).
+            AUTO_BF16_MIN_DIM wide follows `decode_probe` (without one it is fp32: bf16 decode
+            through PyTorch's default kernels measured 0.72-0.73x of fp32 on an AMX Xeon).
         decode_probe: returns the seconds of the same decode GEMMs in "fp32" and "bf16"
             (`raymoe.inference.decode_dtype_probe`); called only when it decides.
     """

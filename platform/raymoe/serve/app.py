@@ -140,7 +140,7 @@ def build_engine(cfg: ServeConfig):
 
 
 def load_model(cfg: ServeConfig, adapters: list[str]):
-    """The artifact as the engine runs it: on GPU when asked, INT8 or packed fp32, with adapters."""
+    """The artifact as the engine runs it: on GPU when asked, INT8 or packed (fp32 or bf16), with adapters."""
     import torch
 
     from raymoe.inference.packed import pack_onednn, wants_packed_weights
@@ -158,7 +158,7 @@ def load_model(cfg: ServeConfig, adapters: list[str]):
         attach_adapters(model, {name: Path(cfg.lora_dir) / name for name in adapters})
     if engine_precision(cfg).is_bf16 and not cfg.int8:
         model = model.to(torch.bfloat16)  # after LoRA: the adapters' A/B too
-    # After LoRA: the adapters' base layers are quantized or packed (fp32 only), their A/B stay fp32.
+    # After LoRA: the adapters' base layers are quantized or packed, their A/B keep their dtype.
     if cfg.int8:
         from raymoe.inference.quantize import quantize_int8
 

@@ -163,10 +163,11 @@ class ShardWorker:
         found = iter(logits)
         drawn: list[list[RowSample | None] | None] = []
         for job, job_specs in zip(jobs, specs):
-            if job is None or job_specs is None:
+            if job is None:
                 drawn.append(None)
                 continue
             logits_BV = next(found).cpu()  # the requests' generators are CPU generators
+            job_specs = job_specs or [None] * logits_BV.shape[0]
             sampled = [(b, spec) for b, spec in enumerate(job_specs) if spec is not None]
             rows: list[RowSample | None] = [None] * len(job_specs)
             if sampled:
