@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import time
@@ -14,11 +15,24 @@ from pathlib import Path
 MARKER_VAR = "RAYMOE_TEST_CLUSTER"
 
 
+# Ports handed out for servers the tests start later (a Serve proxy, a dashboard): below the
+# kernel's ephemeral range (32768-60999 by default), from which every outgoing connection and
+# every `bind(0)` of the other test worker's Ray processes draws, and above Ray's worker ports
+# (10002-19999). A port from bind(0) is itself ephemeral, so between this check and the server's
+# bind another process could take it ("Failed to bind to address" under `make test -n 2`).
+TEST_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the ephemeral range."""
+    for port in random.sample(TEST_PORTS, 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {TEST_PORTS} after 64 tries")
 
 
 @contextlib.contextmanager

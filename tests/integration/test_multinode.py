@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -33,17 +32,12 @@ from raymoe.config import from_dict
 from raymoe.serve.debug_artifact import make_debug_artifact
 from raymoe.train.checkpoint_format import list_checkpoints
 from raymoe.train.config import TrainConfig
+from tests.integration.local_processes import free_port
 from tests.unit.ingest_output import write_ingest_output
 
 # Worker nodes the fixture keeps: ep=2 uses two, the third takes over from a removed one.
 NUM_WORKER_NODES = 3
 SEQ_LEN = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _add_worker_node(c, wait: bool = True):
@@ -67,7 +61,7 @@ def cluster():
     # records that address; Ray Train's placement-group cleaner asks it whether the controller
     # lives. Another cluster's dashboard on 8265 answers "no such actor", and the cleaner
     # removes this run's placement group (seen here): a port of this cluster's own avoids that.
-    head = {"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "dashboard_port": _free_port()}
+    head = {"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "dashboard_port": free_port()}
     c = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(NUM_WORKER_NODES):
@@ -311,7 +305,7 @@ def test_serving_loses_a_shard_node_and_recovers(cluster, worker_nodes, artifact
     # Prepare: a node only the replica fits on (2 CPUs, the replica asks for 2), so its two shard
     # workers (1 CPU each) must take two of the one-CPU worker nodes.
     serve_node = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/v1/completions"
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -8,21 +8,15 @@ plain-text "Request dropped due to backpressure". The refusal latency is printed
 """
 
 import asyncio
-import socket
 import time
 
 import pytest
 
 from raymoe.serve.debug_artifact import make_debug_artifact
+from tests.integration.local_processes import free_port
 
 MAX_ONGOING, MAX_QUEUED, RETRY_AFTER_S = 2, 4, 2
 LOAD = 4 * (MAX_ONGOING + MAX_QUEUED)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
