@@ -197,7 +197,9 @@ class MoE(nn.Module):
             x_SD, counts, state = self.dispatcher.dispatch(x_TD, expert_ids_TK)
             y_SD = self.experts(x_SD, counts)
             y_TKD = self.dispatcher.combine(y_SD, state)
-            y_TD = torch.bmm(weights_TK.to(y_TKD.dtype)[:, None, :], y_TKD)[:, 0]
+            # Combined in fp32 whatever the experts' dtype: CPU bf16 batched GEMMs this small are
+            # slower than fp32 ones (128 tokens: 0.6 against 0.2 ms), and the weights stay unrounded.
+            y_TD = torch.bmm(weights_TK.float()[:, None, :], y_TKD.float())[:, 0].to(y_TKD.dtype)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
