@@ -33,7 +33,7 @@ def mixtral_pair(num_layers: int, vocab: int, seq: int):
     """A transformers Mixtral and the raymoe model loaded from its saved weights."""
     torch.manual_seed(0)
     # attn_implementation: a PreTrainedConfig keyword that MixtralConfig's dataclass fields do not list.
-    cfg = MixtralConfig(  # type: ignore[call-arg]
+    cfg = MixtralConfig(
         vocab_size=vocab,
         hidden_size=512,
         intermediate_size=1024,

@@ -96,7 +96,7 @@ CASES = {
     # head_dim: a config attribute Qwen3 attention reads that the dataclass's fields do not list.
     "qwen3_moe": lambda: (
         Qwen3MoeForCausalLM,
-        Qwen3MoeConfig(  # type: ignore[call-arg]
+        Qwen3MoeConfig(
             **BASE,
             num_key_value_heads=2,
             head_dim=24,
