@@ -9,7 +9,6 @@ prompt got alone before any change. The placement the app reports, and the copie
 """
 
 import json
-import socket
 import threading
 import time
 
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from raymoe.serve.debug_artifact import make_debug_artifact
+from tests.integration.local_processes import free_port
 
 SHAPE = {"dim": 64, "num_layers": 2, "max_seq_len": 128}
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [300, 20, 41], [99] * 12, [7, 200, 13, 14, 400], [42, 43]]
@@ -83,9 +83,7 @@ def test_placement_switches_under_load_without_changing_a_response(ray_cluster, 
     # Prepare: the app (traffic windows on, a window every 4 sampled requests) and each prompt's
     # greedy answer alone, before anything changes.
     traffic = tmp_path / "traffic"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     load = None
     try:

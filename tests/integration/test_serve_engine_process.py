@@ -4,7 +4,6 @@ engine process behind."""
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from raymoe.serve.debug_artifact import make_debug_artifact
+from tests.integration.local_processes import free_port
 
 
 def engine_processes() -> set[int]:
@@ -51,9 +51,7 @@ def served(ray_cluster, tmp_path_factory):
     from raymoe.serve.app import build_app
 
     artifact = str(make_debug_artifact(tmp_path_factory.mktemp("proc") / "tiny-moe", seed=2))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     before = engine_processes()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(

@@ -7,7 +7,6 @@ The ep=1 engine is the reference: expert parallelism changes where each expert r
 it computes, so greedy tokens must be identical.
 """
 
-import socket
 import time
 
 import httpx
@@ -17,6 +16,7 @@ from raymoe.config import ConfigError
 from raymoe.serve.debug_artifact import make_debug_artifact
 from raymoe.serve.engine import EngineConfig, EngineCore
 from raymoe.serve.request import GenerationRequest, SamplingParams
+from tests.integration.local_processes import free_port
 
 SHAPE = {"dim": 64, "num_layers": 2, "max_seq_len": 128}
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [300, 20, 41], [99] * 12, [7, 200, 13, 14, 400]]
@@ -167,9 +167,7 @@ def test_http_app_with_two_shard_workers(ray_cluster, artifact8):
 
     # Prepare: reference greedy tokens of one prompt through the in-process engine.
     expected, _ = reference(artifact8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         # The shard workers also run their experts on two threads (expert_threads): same tokens.

@@ -1,17 +1,15 @@
 """`python -m pipelines.serve` end to end: debug artifact written, app deployed, one chat answered."""
 
 import json
-import socket
 
 import pytest
 
 from pipelines.serve import main
+from tests.integration.local_processes import free_port
 
 
 def test_serve_pipeline_deploys_and_answers(ray_cluster, tmp_path, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     rc = main(
         [
             "--config",

@@ -2,7 +2,6 @@
 drift job's reader."""
 
 import json
-import socket
 import time
 
 import httpx
@@ -12,6 +11,7 @@ import pytest
 from raymoe.data.chat_tokenizer import ChatTokenizer
 from raymoe.monitor.traffic_windows import list_windows, merge_windows, read_window
 from raymoe.serve.debug_artifact import make_debug_artifact
+from tests.integration.local_processes import free_port
 
 # (prompt, max_tokens); the fourth is streamed.
 REQUESTS = [
@@ -42,9 +42,7 @@ def test_completions_become_window_files(ray_cluster, artifact, tmp_path):
 
     # Prepare: windows of 3 sampled requests; 4 requests give one full window and one at shutdown
     out = tmp_path / "traffic"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model_path": artifact,
