@@ -57,13 +57,10 @@ def check_layout_fits(model_path: str, ep: int, redundant_experts: list[int], me
     import torch
 
     from raymoe.models.hf_io import read_hf_config
-    from raymoe.parallel.layout import ExpertPlacement, slice_grouped_experts
+    from raymoe.parallel.layout import ExpertPlacement, keep_placed_experts
 
     cfg, _ = read_hf_config(model_path)
     with torch.device("meta"):
         model = MoETransformer(cfg)
-    if ep > 1:
-        placement = ExpertPlacement.with_redundant(cfg.moe.num_experts, ep, list(redundant_experts))
-        for moe in model.moe_layers():
-            slice_grouped_experts(moe.experts, placement.experts_of(0))
+    keep_placed_experts(model, ExpertPlacement.with_redundant(cfg.moe.num_experts, ep, list(redundant_experts)))
     check_shard_fits(model, layout=f"ep={ep}", memory_per_worker_gb=memory_per_worker_gb, address_space=False)

@@ -255,16 +255,13 @@ def check_layout_memory(cfg: TrainConfig) -> int:
     import torch
 
     from raymoe.models import MoETransformer
-    from raymoe.parallel.layout import ExpertPlacement, slice_grouped_experts
+    from raymoe.parallel.layout import ExpertPlacement, keep_placed_experts
     from raymoe.train.memory import check_fits
 
     model_cfg = cfg.model_config()
-    placement = ExpertPlacement.contiguous(model_cfg.moe.num_experts, cfg.layout.ep)
     with torch.device("meta"):
         model = MoETransformer(model_cfg)
-    # Contiguous placement: every ep rank holds the same number of experts; rank 0 stands for all.
-    for moe in model.moe_layers():
-        slice_grouped_experts(moe.experts, placement.experts_of(0))
+    keep_placed_experts(model, ExpertPlacement.contiguous(model_cfg.moe.num_experts, cfg.layout.ep))
     return check_fits(
         model,
         layout=f"ep={cfg.layout.ep} x dp={cfg.layout.dp}",
