@@ -234,13 +234,12 @@ def slice_grouped_experts(experts: StackedExperts, keep: list[int]) -> None:
     experts.expert_ids = list(keep)
 
 
-def keep_placed_experts(model: MoEModel, placement: ExpertPlacement, ep_rank: int = 0) -> MoEModel:
+def keep_placed_experts(model: MoEModel, placement: ExpertPlacement, ep_rank: int = 0) -> None:
     """Slices every MoE layer's experts of `model` to those `placement` puts on `ep_rank`, in
     place (on a meta-device model nothing is allocated). Memory checks weigh rank 0's share:
-    every rank of a placement holds as many expert slots. Returns `model`."""
+    every rank of a placement holds as many expert slots."""
     for moe in model.moe_layers():
         slice_grouped_experts(moe.experts, placement.experts_of(ep_rank))
-    return model
 
 
 def shard_model_experts(
