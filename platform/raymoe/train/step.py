@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from raymoe.models.transformer import MoETransformer
 from raymoe.parallel.grad_sync import clip_gradients, sync_gradients
 from raymoe.parallel.groups import ParallelGroups
 from raymoe.train.config import OptimConfig
+from raymoe.train.fused_lm_loss import linear_cross_entropy
 
 
 @dataclass
@@ -56,6 +58,15 @@ def _autocast(device: torch.device, bf16: bool):
     # CPU autocast too: on CPUs with AMX / AVX512-BF16 (what `train.precision: auto` asks for)
     # bf16 GEMMs run several times faster than fp32.
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _lm_loss(model: MoETransformer, h_ND: torch.Tensor, targets_N: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross-entropy of the LM head's logits (float32 math) over h_ND's rows."""
+    head = model.lm_head
+    if type(head) is nn.Linear and head.bias is None:
+        return linear_cross_entropy(h_ND, head.weight, targets_N, reduction)
+    # An LM head wrapped by an adapter: logits first.
+    return F.cross_entropy(head(h_ND).float(), targets_N, reduction=reduction)
 
 
 def train_step(
@@ -111,20 +122,17 @@ def train_step(
     for index, (input_ids_BT, targets_BT, *rest) in enumerate(micro_batches):
         input_ids_BT, targets_BT = input_ids_BT.to(device), targets_BT.to(device)
         count_mask_BT = rest[0].to(device) if rest else None
-        if global_target_counts is None:
-            with _autocast(device, bf16):
-                logits_BTV = model(input_ids_BT, count_mask_BT=count_mask_BT)
-            ce = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1))
-        else:
-            # Only the targets that carry loss need logits: the LM head runs on those rows alone.
-            keep_BT = targets_BT != -100
-            with _autocast(device, bf16):
-                h_BTD = model.hidden_states(input_ids_BT, count_mask_BT=count_mask_BT)
-                logits_NV = model.lm_head(h_BTD[keep_BT]).float()
-            # Scaled by world: the gradient sync and the reported loss average over workers.
-            ce = F.cross_entropy(logits_NV, targets_BT[keep_BT], reduction="sum") * (
-                groups.world_size / max(global_target_counts[index], 1)
-            )
+        with _autocast(device, bf16):
+            h_BTD = model.hidden_states(input_ids_BT, count_mask_BT=count_mask_BT)
+            if global_target_counts is None:
+                ce = _lm_loss(model, h_BTD.reshape(-1, h_BTD.shape[-1]), targets_BT.reshape(-1), "mean")
+            else:
+                # Only the targets that carry loss need logits: the LM head runs on those rows alone.
+                keep_BT = targets_BT != -100
+                # Scaled by world: the gradient sync and the reported loss average over workers.
+                ce = _lm_loss(model, h_BTD[keep_BT], targets_BT[keep_BT], "sum") * (
+                    groups.world_size / max(global_target_counts[index], 1)
+                )
         aux = model.aux_loss().to(device)
         loss = ce + aux if extra_loss is None else ce + aux + extra_loss()
         (loss / n).backward()
