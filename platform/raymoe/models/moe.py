@@ -148,11 +148,8 @@ class GroupedExperts(nn.Module):
         # that have rows (unbinding 64 experts costs a view each).
         gates, ups, downs = (w.unbind(0) for w in weights) if torch.is_grad_enabled() else weights
         for e, x_rows in rows_per_expert(x_SD, counts):
-            # F.linear, not x @ w.T: its backward writes each expert's weight gradient in the
-            # weight's own layout, so unbind's backward stacks contiguous blocks (the transposed
-            # gradients of `@ w.T` made that stack a strided copy, 0.5 s of a bf16 train step).
-            h = F.silu(F.linear(x_rows, gates[e])) * F.linear(x_rows, ups[e])
-            outputs.append(F.linear(h, downs[e]))
+            h = F.silu(x_rows @ gates[e].T) * (x_rows @ ups[e].T)
+            outputs.append(h @ downs[e].T)
         if not outputs:
             # No rows here (an expert-parallel rank nobody routed to): an empty result that still
             # hangs off x_SD's graph, so backward runs the reverse all-to-all like every rank.
