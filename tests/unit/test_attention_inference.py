@@ -38,6 +38,24 @@ def test_decode_attention_equals_sdpa(heads, kv_heads, v_dim, masked):
     torch.testing.assert_close(decode_attend(q, k, v, mask, 0.3), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("kv_heads", "v_dim"), [(2, 16), (4, 8)], ids=["gqa", "mla-shaped"])
+def test_bf16_decode_attention_over_paged_strides_matches_float32(kv_heads, v_dim):
+    # bf16 keys/values laid out as a paged cache's blocks hold them: (position, head) rows, so
+    # positions are not adjacent in memory.
+    gen = torch.Generator().manual_seed(1)
+    B, S, Dh, heads = 3, 37, 16, 4
+    q = torch.randn(B, heads, 1, Dh, generator=gen).bfloat16()
+    k = torch.randn(B, S, kv_heads, Dh, generator=gen).bfloat16().transpose(1, 2)
+    v = torch.randn(B, S, kv_heads, v_dim, generator=gen).bfloat16().transpose(1, 2)
+    mask = (torch.arange(S)[None, :] <= torch.tensor([36, 3, 20])[:, None])[:, None, None, :]
+    expected = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads
+    )
+    out = decode_attend(q, k, v, mask, 0.3)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=2e-2)
+
+
 @pytest.mark.parametrize("variant", [{}, {"qkv_bias": True}, {"qk_norm": True}], ids=["plain", "qkv-bias", "qk-norm"])
 def test_fused_qkv_gives_the_same_attention_output(variant):
     cfg = dataclasses.replace(debug_config(64, dim=64, num_layers=1, max_seq_len=32), **variant)
