@@ -274,9 +274,9 @@ class EngineCore:
         if hasattr(self.model, "forward_and_sample"):
             rows, picked = self._forward_and_sample(plan, states)
         else:
-            rows, logits = self._forward(plan)
+            rows, logits_RV = self._forward(plan)
             specs = [_row_sampling(states[c.seq.seq_id]) for c in rows]
-            picked = sample_rows(torch.stack(logits), specs) if rows else []
+            picked = sample_rows(logits_RV, specs) if rows else []
         params = [states[c.seq.seq_id].request.params for c in rows]
         record = [states[c.seq.seq_id].request.record_features for c in rows]
         tokens = [p.token for p in picked]
@@ -334,7 +334,7 @@ class EngineCore:
     @torch.inference_mode()
     def _forward(self, plan: StepPlan):
         """Runs the step's forwards (`_jobs`) in one pass; returns the rows that sample and their
-        logits, and keeps the pooled embeddings of the step's `_embed` requests in `_embeddings`
+        logits (R, V), and keeps the pooled embeddings of the step's `_embed` requests in `_embeddings`
         (by request id). (The expert-parallel `ShardedModel` keeps no hidden states, so it has no
         embeddings: see `_forward_and_sample`.)"""
         groups, jobs = self._jobs(plan)
@@ -345,16 +345,19 @@ class EngineCore:
         outputs = run_forward_jobs(self.model, jobs, self.cache, adapters, keep_hidden=bool(embed))
         hidden_ND = self.model.last_hidden_ND
         self._count_experts()
-        rows, logits, n = [], [], 0
-        for group, logits_BV in zip(groups, outputs):
-            for chunk, logits_V in zip(group, logits_BV.unbind(0)):
-                if chunk.samples:  # always true for decodes
-                    rows.append(chunk)
-                    logits.append(logits_V)
-                    if hidden_ND is not None and chunk.seq.seq_id in embed:
-                        self._embeddings[chunk.seq.seq_id] = hidden_ND[n].float().tolist()
-                n += 1
-        return rows, logits
+        rows, sampled_N = [], []
+        for n, chunk in enumerate(c for group in groups for c in group):
+            sampled_N.append(chunk.samples)  # always true for decodes
+            if chunk.samples:
+                rows.append(chunk)
+                if hidden_ND is not None and chunk.seq.seq_id in embed:
+                    self._embeddings[chunk.seq.seq_id] = hidden_ND[n].float().tolist()
+        # The sampling rows' logits as one (R, V) tensor; a decode-only step's are all of them
+        # (no copy of 32 x V floats to unbind and stack again).
+        logits_NV = outputs[0] if len(outputs) == 1 else torch.cat(outputs) if outputs else None
+        if logits_NV is not None and not all(sampled_N):
+            logits_NV = logits_NV[torch.tensor(sampled_N, device=logits_NV.device)]
+        return rows, logits_NV
 
     def _jobs(self, plan: StepPlan) -> tuple[list[list], list[ForwardJob]]:
         """The step's forwards: all decodes as one batch; prompt chunks starting at position 0
