@@ -194,3 +194,34 @@ def test_engine_built_in_its_own_thread_serves_and_reports_build_errors(model):
 
     with pytest.raises(FileNotFoundError, match="/nowhere"):
         LocalEngine(build=broken)
+
+
+def test_one_row_decode_steps_take_the_idle_expert_threads_as_torch_threads(model, monkeypatch):
+    import copy
+
+    import torch
+
+    from raymoe.inference.packed import pack_onednn
+
+    packed = pack_onednn(copy.deepcopy(model), expert_threads=2)
+    core = EngineCore(packed, EngineConfig(num_slots=2, max_tokens_per_step=8))
+    real_forward, seen = core._forward, []
+
+    def forward_recording_threads(plan):
+        seen.append((len(plan.prefills), len(plan.decodes), torch.get_num_threads()))
+        return real_forward(plan)
+
+    monkeypatch.setattr(core, "_forward", forward_recording_threads)
+    base = torch.get_num_threads()
+    core.add_request(GenerationRequest(request_id="a", prompt_ids=[3, 4, 5], params=greedy(3)))
+    core.step()  # prefill of a
+    core.step()  # a decodes alone
+    core.add_request(GenerationRequest(request_id="b", prompt_ids=[6, 7], params=greedy(3)))
+    core.step()  # a decodes beside b's prefill
+    run_to_end(core)
+    assert seen[0] == (1, 0, base)  # a prompt's experts use the expert threads
+    assert seen[1] == (0, 1, base + 1)  # one row: the second core joins as a torch thread
+    assert seen[2] == (1, 1, base)
+    assert torch.get_num_threads() == base  # restored after every step
+    # The same tokens as the unpacked model's, step for step.
+    assert generate_alone(packed, [3, 4, 5], greedy(6)) == generate_alone(model, [3, 4, 5], greedy(6))

@@ -99,6 +99,11 @@ class ExpertsOnThreads(nn.Module):
         self._down = [self._prepare(w) for w in experts.w_down_EDF]
         self._threads = threads or SharedThreads.start(1)
 
+    @property
+    def num_shared_threads(self) -> int:
+        """Threads (the caller included) that run this layer's experts side by side."""
+        return self._threads.count
+
     def _prepare(self, w_OI: torch.Tensor):
         raise NotImplementedError
 
