@@ -49,7 +49,7 @@ def release_workspace() -> None:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, weight_VD, targets_N, compute_dtype, reduction):  # type: ignore[override]
+    def forward(ctx, h_ND, weight_VD, targets_N, compute_dtype, reduction):
         N, V = h_ND.shape[0], weight_VD.shape[0]
         valid_N = targets_N != IGNORE_INDEX
         num_valid = valid_N.sum()
@@ -76,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) if has else None for has in ctx.has_grads]
         if not bool(grad_loss == 1):
