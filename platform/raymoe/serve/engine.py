@@ -211,7 +211,9 @@ class EngineCore:
         self.num_preemptions = 0
         # Threads that run a MoE layer's experts side by side (`engine.expert_threads`); see
         # `_step_threads`.
-        self._shared_threads = max((getattr(m, "num_shared_threads", 1) for m in model.modules()), default=1)
+        # The expert-parallel `ShardedModel` is no module: its experts run in the shard workers.
+        modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+        self._shared_threads = max((getattr(m, "num_shared_threads", 1) for m in modules), default=1)
         num_moe = sum(1 for _ in model.moe_layers())
         # Tokens routed to each expert of each MoE layer since start (metrics).
         self.tokens_per_expert_LE = torch.zeros(num_moe, model.cfg.moe.num_experts, dtype=torch.long)
