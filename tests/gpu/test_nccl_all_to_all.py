@@ -73,7 +73,7 @@ def _train_config(data, tmp_path, name: str, ep: int) -> TrainConfig:
             "layout": {"ep": ep, "dp": 1},
             "use_gpu": not ON_CPU,
             # fp32: the comparison is about the exchange, not about bf16 rounding.
-            "bf16": False,
+            "precision": "fp32",
             # As in the unit test: lr 1e-3 keeps Adam from amplifying summation-order noise, and a max
             # norm below the actual norm makes the global norm across shards matter.
             "optim": {"lr": 1e-3, "warmup_steps": 0, "clip_norm": 0.5},
