@@ -209,9 +209,9 @@ class EngineCore:
         self.last_batch_size = 0
         self.num_generated = 0
         self.num_preemptions = 0
-        # Threads that run a MoE layer's experts side by side (`engine.expert_threads`); see
-        # `_step_threads`.
-        # The expert-parallel `ShardedModel` is no module: its experts run in the shard workers.
+        # Threads that run a MoE layer's experts side by side (`engine.expert_threads`; see
+        # `_step_threads`). The expert-parallel `ShardedModel` is no module: its experts run in
+        # the shard workers.
         modules = model.modules() if isinstance(model, torch.nn.Module) else ()
         self._shared_threads = max((getattr(m, "num_shared_threads", 1) for m in modules), default=1)
         num_moe = sum(1 for _ in model.moe_layers())

@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-# Rows per chunk of the in-place softmax: on CPU about 4 MiB of float32 logits, so the chunk's
-# passes (log-sum-exp, exp, cast back) stay in the cache; on a GPU larger chunks, so that a few
+# Float32 logits per chunk of the in-place softmax: on CPU about 4 MiB, so the chunk's passes
+# (log-sum-exp, exp, cast back) stay in the cache; on an accelerator larger chunks, so that a few
 # kernel launches cover the logits.
-_CHUNK_BYTES = {"cpu": 4 << 20}
-_DEVICE_CHUNK_BYTES = 256 << 20
+_CPU_CHUNK_BYTES = 4 << 20
+_ACCELERATOR_CHUNK_BYTES = 256 << 20
 
 _workspace: torch.Tensor | None = None
 
@@ -64,7 +64,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_N = torch.zeros(N, dtype=torch.float32, device=h_ND.device)
             # Mean: every valid row's gradient carries 1 / num_valid (0/0 -> nan, as F.cross_entropy).
             scale_N = valid_N.float() / num_valid.float() if reduction == "mean" else valid_N.float()
-            rows = max(1, _CHUNK_BYTES.get(h_ND.device.type, _DEVICE_CHUNK_BYTES) // (4 * V))
+            chunk_bytes = _CPU_CHUNK_BYTES if h_ND.device.type == "cpu" else _ACCELERATOR_CHUNK_BYTES
+            rows = max(1, chunk_bytes // (4 * V))
             for start in range(0, N, rows):
                 end = min(N, start + rows)
                 _softmax_grad_rows(grad_NV[start:end], targets_N[start:end], scale_N[start:end], loss_N[start:end])
